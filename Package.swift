@@ -1,0 +1,87 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Module graph (docs/ARCHITECTURE.md explains each edge):
+//   XenABI <- XenRing <- BlockBackend
+//   Hypervisor (protocols) <- LoopbackHypervisor, LibXenStore, XenStoreClient
+//   XenStoreWire <- LoopbackXenStore, XenStoreClient
+//   BlockStorage <- BlockBackend <- xenbackd
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "xenbackd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "xenbackd", targets: ["xenbackd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+    ],
+    targets: [
+        // C glue: barriers/atomics on shared memory, Linux constants and
+        // macros that do not import into Swift (O_DIRECT, eventfd, ioctls).
+        .target(name: "CXenBackSupport"),
+        .systemLibrary(name: "CLibAIO", path: "Sources/CLibAIO"),
+        .systemLibrary(name: "CLibXenStore", path: "Sources/CLibXenStore", pkgConfig: "xenstore"),
+
+        .target(name: "XenABI", swiftSettings: strict),
+        .target(name: "XenRing", dependencies: ["XenABI", "CXenBackSupport"], swiftSettings: strict),
+        .target(name: "Hypervisor", dependencies: ["XenABI"], swiftSettings: strict),
+        .target(name: "XenStoreWire", dependencies: ["Hypervisor", "XenABI"], swiftSettings: strict),
+        .target(name: "XenStoreClient", dependencies: ["XenStoreWire", "Hypervisor", "CXenBackSupport"], swiftSettings: strict),
+        .target(name: "LibXenStore", dependencies: ["Hypervisor", "CLibXenStore"], swiftSettings: strict),
+        .target(name: "LoopbackXenStore", dependencies: [
+            "XenStoreWire", "Hypervisor", "CXenBackSupport",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .target(name: "LoopbackHypervisor", dependencies: [
+            "Hypervisor", "XenABI", "CXenBackSupport", "LibXenStore", "XenStoreClient",
+        ], swiftSettings: strict),
+        .target(name: "XenBus", dependencies: [
+            "Hypervisor", "XenABI", "CXenBackSupport",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CXenBackSupport"], swiftSettings: strict),
+        .target(name: "BlockBackend", dependencies: [
+            "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ], swiftSettings: strict),
+        .target(name: "BlockFrontend", dependencies: [
+            "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport",
+        ], swiftSettings: strict),
+        // Everything of the loopback world in one process: xenstored, dom0's
+        // backend and simulated guests (tests, benchmark).
+        .target(name: "LoopbackHost", dependencies: [
+            "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
+            "BlockFrontend", "XenBus", "Hypervisor",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "xenbackd", dependencies: [
+            "LoopbackHost", "XenStoreClient",
+            "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
+            "LibXenStore", "XenBus", "Hypervisor",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+
+        // Compiled against Xen's own headers; the ABI tests compare it with XenABI.
+        .target(name: "XenABIReference", path: "Tests/XenABIReference"),
+        .testTarget(name: "XenABITests", dependencies: ["XenABI", "XenABIReference"], swiftSettings: strict),
+        .testTarget(name: "XenRingTests", dependencies: ["XenRing", "XenABI", "XenABIReference"], swiftSettings: strict),
+        .testTarget(name: "XenStoreTests", dependencies: [
+            "LoopbackXenStore", "XenStoreClient", "LibXenStore", "Hypervisor", "XenStoreWire",
+        ], swiftSettings: strict),
+        .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
+        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage"], swiftSettings: strict),
+        .testTarget(name: "BlockBackendTests", dependencies: [
+            "LoopbackHost",
+            "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
+            "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+    ]
+)

@@ -1,0 +1,509 @@
+import BlockStorage
+import CXenBackSupport
+import Glibc
+import Hypervisor
+import Logging
+import Metrics
+import XenABI
+import XenRing
+
+/// Where one ring lives and what the disk behind it accepts.
+public struct VbdRingConfiguration: Sendable {
+    public var frontendDomain: DomID
+    public var ringRefs: [GrantRef]
+    /// The frontend's unbound port, from its `event-channel` key.
+    public var remotePort: EventChannelPort
+    public var limits: DiskLimits
+    public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits) {
+        self.frontendDomain = frontendDomain; self.ringRefs = ringRefs
+        self.remotePort = remotePort; self.limits = limits
+    }
+}
+
+/// The data plane of one blkif ring: one OS thread with an epoll loop over
+/// the ring's event channel and the storage's completion fd. It takes
+/// requests, validates private copies, copies write data out of granted
+/// pages, submits one storage batch per pass, copies read data back and
+/// answers. After start, everything below runs on that thread only; the
+/// hot path does not allocate, lock or log.
+public final class VbdDataPlane: @unchecked Sendable {   // thread-confined after start(); control touches only stop flag + stats box
+    // Resources, set up on the control thread.
+    private let name: String
+    private let logger: Logger
+    private let storage: any BlockStorage
+    private let grants: any GrantTableHandle
+    private let events: any EventChannelHandle
+    private let mapping: GrantMapping
+    private var ring: BackRing
+    private let localPort: EventChannelPort
+    private let frontendDomain: DomID
+    private let limits: DiskLimits
+    private let epoll: Int32
+    private let wakeup = Wakeup()
+    private let onFatal: @Sendable (String) -> Void
+
+    // Per-request state: one slot per ring entry, with its bounce pages.
+    private let slotCount: Int
+    private let slots: UnsafeMutablePointer<RequestSlot>
+    private let pages: UnsafeMutableRawPointer
+    private let iovecs: UnsafeMutablePointer<iovec>
+    private let freeSlots: UnsafeMutablePointer<Int32>
+    private var freeSlotCount: Int
+    private var inFlight: InFlightIDs
+    /// Requests holding a slot (taken, not yet answered).
+    private var outstanding = 0
+    private var barrierSlot: Int32 = -1
+    private var barrierStarted = false
+
+    // Batches built during one pass.
+    private let copies: UnsafeMutableBufferPointer<GrantCopyOperation>
+    private let copyOwners: UnsafeMutablePointer<Int32>
+    private var copyCount = 0
+    /// Reads whose data is being copied back to the guest in this pass.
+    private let copyOutSlots: UnsafeMutablePointer<Int32>
+    private var copyOutCount = 0
+    private let submissions: UnsafeMutableBufferPointer<StorageOperation>
+    private var submissionCount = 0
+    private let scratch: UnsafeMutableRawPointer
+
+    // Life cycle.
+    private let stopFlag = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+    private var stopping = false
+    private var broken = false
+    private var thread: DataPlaneThread?
+
+    // Statistics.
+    private var stats = VbdStatistics()
+    private var publishedStats = VbdStatistics()
+    private let statsBox = StatisticsBox()
+    private var lastPublish = timespec()
+    private let requestCounter: Counter
+    private let errorCounter: Counter
+    private let readBytesCounter: Counter
+    private let writeBytesCounter: Counter
+
+    static let maxSegments = Blkif.maxSegmentsPerRequest
+    private enum Token: UInt64 { case eventChannel = 1, storage = 2, wakeup = 3 }
+
+    /// Maps the ring, binds the event channel and allocates every buffer the
+    /// ring will ever need. Throws (releasing what it took) if any step fails.
+    public init(name: String, platform: any HypervisorPlatform, storage: any BlockStorage,
+                configuration c: VbdRingConfiguration, logger: Logger,
+                onFatal: @escaping @Sendable (String) -> Void) throws(HypervisorError) {
+        self.name = name
+        self.logger = logger
+        self.storage = storage
+        self.frontendDomain = c.frontendDomain
+        self.limits = c.limits
+        self.onFatal = onFatal
+        let pageCount = c.ringRefs.count
+        guard [1, 2, 4, 8, 16].contains(pageCount) else {
+            throw HypervisorError("map ring", errno: EINVAL, detail: "\(pageCount) ring pages")
+        }
+        grants = try platform.openGrantTable()
+        mapping = try grants.map(domain: c.frontendDomain, refs: c.ringRefs, writable: true)
+        do {
+            events = try platform.openEventChannels()
+        } catch {
+            grants.unmap(mapping)
+            throw error
+        }
+        do {
+            localPort = try events.bindInterdomain(remoteDomain: c.frontendDomain, remotePort: c.remotePort)
+        } catch {
+            events.close()
+            grants.unmap(mapping)
+            throw error
+        }
+        ring = BackRing(attachingTo: mapping.address, pages: pageCount, entrySize: Blkif.slotSize)
+        slotCount = Int(ring.size)
+
+        slots = .allocate(capacity: slotCount)
+        slots.initialize(repeating: RequestSlot(), count: slotCount)
+        var raw: UnsafeMutableRawPointer?
+        let bytes = slotCount * Self.maxSegments * XenPage.size
+        precondition(posix_memalign(&raw, XenPage.size, bytes) == 0, "out of memory for \(bytes) bytes of bounce pages")
+        pages = raw!
+        iovecs = .allocate(capacity: slotCount * Self.maxSegments)
+        iovecs.initialize(repeating: iovec(), count: slotCount * Self.maxSegments)
+        freeSlots = .allocate(capacity: slotCount)
+        for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
+        freeSlotCount = slotCount
+        inFlight = InFlightIDs(capacity: slotCount)
+        let copyCapacity = slotCount * Self.maxSegments
+        copies = .allocate(capacity: copyCapacity)
+        copyOwners = .allocate(capacity: copyCapacity)
+        copyOutSlots = .allocate(capacity: slotCount)
+        submissions = .allocate(capacity: slotCount * 2)
+        scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        stopFlag.initialize(to: 0)
+
+        epoll = xb_epoll_create()
+        precondition(epoll >= 0, "epoll_create failed: \(errno)")
+        _ = xb_epoll_add(epoll, events.fileDescriptor, xb_EPOLLIN, Token.eventChannel.rawValue)
+        _ = xb_epoll_add(epoll, storage.completionFileDescriptor, xb_EPOLLIN, Token.storage.rawValue)
+        _ = xb_epoll_add(epoll, wakeup.fd, xb_EPOLLIN, Token.wakeup.rawValue)
+
+        let dims: [(String, String)] = [("device", name)]
+        requestCounter = Counter(label: "xenbackd_vbd_requests_total", dimensions: dims)
+        errorCounter = Counter(label: "xenbackd_vbd_errors_total", dimensions: dims)
+        readBytesCounter = Counter(label: "xenbackd_vbd_read_bytes_total", dimensions: dims)
+        writeBytesCounter = Counter(label: "xenbackd_vbd_written_bytes_total", dimensions: dims)
+    }
+
+    deinit {
+        if thread == nil { releaseResources() }
+        slots.deallocate()
+        free(pages)
+        iovecs.deallocate()
+        freeSlots.deallocate()
+        copies.deallocate()
+        copyOwners.deallocate()
+        copyOutSlots.deallocate()
+        submissions.deallocate()
+        scratch.deallocate()
+        stopFlag.deallocate()
+    }
+
+    public var ringSlots: Int { slotCount }
+    public var ringPages: Int { mapping.pageCount }
+    public var statistics: VbdStatistics { statsBox.read() }
+
+    public func start() {
+        let t = DataPlaneThread(name: "vbd-\(name)") { [self] in self.run() }
+        thread = t
+        t.start()
+    }
+
+    /// Stops taking requests, completes and answers every one in flight,
+    /// unbinds and unmaps. Blocks until the thread is gone. Idempotent.
+    public func stop() {
+        xb_store_release_u32(stopFlag, 1)
+        wakeup.signal()
+        if let t = thread {
+            t.join()
+            thread = nil
+            releaseResources()
+        }
+    }
+
+    private var released = false
+    private func releaseResources() {
+        guard !released else { return }
+        released = true
+        try? events.unbind(localPort)
+        events.close()
+        grants.unmap(mapping)
+        Glibc.close(epoll)
+        wakeup.close()
+    }
+
+    // MARK: the loop
+
+    private func run() {
+        let tokens = UnsafeMutablePointer<UInt64>.allocate(capacity: 4)
+        let evs = UnsafeMutablePointer<UInt32>.allocate(capacity: 4)
+        defer { tokens.deallocate(); evs.deallocate() }
+        // Requests may already be waiting (a reconnect, or a fast frontend).
+        service()
+        while true {
+            let n = xb_epoll_wait(epoll, tokens, evs, 4, -1)
+            for i in 0..<Int(max(n, 0)) {
+                switch tokens[i] {
+                case Token.eventChannel.rawValue: drainEventChannel()
+                case Token.wakeup.rawValue: wakeup.drain()
+                default: break   // storage completions are reaped in service()
+                }
+            }
+            if !stopping && xb_load_acquire_u32(stopFlag) != 0 { stopping = true }
+            service()
+            if (stopping || broken) && outstanding == 0 { break }
+        }
+        if ring.pushResponses() { notifyFrontend() }
+        publishStatistics(force: true)
+    }
+
+    private func drainEventChannel() {
+        while let port = try? events.nextPending() {
+            try? events.unmask(port)
+        }
+    }
+
+    @inline(__always)
+    private func notifyFrontend() { try? events.notify(localPort) }
+
+    /// One pass: reap, take, submit, answer; repeat until the ring is idle.
+    private func service() {
+        while true {
+            reapCompletions()
+            if !stopping && !broken && barrierSlot < 0 { takeRequests() }
+            startBarrierIfDrained()
+            submitBatch()
+            if ring.pushResponses() { notifyFrontend() }
+            publishStatistics(force: false)
+            if stopping || broken || barrierSlot >= 0 { return }
+            do {
+                if try !ring.finalCheckForRequests() { return }
+            } catch {
+                declareBroken(error)
+                return
+            }
+        }
+    }
+
+    private func declareBroken(_ overflow: RingOverflow) {
+        guard !broken else { return }
+        broken = true
+        onFatal("frontend dom\(frontendDomain) broke the ring protocol: \(overflow)")
+    }
+
+    // MARK: taking requests
+
+    private func takeRequests() {
+        let available: UInt32
+        do { available = try ring.unconsumedRequests() } catch {
+            declareBroken(error)
+            return
+        }
+        var taken: UInt32 = 0
+        while taken < available && barrierSlot < 0 {
+            ring.takeRequest(into: scratch)
+            taken += 1
+            stats.requests &+= 1
+            switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
+            case .failure(let rejection):
+                let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+                let op = scratch.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
+                respond(id: id, operation: op, status: rejection.status)
+            case .success(let request):
+                accept(request)
+            }
+        }
+    }
+
+    private func accept(_ r: ValidatedRequest) {
+        guard inFlight.insert(r.id) else {
+            // A second request with an id already in flight: refuse it alone.
+            respond(id: r.id, operation: r.operation, status: BlkifStatus.error)
+            return
+        }
+        freeSlotCount -= 1
+        let s = Int(freeSlots[freeSlotCount])
+        outstanding += 1
+        slots[s] = RequestSlot(request: r)
+        switch r.kind {
+        case .read:
+            queueStorage(slot: s, kind: .read)
+        case .write:
+            queueWriteCopies(slot: s)
+            queueStorage(slot: s, kind: .write)
+        case .flush:
+            queueStorage(slot: s, kind: .flush)
+        case .discard(let sectors):
+            submissions[submissionCount] = StorageOperation(
+                tag: UInt64(s), kind: .discard, offset: r.sector * UInt64(Blkif.sectorSize),
+                length: sectors * UInt64(Blkif.sectorSize))
+            submissionCount += 1
+        case .barrier:
+            barrierSlot = Int32(s)
+            barrierStarted = false
+        }
+    }
+
+    /// Builds the iovecs of a slot: segment i lives in bounce page i at the
+    /// same sector offset as in the guest's page; adjacent full runs merge.
+    private func queueStorage(slot s: Int, kind: StorageOperationKind) {
+        let slot = slots[s]
+        var op = StorageOperation(tag: UInt64(s), kind: kind, offset: slot.sector * UInt64(Blkif.sectorSize),
+                                  length: UInt64(slot.byteCount))
+        if kind == .read || kind == .write {
+            let base = s * Self.maxSegments
+            var n = 0
+            for i in 0..<slot.segmentCount {
+                let seg = slot.segments[i]
+                let start = bouncePage(s, i) + Int(seg.firstSect) * Blkif.sectorSize
+                let length = Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize
+                if n > 0, iovecs[base + n - 1].iov_base! + iovecs[base + n - 1].iov_len == start {
+                    iovecs[base + n - 1].iov_len += length
+                } else {
+                    iovecs[base + n] = iovec(iov_base: start, iov_len: length)
+                    n += 1
+                }
+            }
+            op.iovecs = iovecs + base
+            op.iovecCount = Int32(n)
+        }
+        submissions[submissionCount] = op
+        submissionCount += 1
+    }
+
+    @inline(__always)
+    private func bouncePage(_ slot: Int, _ segment: Int) -> UnsafeMutableRawPointer {
+        pages + (slot * Self.maxSegments + segment) * XenPage.size
+    }
+
+    private func queueCopies(slot s: Int, direction: GrantCopyOperation.Direction) {
+        let slot = slots[s]
+        for i in 0..<slot.segmentCount {
+            let seg = slot.segments[i]
+            let offset = Int(seg.firstSect) * Blkif.sectorSize
+            copies[copyCount] = GrantCopyOperation(
+                direction: direction, domain: frontendDomain, ref: seg.gref, guestOffset: UInt16(offset),
+                length: UInt16(Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize),
+                local: bouncePage(s, i) + offset)
+            copyOwners[copyCount] = Int32(s)
+            copyCount += 1
+        }
+    }
+
+    private func queueWriteCopies(slot s: Int) { queueCopies(slot: s, direction: .fromGuest) }
+
+    /// Runs the queued grant copies; marks the slots whose copy failed.
+    private func runCopies() {
+        guard copyCount > 0 else { return }
+        grants.copy(UnsafeMutableBufferPointer(rebasing: copies[0..<copyCount]))
+        for i in 0..<copyCount where copies[i].status != GrantStatus.okay {
+            slots[Int(copyOwners[i])].copyFailed = true
+        }
+        copyCount = 0
+    }
+
+    /// Copies write data in, drops requests whose grants failed, and hands
+    /// the rest to the storage in one call.
+    private func submitBatch() {
+        runCopies()
+        var kept = 0
+        for i in 0..<submissionCount {
+            let s = Int(submissions[i].tag)
+            if slots[s].copyFailed {
+                finish(slot: s, status: BlkifStatus.error)
+            } else {
+                submissions[kept] = submissions[i]
+                kept += 1
+            }
+        }
+        submissionCount = kept
+        guard submissionCount > 0 else { return }
+        let took = storage.submit(UnsafeMutableBufferPointer(rebasing: submissions[0..<submissionCount]))
+        // What the storage could not take now waits for the next pass.
+        for i in took..<submissionCount { submissions[i - took] = submissions[i] }
+        submissionCount -= took
+    }
+
+    // MARK: completions
+
+    private func reapCompletions() {
+        _ = storage.reapCompletions { c in
+            let s = Int(c.tag)
+            let slot = slots[s]
+            let ok = c.result >= 0 && (slot.phase == .flush || slot.phase == .discard || c.result == Int64(slot.byteCount))
+            switch slot.phase {
+            case .read where ok:
+                stats.bytesRead &+= UInt64(slot.byteCount)
+                queueCopies(slot: s, direction: .toGuest)
+                copyOutSlots[copyOutCount] = Int32(s)
+                copyOutCount += 1
+            case .barrierWrite where ok:
+                stats.bytesWritten &+= UInt64(slot.byteCount)
+                slots[s].phase = .flush
+                queueStorage(slot: s, kind: .flush)
+            default:
+                if ok && slot.phase == .write { stats.bytesWritten &+= UInt64(slot.byteCount) }
+                finish(slot: s, status: ok ? BlkifStatus.okay : BlkifStatus.error)
+            }
+        }
+        // Read data goes back to the guest in one batch of copies.
+        guard copyCount > 0 else { return }
+        runCopies()
+        for i in 0..<copyOutCount {
+            let s = Int(copyOutSlots[i])
+            finish(slot: s, status: slots[s].copyFailed ? BlkifStatus.error : BlkifStatus.okay)
+        }
+        copyOutCount = 0
+    }
+
+    /// A barrier runs once everything before it has been answered.
+    private func startBarrierIfDrained() {
+        guard barrierSlot >= 0, !barrierStarted, outstanding == 1 else { return }
+        barrierStarted = true
+        let s = Int(barrierSlot)
+        if slots[s].segmentCount > 0 {
+            slots[s].phase = .barrierWrite
+            queueWriteCopies(slot: s)
+            queueStorage(slot: s, kind: .write)
+        } else {
+            slots[s].phase = .flush
+            queueStorage(slot: s, kind: .flush)
+        }
+    }
+
+    private func finish(slot s: Int, status: Int16) {
+        let slot = slots[s]
+        switch slot.operation {
+        case BlkifOperation.read: stats.reads &+= 1
+        case BlkifOperation.write, BlkifOperation.writeBarrier: stats.writes &+= 1
+        case BlkifOperation.flushDiskCache: stats.flushes &+= 1
+        default: stats.discards &+= 1
+        }
+        respond(id: slot.id, operation: slot.operation, status: status)
+        inFlight.remove(slot.id)
+        freeSlots[freeSlotCount] = Int32(s)
+        freeSlotCount += 1
+        outstanding -= 1
+        if Int32(s) == barrierSlot { barrierSlot = -1 }
+    }
+
+    @inline(__always)
+    private func respond(id: UInt64, operation: UInt8, status: Int16) {
+        if status != BlkifStatus.okay { stats.errors &+= 1 }
+        BlkifResponse(id: id, operation: operation, status: status).encode(to: ring.nextResponseSlot())
+        ring.commitResponse()
+    }
+
+    // MARK: statistics
+
+    private func publishStatistics(force: Bool) {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
+        let elapsedMs = (now.tv_sec - lastPublish.tv_sec) * 1000 + (now.tv_nsec - lastPublish.tv_nsec) / 1_000_000
+        guard force || elapsedMs >= 50, stats != publishedStats else { return }
+        lastPublish = now
+        requestCounter.increment(by: Int64(stats.requests &- publishedStats.requests))
+        errorCounter.increment(by: Int64(stats.errors &- publishedStats.errors))
+        readBytesCounter.increment(by: Int64(stats.bytesRead &- publishedStats.bytesRead))
+        writeBytesCounter.increment(by: Int64(stats.bytesWritten &- publishedStats.bytesWritten))
+        publishedStats = stats
+        statsBox.publish(stats)
+    }
+}
+
+/// The private state of one request between taking it and answering it.
+struct RequestSlot {
+    enum Phase: UInt8 { case read, write, flush, discard, barrierWrite, barrier }
+    var id: UInt64 = 0
+    var operation: UInt8 = 0
+    var phase: Phase = .read
+    var sector: UInt64 = 0
+    var segmentCount = 0
+    var byteCount = 0
+    var segments = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
+    var copyFailed = false
+
+    init() {}
+
+    init(request r: ValidatedRequest) {
+        id = r.id
+        operation = r.operation
+        sector = r.sector
+        segmentCount = r.segmentCount
+        byteCount = r.byteCount
+        segments = r.segments
+        switch r.kind {
+        case .read: phase = .read
+        case .write: phase = .write
+        case .flush: phase = .flush
+        case .discard: phase = .discard
+        case .barrier: phase = .barrier
+        }
+    }
+}

@@ -1,0 +1,299 @@
+import BlockStorage
+import Glibc
+import Hypervisor
+import Logging
+import XenABI
+import XenBus
+
+/// Opens the disk a vbd's `params` names. The backend injects it so that
+/// files, block devices and (later) NBD exports share one handshake.
+public typealias StorageOpener = @Sendable (_ params: String, _ readOnly: Bool, _ queueDepth: Int) throws -> any BlockStorage
+
+/// A snapshot of one device for `xenbackd status`, tests and the demo.
+public struct VbdStatus: Sendable {
+    public var address: BackendDeviceAddress
+    public var state: XenbusState
+    public var params: String
+    public var ringPages: Int
+    public var statistics: VbdStatistics
+    public var lastError: String?
+}
+
+/// The control plane of one vbd: the backend half of the xenbus handshake
+/// (xen/io/blkif.h's state diagram) and the owner of the disk and the data
+/// plane. Lives on the control loop's thread only.
+final class VbdDevice: @unchecked Sendable {   // confined to the control loop thread; only posted back to it
+    static let queueDepth = SharedRingLayout.slots(pages: 1 << SharedRingLayout.maxPageOrder, entrySize: Blkif.slotSize)
+
+    let address: BackendDeviceAddress
+    let backendPath: String
+    private let platform: any HypervisorPlatform
+    private let store: any XenStore
+    private let loop: XenbusControlLoop
+    private let openStorage: StorageOpener
+    private var logger: Logger
+
+    private var frontendPath = ""
+    private var params = ""
+    private var readOnly = false
+    private var storage: (any BlockStorage)?
+    private var dataPlane: VbdDataPlane?
+    private(set) var state: XenbusState = .initialising
+    private var lastError: String?
+    private var watches: [(path: String, token: String)] = []
+    private var retiredStatistics = VbdStatistics()
+
+    init(address: BackendDeviceAddress, platform: any HypervisorPlatform, loop: XenbusControlLoop,
+         openStorage: @escaping StorageOpener, logger: Logger) {
+        self.address = address
+        self.platform = platform
+        self.loop = loop
+        self.store = loop.store
+        self.openStorage = openStorage
+        self.backendPath = address.backendPath(backendDomain: platform.ownDomain)
+        var l = logger
+        l[metadataKey: "device"] = "\(address)"
+        self.logger = l
+    }
+
+    var status: VbdStatus {
+        var s = retiredStatistics
+        if let live = dataPlane?.statistics { s = s.adding(live) }
+        return VbdStatus(address: address, state: state, params: params, ringPages: dataPlane?.ringPages ?? 0,
+                         statistics: s, lastError: lastError)
+    }
+
+    // MARK: probe -> InitWait
+
+    /// Reads the toolstack's keys, publishes our limits and goes to InitWait.
+    func probe() {
+        do {
+            try readToolstackKeys()
+            try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
+            try setState(.initWait)
+            let script = (try? store.read(backendPath + "/script")) ?? nil
+            if let script, !script.isEmpty {
+                // The hotplug script prepares the disk; open it once it says so.
+                try watchNode(backendPath + "/hotplug-status") { [weak self] _ in self?.hotplugStatusChanged() }
+            } else {
+                try openDisk()
+            }
+            try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
+        } catch let e as DeviceFailure {
+            fail(e.message)
+        } catch {
+            fail("probe failed: \(error)")
+        }
+    }
+
+    private func readToolstackKeys() throws {
+        guard let fe = try store.read(backendPath + "/frontend"), !fe.isEmpty else {
+            throw DeviceFailure("missing frontend key")
+        }
+        let expectedPrefix = XenbusPaths.domainPath(address.frontendDomain) + "/device/"
+        guard fe.hasPrefix(expectedPrefix), !fe.contains("..") else {
+            throw DeviceFailure("frontend path \(fe) is not under \(expectedPrefix)")
+        }
+        if let fid = try store.read(backendPath + "/frontend-id"), DomID(fid) != address.frontendDomain {
+            throw DeviceFailure("frontend-id \(fid) does not match the device path")
+        }
+        frontendPath = fe
+        guard let p = try store.read(backendPath + "/params"), !p.isEmpty else {
+            throw DeviceFailure("missing params key")
+        }
+        params = p
+        let mode = (try store.read(backendPath + "/mode")) ?? "w"
+        switch mode {
+        case "r", "ro": readOnly = true
+        case "w", "rw", "w!": readOnly = false
+        default: throw DeviceFailure("mode \"\(mode)\" is neither r nor w")
+        }
+    }
+
+    private func hotplugStatusChanged() {
+        guard storage == nil, let s = try? store.read(backendPath + "/hotplug-status") else { return }
+        if s == "connected" {
+            do { try openDisk(); frontendStateChanged() } catch let e as DeviceFailure { fail(e.message) } catch { fail("\(error)") }
+        } else if s == "error" {
+            let why = (try? store.read(backendPath + "/hotplug-error")) ?? nil
+            fail("hotplug script failed: \(why ?? "no hotplug-error given")")
+        }
+    }
+
+    private func openDisk() throws {
+        guard storage == nil else { return }
+        do {
+            storage = try openStorage(params, readOnly, Self.queueDepth)
+        } catch {
+            throw DeviceFailure("cannot open disk \(params): \(error)")
+        }
+        logger.info("disk open", metadata: ["params": "\(params)", "readOnly": "\(readOnly)"])
+    }
+
+    // MARK: frontend transitions
+
+    func frontendStateChanged() {
+        let fe = store.readState(frontendPath) ?? .closed   // a vanished frontend counts as closed
+        switch fe {
+        case .initialised, .connected:
+            if state == .initWait && storage != nil { connect() }
+        case .closing, .closed:
+            if state != .closed { disconnect(); try? setState(.closed) }
+        case .initialising, .initWait, .unknown:
+            // A frontend starting over (reconnect, kexec, migration): offer the device again.
+            if state == .closed && lastError == nil { try? setState(.initWait) }
+        default:
+            break
+        }
+    }
+
+    private func connect() {
+        guard let storage else { return }
+        do {
+            let ring = try readRingKeys()
+            let g = storage.geometry
+            let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
+                                    flush: g.supportsFlush, barrier: g.supportsFlush,
+                                    discard: g.discard != nil && !(readOnly || g.readOnly))
+            let config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
+                                              remotePort: ring.port, limits: limits)
+            let name = "\(address.frontendDomain).\(address.devid)"
+            let plane: VbdDataPlane
+            do {
+                let device = WeakDevice(self)
+                plane = try VbdDataPlane(name: name, platform: platform, storage: storage, configuration: config,
+                                         logger: logger) { [loop] reason in
+                    loop.post { device.value?.fail(reason) }
+                }
+            } catch {
+                throw DeviceFailure("cannot map ring or bind event channel: \(error)")
+            }
+            plane.start()
+            dataPlane = plane
+            try publishConnected(geometry: g, limits: limits)
+            logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)"])
+        } catch let e as DeviceFailure {
+            fail(e.message)
+        } catch {
+            fail("connect failed: \(error)")
+        }
+    }
+
+    private func readRingKeys() throws -> (refs: [GrantRef], port: EventChannelPort) {
+        let protocolName = (try store.read(frontendPath + "/protocol")) ?? "x86_64-abi"
+        guard protocolName == "x86_64-abi" else {
+            throw DeviceFailure("unsupported protocol \(protocolName)")
+        }
+        var order = 0
+        if let o = try store.read(frontendPath + "/ring-page-order") {
+            guard let v = Int(o), v >= 0 else { throw DeviceFailure("malformed ring-page-order \"\(o)\"") }
+            guard v <= SharedRingLayout.maxPageOrder else {
+                throw DeviceFailure("ring-page-order \(v) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
+            }
+            order = v
+        }
+        var refs: [GrantRef] = []
+        if order == 0, let single = try store.read(frontendPath + "/ring-ref") {
+            guard let r = GrantRef(single) else { throw DeviceFailure("malformed ring-ref \"\(single)\"") }
+            refs = [r]
+        } else {
+            for i in 0..<(1 << order) {
+                guard let s = try store.read(frontendPath + "/ring-ref\(i)") else {
+                    throw DeviceFailure("missing ring-ref\(i)")
+                }
+                guard let r = GrantRef(s) else { throw DeviceFailure("malformed ring-ref\(i) \"\(s)\"") }
+                refs.append(r)
+            }
+        }
+        guard let e = try store.read(frontendPath + "/event-channel") else { throw DeviceFailure("missing event-channel") }
+        guard let port = EventChannelPort(e) else { throw DeviceFailure("malformed event-channel \"\(e)\"") }
+        return (refs, port)
+    }
+
+    /// Everything the frontend reads at connect, and state=Connected, in one transaction.
+    private func publishConnected(geometry g: StorageGeometry, limits: DiskLimits) throws {
+        let path = backendPath
+        try store.withTransaction { t throws(XenStoreError) in
+            try store.write(path + "/sectors", String(g.sizeBytes / UInt64(Blkif.sectorSize)), transaction: t)
+            try store.write(path + "/info", String(limits.readOnly ? Blkif.vdiskReadOnly : 0), transaction: t)
+            try store.write(path + "/sector-size", String(g.logicalSectorSize), transaction: t)
+            try store.write(path + "/physical-sector-size", String(g.physicalSectorSize), transaction: t)
+            try store.write(path + "/feature-flush-cache", limits.flush ? "1" : "0", transaction: t)
+            try store.write(path + "/feature-barrier", limits.barrier ? "1" : "0", transaction: t)
+            try store.write(path + "/feature-discard", limits.discard ? "1" : "0", transaction: t)
+            if limits.discard, let d = g.discard {
+                try store.write(path + "/discard-granularity", String(d.granularity), transaction: t)
+                try store.write(path + "/discard-alignment", String(d.alignment), transaction: t)
+                try store.write(path + "/discard-secure", "0", transaction: t)
+            }
+            try store.writeState(path, .connected, transaction: t)
+        }
+        state = .connected
+    }
+
+    // MARK: teardown
+
+    /// Stops the data plane after answering every request in flight.
+    private func disconnect() {
+        guard let plane = dataPlane else { return }
+        plane.stop()
+        retiredStatistics = retiredStatistics.adding(plane.statistics)
+        dataPlane = nil
+        logger.info("disconnected")
+    }
+
+    /// Frees everything: the backend directory is gone or the daemon stops.
+    func teardown() {
+        disconnect()
+        for w in watches { loop.unwatch(w.path, token: w.token) }
+        watches.removeAll()
+        storage?.close()
+        storage = nil
+    }
+
+    /// Stops serving but leaves xenstore as it is (daemon shutdown).
+    func quiesce() {
+        disconnect()
+    }
+
+    /// Records why the device cannot work, for the operator and the toolstack.
+    func fail(_ message: String) {
+        logger.error("device failed", metadata: ["reason": "\(message)"])
+        lastError = message
+        disconnect()
+        try? store.write(backendPath + "/error", message)
+        try? setState(.closed)
+    }
+
+    private func setState(_ s: XenbusState) throws {
+        try store.writeState(backendPath, s)
+        state = s
+        logger.debug("state", metadata: ["state": "\(s)"])
+    }
+
+    private func watchNode(_ path: String, _ handler: @escaping XenbusControlLoop.WatchHandler) throws {
+        let token = try loop.watch(path, handler: handler)
+        watches.append((path, token))
+    }
+}
+
+/// Lets a data-plane thread name its device in a task for the control loop.
+final class WeakDevice: @unchecked Sendable {   // only dereferenced on the control loop thread
+    weak var value: VbdDevice?
+    init(_ d: VbdDevice) { value = d }
+}
+
+struct DeviceFailure: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}
+
+extension VbdStatistics {
+    func adding(_ o: VbdStatistics) -> VbdStatistics {
+        var s = self
+        s.requests &+= o.requests; s.reads &+= o.reads; s.writes &+= o.writes
+        s.flushes &+= o.flushes; s.discards &+= o.discards
+        s.bytesRead &+= o.bytesRead; s.bytesWritten &+= o.bytesWritten; s.errors &+= o.errors
+        return s
+    }
+}

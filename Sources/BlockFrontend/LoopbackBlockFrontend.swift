@@ -1,0 +1,382 @@
+import CXenBackSupport
+import Glibc
+import Hypervisor
+import LoopbackHypervisor
+import XenABI
+import XenBus
+import XenRing
+
+/// What the backend published at Connected.
+public struct BlockDiskInfo: Equatable, Sendable {
+    public var sectors: UInt64
+    public var sectorSize: UInt32
+    public var physicalSectorSize: UInt32
+    public var readOnly: Bool
+    public var flush: Bool
+    public var barrier: Bool
+    public var discard: Bool
+}
+
+/// A blkfront of our own for the loopback hypervisor: a simulated guest's
+/// block driver. It does the frontend half of the xenbus handshake, grants
+/// its ring and data pages to the backend, and issues requests. Tests, the
+/// demo and the benchmark drive disks through it. Not thread-safe: one
+/// thread drives one frontend.
+public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by one thread at a time
+    public let guest: LoopbackGuestDomain
+    public let store: any XenStore
+    public let devid: UInt32
+    public let frontendPath: String
+    public private(set) var backendPath = ""
+    public private(set) var backendDomain: DomID = 0
+    public private(set) var info = BlockDiskInfo(sectors: 0, sectorSize: 512, physicalSectorSize: 512,
+                                                 readOnly: false, flush: false, barrier: false, discard: false)
+
+    private var rings: RingHolder?
+    private var ringFrames: [UInt32] = []
+    private var ringGrants: [GrantRef] = []
+    public private(set) var ringPageOrder = 0
+    private var events: LoopbackEventChannels?
+    private var port: EventChannelPort = 0
+
+    /// Each request slot owns 11 data pages, granted to the backend once.
+    public static let pagesPerSlot = Blkif.maxSegmentsPerRequest
+    private var slotFrames: [[UInt32]] = []
+    private var slotGrants: [[GrantRef]] = []
+    private var freeSlots: [Int] = []
+    /// The id of the request holding each slot (nil when free).
+    private var slotOwner: [UInt64?] = []
+    private var generation: UInt64 = 0
+    private let responseScratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+
+    public init(guest: LoopbackGuestDomain, store: any XenStore, devid: UInt32 = 51712) {
+        self.guest = guest
+        self.store = store
+        self.devid = devid
+        frontendPath = "/local/domain/\(guest.domain)/device/vbd/\(devid)"
+    }
+
+    deinit { responseScratch.deallocate() }
+
+    public var isConnected: Bool { rings != nil }
+    public var ringSlots: Int { Int(rings?.ring.size ?? 0) }
+
+    // MARK: handshake
+
+    /// The frontend half of the handshake: wait for InitWait, publish the
+    /// ring and event channel (Initialised), wait for Connected, read the
+    /// disk's properties, go Connected.
+    public func connect(ringPageOrder requested: Int = 0, timeout: Double = 10) throws {
+        guard let be = try store.read(frontendPath + "/backend") else {
+            throw FrontendError("no backend key at \(frontendPath)")
+        }
+        backendPath = be
+        backendDomain = DomID((try store.read(frontendPath + "/backend-id")) ?? "0") ?? 0
+        try store.writeState(frontendPath, .initialising)
+        _ = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> XenbusState? in
+            let s = store.readState(backendPath)
+            return s == .initWait || s == .connected ? s : nil
+        }
+        let maxOrder = Int((try? store.read(backendPath + "/max-ring-page-order")) ?? nil ?? "0") ?? 0
+        ringPageOrder = min(requested, maxOrder)
+        try setUpRing()
+        try publishRing()
+        let connected = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend Connected") { () -> Bool? in
+            switch store.readState(backendPath) {
+            case .connected: true
+            case .closing, .closed: false
+            default: nil
+            }
+        }
+        guard connected else {
+            let why = ((try? store.read(backendPath + "/error")) ?? nil) ?? "no error given"
+            throw FrontendError("backend closed the device: \(why)")
+        }
+        try readDiskInfo()
+        try store.writeState(frontendPath, .connected)
+    }
+
+    private func setUpRing() throws {
+        let pages = 1 << ringPageOrder
+        let events = try guest.openEventChannels()
+        self.events = events
+        ringFrames = try allocateContiguous(pages, replacing: (0..<pages).map { _ in try guest.allocatePage() })
+        ringGrants = try ringFrames.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) }
+        rings = RingHolder(FrontRing(initializing: guest.page(ringFrames[0]), pages: pages, entrySize: Blkif.slotSize))
+        port = try events.allocateUnbound(remoteDomain: backendDomain)
+        let slots = Int(rings!.ring.size)
+        slotFrames = try (0..<slots).map { _ in try (0..<Self.pagesPerSlot).map { _ in try guest.allocatePage() } }
+        slotGrants = try slotFrames.map { try $0.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) } }
+        freeSlots = Array((0..<slots).reversed())
+        freeSlots.reserveCapacity(slots)
+        slotOwner = Array(repeating: nil, count: slots)
+    }
+
+    /// Frames whose pages are adjacent in the guest's memory file, so that
+    /// the frontend sees a multi-page ring as one range, as a guest's
+    /// virtual mapping would.
+    private func allocateContiguous(_ n: Int, replacing: [UInt32]) throws -> [UInt32] {
+        if n == 1 { return replacing }
+        var held = replacing
+        while true {
+            let sorted = held.sorted()
+            for start in 0...(sorted.count - n) {
+                let run = Array(sorted[start..<start + n])
+                if run.last! - run.first! == UInt32(n - 1) {
+                    for f in held where !run.contains(f) { guest.freePage(f) }
+                    return run
+                }
+            }
+            held.append(try guest.allocatePage())
+        }
+    }
+
+    private func publishRing() throws {
+        let fe = frontendPath
+        try store.withTransaction { t throws(XenStoreError) in
+            if ringPageOrder == 0 {
+                try store.write(fe + "/ring-ref", String(ringGrants[0]), transaction: t)
+            } else {
+                try store.write(fe + "/ring-page-order", String(ringPageOrder), transaction: t)
+                for (i, g) in ringGrants.enumerated() { try store.write(fe + "/ring-ref\(i)", String(g), transaction: t) }
+            }
+            try store.write(fe + "/event-channel", String(port), transaction: t)
+            try store.write(fe + "/protocol", "x86_64-abi", transaction: t)
+            try store.writeState(fe, .initialised, transaction: t)
+        }
+    }
+
+    private func readDiskInfo() throws {
+        func key(_ k: String) -> String? { (try? store.read(backendPath + "/" + k)) ?? nil }
+        guard let sectors = key("sectors").flatMap(UInt64.init) else { throw FrontendError("backend gave no sectors") }
+        let infoBits = key("info").flatMap(UInt32.init) ?? 0
+        info = BlockDiskInfo(sectors: sectors,
+                             sectorSize: key("sector-size").flatMap(UInt32.init) ?? 512,
+                             physicalSectorSize: key("physical-sector-size").flatMap(UInt32.init) ?? 512,
+                             readOnly: infoBits & Blkif.vdiskReadOnly != 0,
+                             flush: key("feature-flush-cache") == "1",
+                             barrier: key("feature-barrier") == "1",
+                             discard: key("feature-discard") == "1")
+    }
+
+    /// Closes the device as blkfront does on unplug: Closing, wait for the
+    /// backend to close, Closed; then revokes every grant.
+    public func disconnect(timeout: Double = 10) throws {
+        guard rings != nil else { return }
+        try store.writeState(frontendPath, .closing)
+        _ = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend Closed") { () -> Bool? in
+            let s = store.readState(backendPath)
+            return s == .closed || s == nil ? true : nil
+        }
+        try store.writeState(frontendPath, .closed)
+        releaseResources()
+    }
+
+    /// Drops the connection without the handshake (a crashed guest).
+    public func releaseResources() {
+        for g in ringGrants { guest.endAccess(g) }
+        for f in ringFrames { guest.freePage(f) }
+        for gs in slotGrants { for g in gs { guest.endAccess(g) } }
+        for fs in slotFrames { for f in fs { guest.freePage(f) } }
+        ringGrants = []; ringFrames = []; slotGrants = []; slotFrames = []; freeSlots = []; slotOwner = []
+        events?.close()
+        events = nil
+        rings = nil
+    }
+
+    // MARK: requests
+
+    public enum Operation: Sendable {
+        case read(sector: UInt64, count: Int, firstSectorInPage: Int = 0)
+        case write(sector: UInt64, count: Int, firstSectorInPage: Int = 0)
+        case barrier(sector: UInt64, count: Int)
+        case flush
+        case discard(sector: UInt64, count: UInt64, secure: Bool = false)
+    }
+
+    /// A submitted request, to find its data and match its response.
+    public struct Ticket: Hashable, Sendable {
+        public let slot: Int
+        public let id: UInt64
+    }
+
+    public var freeSlotCount: Int { freeSlots.count }
+    /// The slot the next `submit` will use (fill its pages first).
+    public var nextFreeSlot: Int? { freeSlots.last }
+
+    /// The page of a slot that carries sectors [8k, 8k+8) of the request's
+    /// first page offset; write data before `submit`, read it after completion.
+    public func dataPage(slot: Int, segment: Int) -> UnsafeMutableRawPointer {
+        guest.page(slotFrames[slot][segment])
+    }
+
+    public func grantRef(slot: Int, segment: Int) -> GrantRef { slotGrants[slot][segment] }
+
+    /// Places a request on the ring (not yet published: call `kick()`).
+    /// Sectors are laid out in the slot's pages from `firstSectorInPage`.
+    public func submit(_ op: Operation) throws -> Ticket {
+        guard let r = rings else { throw FrontendError("not connected") }
+        guard let slot = freeSlots.popLast() else { throw FrontendError("ring full") }
+        generation &+= 1
+        let id = generation << 16 | UInt64(slot)
+        slotOwner[slot] = id
+        let p = r.ring.nextRequestSlot()
+        switch op {
+        case .read(let sector, let count, let first):
+            encodeSegmented(BlkifOperation.read, id: id, sector: sector, count: count, first: first, slot: slot, to: p)
+        case .write(let sector, let count, let first):
+            encodeSegmented(BlkifOperation.write, id: id, sector: sector, count: count, first: first, slot: slot, to: p)
+        case .barrier(let sector, let count):
+            encodeSegmented(BlkifOperation.writeBarrier, id: id, sector: sector, count: count, first: 0, slot: slot, to: p)
+        case .flush:
+            BlkifRequest(operation: BlkifOperation.flushDiskCache, id: id).encode(to: p)
+        case .discard(let sector, let count, let secure):
+            BlkifDiscardRequest(flag: secure ? Blkif.discardSecure : 0, id: id, sectorNumber: sector, nrSectors: count).encode(to: p)
+        }
+        r.ring.commitRequest()
+        return Ticket(slot: slot, id: id)
+    }
+
+    private func encodeSegmented(_ op: UInt8, id: UInt64, sector: UInt64, count: Int, first: Int, slot: Int,
+                                 to p: UnsafeMutableRawPointer) {
+        var segments = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
+        var left = count
+        var n = 0
+        var start = first
+        while left > 0 && n < Self.pagesPerSlot {
+            let here = min(left, Blkif.sectorsPerPage - start)
+            segments[n] = BlkifSegment(gref: slotGrants[slot][n], firstSect: UInt8(start), lastSect: UInt8(start + here - 1))
+            left -= here
+            start = 0
+            n += 1
+        }
+        precondition(left == 0, "\(count) sectors from offset \(first) do not fit in one request")
+        BlkifRequest(operation: op, nrSegments: UInt8(n), id: id, sectorNumber: sector, segments: segments).encode(to: p)
+    }
+
+    /// Writes a raw ring slot (hostile-frontend tests) and publishes nothing yet.
+    public func submitRaw(_ encode: (UnsafeMutableRawPointer) -> Void) throws {
+        guard let r = rings else { throw FrontendError("not connected") }
+        encode(r.ring.nextRequestSlot())
+        r.ring.commitRequest()
+    }
+
+    /// Publishes queued requests and notifies the backend if it asked.
+    public func kick() {
+        guard let r = rings else { return }
+        if r.ring.pushRequests() { try? events?.notify(port) }
+    }
+
+    /// Sets req_prod to any value (a broken frontend) and notifies.
+    public func publishRawRequestProducer(_ value: UInt32) {
+        rings?.ring.publishRawRequestProducer(value)
+        try? events?.notify(port)
+    }
+
+    /// Consumes every response available, waiting up to `timeout` seconds for
+    /// the first; each response's slot returns to the free list after `body`.
+    @discardableResult
+    public func collect(timeout: Double = 10, _ body: (BlkifResponse) -> Void) throws -> Int {
+        guard let r = rings, let events else { throw FrontendError("not connected") }
+        let deadline = monotonicSeconds() + timeout
+        var got = 0
+        while true {
+            while r.ring.unconsumedResponses() > 0 {
+                r.ring.takeResponse(into: responseScratch)
+                let rsp = BlkifResponse(decoding: responseScratch)
+                body(rsp)
+                let slot = Int(rsp.id & 0xffff)
+                if slot < slotOwner.count, slotOwner[slot] == rsp.id {
+                    slotOwner[slot] = nil
+                    freeSlots.append(slot)
+                }
+                got += 1
+            }
+            if got > 0 { return got }
+            if r.ring.finalCheckForResponses() { continue }
+            let left = deadline - monotonicSeconds()
+            if left <= 0 { return 0 }
+            var pfd = pollfd(fd: events.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            _ = poll(&pfd, 1, Int32(min(left, 1) * 1000) + 1)
+            while let p = try events.nextPending() { try events.unmask(p) }
+        }
+    }
+
+    /// Waits for the response to one ticket (others are answered to `other`).
+    public func wait(for ticket: Ticket, timeout: Double = 10, other: (BlkifResponse) -> Void = { _ in }) throws -> BlkifResponse {
+        var found: BlkifResponse?
+        let deadline = monotonicSeconds() + timeout
+        while found == nil {
+            let left = deadline - monotonicSeconds()
+            if left <= 0 { throw FrontendTimeout(what: "response to request \(ticket.id)") }
+            try collect(timeout: left) { r in if r.id == ticket.id { found = r } else { other(r) } }
+        }
+        return found!
+    }
+
+    // MARK: synchronous helpers (tests and demo)
+
+    /// Reads `count` sectors (at most 88 - first) into a new array.
+    public func read(sector: UInt64, count: Int, firstSectorInPage: Int = 0) throws -> (status: Int16, data: [UInt8]) {
+        let t = try submit(.read(sector: sector, count: count, firstSectorInPage: firstSectorInPage))
+        kick()
+        let r = try wait(for: t)
+        var out = [UInt8](repeating: 0, count: count * Blkif.sectorSize)
+        if r.status == BlkifStatus.okay { copyOut(slot: t.slot, first: firstSectorInPage, into: &out) }
+        return (r.status, out)
+    }
+
+    /// Writes `data` (a whole number of sectors) at `sector`.
+    public func write(sector: UInt64, data: [UInt8], firstSectorInPage: Int = 0) throws -> Int16 {
+        precondition(data.count % Blkif.sectorSize == 0)
+        guard let slot = freeSlots.last else { throw FrontendError("ring full") }
+        copyIn(slot: slot, first: firstSectorInPage, from: data)
+        let t = try submit(.write(sector: sector, count: data.count / Blkif.sectorSize, firstSectorInPage: firstSectorInPage))
+        kick()
+        return try wait(for: t).status
+    }
+
+    public func run(_ op: Operation) throws -> Int16 {
+        let t = try submit(op)
+        kick()
+        return try wait(for: t).status
+    }
+
+    /// Copies request data laid out from sector `first` of page 0 into the slot's pages.
+    public func copyIn(slot: Int, first: Int, from data: [UInt8]) {
+        data.withUnsafeBytes { src in
+            var offset = 0
+            var page = 0
+            var start = first * Blkif.sectorSize
+            while offset < src.count {
+                let n = min(src.count - offset, XenPage.size - start)
+                memcpy(dataPage(slot: slot, segment: page) + start, src.baseAddress! + offset, n)
+                offset += n; start = 0; page += 1
+            }
+        }
+    }
+
+    public func copyOut(slot: Int, first: Int, into data: inout [UInt8]) {
+        data.withUnsafeMutableBytes { dst in
+            var offset = 0
+            var page = 0
+            var start = first * Blkif.sectorSize
+            while offset < dst.count {
+                let n = min(dst.count - offset, XenPage.size - start)
+                memcpy(dst.baseAddress! + offset, dataPage(slot: slot, segment: page) + start, n)
+                offset += n; start = 0; page += 1
+            }
+        }
+    }
+}
+
+/// Holds the (non-copyable) ring so it can be optional and mutated in place.
+final class RingHolder {
+    var ring: FrontRing
+    init(_ r: consuming FrontRing) { ring = r }
+}
+
+public struct FrontendError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ d: String) { description = d }
+}

@@ -1,0 +1,97 @@
+import Glibc
+
+/// What the backend learns about a disk when it opens it.
+public struct StorageGeometry: Equatable, Sendable {
+    public var sizeBytes: UInt64
+    /// Smallest addressable unit (published as `sector-size`).
+    public var logicalSectorSize: UInt32
+    /// Preferred I/O unit (published as `physical-sector-size`).
+    public var physicalSectorSize: UInt32
+    public var readOnly: Bool
+    /// Flush reaches stable storage (a file or a device with a volatile cache).
+    public var supportsFlush: Bool
+    /// nil when discard is not supported.
+    public var discard: DiscardSupport?
+
+    public init(sizeBytes: UInt64, logicalSectorSize: UInt32, physicalSectorSize: UInt32,
+                readOnly: Bool, supportsFlush: Bool, discard: DiscardSupport?) {
+        self.sizeBytes = sizeBytes; self.logicalSectorSize = logicalSectorSize
+        self.physicalSectorSize = physicalSectorSize; self.readOnly = readOnly
+        self.supportsFlush = supportsFlush; self.discard = discard
+    }
+}
+
+public struct DiscardSupport: Equatable, Sendable {
+    public var granularity: UInt32
+    public var alignment: UInt32
+    /// Discarded ranges read back as zeros.
+    public var zeroesData: Bool
+    public init(granularity: UInt32, alignment: UInt32, zeroesData: Bool) {
+        self.granularity = granularity; self.alignment = alignment; self.zeroesData = zeroesData
+    }
+}
+
+public enum StorageOperationKind: UInt8, Sendable {
+    case read, write, flush, discard
+}
+
+/// One I/O handed to a storage. The caller owns the iovec array and the
+/// buffers until the operation's completion has been reaped.
+public struct StorageOperation {
+    /// The caller's identifier, echoed in the completion.
+    public var tag: UInt64
+    public var kind: StorageOperationKind
+    /// Byte offset on the disk (read, write, discard).
+    public var offset: UInt64
+    /// Byte length (discard; for read/write the iovecs' total).
+    public var length: UInt64
+    public var iovecs: UnsafeMutablePointer<iovec>?
+    public var iovecCount: Int32
+
+    public init(tag: UInt64, kind: StorageOperationKind, offset: UInt64 = 0, length: UInt64 = 0,
+                iovecs: UnsafeMutablePointer<iovec>? = nil, iovecCount: Int32 = 0) {
+        self.tag = tag; self.kind = kind; self.offset = offset; self.length = length
+        self.iovecs = iovecs; self.iovecCount = iovecCount
+    }
+}
+
+/// A finished operation: `result` is the byte count moved (0 for flush and
+/// discard) or a negative errno.
+public struct StorageCompletion: Equatable, Sendable {
+    public var tag: UInt64
+    public var result: Int64
+    public init(tag: UInt64, result: Int64) { self.tag = tag; self.result = result }
+}
+
+public struct StorageError: Error, Equatable, CustomStringConvertible, Sendable {
+    public var operation: String
+    public var errno: Int32
+    public var path: String
+    public init(_ operation: String, errno: Int32, path: String) {
+        self.operation = operation; self.errno = errno; self.path = path
+    }
+    public var description: String {
+        "\(operation) \(path): \(String(cString: strerror(errno))) (errno \(errno))"
+    }
+}
+
+/// A disk behind a block backend ring. Asynchronous: operations are
+/// submitted in batches and complete later, signalled through a pollable
+/// file descriptor that the ring's event loop waits on with the event
+/// channel. Confined to one thread (the ring's data-plane thread) after open.
+/// Hot path (submit, reapCompletions): no allocation, no lock, no logging.
+public protocol BlockStorage: AnyObject {
+    var geometry: StorageGeometry { get }
+    /// Readable when completions are waiting to be reaped.
+    var completionFileDescriptor: Int32 { get }
+    /// Operations that may be in flight at once.
+    var queueDepth: Int { get }
+    /// Submits as many of `operations` as fit (in order) and returns how
+    /// many were taken; the rest must be submitted again after completions
+    /// are reaped. A taken operation always completes, possibly with an error.
+    func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int
+    /// Reaps finished operations without blocking; returns how many.
+    func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int
+    /// Releases the disk. Call only with nothing in flight.
+    func close()
+}

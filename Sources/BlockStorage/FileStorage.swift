@@ -1,0 +1,409 @@
+import CLibAIO
+import CXenBackSupport
+import Glibc
+
+/// A regular file or a block device (loop device, LVM volume, partition)
+/// behind a block backend, driven through Linux AIO (libaio).
+///
+/// - Reads are `preadv`, writes `pwritev`, flushes `fdsync` iocbs, all
+///   signalling `completionFileDescriptor` (an eventfd).
+/// - Discards run synchronously at submit time (hole punch for files,
+///   BLKDISCARD for devices) and complete through the same path, as does a
+///   flush when the kernel refuses an asynchronous fsync (EINVAL).
+/// - Operations that cannot be done complete with a negative errno:
+///   -EINVAL past the end of the disk, -EROFS for a write or discard on a
+///   read-only disk, -EOPNOTSUPP for a discard the disk does not support.
+/// - Short transfers: a short write is -EIO; a short read that stops at the
+///   file's current end (the file shrank after open) is completed with zeros
+///   and counts as a full read, like a sparse tail; any other short read is -EIO.
+/// - In buffered mode (`directIO == false`) the kernel performs AIO
+///   synchronously inside `submit`.
+///
+/// Opened on a control thread, then used by one data-plane thread only.
+public final class FileStorage: BlockStorage, @unchecked Sendable {
+    public let path: String
+    /// O_DIRECT is in use (otherwise the page cache).
+    public let directIO: Bool
+    public let isBlockDevice: Bool
+    public let geometry: StorageGeometry
+    public let queueDepth: Int
+    public var completionFileDescriptor: Int32 { eventFD }
+    /// Flushes run as a synchronous fdatasync because the kernel refused an
+    /// asynchronous one. Settable internally so tests can force the path.
+    public internal(set) var synchronousFlush = false
+
+    private let fd: Int32
+    private let eventFD: Int32
+    private var context: io_context_t?
+    private var closed = false
+
+    // Everything below is allocated at open: one entry per queue slot.
+    private let iocbs: UnsafeMutablePointer<iocb>
+    private let slots: UnsafeMutablePointer<OperationSlot>
+    private let freeSlots: UnsafeMutablePointer<Int32>
+    private var freeSlotCount: Int
+    /// Slots taken by the current `submit`, in operation order.
+    private let batchSlots: UnsafeMutablePointer<Int32>
+    /// The iocb pointer list handed to io_submit.
+    private let submitList: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
+    private let events: UnsafeMutablePointer<io_event>
+    /// Slots completed at submit time, waiting to be reaped (FIFO).
+    private let finishedRing: UnsafeMutablePointer<Int32>
+    private var finishedHead = 0
+    private var finishedCount = 0
+
+    public static func open(path: String, readOnly: Bool, queueDepth: Int,
+                            direct: DirectIOMode = .auto) throws(StorageError) -> FileStorage {
+        guard queueDepth >= 1, queueDepth <= Int(Int32.max) else {
+            throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
+        }
+        let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
+        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard eventFD >= 0 else {
+            let error = StorageError("eventfd", errno: errno, path: path)
+            Glibc.close(disk.fd)
+            throw error
+        }
+        var context: io_context_t?
+        let result = io_setup(Int32(queueDepth), &context)
+        guard result == 0 else {
+            Glibc.close(eventFD)
+            Glibc.close(disk.fd)
+            throw StorageError("io_setup(\(queueDepth))", errno: -result, path: path)
+        }
+        return FileStorage(path: path, disk: disk, eventFD: eventFD, context: context, queueDepth: queueDepth)
+    }
+
+    private init(path: String, disk: OpenedDisk, eventFD: Int32, context: io_context_t?, queueDepth: Int) {
+        self.path = path
+        self.directIO = disk.directIO
+        self.isBlockDevice = disk.isBlockDevice
+        self.geometry = disk.geometry
+        self.queueDepth = queueDepth
+        self.fd = disk.fd
+        self.eventFD = eventFD
+        self.context = context
+        iocbs = .allocate(capacity: queueDepth)
+        iocbs.initialize(repeating: iocb(), count: queueDepth)
+        slots = .allocate(capacity: queueDepth)
+        slots.initialize(repeating: OperationSlot(), count: queueDepth)
+        freeSlots = .allocate(capacity: queueDepth)
+        for index in 0..<queueDepth { freeSlots[index] = Int32(queueDepth - 1 - index) }
+        freeSlotCount = queueDepth
+        batchSlots = .allocate(capacity: queueDepth)
+        batchSlots.initialize(repeating: 0, count: queueDepth)
+        submitList = .allocate(capacity: queueDepth)
+        submitList.initialize(repeating: nil, count: queueDepth)
+        events = .allocate(capacity: queueDepth)
+        events.initialize(repeating: io_event(), count: queueDepth)
+        finishedRing = .allocate(capacity: queueDepth)
+        finishedRing.initialize(repeating: 0, count: queueDepth)
+    }
+
+    deinit {
+        close()
+        iocbs.deallocate()
+        slots.deinitialize(count: queueDepth)
+        slots.deallocate()
+        freeSlots.deallocate()
+        batchSlots.deallocate()
+        submitList.deallocate()
+        events.deallocate()
+        finishedRing.deallocate()
+    }
+
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        if let context { io_destroy(context) }
+        context = nil
+        Glibc.close(fd)
+        Glibc.close(eventFD)
+    }
+
+    // MARK: Submission
+
+    public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
+        let candidates = min(operations.count, freeSlotCount)
+        guard candidates > 0 else { return 0 }
+        var kernelCount = 0
+        for index in 0..<candidates {
+            let slot = takeFreeSlot()
+            batchSlots[index] = slot
+            if prepare(operations[index], slot: Int(slot)) {
+                submitList[kernelCount] = iocbs + Int(slot)
+                kernelCount += 1
+            }
+        }
+        var accepted = 0
+        var refusal: Int32 = 0
+        if kernelCount > 0 {
+            let result = io_submit(context, kernelCount, submitList)
+            if result >= 0 { accepted = Int(result) } else if result != -EAGAIN { refusal = -result }
+        }
+        return settleBatch(candidates: candidates, kernelAccepted: accepted, firstRefusal: refusal)
+    }
+
+    /// Records the operation in its slot and preps its iocb. Returns false
+    /// when the operation does not go to the kernel (done at settle time).
+    private func prepare(_ operation: StorageOperation, slot: Int) -> Bool {
+        let bytes = operation.kind == .read || operation.kind == .write
+            ? transferLength(operation.iovecs, operation.iovecCount) : operation.length
+        slots[slot] = OperationSlot(tag: operation.tag, kind: operation.kind, offset: operation.offset,
+                                    length: bytes, iovecs: operation.iovecs, iovecCount: operation.iovecCount)
+        let control = iocbs + slot
+        switch operation.kind {
+        case .read:
+            guard let error = rangeError(operation.offset, bytes) else {
+                io_prep_preadv(control, fd, operation.iovecs, operation.iovecCount, Int64(operation.offset))
+                io_set_eventfd(control, eventFD)
+                return true
+            }
+            slots[slot].work = .finished(-Int64(error))
+        case .write:
+            guard let error = geometry.readOnly ? EROFS : rangeError(operation.offset, bytes) else {
+                io_prep_pwritev(control, fd, operation.iovecs, operation.iovecCount, Int64(operation.offset))
+                io_set_eventfd(control, eventFD)
+                return true
+            }
+            slots[slot].work = .finished(-Int64(error))
+        case .flush:
+            guard synchronousFlush else {
+                io_prep_fdsync(control, fd)
+                io_set_eventfd(control, eventFD)
+                return true
+            }
+            slots[slot].work = .synchronousFlush
+        case .discard:
+            slots[slot].work = discardWork(operation.offset, bytes)
+        }
+        return false
+    }
+
+    private func discardWork(_ offset: UInt64, _ length: UInt64) -> SlotWork {
+        if geometry.readOnly { return .finished(-Int64(EROFS)) }
+        if geometry.discard == nil { return .finished(-Int64(EOPNOTSUPP)) }
+        if let error = rangeError(offset, length) { return .finished(-Int64(error)) }
+        return length == 0 ? .finished(0) : .discard
+    }
+
+    /// EINVAL when [offset, offset+length) is not inside the disk.
+    private func rangeError(_ offset: UInt64, _ length: UInt64) -> Int32? {
+        let size = geometry.sizeBytes
+        return length > size || offset > size - length ? EINVAL : nil
+    }
+
+    /// Walks the batch in order after io_submit: kernel operations up to the
+    /// number it accepted are taken; operations done here (discard, synchronous
+    /// flush, early errors) run and are taken; the batch stops at the first
+    /// kernel operation not accepted. If the kernel refused that one outright
+    /// (not EAGAIN), it is taken and completes with the refusal, so that a
+    /// caller retrying it cannot loop forever.
+    private func settleBatch(candidates: Int, kernelAccepted: Int, firstRefusal: Int32) -> Int {
+        var taken = 0
+        var kernelIndex = 0
+        var finishedAny = false
+        while taken < candidates {
+            let slot = Int(batchSlots[taken])
+            switch slots[slot].work {
+            case .kernel:
+                if kernelIndex < kernelAccepted {
+                    kernelIndex += 1
+                } else if kernelIndex == 0 && firstRefusal != 0 {
+                    finish(slot, result: refusedResult(slot, errno: firstRefusal))
+                    finishedAny = true
+                    taken += 1
+                    releaseSlots(from: taken, to: candidates)
+                    signalCompletion()
+                    return taken
+                } else {
+                    releaseSlots(from: taken, to: candidates)
+                    if finishedAny { signalCompletion() }
+                    return taken
+                }
+            case .discard:
+                finish(slot, result: runDiscard(slot))
+                finishedAny = true
+            case .synchronousFlush:
+                finish(slot, result: runFdatasync())
+                finishedAny = true
+            case .finished(let result):
+                finish(slot, result: result)
+                finishedAny = true
+            }
+            taken += 1
+        }
+        if finishedAny { signalCompletion() }
+        return taken
+    }
+
+    /// A flush the kernel will not run asynchronously runs synchronously,
+    /// now and from then on; any other refusal is the operation's result.
+    private func refusedResult(_ slot: Int, errno error: Int32) -> Int64 {
+        guard slots[slot].kind == .flush && error == EINVAL else { return -Int64(error) }
+        synchronousFlush = true
+        return runFdatasync()
+    }
+
+    private func runDiscard(_ slot: Int) -> Int64 {
+        let offset = slots[slot].offset, length = slots[slot].length
+        let result = isBlockDevice
+            ? xb_block_device_discard(fd, offset, length)
+            : xb_fallocate(fd, xb_FALLOC_FL_PUNCH_HOLE | xb_FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length))
+        return result == 0 ? 0 : -Int64(errno)
+    }
+
+    private func runFdatasync() -> Int64 {
+        fdatasync(fd) == 0 ? 0 : -Int64(errno)
+    }
+
+    // MARK: Completion
+
+    public func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        drainEventCounter()
+        return reapFinished(body) + reapKernelEvents(body)
+    }
+
+    /// Completions of operations done at submit time. A slot is released
+    /// before `body` runs, so `body` may submit again.
+    private func reapFinished(_ body: (StorageCompletion) -> Void) -> Int {
+        var reaped = 0
+        while finishedCount > 0 {
+            let slot = Int(finishedRing[finishedHead])
+            finishedHead = finishedHead + 1 == queueDepth ? 0 : finishedHead + 1
+            finishedCount -= 1
+            let completion = StorageCompletion(tag: slots[slot].tag, result: slots[slot].result)
+            releaseSlot(Int32(slot))
+            body(completion)
+            reaped += 1
+        }
+        return reaped
+    }
+
+    private func reapKernelEvents(_ body: (StorageCompletion) -> Void) -> Int {
+        // A zero timeout lets libaio answer "nothing" from the shared ring
+        // without a system call.
+        var noWait = timespec(tv_sec: 0, tv_nsec: 0)
+        var reaped = 0
+        while true {
+            let count = Int(io_getevents(context, 0, queueDepth, events, &noWait))
+            guard count > 0 else { return reaped }
+            for index in 0..<count {
+                let event = events[index]
+                let slot = iocbs.distance(to: event.obj)
+                let completion = StorageCompletion(tag: slots[slot].tag,
+                                                   result: kernelResult(slot, Int64(Int(bitPattern: event.res))))
+                releaseSlot(Int32(slot))
+                body(completion)
+            }
+            reaped += count
+        }
+    }
+
+    /// Bytes moved, 0 for a flush, or -errno; see the type's comment on short transfers.
+    private func kernelResult(_ slot: Int, _ result: Int64) -> Int64 {
+        if result < 0 { return result }
+        let state = slots[slot]
+        switch state.kind {
+        case .flush, .discard:
+            return 0
+        case .read, .write:
+            let expected = Int64(state.length)
+            if result == expected { return result }
+            guard state.kind == .read, readStoppedAtEndOfFile(offset: state.offset, moved: result) else {
+                return -Int64(EIO)
+            }
+            zeroFill(state.iovecs, state.iovecCount, from: Int(result))
+            return expected
+        }
+    }
+
+    private func readStoppedAtEndOfFile(offset: UInt64, moved: Int64) -> Bool {
+        guard !isBlockDevice else { return false }
+        var status = stat()
+        guard fstat(fd, &status) == 0 else { return false }
+        return Int64(offset) + moved >= Int64(status.st_size)
+    }
+
+    // MARK: Slots, finished ring and eventfd
+
+    private func takeFreeSlot() -> Int32 {
+        freeSlotCount -= 1
+        return freeSlots[freeSlotCount]
+    }
+
+    private func releaseSlot(_ slot: Int32) {
+        freeSlots[freeSlotCount] = slot
+        freeSlotCount += 1
+    }
+
+    private func releaseSlots(from start: Int, to end: Int) {
+        for index in start..<end { releaseSlot(batchSlots[index]) }
+    }
+
+    /// The ring cannot overflow: each entry holds one of `queueDepth` slots.
+    private func finish(_ slot: Int, result: Int64) {
+        slots[slot].result = result
+        var tail = finishedHead + finishedCount
+        if tail >= queueDepth { tail -= queueDepth }
+        finishedRing[tail] = Int32(slot)
+        finishedCount += 1
+    }
+
+    /// Wakes the poller for completions that did not come from the kernel.
+    private func signalCompletion() {
+        var one: UInt64 = 1
+        _ = write(eventFD, &one, MemoryLayout<UInt64>.size)
+    }
+
+    private func drainEventCounter() {
+        var counter: UInt64 = 0
+        _ = read(eventFD, &counter, MemoryLayout<UInt64>.size)
+    }
+}
+
+/// How a taken operation will complete.
+enum SlotWork {
+    /// An iocb handed to io_submit.
+    case kernel
+    /// Hole punch or BLKDISCARD, run in submit.
+    case discard
+    /// fdatasync run in submit (the kernel refused asynchronous fsync).
+    case synchronousFlush
+    /// Completed with this result without doing any I/O.
+    case finished(Int64)
+}
+
+/// Bookkeeping for one in-flight operation; slot i owns iocb i.
+struct OperationSlot {
+    var tag: UInt64 = 0
+    var kind: StorageOperationKind = .read
+    var offset: UInt64 = 0
+    /// Bytes to move (read, write) or to discard.
+    var length: UInt64 = 0
+    var iovecs: UnsafeMutablePointer<iovec>?
+    var iovecCount: Int32 = 0
+    var work: SlotWork = .kernel
+    /// Result of an operation completed at submit time.
+    var result: Int64 = 0
+}
+
+/// Total bytes described by an iovec array.
+private func transferLength(_ iovecs: UnsafeMutablePointer<iovec>?, _ count: Int32) -> UInt64 {
+    guard let iovecs, count > 0 else { return 0 }
+    var total: UInt64 = 0
+    for index in 0..<Int(count) { total &+= UInt64(iovecs[index].iov_len) }
+    return total
+}
+
+/// Zeros the iovecs' bytes from `start` on (the part a short read left unread).
+private func zeroFill(_ iovecs: UnsafeMutablePointer<iovec>?, _ count: Int32, from start: Int) {
+    guard let iovecs else { return }
+    var skip = start
+    for index in 0..<Int(count) {
+        let length = iovecs[index].iov_len
+        if skip >= length { skip -= length; continue }
+        if let base = iovecs[index].iov_base { memset(base + skip, 0, length - skip) }
+        skip = 0
+    }
+}

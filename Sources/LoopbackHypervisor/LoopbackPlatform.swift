@@ -1,0 +1,32 @@
+import Glibc
+import Hypervisor
+import LibXenStore
+
+/// The loopback hypervisor as a backend platform: dom0's grant table and
+/// event channels over the shared files under `layout.root`, and xenstore
+/// through Xen's own libxenstore pointed at the loopback xenstored.
+public final class LoopbackPlatform: HypervisorPlatform, @unchecked Sendable {   // immutable
+    public let layout: LoopbackLayout
+    public let ownDomain: DomID
+    public var name: String { "loopback" }
+
+    public init(root: String, ownDomain: DomID = 0) throws(HypervisorError) {
+        layout = LoopbackLayout(root: root)
+        self.ownDomain = ownDomain
+        mkdir(root, 0o700)
+        mkdir(layout.domainDirectory(ownDomain), 0o700)
+        _ = try EventChannelTable(path: layout.eventChannels(ownDomain), create: true)
+    }
+
+    public func openGrantTable() throws(HypervisorError) -> any GrantTableHandle {
+        LoopbackGrantTable(layout: layout, ownDomain: ownDomain)
+    }
+
+    public func openEventChannels() throws(HypervisorError) -> any EventChannelHandle {
+        try LoopbackEventChannels(layout: layout, domain: ownDomain)
+    }
+
+    public func openXenStore() throws(XenStoreError) -> any XenStore {
+        try LibXenStoreConnection(socketPath: layout.xenStoreSocket)
+    }
+}

@@ -1,0 +1,80 @@
+import Glibc
+import Hypervisor
+import XenABI
+import XenStoreWire
+
+/// A registered watch, as one connection asked for it.
+struct Watch {
+    /// The path as sent: relative, absolute or special. The initial firing reports it.
+    var requestedPath: String
+    /// The absolute (or special) path events are matched against.
+    var absolutePath: String
+    var token: String
+    /// Relative watches get event paths relative to the domain's base path.
+    var isRelative: Bool { requestedPath.utf8.first != UInt8(ascii: "/") && !XenStorePath.isSpecial(requestedPath) }
+
+    func matches(_ trigger: WatchTrigger) -> Bool {
+        trigger.exactOnly ? absolutePath == trigger.path : XenStorePath.isSubpath(trigger.path, of: absolutePath)
+    }
+}
+
+/// One client of the loopback xenstored: its socket, partial input, queued
+/// output and watches. Owned by the server core (used only under its lock).
+final class ClientConnection {
+    let id: UInt64
+    let fd: Int32
+    let requester: Requester
+    var decoder = XenStoreFrameDecoder()
+    var watches: [Watch] = []
+    /// EPOLLOUT is requested while output is queued that the socket did not take.
+    var isWaitingForWritable = false
+
+    private(set) var output: [UInt8] = []
+    private var outputSent = 0
+
+    /// A client that stops reading is cut off rather than grow the server without bound.
+    static let maximumQueuedOutput = 8 * 1024 * 1024
+    /// Watches an unprivileged connection may hold (xenstored also limits them).
+    static let maximumGuestWatches = 1024
+
+    init(id: UInt64, fd: Int32, requester: Requester) {
+        self.id = id; self.fd = fd; self.requester = requester
+    }
+
+    var queuedOutputCount: Int { output.count - outputSent }
+    var isOverflowing: Bool { queuedOutputCount > Self.maximumQueuedOutput }
+
+    func queue(_ message: XenStoreMessage) {
+        output.append(contentsOf: message.encoded())
+    }
+
+    func queueWatchEvent(path: String, token: String) {
+        let payload = XenStorePayload.terminated([path, token])
+        // xenstored drops events that would not fit one message.
+        guard payload.count <= XenStoreLimits.payloadMax else { return }
+        queue(XenStoreMessage(.watchEvent, payload: payload))
+    }
+
+    enum FlushResult { case done, wouldBlock, failed }
+
+    /// Writes queued output until it is all sent or the socket is full.
+    func flush() -> FlushResult {
+        while outputSent < output.count {
+            let n = output.withUnsafeBytes { raw in
+                send(fd, raw.baseAddress! + outputSent, raw.count - outputSent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            }
+            if n > 0 {
+                outputSent += n
+            } else if n < 0 && errno == EINTR {
+                continue
+            } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                return .wouldBlock
+            } else {
+                return .failed
+            }
+        }
+        output.removeAll(keepingCapacity: output.capacity <= 64 * 1024)
+        outputSent = 0
+        return .done
+    }
+}

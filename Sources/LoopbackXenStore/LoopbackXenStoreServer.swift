@@ -1,0 +1,178 @@
+import CXenBackSupport
+import Glibc
+import Hypervisor
+import Logging
+import Synchronization
+import XenStoreWire
+
+/// A xenstored for the loopback hypervisor: the xenstore tree in memory,
+/// served over unix sockets by one epoll thread.
+///
+/// - `socketPath` takes privileged (dom0) connections: libxenstore and the
+///   xenstore-* tools reach it with XENSTORED_PATH set to it.
+/// - Each introduced domain gets `domainSocketPath(for:)` in
+///   `domainSocketDirectory`; a connection there acts as that unprivileged
+///   domain (permissions enforced, relative paths below /local/domain/<domid>).
+///
+/// The tree starts with /, /tool/xenstored and /local/domain/0, owned by dom0
+/// with no access for others (as a toolstack leaves it). Like xenstored,
+/// introducing a domain creates none of its nodes: the toolstack (dom0)
+/// creates /local/domain/<domid> and gives the domain ownership.
+public final class LoopbackXenStoreServer: Sendable {
+    public let socketPath: String
+    public let domainSocketDirectory: String
+    private let loop: EventLoop
+    private let thread = Mutex<NativeThread?>(nil)
+
+    /// Creates the dom0 socket (clients may connect at once; they are served
+    /// once `start()` runs) and the domain socket directory if missing.
+    public init(socketPath: String, domainSocketDirectory: String,
+                logger: Logger = Logger(label: "xenbackd.xenstored")) throws(XenStoreError) {
+        self.socketPath = socketPath
+        self.domainSocketDirectory = domainSocketDirectory
+        if mkdir(domainSocketDirectory, 0o755) != 0 && errno != EEXIST {
+            throw XenStoreError(errno: errno, context: "mkdir \(domainSocketDirectory)")
+        }
+        loop = try EventLoop(socketPath: socketPath, domainSocketDirectory: domainSocketDirectory, logger: logger)
+    }
+
+    deinit { stop() }
+
+    /// The socket through which domain `domid` connects once introduced.
+    public func domainSocketPath(for domid: DomID) -> String {
+        ServerCore.domainSocketPath(directory: domainSocketDirectory, domain: domid)
+    }
+
+    /// Starts serving on a thread of its own. Starting twice does nothing.
+    public func start() throws(XenStoreError) {
+        try thread.withLock { (thread) throws(XenStoreError) in
+            guard thread == nil else { return }
+            let loop = self.loop
+            thread = try NativeThread { loop.run() }
+        }
+    }
+
+    /// Stops serving, closes every connection and removes the sockets. Idempotent.
+    public func stop() {
+        loop.requestStop()
+        let running = thread.withLock { thread -> NativeThread? in
+            defer { thread = nil }
+            return thread
+        }
+        running?.join()
+        loop.shutDown()
+    }
+
+    /// Lets `domid` connect at `domainSocketPath(for:)` and fires @introduceDomain
+    /// (what XS_INTRODUCE does). Introducing an introduced domain does nothing.
+    public func introduceDomain(_ domid: DomID) throws(XenStoreError) {
+        try loop.withCore { (core) throws(XenStoreError) in try core.introduce(domid) }
+    }
+
+    /// Removes the domain's socket, closes its connections and fires
+    /// @releaseDomain (what XS_RELEASE does). ENOENT if it was not introduced.
+    public func releaseDomain(_ domid: DomID) throws(XenStoreError) {
+        try loop.withCore { (core) throws(XenStoreError) in try core.release(domid) }
+    }
+
+    public func isDomainIntroduced(_ domid: DomID) -> Bool {
+        loop.withCore { $0.isIntroduced(domid) }
+    }
+
+    /// Open client connections (for tests and diagnostics).
+    public var connectionCount: Int { loop.withCore { $0.connections.count } }
+}
+
+/// The epoll loop and the state it serves.
+final class EventLoop: @unchecked Sendable {  // `core` is used only inside `lock` (loop thread per batch, API calls)
+    private let epollFD: Int32
+    private let wakeFD: Int32
+    private let lock = Mutex<Void>(())
+    private let core: ServerCore
+
+    init(socketPath: String, domainSocketDirectory: String, logger: Logger) throws(XenStoreError) {
+        let epollFD = xb_epoll_create()
+        guard epollFD >= 0 else { throw XenStoreError(errno: errno, context: "epoll_create") }
+        let wakeFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard wakeFD >= 0, xb_epoll_add(epollFD, wakeFD, xb_EPOLLIN, ServerCore.wakeToken) == 0 else {
+            let saved = errno
+            close(epollFD)
+            if wakeFD >= 0 { close(wakeFD) }
+            throw XenStoreError(errno: saved, context: "eventfd")
+        }
+        let core = ServerCore(epollFD: epollFD, domainSocketDirectory: domainSocketDirectory, logger: logger)
+        do throws(XenStoreError) {
+            let fd = try UnixSocket.listen(at: socketPath)
+            do throws(XenStoreError) {
+                _ = try core.addListener(fd: fd, path: socketPath, domain: nil)
+            } catch {
+                close(fd)
+                throw error
+            }
+        } catch {
+            close(epollFD)
+            close(wakeFD)
+            throw error
+        }
+        logger.debug("xenstore: listening on \(socketPath)")
+        self.epollFD = epollFD
+        self.wakeFD = wakeFD
+        self.core = core
+    }
+
+    deinit {
+        close(epollFD)
+        close(wakeFD)
+    }
+
+    func withCore<T>(_ body: (ServerCore) throws(XenStoreError) -> T) throws(XenStoreError) -> T {
+        try lock.withLock { (_) throws(XenStoreError) -> T in
+            let result = try body(core)
+            core.flushPendingOutput()  // e.g. @introduceDomain events queued outside the loop
+            return result
+        }
+    }
+
+    func withCore<T>(_ body: (ServerCore) -> T) -> T {
+        lock.withLock { _ in body(core) }
+    }
+
+    func run() {
+        xb_set_thread_name("xenstored")
+        let capacity = 64
+        var tokens = [UInt64](repeating: 0, count: capacity)
+        var events = [UInt32](repeating: 0, count: capacity)
+        while true {
+            let count = xb_epoll_wait(epollFD, &tokens, &events, Int32(capacity), -1)
+            if count < 0 {
+                if errno == EINTR { continue }
+                lock.withLock { _ in core.logger.error("xenstore: epoll_wait failed, errno \(errno); stopping") }
+                return
+            }
+            let keepRunning = lock.withLock { _ -> Bool in
+                for i in 0..<Int(count) {
+                    if tokens[i] == ServerCore.wakeToken { drainWakeups() }
+                    core.handle(token: tokens[i], events: events[i])
+                }
+                core.flushPendingOutput()
+                return !core.isStopping
+            }
+            if !keepRunning { return }
+        }
+    }
+
+    func requestStop() {
+        lock.withLock { _ in core.isStopping = true }
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    func shutDown() {
+        lock.withLock { _ in core.shutDown() }
+    }
+
+    private func drainWakeups() {
+        var value: UInt64 = 0
+        _ = read(wakeFD, &value, 8)
+    }
+}

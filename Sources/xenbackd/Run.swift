@@ -1,0 +1,82 @@
+import ArgumentParser
+import BlockBackend
+import Glibc
+import Hypervisor
+import Logging
+import LoopbackHypervisor
+import XenBus
+
+/// `xenbackd run`: the daemon. Serves every vbd under this domain's
+/// backend directory until SIGTERM or SIGINT, then answers every request
+/// in flight and exits leaving xenstore as it is.
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the backend daemon.")
+
+    @Option(help: "Hypervisor platform: loopback (shared memory on any Linux) or xen.")
+    var platform: String = "loopback"
+
+    @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
+    var root: String = "/run/xenbackd/loopback"
+
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        let logger = logging.makeLogger("xenbackd")
+        let hypervisor: any HypervisorPlatform
+        switch platform {
+        case "loopback":
+            hypervisor = try LoopbackPlatform(root: root)
+        case "xen":
+            throw ValidationError("the real Xen platform is not in this build yet; use --platform loopback")
+        default:
+            throw ValidationError("unknown platform \"\(platform)\" (loopback or xen)")
+        }
+        // Signals are taken by one thread with sigwait; block them everywhere first.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let store: any XenStore
+        do { store = try hypervisor.openXenStore() } catch {
+            throw ValidationError("cannot reach xenstore on the \(hypervisor.name) platform: \(error)")
+        }
+        let loop = XenbusControlLoop(store: store, logger: logger)
+        let service = BlockBackendService(platform: hypervisor, loop: loop,
+                                          openStorage: DiskParameters.fileStorageOpener, logger: logger)
+        try service.start()
+        SignalWaiter.start(signals: signals) { signal in
+            logger.notice("signal \(signal): answering requests in flight, then exiting")
+            loop.post {
+                service.quiesce()
+                loop.requestStop()
+            }
+        }
+        logger.notice("xenbackd serving", metadata: ["platform": "\(hypervisor.name)", "domain": "\(hypervisor.ownDomain)"])
+        loop.run()
+        logger.notice("xenbackd stopped")
+    }
+}
+
+/// A thread that waits for the blocked signals and reports each one.
+enum SignalWaiter {
+    static func start(signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) {
+        final class Context: @unchecked Sendable {   // read-only after creation
+            let signals: sigset_t
+            let handler: @Sendable (Int32) -> Void
+            init(_ s: sigset_t, _ h: @escaping @Sendable (Int32) -> Void) { signals = s; handler = h }
+        }
+        var thread = pthread_t()
+        let ctx = Unmanaged.passRetained(Context(signals, handler)).toOpaque()
+        pthread_create(&thread, nil, { raw in
+            let c = Unmanaged<Context>.fromOpaque(raw!).takeRetainedValue()
+            var set = c.signals
+            while true {
+                var sig: Int32 = 0
+                if sigwait(&set, &sig) == 0 { c.handler(sig) }
+            }
+        }, ctx)
+        pthread_detach(thread)
+    }
+}

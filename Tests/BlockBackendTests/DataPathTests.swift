@@ -1,0 +1,121 @@
+import BlockBackend
+import BlockFrontend
+import Glibc
+import Testing
+import XenABI
+import XenBus
+
+@Suite("blkback data path, end to end over the loopback hypervisor")
+struct DataPathTests {
+    @Test("random reads and writes of random sizes and offsets, verified by checksum, also from the file")
+    func randomVerifiedIO() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, disk) = try bed.guestWithDisk(1, megabytes: 32)
+        #expect(fe.info.sectors == 32 * 2048)
+        #expect(fe.info.sectorSize == 512)
+        #expect(fe.info.flush && fe.info.barrier && fe.info.discard && !fe.info.readOnly)
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 1234, queueDepth: 16, canDiscard: true, canFlush: true)
+        let s = try w.run(on: fe, seconds: 60, operations: 4000)
+        #expect(s.errors == 0)
+        #expect(s.mismatches == 0)
+        #expect(s.writes > 1000 && s.reads > 1000 && s.flushes > 0 && s.discards > 0)
+        #expect(s.sectorsVerified > 10_000)
+        let full = try w.verifyAll(on: fe)
+        #expect(full.mismatches == 0)
+        #expect(full.verified > 10_000)
+        try fe.disconnect()
+        // The file itself, read without the ring, holds what the model says.
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 16)
+        defer { expected.deallocate() }
+        var checked = 0
+        for sector in stride(from: UInt64(0), to: fe.info.sectors, by: 97) where w.expectedSector(sector, into: expected) {
+            let got = disk.sector(sector)
+            #expect(got.withUnsafeBytes { memcmp($0.baseAddress!, expected, 512) } == 0, "sector \(sector)")
+            checked += 1
+        }
+        #expect(checked > 100)
+    }
+
+    @Test("every ring size from 1 to 16 pages serves verified I/O", arguments: [0, 1, 2, 3, 4])
+    func ringSizes(order: Int) throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1, megabytes: 8, ringPageOrder: order)
+        #expect(fe.ringPageOrder == order)
+        #expect(fe.ringSlots == SharedRingLayout.slots(pages: 1 << order, entrySize: Blkif.slotSize))
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: UInt64(order + 1), queueDepth: fe.ringSlots,
+                                 canDiscard: true, canFlush: true)
+        let s = try w.run(on: fe, seconds: 30, operations: 1500)
+        #expect(s.errors == 0 && s.mismatches == 0 && s.sectorsVerified > 0)
+        #expect(bed.host.blockStatus.first?.ringPages == 1 << order)
+    }
+
+    @Test("flush and barrier are answered OKAY and the barrier's data is on disk")
+    func flushAndBarrier() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, disk) = try bed.guestWithDisk(1)
+        #expect(try fe.run(.flush) == BlkifStatus.okay)
+        let data = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        fe.copyIn(slot: fe.nextFreeSlot!, first: 0, from: data)
+        #expect(try fe.run(.barrier(sector: 800, count: 8)) == BlkifStatus.okay)
+        #expect(Array(data[0..<512]) == disk.sector(800))
+        #expect(Array(data[3584..<4096]) == disk.sector(807))
+        // A barrier without data is a pure flush.
+        #expect(try fe.run(.barrier(sector: 0, count: 0)) == BlkifStatus.okay)
+    }
+
+    @Test("discard punches a hole: the range reads back as zeros, the rest is intact")
+    func discardReadsZeros() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        let ones = [UInt8](repeating: 0xA5, count: 88 * 512)
+        for base in stride(from: UInt64(0), to: 88 * 4, by: 88) {
+            #expect(try fe.write(sector: 1000 + base, data: ones) == BlkifStatus.okay)
+        }
+        #expect(try fe.run(.discard(sector: 1008, count: 256)) == BlkifStatus.okay)
+        let (st1, before) = try fe.read(sector: 1000, count: 8)
+        #expect(st1 == BlkifStatus.okay && before == [UInt8](repeating: 0xA5, count: 4096))
+        let (st2, hole) = try fe.read(sector: 1008, count: 88)
+        #expect(st2 == BlkifStatus.okay && hole == [UInt8](repeating: 0, count: 88 * 512))
+        let (st3, after) = try fe.read(sector: 1264, count: 88)
+        #expect(st3 == BlkifStatus.okay && after == [UInt8](repeating: 0xA5, count: 88 * 512))
+        // Secure discard is not offered, so it is refused as unsupported.
+        #expect(try fe.run(.discard(sector: 0, count: 8, secure: true)) == BlkifStatus.notSupported)
+    }
+
+    @Test("a read-only disk serves reads and refuses writes, barriers and discards")
+    func readOnlyDisk() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1, readOnly: true)
+        #expect(fe.info.readOnly)
+        #expect(!fe.info.discard)
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/info") == String(Blkif.vdiskReadOnly))
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+        #expect(try fe.write(sector: 0, data: [UInt8](repeating: 1, count: 512)) == BlkifStatus.error)
+        #expect(try fe.run(.barrier(sector: 0, count: 1)) == BlkifStatus.error)
+        #expect(try fe.run(.discard(sector: 0, count: 8)) == BlkifStatus.error)
+    }
+
+    @Test("the handshake publishes what the disk offers, in state Connected, and closes cleanly")
+    func handshakeKeys() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(3, megabytes: 4)
+        let store = bed.host.toolstack.store
+        let be = fe.backendPath
+        #expect(bed.backendState(fe) == .connected)
+        #expect(try store.read(be + "/sectors") == "8192")
+        #expect(try store.read(be + "/sector-size") == "512")
+        #expect(try store.read(be + "/feature-flush-cache") == "1")
+        #expect(try store.read(be + "/feature-barrier") == "1")
+        #expect(try store.read(be + "/feature-discard") == "1")
+        #expect(try store.read(be + "/discard-secure") == "0")
+        #expect(try store.read(be + "/max-ring-page-order") == "4")
+        try fe.disconnect()
+        #expect(bed.backendState(fe) == .closed)
+    }
+}

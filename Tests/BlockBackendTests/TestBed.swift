@@ -1,0 +1,117 @@
+import BlockBackend
+import BlockFrontend
+import Glibc
+import Logging
+import Hypervisor
+import LoopbackHost
+import LoopbackHypervisor
+import Testing
+import XenABI
+import XenBus
+import Synchronization
+
+/// A disk image in a temp folder, removed with the folder.
+struct TempDisk {
+    let directory: String
+    let path: String
+    init(megabytes: Int, in base: String = "/tmp") {
+        var template = Array("\(base)/xenbackd-test-XXXXXX".utf8CString)
+        directory = String(cString: mkdtemp(&template)!)
+        path = directory + "/disk.img"
+        let fd = open(path, O_CREAT | O_RDWR, 0o600)
+        ftruncate(fd, off_t(megabytes) << 20)
+        close(fd)
+    }
+    func remove() {
+        unlink(path)
+        rmdir(directory)
+    }
+
+    /// The file's own view of a sector (a third party to the ring).
+    func sector(_ s: UInt64) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: Blkif.sectorSize)
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        _ = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, Blkif.sectorSize, off_t(s) * 512) }
+        return b
+    }
+}
+
+/// A loopback host with guests and disks, torn down by `close()`.
+final class TestBed {
+    let host: LoopbackHost
+    private var disks: [TempDisk] = []
+
+    init() throws {
+        var logger = Logger(label: "test")
+        logger.logLevel = .error
+        host = try LoopbackHost(logger: logger)
+    }
+
+    /// A guest with one connected disk.
+    func guestWithDisk(_ domid: DomID, megabytes: Int = 16, readOnly: Bool = false, ringPageOrder: Int = 0) throws
+        -> (LoopbackBlockFrontend, TempDisk) {
+        let disk = TempDisk(megabytes: megabytes)
+        disks.append(disk)
+        let guest = try host.createGuest(domid)
+        let fe = try host.attachDisk(to: guest, .init(params: disk.path, readOnly: readOnly))
+        try fe.connect(ringPageOrder: ringPageOrder)
+        return (fe, disk)
+    }
+
+    func backendState(_ fe: LoopbackBlockFrontend) -> XenbusState? {
+        host.toolstack.store.readState(fe.backendPath)
+    }
+
+    func close() {
+        host.shutdown()
+        for d in disks { d.remove() }
+    }
+}
+
+/// Another guest doing verified I/O on its own disk on a thread of its own,
+/// to show that one frontend's misbehaviour does not reach other guests.
+final class BystanderGuest: Sendable {
+    private let thread: BackgroundThread
+    private let state: BystanderState
+
+    init(frontend fe: LoopbackBlockFrontend) {
+        let state = BystanderState()
+        let box = UncheckedBox(fe)
+        thread = BackgroundThread {
+            let fe = box.value
+            var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 5, queueDepth: 8,
+                                     canDiscard: fe.info.discard, canFlush: fe.info.flush)
+            var total = VerifiedWorkload.Summary()
+            do {
+                while !state.stop.load(ordering: .acquiring) {
+                    let s = try w.run(on: fe, seconds: 0.2)
+                    total.reads += s.reads; total.writes += s.writes; total.errors += s.errors
+                    total.mismatches += s.mismatches; total.sectorsVerified += s.sectorsVerified
+                }
+            } catch {
+                state.failure = "\(error)"
+            }
+            state.summary = total
+        }
+        self.state = state
+    }
+
+    /// Stops the workload and returns what it saw.
+    func finish() -> (summary: VerifiedWorkload.Summary, failure: String?) {
+        state.stop.store(true, ordering: .releasing)
+        thread.join()
+        return (state.summary, state.failure)
+    }
+}
+
+final class BystanderState: @unchecked Sendable {   // summary/failure written by the thread before join, read after
+    let stop = Atomic<Bool>(false)
+    var summary = VerifiedWorkload.Summary()
+    var failure: String?
+}
+
+final class UncheckedBox<T>: @unchecked Sendable {   // handed to exactly one thread
+    let value: T
+    init(_ v: T) { value = v }
+}
