@@ -3,6 +3,18 @@ import Logging
 import XenABI
 import XenBus
 
+/// Tunables of the block backend.
+public struct BlockBackendOptions: Sendable {
+    /// See VbdRingConfiguration.pollMicroseconds.
+    public var pollMicroseconds: Int
+    /// Offer feature-persistent (keep a frontend's reused pages mapped).
+    public var persistentGrants: Bool
+    public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true) {
+        self.pollMicroseconds = pollMicroseconds
+        self.persistentGrants = persistentGrants
+    }
+}
+
 /// The vbd driver: discovers devices under /local/domain/<own>/backend/vbd
 /// as the toolstack creates and removes them, and runs one VbdDevice each.
 /// Everything here runs on the control loop's thread.
@@ -11,13 +23,16 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
     private let platform: any HypervisorPlatform
     private let loop: XenbusControlLoop
     private let openStorage: StorageOpener
+    private let options: BlockBackendOptions
     private let logger: Logger
     private let root: String
     private var devices: [BackendDeviceAddress: VbdDevice] = [:]
     private var watchToken: String?
 
-    public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener, logger: Logger) {
+    public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener,
+                options: BlockBackendOptions = .init(), logger: Logger) {
         self.platform = platform
+        self.options = options
         self.loop = loop
         self.openStorage = openStorage
         self.logger = logger
@@ -67,7 +82,8 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
         let path = address.backendPath(backendDomain: platform.ownDomain)
         let exists = ((try? loop.store.read(path + "/frontend")) ?? nil) != nil
         if exists, devices[address] == nil {
-            let device = VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage, logger: logger)
+            let device = VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
+                                   options: options, logger: logger)
             devices[address] = device
             logger.info("device appeared", metadata: ["device": "\(address)"])
             device.probe()

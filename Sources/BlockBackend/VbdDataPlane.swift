@@ -14,9 +14,17 @@ public struct VbdRingConfiguration: Sendable {
     /// The frontend's unbound port, from its `event-channel` key.
     public var remotePort: EventChannelPort
     public var limits: DiskLimits
-    public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits) {
+    /// After the ring goes idle, keep looking for new requests this long
+    /// before sleeping on the event channel (0: sleep at once). Saves the
+    /// frontend's notification and our wakeup when requests come back to back.
+    public var pollMicroseconds: Int
+    /// Both ends agreed on feature-persistent: keep data pages mapped.
+    public var persistentGrants: Bool
+    public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits,
+                pollMicroseconds: Int = 0, persistentGrants: Bool = false) {
         self.frontendDomain = frontendDomain; self.ringRefs = ringRefs
-        self.remotePort = remotePort; self.limits = limits
+        self.remotePort = remotePort; self.limits = limits; self.pollMicroseconds = pollMicroseconds
+        self.persistentGrants = persistentGrants
     }
 }
 
@@ -38,6 +46,9 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let localPort: EventChannelPort
     private let frontendDomain: DomID
     private let limits: DiskLimits
+    private let pollNanoseconds: Int
+    private let usePersistentGrants: Bool
+    private var persistent: PersistentGrants
     private let epoll: Int32
     private let wakeup = Wakeup()
     private let onFatal: @Sendable (String) -> Void
@@ -95,6 +106,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         self.storage = storage
         self.frontendDomain = c.frontendDomain
         self.limits = c.limits
+        self.pollNanoseconds = c.pollMicroseconds * 1000
+        self.usePersistentGrants = c.persistentGrants
         self.onFatal = onFatal
         let pageCount = c.ringRefs.count
         guard [1, 2, 4, 8, 16].contains(pageCount) else {
@@ -130,6 +143,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount
         inFlight = InFlightIDs(capacity: slotCount)
+        // As many pages as the ring can have in flight: what a frontend reuses.
+        persistent = PersistentGrants(capacity: c.persistentGrants ? slotCount * Self.maxSegments : 0)
         let copyCapacity = slotCount * Self.maxSegments
         copies = .allocate(capacity: copyCapacity)
         copyOwners = .allocate(capacity: copyCapacity)
@@ -193,6 +208,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         released = true
         try? events.unbind(localPort)
         events.close()
+        persistent.unmapAll(grants)
         grants.unmap(mapping)
         Glibc.close(epoll)
         wakeup.close()
@@ -242,11 +258,29 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             if ring.pushResponses() { notifyFrontend() }
             publishStatistics(force: false)
             if stopping || broken || barrierSlot >= 0 { return }
-            do {
+            do throws(RingOverflow) {
+                if try ring.unconsumedRequests() > 0 { continue }
+                if pollNanoseconds > 0, try pollForWork() { continue }
                 if try !ring.finalCheckForRequests() { return }
             } catch {
                 declareBroken(error)
                 return
+            }
+        }
+    }
+
+    /// Busy-polls the ring (and, with requests in flight, the storage's
+    /// completions) for up to the poll window. True if work appeared.
+    private func pollForWork() throws(RingOverflow) -> Bool {
+        let deadline = monotonicNanoseconds() + pollNanoseconds
+        var completionFD = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
+        var spins = 0
+        while true {
+            if try ring.unconsumedRequests() > 0 { return true }
+            if outstanding > 0 && poll(&completionFD, 1, 0) > 0 { return true }
+            spins += 1
+            if spins & 15 == 0 {
+                if xb_load_acquire_u32(stopFlag) != 0 || monotonicNanoseconds() >= deadline { return false }
             }
         }
     }
@@ -295,7 +329,6 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         case .read:
             queueStorage(slot: s, kind: .read)
         case .write:
-            queueWriteCopies(slot: s)
             queueStorage(slot: s, kind: .write)
         case .flush:
             queueStorage(slot: s, kind: .flush)
@@ -310,8 +343,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
     }
 
-    /// Builds the iovecs of a slot: segment i lives in bounce page i at the
-    /// same sector offset as in the guest's page; adjacent full runs merge.
+    /// Builds the iovecs of a slot. Segment i is the guest's page itself when
+    /// it is persistently mapped, else bounce page i (filled by a grant copy
+    /// for a write, copied back after a read), at the segment's sector
+    /// offset; adjacent ranges merge into one iovec.
     private func queueStorage(slot s: Int, kind: StorageOperationKind) {
         let slot = slots[s]
         var op = StorageOperation(tag: UInt64(s), kind: kind, offset: slot.sector * UInt64(Blkif.sectorSize),
@@ -319,9 +354,16 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         if kind == .read || kind == .write {
             let base = s * Self.maxSegments
             var n = 0
+            var copied: UInt16 = 0
             for i in 0..<slot.segmentCount {
                 let seg = slot.segments[i]
-                let start = bouncePage(s, i) + Int(seg.firstSect) * Blkif.sectorSize
+                var page = usePersistentGrants ? persistent.page(seg.gref, domain: frontendDomain, grants: grants) : nil
+                if page == nil {
+                    page = bouncePage(s, i)
+                    copied |= 1 << i
+                    if kind == .write { queueCopy(slot: s, segment: i, direction: .fromGuest) }
+                }
+                let start = page! + Int(seg.firstSect) * Blkif.sectorSize
                 let length = Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize
                 if n > 0, iovecs[base + n - 1].iov_base! + iovecs[base + n - 1].iov_len == start {
                     iovecs[base + n - 1].iov_len += length
@@ -332,6 +374,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             }
             op.iovecs = iovecs + base
             op.iovecCount = Int32(n)
+            slots[s].copiedSegments = copied
         }
         submissions[submissionCount] = op
         submissionCount += 1
@@ -342,21 +385,16 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         pages + (slot * Self.maxSegments + segment) * XenPage.size
     }
 
-    private func queueCopies(slot s: Int, direction: GrantCopyOperation.Direction) {
-        let slot = slots[s]
-        for i in 0..<slot.segmentCount {
-            let seg = slot.segments[i]
-            let offset = Int(seg.firstSect) * Blkif.sectorSize
-            copies[copyCount] = GrantCopyOperation(
-                direction: direction, domain: frontendDomain, ref: seg.gref, guestOffset: UInt16(offset),
-                length: UInt16(Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize),
-                local: bouncePage(s, i) + offset)
-            copyOwners[copyCount] = Int32(s)
-            copyCount += 1
-        }
+    private func queueCopy(slot s: Int, segment i: Int, direction: GrantCopyOperation.Direction) {
+        let seg = slots[s].segments[i]
+        let offset = Int(seg.firstSect) * Blkif.sectorSize
+        copies[copyCount] = GrantCopyOperation(
+            direction: direction, domain: frontendDomain, ref: seg.gref, guestOffset: UInt16(offset),
+            length: UInt16(Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize),
+            local: bouncePage(s, i) + offset)
+        copyOwners[copyCount] = Int32(s)
+        copyCount += 1
     }
-
-    private func queueWriteCopies(slot s: Int) { queueCopies(slot: s, direction: .fromGuest) }
 
     /// Runs the queued grant copies; marks the slots whose copy failed.
     private func runCopies() {
@@ -398,9 +436,11 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             let slot = slots[s]
             let ok = c.result >= 0 && (slot.phase == .flush || slot.phase == .discard || c.result == Int64(slot.byteCount))
             switch slot.phase {
-            case .read where ok:
+            case .read where ok && slot.copiedSegments != 0:
                 stats.bytesRead &+= UInt64(slot.byteCount)
-                queueCopies(slot: s, direction: .toGuest)
+                for i in 0..<slot.segmentCount where slot.copiedSegments & (1 << i) != 0 {
+                    queueCopy(slot: s, segment: i, direction: .toGuest)
+                }
                 copyOutSlots[copyOutCount] = Int32(s)
                 copyOutCount += 1
             case .barrierWrite where ok:
@@ -409,6 +449,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 queueStorage(slot: s, kind: .flush)
             default:
                 if ok && slot.phase == .write { stats.bytesWritten &+= UInt64(slot.byteCount) }
+                if ok && slot.phase == .read { stats.bytesRead &+= UInt64(slot.byteCount) }
                 finish(slot: s, status: ok ? BlkifStatus.okay : BlkifStatus.error)
             }
         }
@@ -429,7 +470,6 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         let s = Int(barrierSlot)
         if slots[s].segmentCount > 0 {
             slots[s].phase = .barrierWrite
-            queueWriteCopies(slot: s)
             queueStorage(slot: s, kind: .write)
         } else {
             slots[s].phase = .flush
@@ -477,6 +517,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     }
 }
 
+@inline(__always)
+func monotonicNanoseconds() -> Int {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
 /// The private state of one request between taking it and answering it.
 struct RequestSlot {
     enum Phase: UInt8 { case read, write, flush, discard, barrierWrite, barrier }
@@ -488,6 +535,8 @@ struct RequestSlot {
     var byteCount = 0
     var segments = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
     var copyFailed = false
+    /// Bit i: segment i goes through a bounce page and a grant copy.
+    var copiedSegments: UInt16 = 0
 
     init() {}
 

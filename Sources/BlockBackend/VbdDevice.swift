@@ -31,6 +31,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     private let store: any XenStore
     private let loop: XenbusControlLoop
     private let openStorage: StorageOpener
+    private let options: BlockBackendOptions
     private var logger: Logger
 
     private var frontendPath = ""
@@ -44,7 +45,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     private var retiredStatistics = VbdStatistics()
 
     init(address: BackendDeviceAddress, platform: any HypervisorPlatform, loop: XenbusControlLoop,
-         openStorage: @escaping StorageOpener, logger: Logger) {
+         openStorage: @escaping StorageOpener, options: BlockBackendOptions, logger: Logger) {
+        self.options = options
         self.address = address
         self.platform = platform
         self.loop = loop
@@ -70,6 +72,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         do {
             try readToolstackKeys()
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
+            try store.write(backendPath + "/feature-persistent", options.persistentGrants ? "1" : "0")
             try setState(.initWait)
             let script = (try? store.read(backendPath + "/script")) ?? nil
             if let script, !script.isEmpty {
@@ -156,7 +159,9 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
                                     flush: g.supportsFlush, barrier: g.supportsFlush,
                                     discard: g.discard != nil && !(readOnly || g.readOnly))
             let config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
-                                              remotePort: ring.port, limits: limits)
+                                              remotePort: ring.port, limits: limits,
+                                              pollMicroseconds: options.pollMicroseconds,
+                                              persistentGrants: ring.persistent)
             let name = "\(address.frontendDomain).\(address.devid)"
             let plane: VbdDataPlane
             do {
@@ -171,7 +176,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             plane.start()
             dataPlane = plane
             try publishConnected(geometry: g, limits: limits)
-            logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)"])
+            logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)",
+                                                "persistentGrants": "\(ring.persistent)"])
         } catch let e as DeviceFailure {
             fail(e.message)
         } catch {
@@ -179,7 +185,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         }
     }
 
-    private func readRingKeys() throws -> (refs: [GrantRef], port: EventChannelPort) {
+    private func readRingKeys() throws -> (refs: [GrantRef], port: EventChannelPort, persistent: Bool) {
         let protocolName = (try store.read(frontendPath + "/protocol")) ?? "x86_64-abi"
         guard protocolName == "x86_64-abi" else {
             throw DeviceFailure("unsupported protocol \(protocolName)")
@@ -207,7 +213,9 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         }
         guard let e = try store.read(frontendPath + "/event-channel") else { throw DeviceFailure("missing event-channel") }
         guard let port = EventChannelPort(e) else { throw DeviceFailure("malformed event-channel \"\(e)\"") }
-        return (refs, port)
+        let frontendPersistent = try store.read(frontendPath + "/feature-persistent")
+        let persistent = options.persistentGrants && frontendPersistent == "1"
+        return (refs, port, persistent)
     }
 
     /// Everything the frontend reads at connect, and state=Connected, in one transaction.

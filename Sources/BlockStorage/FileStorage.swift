@@ -203,7 +203,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         var taken = 0
         var kernelIndex = 0
         var finishedAny = false
-        while taken < candidates {
+        batch: while taken < candidates {
             let slot = Int(batchSlots[taken])
             switch slots[slot].work {
             case .kernel:
@@ -213,13 +213,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
                     finish(slot, result: refusedResult(slot, errno: firstRefusal))
                     finishedAny = true
                     taken += 1
-                    releaseSlots(from: taken, to: candidates)
-                    signalCompletion()
-                    return taken
+                    break batch
                 } else {
-                    releaseSlots(from: taken, to: candidates)
-                    if finishedAny { signalCompletion() }
-                    return taken
+                    break batch
                 }
             case .discard:
                 finish(slot, result: runDiscard(slot))
@@ -233,6 +229,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             }
             taken += 1
         }
+        releaseSlots(from: taken, to: candidates)
         if finishedAny { signalCompletion() }
         return taken
     }
@@ -259,7 +256,10 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
 
     // MARK: Completion
 
+    /// `body` may call `submit` (the completed operation's slot is already
+    /// free) but not `reapCompletions`.
     public func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        // Drain first: a completion arriving after this re-arms the descriptor.
         drainEventCounter()
         return reapFinished(body) + reapKernelEvents(body)
     }

@@ -1,7 +1,6 @@
 import CLibXenStore
 import Glibc
 import Hypervisor
-import Synchronization
 
 /// A xenstore connection through Xen's own libxenstore: on real Xen it
 /// reaches xenstored (or /dev/xen/xenbus); with a socket path it reaches the
@@ -16,17 +15,23 @@ public final class LibXenStoreConnection: XenStore, @unchecked Sendable {  // `h
     public let watchFileDescriptor: Int32
 
     /// XENSTORED_PATH is process-wide: opens that set it must not overlap.
-    private static let environmentLock = Mutex<Void>(())
+    private static let environmentLock = ReadWriteLock()
 
     /// Opens libxenstore's default connection, or the xenstored listening at
-    /// `socketPath` (XENSTORED_PATH is set for the duration of xs_open, then restored).
+    /// `socketPath` (XENSTORED_PATH is set for the duration of xs_open, then
+    /// restored; setenv is not thread-safe against concurrent getenv, so a
+    /// process that only ever uses one server may rather export it once).
     public init(socketPath: String?) throws(XenStoreError) {
-        let (opened, openErrno) = Self.environmentLock.withLock { _ -> (OpaquePointer?, Int32) in
+        let (opened, openErrno) = Self.environmentLock.withWriteLock { () -> (OpaquePointer?, Int32) in
             guard let socketPath else {
                 let h = xs_open(0)
                 return (h, errno)
             }
             let previous = getenv("XENSTORED_PATH").map { String(cString: $0) }
+            if previous == socketPath {
+                let h = xs_open(0)  // already pointing there: leave the environment alone
+                return (h, errno)
+            }
             setenv("XENSTORED_PATH", socketPath, 1)
             let h = xs_open(0)
             let openErrno = errno

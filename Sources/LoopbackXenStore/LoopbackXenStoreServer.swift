@@ -2,7 +2,6 @@ import CXenBackSupport
 import Glibc
 import Hypervisor
 import Logging
-import Synchronization
 import XenStoreWire
 
 /// A xenstored for the loopback hypervisor: the xenstore tree in memory,
@@ -18,11 +17,12 @@ import XenStoreWire
 /// with no access for others (as a toolstack leaves it). Like xenstored,
 /// introducing a domain creates none of its nodes: the toolstack (dom0)
 /// creates /local/domain/<domid> and gives the domain ownership.
-public final class LoopbackXenStoreServer: Sendable {
+public final class LoopbackXenStoreServer: @unchecked Sendable {  // `thread` is used only inside `threadLock`
     public let socketPath: String
     public let domainSocketDirectory: String
     private let loop: EventLoop
-    private let thread = Mutex<NativeThread?>(nil)
+    private let threadLock = PThreadMutex()
+    private var thread: NativeThread?
 
     /// Creates the dom0 socket (clients may connect at once; they are served
     /// once `start()` runs) and the domain socket directory if missing.
@@ -30,10 +30,17 @@ public final class LoopbackXenStoreServer: Sendable {
                 logger: Logger = Logger(label: "xenbackd.xenstored")) throws(XenStoreError) {
         self.socketPath = socketPath
         self.domainSocketDirectory = domainSocketDirectory
-        if mkdir(domainSocketDirectory, 0o755) != 0 && errno != EEXIST {
+        let created = mkdir(domainSocketDirectory, 0o755) == 0
+        if !created && errno != EEXIST {
             throw XenStoreError(errno: errno, context: "mkdir \(domainSocketDirectory)")
         }
-        loop = try EventLoop(socketPath: socketPath, domainSocketDirectory: domainSocketDirectory, logger: logger)
+        do throws(XenStoreError) {
+            loop = try EventLoop(socketPath: socketPath, domainSocketDirectory: domainSocketDirectory, logger: logger)
+        } catch {
+            if created { rmdir(domainSocketDirectory) }
+            throw error
+        }
+        loop.withCore { $0.createdDomainSocketDirectory = created }
     }
 
     deinit { stop() }
@@ -43,19 +50,24 @@ public final class LoopbackXenStoreServer: Sendable {
         ServerCore.domainSocketPath(directory: domainSocketDirectory, domain: domid)
     }
 
-    /// Starts serving on a thread of its own. Starting twice does nothing.
+    /// Starts serving on a thread of its own. Starting twice does nothing;
+    /// a stopped server cannot be started again.
     public func start() throws(XenStoreError) {
-        try thread.withLock { (thread) throws(XenStoreError) in
+        try threadLock.withLock { () throws(XenStoreError) in
             guard thread == nil else { return }
+            guard !loop.withCore({ $0.isShutDown }) else {
+                throw XenStoreError(errno: XenStoreError.io, context: "xenstored stopped")
+            }
             let loop = self.loop
             thread = try NativeThread { loop.run() }
         }
     }
 
-    /// Stops serving, closes every connection and removes the sockets. Idempotent.
+    /// Stops serving, closes every connection and removes the sockets (and
+    /// the domain socket directory if it made it and it is empty). Idempotent.
     public func stop() {
         loop.requestStop()
-        let running = thread.withLock { thread -> NativeThread? in
+        let running = threadLock.withLock { () -> NativeThread? in
             defer { thread = nil }
             return thread
         }
@@ -87,7 +99,7 @@ public final class LoopbackXenStoreServer: Sendable {
 final class EventLoop: @unchecked Sendable {  // `core` is used only inside `lock` (loop thread per batch, API calls)
     private let epollFD: Int32
     private let wakeFD: Int32
-    private let lock = Mutex<Void>(())
+    private let lock = PThreadMutex()
     private let core: ServerCore
 
     init(socketPath: String, domainSocketDirectory: String, logger: Logger) throws(XenStoreError) {
@@ -126,7 +138,7 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
     }
 
     func withCore<T>(_ body: (ServerCore) throws(XenStoreError) -> T) throws(XenStoreError) -> T {
-        try lock.withLock { (_) throws(XenStoreError) -> T in
+        try lock.withLock { () throws(XenStoreError) -> T in
             let result = try body(core)
             core.flushPendingOutput()  // e.g. @introduceDomain events queued outside the loop
             return result
@@ -134,7 +146,7 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
     }
 
     func withCore<T>(_ body: (ServerCore) -> T) -> T {
-        lock.withLock { _ in body(core) }
+        lock.withLock { body(core) }
     }
 
     func run() {
@@ -146,10 +158,10 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
             let count = xb_epoll_wait(epollFD, &tokens, &events, Int32(capacity), -1)
             if count < 0 {
                 if errno == EINTR { continue }
-                lock.withLock { _ in core.logger.error("xenstore: epoll_wait failed, errno \(errno); stopping") }
+                lock.withLock { core.logger.error("xenstore: epoll_wait failed, errno \(errno); stopping") }
                 return
             }
-            let keepRunning = lock.withLock { _ -> Bool in
+            let keepRunning = lock.withLock { () -> Bool in
                 for i in 0..<Int(count) {
                     if tokens[i] == ServerCore.wakeToken { drainWakeups() }
                     core.handle(token: tokens[i], events: events[i])
@@ -162,13 +174,13 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
     }
 
     func requestStop() {
-        lock.withLock { _ in core.isStopping = true }
+        lock.withLock { core.isStopping = true }
         var one: UInt64 = 1
         _ = write(wakeFD, &one, 8)
     }
 
     func shutDown() {
-        lock.withLock { _ in core.shutDown() }
+        lock.withLock { core.shutDown() }
     }
 
     private func drainWakeups() {

@@ -21,6 +21,8 @@ final class ServerCore {
 
     let epollFD: Int32
     let domainSocketDirectory: String
+    /// Removed again on shutdown (if empty by then) when the server made it.
+    var createdDomainSocketDirectory = false
     let logger: Logger
     var database = XenStoreDatabase()
     var connections: [UInt64: ClientConnection] = [:]
@@ -65,6 +67,7 @@ final class ServerCore {
     /// Opens the domain's socket and fires @introduceDomain. Introducing an
     /// introduced domain again does nothing (as xenstored).
     func introduce(_ domid: DomID) throws(XenStoreError) {
+        guard !isShutDown else { throw XenStoreError(errno: XenStoreError.io, context: "xenstored stopped") }
         guard domid != 0, domid < 0x7FF0 else {  // DOMID_FIRST_RESERVED
             throw XenStoreError(errno: XenStoreError.invalid, context: "domain \(domid) cannot be introduced")
         }
@@ -222,6 +225,7 @@ final class ServerCore {
         for connection in Array(connections.values) { closeConnection(connection, reason: "server stopping") }
         for token in Array(listeners.keys) { removeListener(token) }
         domainListenerTokens.removeAll()
+        if createdDomainSocketDirectory { rmdir(domainSocketDirectory) }
     }
 
     private func newToken() -> UInt64 {

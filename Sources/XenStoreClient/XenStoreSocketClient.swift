@@ -1,6 +1,5 @@
 import Glibc
 import Hypervisor
-import Synchronization
 import XenABI
 import XenStoreWire
 
@@ -8,10 +7,11 @@ import XenStoreWire
 /// simulated guest connects to its domain socket of the loopback xenstored,
 /// dom0 code to the server's main socket. Safe to use from several threads;
 /// requests may be in flight concurrently (replies are matched by req_id).
-public final class XenStoreSocketClient: XenStore, Sendable {
+public final class XenStoreSocketClient: XenStore, @unchecked Sendable {  // `reader` is used only inside `readerLock`
     public let socketPath: String
     private let channel: ClientChannel
-    private let reader = Mutex<NativeThread?>(nil)
+    private let readerLock = PThreadMutex()
+    private var reader: NativeThread?
 
     public init(socketPath: String) throws(XenStoreError) {
         self.socketPath = socketPath
@@ -24,7 +24,7 @@ public final class XenStoreSocketClient: XenStore, Sendable {
         }
         let channel = self.channel
         let thread = try NativeThread { channel.readUntilClosed() }
-        reader.withLock { $0 = thread }
+        readerLock.withLock { reader = thread }
     }
 
     deinit { close() }
@@ -109,9 +109,9 @@ public final class XenStoreSocketClient: XenStore, Sendable {
     /// Disconnects and waits for the reader thread. Pending and later calls fail with EIO. Idempotent.
     public func close() {
         channel.shutDown()
-        let thread = reader.withLock { thread -> NativeThread? in
-            defer { thread = nil }
-            return thread
+        let thread = readerLock.withLock { () -> NativeThread? in
+            defer { reader = nil }
+            return reader
         }
         thread?.join()
     }

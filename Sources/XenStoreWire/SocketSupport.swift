@@ -111,3 +111,23 @@ package final class NativeThread: @unchecked Sendable {  // `thread` is written 
         pthread_join(thread, nil)
     }
 }
+
+/// A pthread mutex. Synchronization's Mutex would do as well, but on Linux it
+/// waits on futexes that ThreadSanitizer cannot see, so it would report every
+/// access it guards as a race.
+package final class PThreadMutex: @unchecked Sendable {  // the pthread mutex is heap-allocated so it never moves; it synchronises itself
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    package init() { pthread_mutex_init(mutex, nil) }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    package func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}

@@ -27,6 +27,8 @@ struct BenchBlock: ParsableCommand {
     var seconds: Double = 5
     @Option(help: "Ring size as a power of two pages (0-4).")
     var ringPageOrder: Int = 2
+    @Option(help: "Microseconds the guest polls for responses before sleeping (0: sleep at once).")
+    var spinMicroseconds = 50
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
@@ -60,6 +62,7 @@ struct BenchBlock: ParsableCommand {
         let guest = try host.createGuest(1, memoryPages: 65536)
         let fe = try host.attachDisk(to: guest, .init(params: file))
         try fe.connect(ringPageOrder: ringPageOrder)
+        fe.spinMicroseconds = spinMicroseconds
         let direct = storageIsDirect()
         print("xenbackd bench blk: \(file), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
               + "O_DIRECT \(direct ? "on" : "off"), \(fixed(seconds, 0)) s per run")

@@ -12,6 +12,8 @@ func randomReadBenchmark() throws {
     let path = String(cString: getenv("BLOCKSTORAGE_BENCH_FILE"))
     let seconds = getenv("BLOCKSTORAGE_BENCH_SECONDS").flatMap { Double(String(cString: $0)) } ?? 10
     let depth = 32
+    // Operations per submit call when refilling (default: all that completed).
+    let batchLimit = getenv("BLOCKSTORAGE_BENCH_BATCH").flatMap { Int(String(cString: $0)) } ?? depth
     let storage = try FileStorage.open(path: path, readOnly: true, queueDepth: depth, direct: .always)
     defer { storage.close() }
     let blocks = Int(storage.geometry.sizeBytes / 4096)
@@ -58,10 +60,14 @@ func randomReadBenchmark() throws {
                 operation.offset = UInt64(Int.random(in: 0..<blocks, using: &generator) * 4096)
                 batch[index] = operation
             }
-            if readyCount > 0 {
-                precondition(storage.submit(UnsafeMutableBufferPointer(rebasing: batch[0..<readyCount])) == readyCount)
-                inFlight += readyCount
+            var submitted = 0
+            while submitted < readyCount {
+                let end = min(readyCount, submitted + batchLimit)
+                let range = UnsafeMutableBufferPointer(rebasing: batch[submitted..<end])
+                precondition(storage.submit(range) == end - submitted)
+                submitted = end
             }
+            inFlight += readyCount
         }
         // Close only with nothing in flight.
         while inFlight > 0 {
@@ -70,7 +76,7 @@ func randomReadBenchmark() throws {
         }
     }
     let elapsed = Double(now.tv_sec - start.tv_sec) + Double(now.tv_nsec - start.tv_nsec) / 1e9
-    print("FileStorage randread 4k QD\(depth) \(path): \(completed) reads in \(elapsed) s = "
+    print("FileStorage randread 4k QD\(depth) batch \(batchLimit) \(path): \(completed) reads in \(elapsed) s = "
           + "\(Int(Double(completed) / elapsed)) IOPS, \(completed / max(wakeups, 1)) completions per wakeup, errors \(errors)")
     #expect(errors == 0)
     withExtendedLifetime((pages, segments)) {}

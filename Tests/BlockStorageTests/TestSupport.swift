@@ -149,23 +149,24 @@ final class SegmentList {
 }
 
 /// Submits everything (as queue slots allow) and reaps until all complete;
-/// returns each tag's result.
+/// returns each tag's result. Nothing else may be in flight.
 @discardableResult
 func runAll(_ storage: FileStorage, _ operations: [StorageOperation],
             timeoutMilliseconds: Int32 = 10_000) -> [UInt64: Int64] {
+    let tags = Set(operations.map(\.tag))
+    precondition(tags.count == operations.count, "tags must be distinct")
     var pending = operations
     var results: [UInt64: Int64] = [:]
-    var inFlight = 0
-    while !pending.isEmpty || inFlight > 0 {
+    while results.count < operations.count {
         if !pending.isEmpty {
             let taken = pending.withUnsafeMutableBufferPointer { storage.submit($0) }
             pending.removeFirst(taken)
-            inFlight += taken
         }
         var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
         let ready = poll(&poller, 1, timeoutMilliseconds)
         precondition(ready == 1, "no completion within \(timeoutMilliseconds) ms")
-        inFlight -= storage.reapCompletions { completion in
+        _ = storage.reapCompletions { completion in
+            precondition(tags.contains(completion.tag), "unexpected tag \(completion.tag)")
             precondition(results[completion.tag] == nil, "tag \(completion.tag) completed twice")
             results[completion.tag] = completion.result
         }

@@ -48,9 +48,12 @@ struct StructClaims {
         claims.append(Claim("sizeof(\(type))", size, declaration))
     }
 
-    mutating func field(_ name: String, offset: Int, size: Int, _ declaration: String) {
+    /// `impliedSize`: XenABI declares only the offset; the size claimed is
+    /// the distance to the next declared offset (or the end of the struct).
+    mutating func field(_ name: String, offset: Int, size: Int, _ declaration: String, impliedSize: Bool = false) {
         claims.append(Claim("offsetof(\(type), \(name))", offset, declaration))
-        claims.append(Claim("fieldsize(\(type), \(name))", size, "size of \(declaration)"))
+        claims.append(Claim("fieldsize(\(type), \(name))", size,
+                            impliedSize ? "\(declaration) up to the next offset" : "size of \(declaration)"))
     }
 }
 

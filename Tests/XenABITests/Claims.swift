@@ -22,8 +22,8 @@ enum Claims {
         s.field("req_event", offset: O.reqEvent, size: u32Size, "SharedRingLayout.Offset.reqEvent")
         s.field("rsp_prod", offset: O.rspProd, size: u32Size, "SharedRingLayout.Offset.rspProd")
         s.field("rsp_event", offset: O.rspEvent, size: u32Size, "SharedRingLayout.Offset.rspEvent")
-        s.field("pvt", offset: O.pvt, size: O.pad - O.pvt, "SharedRingLayout.Offset.pvt (implied)")
-        s.field("__pad", offset: O.pad, size: O.ring - O.pad, "SharedRingLayout.Offset.pad (implied)")
+        s.field("pvt", offset: O.pvt, size: O.pad - O.pvt, "SharedRingLayout.Offset.pvt", impliedSize: true)
+        s.field("__pad", offset: O.pad, size: O.ring - O.pad, "SharedRingLayout.Offset.pad", impliedSize: true)
         s.field("ring", offset: O.ring, size: Blkif.slotSize, "SharedRingLayout.Offset.ring")
         var claims = s.claims
         claims.append(Claim("offsetof(struct blkif_sring, ring)", SharedRingLayout.headerSize,
@@ -189,12 +189,12 @@ enum Claims {
         s.field("u.pad", offset: O.gsoSize, size: v.payload.count, "NetifExtraInfo.payload")
         s.field("u.gso.size", offset: O.gsoSize, size: MemoryLayout.size(ofValue: v.gsoSize), "NetifExtraInfo.Offset.gsoSize / .gsoSize")
         s.field("u.gso.type", offset: O.gsoType, size: MemoryLayout.size(ofValue: v.gsoType), "NetifExtraInfo.Offset.gsoType / .gsoType")
-        s.field("u.gso.pad", offset: O.gsoPad, size: O.gsoFeatures - O.gsoPad, "NetifExtraInfo.Offset.gsoPad (implied)")
-        s.field("u.gso.features", offset: O.gsoFeatures, size: size - O.gsoFeatures, "NetifExtraInfo.Offset.gsoFeatures (implied)")
-        s.field("u.mcast.addr", offset: O.mcastAddr, size: size - O.mcastAddr, "NetifExtraInfo.Offset.mcastAddr (implied)")
-        s.field("u.hash.type", offset: O.hashType, size: O.hashAlgorithm - O.hashType, "NetifExtraInfo.Offset.hashType (implied)")
-        s.field("u.hash.algorithm", offset: O.hashAlgorithm, size: O.hashValue - O.hashAlgorithm, "NetifExtraInfo.Offset.hashAlgorithm (implied)")
-        s.field("u.hash.value", offset: O.hashValue, size: size - O.hashValue, "NetifExtraInfo.Offset.hashValue (implied)")
+        s.field("u.gso.pad", offset: O.gsoPad, size: O.gsoFeatures - O.gsoPad, "NetifExtraInfo.Offset.gsoPad", impliedSize: true)
+        s.field("u.gso.features", offset: O.gsoFeatures, size: size - O.gsoFeatures, "NetifExtraInfo.Offset.gsoFeatures", impliedSize: true)
+        s.field("u.mcast.addr", offset: O.mcastAddr, size: size - O.mcastAddr, "NetifExtraInfo.Offset.mcastAddr", impliedSize: true)
+        s.field("u.hash.type", offset: O.hashType, size: O.hashAlgorithm - O.hashType, "NetifExtraInfo.Offset.hashType", impliedSize: true)
+        s.field("u.hash.algorithm", offset: O.hashAlgorithm, size: O.hashValue - O.hashAlgorithm, "NetifExtraInfo.Offset.hashAlgorithm", impliedSize: true)
+        s.field("u.hash.value", offset: O.hashValue, size: size - O.hashValue, "NetifExtraInfo.Offset.hashValue", impliedSize: true)
         return s.claims
     }
 
@@ -212,7 +212,7 @@ enum Claims {
         typealias O = NetifRxRequest.Offset
         var s = StructClaims("struct netif_rx_request", size: NetifRxRequest.size, "NetifRxRequest.size")
         s.field("id", offset: O.id, size: MemoryLayout.size(ofValue: v.id), "NetifRxRequest.id")
-        s.field("pad", offset: O.pad, size: O.gref - O.pad, "NetifRxRequest.Offset.pad (implied)")
+        s.field("pad", offset: O.pad, size: O.gref - O.pad, "NetifRxRequest.Offset.pad", impliedSize: true)
         s.field("gref", offset: O.gref, size: MemoryLayout.size(ofValue: v.gref), "NetifRxRequest.gref")
         return s.claims
     }

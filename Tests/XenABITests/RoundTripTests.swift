@@ -179,14 +179,13 @@ struct RoundTripTests {
             #expect(d.type == type && d.flags == flags && d.gsoSize == size && d.gsoType == gsoType)
             for i in 0..<6 { #expect(d.payload[i] == c.bytes[2 + i], "payload[\(i)] is u byte \(i)") }
 
-            // Build the union through the Swift offsets (payload index = offset - 2).
+            // Build the union through the Swift offsets.
             typealias O = NetifExtraInfo.Offset
-            var payload = InlineArray<6, UInt8>(repeating: 0)
-            payload[O.gsoSize - 2] = UInt8(truncatingIfNeeded: size)
-            payload[O.gsoSize - 1] = UInt8(truncatingIfNeeded: size >> 8)
-            payload[O.gsoType - 2] = gsoType
-            payload[O.gsoFeatures - 2] = UInt8(truncatingIfNeeded: features)
-            payload[O.gsoFeatures - 1] = UInt8(truncatingIfNeeded: features >> 8)
+            let payload = payloadAtOffsets { p in
+                p.storeBytes(of: size.littleEndian, toByteOffset: O.gsoSize, as: UInt16.self)
+                p.storeBytes(of: gsoType, toByteOffset: O.gsoType, as: UInt8.self)
+                p.storeBytes(of: features.littleEndian, toByteOffset: O.gsoFeatures, as: UInt16.self)
+            }
             let s = WireBuffer(NetifExtraInfo.size)
             NetifExtraInfo(type: type, flags: flags, payload: payload).encode(to: s.pointer)
             #expect(s.bytes == c.bytes, "\(byteDiff(s.bytes, c.bytes))")
@@ -206,24 +205,26 @@ struct RoundTripTests {
             let addr = (0..<6).map { _ in UInt8.random(in: .min ... .max, using: &rng) }
             let c = WireBuffer(NetifExtraInfo.size, poison: 0)
             xar_netif_extra_mcast_encode(c.pointer, NetifExtraType.mcastAdd, flags, addr)
-            var payload = InlineArray<6, UInt8>(repeating: 0)
-            for i in 0..<6 { payload[O.mcastAddr - 2 + i] = addr[i] }
+            let payload = payloadAtOffsets { p in
+                for i in 0..<6 { p.storeBytes(of: addr[i], toByteOffset: O.mcastAddr + i, as: UInt8.self) }
+            }
             let s = WireBuffer(NetifExtraInfo.size)
             NetifExtraInfo(type: NetifExtraType.mcastAdd, flags: flags, payload: payload).encode(to: s.pointer)
             #expect(s.bytes == c.bytes, "mcast: \(byteDiff(s.bytes, c.bytes))")
             let d = NetifExtraInfo(decoding: c.pointer)
             #expect(d.type == NetifExtraType.mcastAdd && d.flags == flags)
-            for i in 0..<6 { #expect(d.payload[O.mcastAddr - 2 + i] == addr[i]) }
+            for i in 0..<6 { #expect(d.payload[i] == c.bytes[2 + i]) }
 
             let hashType = UInt8.random(in: .min ... .max, using: &rng)
             let algorithm = UInt8.random(in: .min ... .max, using: &rng)
             let value = (0..<4).map { _ in UInt8.random(in: .min ... .max, using: &rng) }
             let ch = WireBuffer(NetifExtraInfo.size, poison: 0)
             xar_netif_extra_hash_encode(ch.pointer, NetifExtraType.hash, flags, hashType, algorithm, value)
-            var hp = InlineArray<6, UInt8>(repeating: 0)
-            hp[O.hashType - 2] = hashType
-            hp[O.hashAlgorithm - 2] = algorithm
-            for i in 0..<4 { hp[O.hashValue - 2 + i] = value[i] }
+            let hp = payloadAtOffsets { p in
+                p.storeBytes(of: hashType, toByteOffset: O.hashType, as: UInt8.self)
+                p.storeBytes(of: algorithm, toByteOffset: O.hashAlgorithm, as: UInt8.self)
+                for i in 0..<4 { p.storeBytes(of: value[i], toByteOffset: O.hashValue + i, as: UInt8.self) }
+            }
             let sh = WireBuffer(NetifExtraInfo.size)
             NetifExtraInfo(type: NetifExtraType.hash, flags: flags, payload: hp).encode(to: sh.pointer)
             #expect(sh.bytes == ch.bytes, "hash: \(byteDiff(sh.bytes, ch.bytes))")
@@ -292,7 +293,7 @@ struct RoundTripTests {
             let g = GrantEntryV1(flags: .random(in: .min ... .max, using: &rng),
                                  domid: .random(in: .min ... .max, using: &rng),
                                  frame: .random(in: .min ... .max, using: &rng))
-            let c = WireBuffer(GrantEntryV1.size, poison: 0)
+            let c = WireBuffer(4 * GrantEntryV1.size, poison: 0)   // oversized: see below
             xar_grant_entry_v1_encode(c.pointer, g.flags, g.domid, g.frame)
             let p = UnsafeRawPointer(c.pointer)
             let read = GrantEntryV1(flags: UInt16(littleEndian: p.loadUnaligned(fromByteOffset: O.flags, as: UInt16.self)),
@@ -300,11 +301,13 @@ struct RoundTripTests {
                                     frame: UInt32(littleEndian: p.loadUnaligned(fromByteOffset: O.frame, as: UInt32.self)))
             #expect(read == g)
 
-            let s = WireBuffer(GrantEntryV1.size)
+            // Oversized so that a wrong offset shows up as a difference, not a crash.
+            let s = WireBuffer(4 * GrantEntryV1.size, poison: 0)
             s.pointer.storeBytes(of: g.flags.littleEndian, toByteOffset: O.flags, as: UInt16.self)
             s.pointer.storeBytes(of: g.domid.littleEndian, toByteOffset: O.domid, as: UInt16.self)
             s.pointer.storeBytes(of: g.frame.littleEndian, toByteOffset: O.frame, as: UInt32.self)
-            #expect(s.bytes == c.bytes, "\(byteDiff(s.bytes, c.bytes))")
+            let cImage = c.bytes
+            #expect(s.bytes == cImage, "\(byteDiff(s.bytes, cImage))")
             var o = (flags: UInt16(0), domid: UInt16(0), frame: UInt32(0))
             xar_grant_entry_v1_decode(s.pointer, &o.flags, &o.domid, &o.frame)
             #expect(GrantEntryV1(flags: o.flags, domid: o.domid, frame: o.frame) == g)
@@ -329,4 +332,17 @@ struct RoundTripTests {
             #expect(XenStoreMessageHeader(type: o.type, reqId: o.reqId, txId: o.txId, len: o.len) == h)
         }
     }
+}
+
+/// The 6-byte netif_extra_info union, built by storing at the Swift offsets
+/// (which count from the start of the struct) into a zeroed, oversized
+/// scratch struct; a store outside the union shows up as a failure.
+func payloadAtOffsets(sourceLocation: SourceLocation = #_sourceLocation,
+                      _ store: (UnsafeMutableRawPointer) -> Void) -> InlineArray<6, UInt8> {
+    let scratch = WireBuffer(4 * NetifExtraInfo.size, poison: 0)
+    store(scratch.pointer)
+    let b = scratch.bytes
+    #expect(b[0..<2].allSatisfy { $0 == 0 } && b[NetifExtraInfo.size...].allSatisfy { $0 == 0 },
+            "a union field offset points outside u (bytes 2..<8): \(b)", sourceLocation: sourceLocation)
+    return InlineArray { b[2 + $0] }
 }

@@ -49,7 +49,7 @@ func waitForEvent(_ channel: borrowing Atomic<UInt32>, seen: inout UInt32, share
 @Suite("Two-thread stress")
 struct StressTests {
     static let requests: UInt64 = 1_000_000
-    static let timeLimit: Duration = .seconds(120)
+    static let timeLimit: Duration = .seconds(60)
 
     /// Request ids are scrambled (an odd multiplier is a bijection) so that
     /// a slot holding a stale id cannot pass for the right one.

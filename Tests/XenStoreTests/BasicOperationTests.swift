@@ -169,7 +169,7 @@ struct BasicOperationTests {
         }
     }
 
-    @Test("a connection refused before start is served after it")
+    @Test("a connection made before start is served after it; stop removes what the server made")
     func connectBeforeStart() throws {
         let directory = "/tmp/xst-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
         let server = try LoopbackXenStoreServer(socketPath: directory + ".sock", domainSocketDirectory: directory)
@@ -182,8 +182,15 @@ struct BasicOperationTests {
         try server.start()
         try xs.write("/early", "ok")
         #expect(try xs.read("/early") == "ok")
+        try server.introduceDomain(3)
+        #expect(access(directory + "/domain-3.sock", F_OK) == 0)
         server.stop()
-        #expect(access(directory + ".sock", F_OK) != 0)  // socket file removed
+        #expect(access(directory + ".sock", F_OK) != 0)          // socket files removed,
+        #expect(access(directory + "/domain-3.sock", F_OK) != 0)
+        #expect(access(directory, F_OK) != 0)                    // and the directory it made
         expectErrno(XenStoreError.io) { _ = try xs.read("/early") }
+        expectErrno(XenStoreError.io) { try server.start() }
+        expectErrno(XenStoreError.io) { try server.introduceDomain(4) }
+        server.stop()
     }
 }

@@ -5,6 +5,7 @@ import LibXenStore
 import LoopbackXenStore
 import Testing
 import XenStoreClient
+import XenStoreWire
 
 /// Which client library a test talks through.
 enum ClientKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
@@ -144,4 +145,27 @@ extension XenStorePermission {
     static func r(_ d: UInt32) -> Self { Self(domain: d, access: .read) }
     static func w(_ d: UInt32) -> Self { Self(domain: d, access: .write) }
     static func b(_ d: UInt32) -> Self { Self(domain: d, access: .both) }
+}
+
+/// A value shared between test threads, behind a pthread mutex (visible to ThreadSanitizer).
+final class Locked<Value>: @unchecked Sendable {  // `value` is used only inside `lock`
+    private let lock = PThreadMutex()
+    private var value: Value
+
+    init(_ value: Value) { self.value = value }
+
+    func withLock<T>(_ body: (inout Value) -> T) -> T {
+        lock.withLock { body(&value) }
+    }
+}
+
+/// A joinable thread for tests that need real concurrency.
+final class TestThread: Sendable {
+    private let thread: NativeThread
+
+    init(_ body: @escaping @Sendable () -> Void) {
+        thread = try! NativeThread(body)
+    }
+
+    func join() { thread.join() }
 }
