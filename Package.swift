@@ -26,41 +26,43 @@ let package = Package(
         .systemLibrary(name: "CLibAIO", path: "Sources/CLibAIO"),
         .systemLibrary(name: "CLibXenStore", path: "Sources/CLibXenStore", pkgConfig: "xenstore"),
 
+        // Threads, locks, eventfd wakeups, the monotonic clock: wrapped once here.
+        .target(name: "SystemSupport", dependencies: ["CXenBackSupport"], swiftSettings: strict),
         .target(name: "XenABI", swiftSettings: strict),
         .target(name: "XenRing", dependencies: ["XenABI", "CXenBackSupport"], swiftSettings: strict),
         .target(name: "Hypervisor", dependencies: ["XenABI"], swiftSettings: strict),
-        .target(name: "XenStoreWire", dependencies: ["Hypervisor", "XenABI"], swiftSettings: strict),
-        .target(name: "XenStoreClient", dependencies: ["XenStoreWire", "Hypervisor", "CXenBackSupport"], swiftSettings: strict),
+        .target(name: "XenStoreWire", dependencies: ["Hypervisor", "XenABI", "SystemSupport"], swiftSettings: strict),
+        .target(name: "XenStoreClient", dependencies: ["XenStoreWire", "Hypervisor", "CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "LibXenStore", dependencies: ["Hypervisor", "CLibXenStore"], swiftSettings: strict),
         .target(name: "LoopbackXenStore", dependencies: [
-            "XenStoreWire", "Hypervisor", "CXenBackSupport",
+            "XenStoreWire", "Hypervisor", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "LoopbackHypervisor", dependencies: [
-            "Hypervisor", "XenABI", "CXenBackSupport", "LibXenStore", "XenStoreClient",
+            "Hypervisor", "XenABI", "CXenBackSupport", "LibXenStore", "XenStoreClient", "SystemSupport",
         ], swiftSettings: strict),
         .target(name: "XenBus", dependencies: [
-            "Hypervisor", "XenABI", "CXenBackSupport",
+            "Hypervisor", "XenABI", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "BlockStorage", dependencies: ["CLibAIO", "CXenBackSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [
-            "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport",
+            "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], swiftSettings: strict),
         .target(name: "BlockFrontend", dependencies: [
-            "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport",
+            "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: strict),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
-            "BlockFrontend", "XenBus", "Hypervisor",
+            "BlockFrontend", "XenBus", "Hypervisor", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "xenbackd", dependencies: [
-            "LoopbackHost", "XenStoreClient",
+            "LoopbackHost", "XenStoreClient", "SystemSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "LibXenStore", "XenBus", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),
@@ -73,12 +75,12 @@ let package = Package(
         .testTarget(name: "XenABITests", dependencies: ["XenABI", "XenABIReference"], swiftSettings: strict),
         .testTarget(name: "XenRingTests", dependencies: ["XenRing", "XenABI", "XenABIReference"], swiftSettings: strict),
         .testTarget(name: "XenStoreTests", dependencies: [
-            "LoopbackXenStore", "XenStoreClient", "LibXenStore", "Hypervisor", "XenStoreWire",
+            "LoopbackXenStore", "SystemSupport", "XenStoreClient", "LibXenStore", "Hypervisor", "XenStoreWire",
         ], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage"], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
-            "LoopbackHost",
+            "LoopbackHost", "SystemSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),

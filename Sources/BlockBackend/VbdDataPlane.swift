@@ -6,6 +6,7 @@ import Logging
 import Metrics
 import XenABI
 import XenRing
+import SystemSupport
 
 /// Where one ring lives and what the disk behind it accepts.
 public struct VbdRingConfiguration: Sendable {
@@ -50,7 +51,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let usePersistentGrants: Bool
     private var persistent: PersistentGrants
     private let epoll: Int32
-    private let wakeup = Wakeup()
+    private let wakeup: Wakeup
     private let onFatal: @Sendable (String) -> Void
 
     // Per-request state: one slot per ring entry, with its bounce pages.
@@ -81,7 +82,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let stopFlag = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private var stopping = false
     private var broken = false
-    private var thread: DataPlaneThread?
+    private var thread: NativeThread?
 
     // Statistics.
     private var stats = VbdStatistics()
@@ -127,6 +128,14 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             events.close()
             grants.unmap(mapping)
             throw error
+        }
+        do {
+            wakeup = try Wakeup()
+        } catch {
+            try? events.unbind(localPort)
+            events.close()
+            grants.unmap(mapping)
+            throw HypervisorError("eventfd", errno: error.errno)
         }
         ring = BackRing(attachingTo: mapping.address, pages: pageCount, entrySize: Blkif.slotSize)
         slotCount = Int(ring.size)
@@ -184,10 +193,12 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     public var ringPages: Int { mapping.pageCount }
     public var statistics: VbdStatistics { statsBox.read() }
 
-    public func start() {
-        let t = DataPlaneThread(name: "vbd-\(name)") { [self] in self.run() }
-        thread = t
-        t.start()
+    public func start() throws(HypervisorError) {
+        do {
+            thread = try NativeThread(name: "vbd-\(name)") { [self] in self.run() }
+        } catch {
+            throw HypervisorError("start data plane thread", errno: error.errno)
+        }
     }
 
     /// Stops taking requests, completes and answers every one in flight,
@@ -272,7 +283,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// Busy-polls the ring (and, with requests in flight, the storage's
     /// completions) for up to the poll window. True if work appeared.
     private func pollForWork() throws(RingOverflow) -> Bool {
-        let deadline = monotonicNanoseconds() + pollNanoseconds
+        let deadline = MonotonicClock.nanoseconds() + pollNanoseconds
         var completionFD = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
         var spins = 0
         while true {
@@ -280,7 +291,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             if outstanding > 0 && poll(&completionFD, 1, 0) > 0 { return true }
             spins += 1
             if spins & 15 == 0 {
-                if xb_load_acquire_u32(stopFlag) != 0 || monotonicNanoseconds() >= deadline { return false }
+                if xb_load_acquire_u32(stopFlag) != 0 || MonotonicClock.nanoseconds() >= deadline { return false }
             }
         }
     }
@@ -515,13 +526,6 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         publishedStats = stats
         statsBox.publish(stats)
     }
-}
-
-@inline(__always)
-func monotonicNanoseconds() -> Int {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 /// The private state of one request between taking it and answering it.

@@ -173,7 +173,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             } catch {
                 throw DeviceFailure("cannot map ring or bind event channel: \(error)")
             }
-            plane.start()
+            do { try plane.start() } catch { throw DeviceFailure("cannot start the data plane: \(error)") }
             dataPlane = plane
             try publishConnected(geometry: g, limits: limits)
             logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)",

@@ -1,4 +1,4 @@
-import Glibc
+import SystemSupport
 
 /// Counters of one ring, kept by its data-plane thread and published to
 /// readers (status, metrics) at most every few milliseconds.
@@ -16,16 +16,9 @@ public struct VbdStatistics: Equatable, Sendable {
 }
 
 /// The published copy, readable from any thread.
-final class StatisticsBox: @unchecked Sendable {   // guarded by `lock`
-    private var lock = pthread_mutex_t()
+final class StatisticsBox: @unchecked Sendable {   // `value` guarded by `lock`
+    private let lock = PThreadMutex()
     private var value = VbdStatistics()
-    init() { pthread_mutex_init(&lock, nil) }
-    deinit { pthread_mutex_destroy(&lock) }
-    func publish(_ s: VbdStatistics) {
-        pthread_mutex_lock(&lock); value = s; pthread_mutex_unlock(&lock)
-    }
-    func read() -> VbdStatistics {
-        pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }
-        return value
-    }
+    func publish(_ s: VbdStatistics) { lock.withLock { value = s } }
+    func read() -> VbdStatistics { lock.withLock { value } }
 }

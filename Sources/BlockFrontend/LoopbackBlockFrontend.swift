@@ -5,6 +5,7 @@ import LoopbackHypervisor
 import XenABI
 import XenBus
 import XenRing
+import SystemSupport
 
 /// What the backend published at Connected.
 public struct BlockDiskInfo: Equatable, Sendable {
@@ -287,7 +288,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     @discardableResult
     public func collect(timeout: Double = 10, _ body: (BlkifResponse) -> Void) throws -> Int {
         guard let r = rings, let events else { throw FrontendError("not connected") }
-        let deadline = monotonicSeconds() + timeout
+        let deadline = MonotonicClock.seconds() + timeout
         var got = 0
         while true {
             while r.ring.unconsumedResponses() > 0 {
@@ -304,7 +305,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             if got > 0 { return got }
             if spinMicroseconds > 0 && spinForResponses(r) { continue }
             if r.ring.finalCheckForResponses() { continue }
-            let left = deadline - monotonicSeconds()
+            let left = deadline - MonotonicClock.seconds()
             if left <= 0 { return 0 }
             var pfd = pollfd(fd: events.fileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&pfd, 1, Int32(min(left, 1) * 1000) + 1)
@@ -313,21 +314,21 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     }
 
     private func spinForResponses(_ r: RingHolder) -> Bool {
-        let deadline = monotonicSeconds() + Double(spinMicroseconds) / 1e6
+        let deadline = MonotonicClock.seconds() + Double(spinMicroseconds) / 1e6
         var spins = 0
         while true {
             if r.ring.unconsumedResponses() > 0 { return true }
             spins += 1
-            if spins & 31 == 0 && monotonicSeconds() >= deadline { return false }
+            if spins & 31 == 0 && MonotonicClock.seconds() >= deadline { return false }
         }
     }
 
     /// Waits for the response to one ticket (others are answered to `other`).
     public func wait(for ticket: Ticket, timeout: Double = 10, other: (BlkifResponse) -> Void = { _ in }) throws -> BlkifResponse {
         var found: BlkifResponse?
-        let deadline = monotonicSeconds() + timeout
+        let deadline = MonotonicClock.seconds() + timeout
         while found == nil {
-            let left = deadline - monotonicSeconds()
+            let left = deadline - MonotonicClock.seconds()
             if left <= 0 { throw FrontendTimeout(what: "response to request \(ticket.id)") }
             try collect(timeout: left) { r in if r.id == ticket.id { found = r } else { other(r) } }
         }

@@ -1,5 +1,6 @@
 import Glibc
 import XenABI
+import SystemSupport
 
 /// A mixed workload (writes, reads, flushes, discards of random sizes and
 /// offsets) that checks every byte it reads against a model of the disk.
@@ -81,14 +82,14 @@ public struct VerifiedWorkload {
                              progress: (Summary) -> Void = { _ in }) throws -> Summary {
         var summary = Summary()
         var inFlight: [InFlight] = []
-        let start = monotonicSeconds()
+        let start = MonotonicClock.seconds()
         var lastProgress = start
         var issued = 0
         let depth = min(queueDepth, fe.ringSlots)
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.sectorSize, alignment: 16)
         defer { scratch.deallocate() }
         while true {
-            let now = monotonicSeconds()
+            let now = MonotonicClock.seconds()
             let stopping = now - start >= seconds || issued >= operations
             if stopping && inFlight.isEmpty { break }
             while !stopping && inFlight.count < depth && issued < operations {
@@ -111,7 +112,7 @@ public struct VerifiedWorkload {
                 progress(summary)
             }
         }
-        summary.seconds = monotonicSeconds() - start
+        summary.seconds = MonotonicClock.seconds() - start
         return summary
     }
 

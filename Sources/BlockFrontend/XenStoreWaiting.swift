@@ -1,5 +1,6 @@
 import Glibc
 import Hypervisor
+import SystemSupport
 
 /// Waiting on xenstore from a frontend: a watch, then poll its fd until a
 /// condition holds or the time runs out.
@@ -15,20 +16,14 @@ extension XenStore {
         let token = "wait-\(UInt32.random(in: 0...UInt32.max))"
         try watch(path, token: token)
         defer { try? unwatch(path, token: token) }
-        let deadline = monotonicSeconds() + seconds
+        let deadline = MonotonicClock.seconds() + seconds
         while true {
             if let v = condition() { return v }
-            let left = deadline - monotonicSeconds()
+            let left = deadline - MonotonicClock.seconds()
             if left <= 0 { throw FrontendTimeout(what: what) }
             var pfd = pollfd(fd: watchFileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&pfd, 1, Int32(min(left, 0.2) * 1000) + 1)
             while let _ = try nextWatchEvent() {}
         }
     }
-}
-
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }

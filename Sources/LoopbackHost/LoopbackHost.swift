@@ -5,6 +5,7 @@ import Hypervisor
 import Logging
 import LoopbackHypervisor
 import LoopbackXenStore
+import SystemSupport
 import XenBus
 import XenStoreClient
 
@@ -19,7 +20,7 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     public let control: XenbusControlLoop
     public let blockService: BlockBackendService
     public let toolstack: LoopbackToolstack
-    private let controlThread: BackgroundThread
+    private let controlThread: NativeThread
     private let ownsRoot: Bool
     private var guests: [DomID: LoopbackGuestDomain] = [:]
 
@@ -28,7 +29,9 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
                 openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener) throws {
         let dir: String
         if let root { dir = root; mkdir(root, 0o700) } else {
-            var template = Array("/tmp/xenbackd-loopback-XXXXXX".utf8CString)
+            // Guest memory lives here: tmpfs keeps it off the disk.
+            let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
+            var template = Array("\(base)/xenbackd-loopback-XXXXXX".utf8CString)
             guard let made = mkdtemp(&template) else { throw HypervisorError("mkdtemp", errno: errno) }
             dir = String(cString: made)
         }
@@ -43,7 +46,7 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage, logger: logger)
         try blockService.start()
         let loop = control
-        controlThread = BackgroundThread { loop.run() }
+        controlThread = try NativeThread(name: "xenbus") { loop.run() }
         toolstack = LoopbackToolstack(store: try XenStoreSocketClient(socketPath: layout.xenStoreSocket))
     }
 
@@ -70,9 +73,9 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
 
     /// Runs `body` on the control loop thread and waits for it.
     public func onControlThread<T: Sendable>(_ body: @escaping @Sendable () -> T) -> T {
-        let box = ResultBox<T>()
-        control.post { box.set(body()) }
-        return box.wait()
+        let handoff = Handoff<T>()
+        control.post { handoff.put(body()) }
+        return handoff.take()
     }
 
     public var blockStatus: [VbdStatus] { onControlThread { [blockService] in blockService.status } }
@@ -98,40 +101,4 @@ func removeTree(_ path: String) {
     }
     closedir(dir)
     rmdir(path)
-}
-
-/// A thread running one closure (the control loop, a test's second guest).
-public final class BackgroundThread: @unchecked Sendable {   // `thread` written once before any join
-    private var thread = pthread_t()
-    public init(_ body: @escaping @Sendable () -> Void) {
-        let box = Unmanaged.passRetained(Box(body))
-        pthread_create(&thread, nil, { raw in
-            let b = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-            b.body()
-            return nil
-        }, box.toOpaque())
-    }
-    public func join() { pthread_join(thread, nil) }
-    private final class Box: @unchecked Sendable {
-        let body: @Sendable () -> Void
-        init(_ b: @escaping @Sendable () -> Void) { body = b }
-    }
-}
-
-/// A value handed from one thread to a waiting one.
-final class ResultBox<T>: @unchecked Sendable {   // guarded by the mutex/condition pair
-    private var m = pthread_mutex_t()
-    private var c = pthread_cond_t()
-    private var value: T?
-    init() { pthread_mutex_init(&m, nil); pthread_cond_init(&c, nil) }
-    func set(_ v: T) {
-        pthread_mutex_lock(&m); value = v; pthread_cond_signal(&c); pthread_mutex_unlock(&m)
-    }
-    func wait() -> T {
-        pthread_mutex_lock(&m)
-        while value == nil { pthread_cond_wait(&c, &m) }
-        let v = value!
-        pthread_mutex_unlock(&m)
-        return v
-    }
 }

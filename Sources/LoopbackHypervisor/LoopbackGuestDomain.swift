@@ -2,6 +2,7 @@ import CXenBackSupport
 import Glibc
 import Hypervisor
 import XenABI
+import SystemSupport
 
 /// A simulated guest domain on the loopback hypervisor: its memory, its
 /// grant table and its event channels, as a guest kernel would use them.
@@ -14,7 +15,7 @@ public final class LoopbackGuestDomain: @unchecked Sendable {   // page/grant al
     private let grants: SharedFile
     public let pageCount: Int
     public let grantCount: Int
-    private let lock = Mutex()
+    private let lock = PThreadMutex()
     private var freePages: [UInt32]
     private var freeGrants: [GrantRef]
 
@@ -93,18 +94,5 @@ public final class LoopbackGuestDomain: @unchecked Sendable {   // page/grant al
 
     public func openEventChannels() throws(HypervisorError) -> LoopbackEventChannels {
         try LoopbackEventChannels(layout: layout, domain: domain)
-    }
-}
-
-/// A small pthread mutex (Synchronization.Mutex is ~Copyable and awkward to
-/// keep in classes that hand closures around).
-final class Mutex: @unchecked Sendable {
-    private var m = pthread_mutex_t()
-    init() { pthread_mutex_init(&m, nil) }
-    deinit { pthread_mutex_destroy(&m) }
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(&m)
-        defer { pthread_mutex_unlock(&m) }
-        return try body()
     }
 }

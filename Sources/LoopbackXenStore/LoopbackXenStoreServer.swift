@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 import Hypervisor
 import Logging
 import XenStoreWire
@@ -59,7 +60,7 @@ public final class LoopbackXenStoreServer: @unchecked Sendable {  // `thread` is
                 throw XenStoreError(errno: XenStoreError.io, context: "xenstored stopped")
             }
             let loop = self.loop
-            thread = try NativeThread { loop.run() }
+            thread = try NativeThread.forXenStore(name: "xenstored") { loop.run() }
         }
     }
 

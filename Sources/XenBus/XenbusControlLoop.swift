@@ -1,39 +1,31 @@
-import CXenBackSupport
 import Glibc
 import Hypervisor
 import Logging
+import SystemSupport
 
 /// The control plane's single thread (xenwatch in Linux terms): it waits
 /// on xenstore watch events and on tasks posted by other threads, and runs
 /// every handler itself, so device state machines need no locks.
-public final class XenbusControlLoop: @unchecked Sendable {   // handlers and tasks guarded by `lock`; run on the loop thread
+public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks, stopRequested guarded by `lock`
     public typealias WatchHandler = (XenStoreWatchEvent) -> Void
     public let store: any XenStore
     private let logger: Logger
-    private var lock = pthread_mutex_t()
+    private let lock = PThreadMutex()
     private var handlers: [String: WatchHandler] = [:]
     private var tasks: [() -> Void] = []
     private var nextToken = 0
-    private let wakeFD: Int32
+    private let wakeup: Wakeup
     private var stopRequested = false
 
     public init(store: any XenStore, logger: Logger) {
         self.store = store
         self.logger = logger
-        pthread_mutex_init(&lock, nil)
-        wakeFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        precondition(wakeFD >= 0, "eventfd failed")
+        do { wakeup = try Wakeup() } catch { fatalError("the control loop cannot run without an eventfd: \(error)") }
     }
 
-    deinit {
-        Glibc.close(wakeFD)
-        pthread_mutex_destroy(&lock)
-    }
+    deinit { wakeup.close() }
 
-    private func locked<T>(_ body: () -> T) -> T {
-        pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }
-        return body()
-    }
+    private func locked<T>(_ body: () -> T) -> T { lock.withLock(body) }
 
     /// Watches `path`; `handler` runs on the loop thread for the initial
     /// firing and every later change at or below `path`. Returns the token.
@@ -60,21 +52,19 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers and ta
     /// Runs `task` on the loop thread soon. Callable from any thread.
     public func post(_ task: @escaping @Sendable () -> Void) {
         locked { tasks.append(task) }
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
+        wakeup.signal()
     }
 
     /// Makes `run()` return after the current event. Callable from any thread.
     public func requestStop() {
         locked { stopRequested = true }
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
+        wakeup.signal()
     }
 
     /// Serves watch events and tasks until `requestStop()`.
     public func run() {
         var fds = [pollfd(fd: store.watchFileDescriptor, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
+                   pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
         while true {
             if locked({ stopRequested }) { return }
             let n = poll(&fds, 2, -1)
@@ -82,10 +72,7 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers and ta
                 logger.error("control loop poll failed", metadata: ["errno": "\(errno)"])
                 return
             }
-            if fds[1].revents != 0 {
-                var v: UInt64 = 0
-                _ = read(wakeFD, &v, 8)
-            }
+            if fds[1].revents != 0 { wakeup.drain() }
             runTasks()
             dispatchWatchEvents()
         }

@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 import Hypervisor
 import XenABI
 import XenStoreWire

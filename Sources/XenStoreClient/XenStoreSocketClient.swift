@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 import Hypervisor
 import XenABI
 import XenStoreWire
@@ -23,7 +24,7 @@ public final class XenStoreSocketClient: XenStore, @unchecked Sendable {  // `re
             throw error
         }
         let channel = self.channel
-        let thread = try NativeThread { channel.readUntilClosed() }
+        let thread = try NativeThread.forXenStore(name: "xenstore-reader") { channel.readUntilClosed() }
         readerLock.withLock { reader = thread }
     }
 

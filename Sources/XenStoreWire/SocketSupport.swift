@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 import Hypervisor
 
 // Small POSIX helpers shared by the loopback xenstored and the socket client.
@@ -82,52 +83,11 @@ package func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
     return true
 }
 
-/// A joinable POSIX thread running one closure.
-package final class NativeThread: @unchecked Sendable {  // `thread` is written once, in init, before any other use
-    private var thread = pthread_t()
-
-    private final class Body {
-        let run: @Sendable () -> Void
-        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
-    }
-
-    package init(_ body: @escaping @Sendable () -> Void) throws(XenStoreError) {
-        let context = Unmanaged.passRetained(Body(body)).toOpaque()
-        let rc = pthread_create(&thread, nil, { raw in
-            let body = Unmanaged<Body>.fromOpaque(raw!).takeRetainedValue()
-            body.run()
-            return nil
-        }, context)
-        guard rc == 0 else {
-            Unmanaged<Body>.fromOpaque(context).release()
-            throw XenStoreError(errno: rc, context: "pthread_create")
+package extension NativeThread {
+    /// A thread for xenstore's loops, failing as a xenstore error.
+    static func forXenStore(name: String, _ body: @escaping @Sendable () -> Void) throws(XenStoreError) -> NativeThread {
+        do { return try NativeThread(name: name, body) } catch {
+            throw XenStoreError(errno: error.errno, context: "pthread_create")
         }
-    }
-
-    /// True when called on this thread (joining oneself would deadlock).
-    package var isCurrent: Bool { pthread_equal(pthread_self(), thread) != 0 }
-
-    package func join() {
-        pthread_join(thread, nil)
-    }
-}
-
-/// A pthread mutex. Synchronization's Mutex would do as well, but on Linux it
-/// waits on futexes that ThreadSanitizer cannot see, so it would report every
-/// access it guards as a race.
-package final class PThreadMutex: @unchecked Sendable {  // the pthread mutex is heap-allocated so it never moves; it synchronises itself
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-
-    package init() { pthread_mutex_init(mutex, nil) }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    package func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
     }
 }

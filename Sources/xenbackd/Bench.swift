@@ -7,6 +7,7 @@ import Glibc
 import LoopbackHost
 import LoopbackHypervisor
 import XenABI
+import SystemSupport
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -141,7 +142,7 @@ struct BenchBlock: ParsableCommand {
         var freeIOs = Array(0..<row.queueDepth)
         var completedIOs = 0
         var errors = 0
-        let start = monotonic()
+        let start = MonotonicClock.seconds()
         var stopping = false
 
         func issue(_ io: Int) throws {
@@ -158,7 +159,7 @@ struct BenchBlock: ParsableCommand {
                 left -= n
                 sector += UInt64(n)
             }
-            started[io] = monotonic()
+            started[io] = MonotonicClock.seconds()
         }
 
         while true {
@@ -172,15 +173,15 @@ struct BenchBlock: ParsableCommand {
                 let io = ioOfSlot[slot]
                 remaining[io] -= 1
                 if remaining[io] == 0 {
-                    histogram.record(seconds: monotonic() - started[io])
+                    histogram.record(seconds: MonotonicClock.seconds() - started[io])
                     completedIOs += 1
                     freeIOs.append(io)
                 }
             }
-            if !stopping && monotonic() - start >= seconds { stopping = true }
+            if !stopping && MonotonicClock.seconds() - start >= seconds { stopping = true }
             if stopping && freeIOs.count == row.queueDepth { break }
         }
-        let elapsed = monotonic() - start
+        let elapsed = MonotonicClock.seconds() - start
         if errors > 0 { throw ValidationError("\(row.name): \(errors) requests failed") }
         let iops = Double(completedIOs) / elapsed
         return Figures(iops: iops, mbps: iops * Double(row.blockSize) / 1e6,
@@ -240,12 +241,6 @@ struct LatencyHistogram {
         }
         return Double(buckets.count - 1) / 1e6
     }
-}
-
-func monotonic() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 func pad(_ s: String, _ width: Int, right: Bool = false) -> String {

@@ -39,12 +39,12 @@ struct Guest: ParsableCommand {
         try dom0.introduceDomain(d)
         defer { try? toolstack.destroyDomain(d); try? dom0.releaseDomain(d) }
         try toolstack.addDisk(domain: d, .init(params: disk))
-        print("toolstack: dom\(d) created, vbd 51712 (xvda) -> \(disk)")
+        say("toolstack: dom\(d) created, vbd 51712 (xvda) -> \(disk)")
 
         let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(d)))
         try fe.connect(ringPageOrder: ringPageOrder)
         let i = fe.info
-        print("blkfront: Connected: \(i.sectors) sectors of \(i.sectorSize) bytes, ring \(fe.ringSlots) slots, "
+        say("blkfront: Connected: \(i.sectors) sectors of \(i.sectorSize) bytes, ring \(fe.ringSlots) slots, "
               + "flush=\(i.flush) barrier=\(i.barrier) discard=\(i.discard) read-only=\(i.readOnly)")
 
         var workload = VerifiedWorkload(sectors: i.sectors, seed: seed, queueDepth: queueDepth,
@@ -55,20 +55,26 @@ struct Guest: ParsableCommand {
                          + "\(s.mismatches) mismatches")
         }
         progressLine("")
-        print("workload: \(summary)")
+        say("workload: \(summary)")
         let full = try workload.verifyAll(on: fe) { sector in
             progressLine("full-disk check: \(sector * 100 / i.sectors)%")
         }
         progressLine("")
-        print("full-disk check: \(full.verified) sectors compared with the model, \(full.mismatches) mismatches")
+        say("full-disk check: \(full.verified) sectors compared with the model, \(full.mismatches) mismatches")
         try fe.disconnect()
         try toolstack.removeDisk(domain: d, devid: fe.devid)
-        print("blkfront: Closed, vbd removed")
+        say("blkfront: Closed, vbd removed")
         if summary.mismatches > 0 || summary.errors > 0 || full.mismatches > 0 {
             throw ExitCode.failure
         }
-        print("RESULT: OK — every byte read back matched what was written, discarded ranges read as zeros")
+        say("RESULT: OK — every byte read back matched what was written, discarded ranges read as zeros")
     }
+}
+
+/// Prints a line at once (stdout may be a pipe; progress goes to stderr).
+func say(_ s: String) {
+    let line = s + "\n"
+    _ = line.withCString { write(1, $0, strlen($0)) }
 }
 
 /// Rewrites the current terminal line (stderr, so logs stay separate).

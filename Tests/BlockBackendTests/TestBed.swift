@@ -9,6 +9,7 @@ import Testing
 import XenABI
 import XenBus
 import Synchronization
+import SystemSupport
 
 /// A disk image in a temp folder, removed with the folder.
 struct TempDisk {
@@ -72,13 +73,13 @@ final class TestBed {
 /// Another guest doing verified I/O on its own disk on a thread of its own,
 /// to show that one frontend's misbehaviour does not reach other guests.
 final class BystanderGuest: Sendable {
-    private let thread: BackgroundThread
+    private let thread: NativeThread
     private let state: BystanderState
 
     init(frontend fe: LoopbackBlockFrontend) {
         let state = BystanderState()
         let box = UncheckedBox(fe)
-        thread = BackgroundThread {
+        thread = try! NativeThread(name: "bystander") {
             let fe = box.value
             var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 5, queueDepth: 8,
                                      canDiscard: fe.info.discard, canFlush: fe.info.flush)

@@ -56,9 +56,10 @@ struct StressTests {
     static func id(_ n: UInt64) -> UInt64 { n &* 0x9E37_79B9_7F4A_7C15 }
 
     /// Swift FrontRing on one thread, Swift BackRing on another, a 1-page
-    /// ring (32 slots), sleeping only after a final check and waking only by
-    /// notification: a lost wakeup deadlocks and hits the time bound; a lost,
-    /// duplicated, reordered or torn request fails the content checks.
+    /// ring (32 slots), each end working in random batches of 1...8,
+    /// sleeping only after a final check and waking only by notification:
+    /// a lost wakeup deadlocks and hits the time bound; a lost, duplicated,
+    /// reordered or torn request fails the content checks.
     @Test func millionRequestsThroughOnePage() async throws {
         let memory = RingMemory(pages: 1)
         let shared = EventChannels()
@@ -80,9 +81,14 @@ struct StressTests {
                 report.failures.append(s)
                 shared.abort.store(true, ordering: .relaxed)
             }
+            var rng = XorShift(seed: 0xF00D)
             while received < n && report.failures.isEmpty {
                 var progressed = false
-                while sent < n && ring.freeRequests > 0 {
+                // Small random batches, so that the two ends overlap instead
+                // of taking turns with a full ring.
+                var batch = rng.next() % 8 + 1
+                while sent < n && ring.freeRequests > 0 && batch > 0 {
+                    batch -= 1
                     let slot = ring.nextRequestSlot()
                     // Only the fields the backend checks, to keep the loop cheap in debug builds.
                     let id = Self.id(sent)
@@ -115,7 +121,7 @@ struct StressTests {
                 if ring.finalCheckForResponses() { continue }
                 report.sleeps += 1
                 if !waitForEvent(shared.toFront, seen: &lastEvent, shared: shared, deadline: deadline) {
-                    fail("front: no notification (sent \(sent), received \(received)): timed out or aborted")
+                    fail("no notification (sent \(sent), received \(received)): timed out or aborted")
                 }
             }
             report.completed = received
@@ -138,6 +144,7 @@ struct StressTests {
             defer { scratch.deallocate() }
             var answered: UInt64 = 0
             var lastEvent: UInt32 = 0
+            var rng = XorShift(seed: 0xBEEF)
             do {
                 while answered < n && report.failures.isEmpty {
                     let available = try ring.unconsumedRequests()
@@ -145,7 +152,7 @@ struct StressTests {
                         fail("unconsumed \(available) exceeds room \(ring.size - ring.requestsInFlight)")
                     }
                     if available > 0 {
-                        for _ in 0..<available {
+                        for _ in 0..<min(available, UInt32(rng.next() % 8 + 1)) {
                             ring.takeRequest(into: scratch)
                             let id = UInt64(littleEndian: scratch.loadUnaligned(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self))
                             let sector = UInt64(littleEndian: scratch.loadUnaligned(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self))
@@ -168,11 +175,11 @@ struct StressTests {
                     if try ring.finalCheckForRequests() { continue }
                     report.sleeps += 1
                     if !waitForEvent(shared.toBack, seen: &lastEvent, shared: shared, deadline: deadline) {
-                        fail("back: no notification (answered \(answered)): timed out or aborted")
+                        fail("no notification (answered \(answered)): timed out or aborted")
                     }
                 }
             } catch {
-                fail("back: \(error)")
+                fail("\(error)")
             }
             report.completed = answered
             return report
@@ -180,8 +187,8 @@ struct StressTests {
 
         let (front, back) = await (frontReport, backReport)
         let elapsed = ContinuousClock.now - started
-        for f in front.failures { Issue.record("front: \(f)") }
-        for f in back.failures { Issue.record("back: \(f)") }
+        for f in front.failures { Issue.record("front thread: \(f)") }
+        for f in back.failures { Issue.record("back thread: \(f)") }
         #expect(front.completed == n, "front received \(front.completed) of \(n)")
         #expect(back.completed == n, "back answered \(back.completed) of \(n)")
         print("stress: \(n) requests through a 1-page ring in \(elapsed); notifications front->back \(front.notificationsSent), back->front \(back.notificationsSent); sleeps front \(front.sleeps), back \(back.sleeps)")

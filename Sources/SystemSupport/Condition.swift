@@ -2,11 +2,11 @@ import Glibc
 
 /// A pthread mutex and condition variable, for threads that block until
 /// another one changes shared state (Synchronization's Mutex cannot wait).
-final class Condition: @unchecked Sendable {  // the pthread objects are heap-allocated so they never move; they synchronise themselves
+public final class Condition: @unchecked Sendable {  // the pthread objects are heap-allocated so they never move; they synchronise themselves
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-    init() {
+    public init() {
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
     }
@@ -18,18 +18,18 @@ final class Condition: @unchecked Sendable {  // the pthread objects are heap-al
         mutex.deallocate()
     }
 
-    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
     /// Waits for `broadcast()`; call only inside `withLock`.
-    func wait() {
+    public func wait() {
         pthread_cond_wait(condition, mutex)
     }
 
-    func broadcast() {
+    public func broadcast() {
         pthread_cond_broadcast(condition)
     }
 }

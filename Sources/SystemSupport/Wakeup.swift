@@ -1,0 +1,33 @@
+import CXenBackSupport
+import Glibc
+
+/// An eventfd that wakes a thread's poll/epoll loop from other threads.
+public struct Wakeup: Sendable {
+    public let fd: Int32
+
+    public init() throws(SystemError) {
+        fd = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("eventfd", errno: errno) }
+    }
+
+    public func signal() {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    /// Resets the counter (after the poller woke).
+    public func drain() {
+        var v: UInt64 = 0
+        _ = read(fd, &v, 8)
+    }
+
+    public func close() { Glibc.close(fd) }
+}
+
+/// A failed system call: which one, and errno.
+public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
+    public var call: String
+    public var errno: Int32
+    public init(_ call: String, errno: Int32) { self.call = call; self.errno = errno }
+    public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
+}
