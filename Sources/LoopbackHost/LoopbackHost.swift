@@ -26,7 +26,8 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
 
     /// Starts xenstored and the backend under `root` (a new temp folder if nil).
     public init(root: String? = nil, logger: Logger = Logger(label: "xenbackd"),
-                openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener) throws {
+                openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener,
+                options: BlockBackendOptions = .init()) throws {
         let dir: String
         if let root { dir = root; mkdir(root, 0o700) } else {
             // Guest memory lives here: tmpfs keeps it off the disk.
@@ -43,7 +44,8 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         platform = try LoopbackPlatform(root: dir)
         let store = try platform.openXenStore()
         control = XenbusControlLoop(store: store, logger: logger)
-        blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage, logger: logger)
+        blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage,
+                                           options: options, logger: logger)
         try blockService.start()
         let loop = control
         controlThread = try NativeThread(name: "xenbus") { loop.run() }

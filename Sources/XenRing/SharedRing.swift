@@ -7,6 +7,9 @@ public struct RingOverflow: Error, Equatable, CustomStringConvertible, Sendable 
     public var producer: UInt32
     public var consumer: UInt32
     public var size: UInt32
+    public init(producer: UInt32, consumer: UInt32, size: UInt32) {
+        self.producer = producer; self.consumer = consumer; self.size = size
+    }
     public var description: String {
         "req_prod \(producer) is more than \(size) slots ahead of rsp_prod_pvt \(consumer)"
     }
@@ -145,14 +148,18 @@ public struct FrontRing: ~Copyable {
     public var size: UInt32 { shared.size }
     public var entrySize: Int { shared.entrySize }
 
-    /// SHARED_RING_INIT + FRONT_RING_INIT: zeroes the header and starts at 0.
-    public init(initializing base: UnsafeMutableRawPointer, pages: Int, entrySize: Int) {
+    /// SHARED_RING_INIT + FRONT_RING_INIT: zeroes the header and starts
+    /// every index at `startIndex` (0 as ring.h does; tests start near 2^32
+    /// to cross the wrap).
+    public init(initializing base: UnsafeMutableRawPointer, pages: Int, entrySize: Int, startIndex: UInt32 = 0) {
         base.initializeMemory(as: UInt8.self, repeating: 0, count: SharedRingLayout.headerSize)
         shared = SharedRingMemory(base: base, pages: pages, entrySize: entrySize)
-        shared.store(SharedRingLayout.Offset.reqEvent, 1)
-        shared.store(SharedRingLayout.Offset.rspEvent, 1)
-        requestProducerPrivate = 0
-        responseConsumer = 0
+        shared.store(SharedRingLayout.Offset.reqProd, startIndex)
+        shared.store(SharedRingLayout.Offset.rspProd, startIndex)
+        shared.store(SharedRingLayout.Offset.reqEvent, startIndex &+ 1)
+        shared.store(SharedRingLayout.Offset.rspEvent, startIndex &+ 1)
+        requestProducerPrivate = startIndex
+        responseConsumer = startIndex
     }
 
     /// Free request slots (RING_FULL when 0).
@@ -178,7 +185,8 @@ public struct FrontRing: ~Copyable {
         shared.load(SharedRingLayout.Offset.rspProd) &- responseConsumer
     }
 
-    /// Copies the next response into `destination` and consumes it.
+    /// Copies the next response's whole slot (`entrySize` bytes, the size of
+    /// the request/response union) into `destination` and consumes it.
     public mutating func takeResponse(into destination: UnsafeMutableRawPointer) {
         xb_copy_from_shared(destination, shared.slot(responseConsumer), shared.entrySize)
         responseConsumer &+= 1

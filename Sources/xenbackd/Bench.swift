@@ -30,6 +30,10 @@ struct BenchBlock: ParsableCommand {
     var ringPageOrder: Int = 2
     @Option(help: "Microseconds the guest polls for responses before sleeping (0: sleep at once).")
     var spinMicroseconds = 50
+    @Option(name: .customLong("poll-us"), help: "Microseconds the backend polls an idle ring before sleeping.")
+    var pollMicroseconds = 50
+    @Flag(help: "Do not use persistent grants (every segment is grant-copied).")
+    var noPersistentGrants = false
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
@@ -58,7 +62,8 @@ struct BenchBlock: ParsableCommand {
     func run() throws {
         let logger = logging.makeLogger("xenbackd.bench")
         try prepareFile()
-        let host = try LoopbackHost(logger: logger)
+        let host = try LoopbackHost(logger: logger, options: .init(pollMicroseconds: pollMicroseconds,
+                                                                   persistentGrants: !noPersistentGrants))
         defer { host.shutdown() }
         let guest = try host.createGuest(1, memoryPages: 65536)
         let fe = try host.attachDisk(to: guest, .init(params: file))

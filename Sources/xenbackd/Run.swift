@@ -18,6 +18,12 @@ struct Run: ParsableCommand {
     @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
     var root: String = "/run/xenbackd/loopback"
 
+    @Option(name: .customLong("poll-us"), help: "Microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once).")
+    var pollMicroseconds: Int = 50
+
+    @Flag(help: "Do not offer persistent grants (feature-persistent).")
+    var noPersistentGrants = false
+
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
@@ -44,7 +50,10 @@ struct Run: ParsableCommand {
         }
         let loop = XenbusControlLoop(store: store, logger: logger)
         let service = BlockBackendService(platform: hypervisor, loop: loop,
-                                          openStorage: DiskParameters.fileStorageOpener, logger: logger)
+                                          openStorage: DiskParameters.fileStorageOpener,
+                                          options: .init(pollMicroseconds: pollMicroseconds,
+                                                         persistentGrants: !noPersistentGrants),
+                                          logger: logger)
         try service.start()
         SignalWaiter.start(signals: signals) { signal in
             logger.notice("signal \(signal): answering requests in flight, then exiting")

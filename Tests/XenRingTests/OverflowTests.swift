@@ -22,9 +22,8 @@ struct OverflowTests {
         for i in 0..<(size / 2 + 3) { front.queue(id: UInt64(i)) }
         _ = front.push()
         for _ in 0..<(size / 4 + 2) {
-            let r = swift.takeRequest()
+            _ = swift.takeRequest()
             _ = c.takeRequest()
-            _ = r
         }
         for i in 0..<(size / 8 + 1) {
             let rsp = expectedResponse(to: expectedRequest(id: UInt64(i)))

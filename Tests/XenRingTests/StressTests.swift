@@ -60,7 +60,9 @@ struct StressTests {
     /// sleeping only after a final check and waking only by notification:
     /// a lost wakeup deadlocks and hits the time bound; a lost, duplicated,
     /// reordered or torn request fails the content checks.
-    @Test func millionRequestsThroughOnePage() async throws {
+    /// Run from index 0 and from just below 2^32, so the indices wrap mid-run.
+    @Test(arguments: [UInt32(0), UInt32.max - 40])
+    func millionRequestsThroughOnePage(startIndex: UInt32) async throws {
         let memory = RingMemory(pages: 1)
         let shared = EventChannels()
         let n = Self.requests
@@ -69,7 +71,8 @@ struct StressTests {
 
         async let frontReport = onThread("front") { () -> ThreadReport in
             var report = ThreadReport()
-            var ring = FrontRing(initializing: memory.base, pages: memory.pages, entrySize: Blkif.slotSize)
+            var ring = FrontRing(initializing: memory.base, pages: memory.pages, entrySize: Blkif.slotSize,
+                                 startIndex: startIndex)
             shared.frontReady.store(true, ordering: .releasing)
             let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
             defer { scratch.deallocate() }
@@ -80,6 +83,9 @@ struct StressTests {
             func fail(_ s: String) {
                 report.failures.append(s)
                 shared.abort.store(true, ordering: .relaxed)
+            }
+            if ring.requestProducerPrivate != startIndex || ring.responseConsumer != startIndex {
+                fail("front ring did not start at \(startIndex)")
             }
             var rng = XorShift(seed: 0xF00D)
             while received < n && report.failures.isEmpty {
