@@ -76,6 +76,12 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private var copyOutCount = 0
     private let submissions: UnsafeMutableBufferPointer<StorageOperation>
     private var submissionCount = 0
+    /// Operations at the front of `submissions` the storage could not take yet.
+    private var backlogCount = 0
+    /// iovecs of merged operations (several requests, one storage operation).
+    private let mergedIovecs: UnsafeMutablePointer<iovec>
+    private var mergedIovecCount = 0
+    static let maxIovecsPerOperation = 1024   // IOV_MAX
     private let scratch: UnsafeMutableRawPointer
 
     // Life cycle.
@@ -159,6 +165,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         copyOwners = .allocate(capacity: copyCapacity)
         copyOutSlots = .allocate(capacity: slotCount)
         submissions = .allocate(capacity: slotCount * 2)
+        mergedIovecs = .allocate(capacity: slotCount * Self.maxSegments)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
         stopFlag.initialize(to: 0)
 
@@ -185,6 +192,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         copyOwners.deallocate()
         copyOutSlots.deallocate()
         submissions.deallocate()
+        mergedIovecs.deallocate()
         scratch.deallocate()
         stopFlag.deallocate()
     }
@@ -265,7 +273,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             reapCompletions()
             if !stopping && !broken && barrierSlot < 0 { takeRequests() }
             startBarrierIfDrained()
-            submitBatch()
+            // Fast storage (page cache, tmpfs) often finishes inside io_submit:
+            // answer at once rather than after another wakeup. A completed
+            // barrier write queues its flush: submit that too.
+            repeat {
+                submitBatch()
+                if outstanding > 0 { reapCompletions(polling: true) }
+            } while submissionCount > backlogCount
             if ring.pushResponses() { notifyFrontend() }
             publishStatistics(force: false)
             if stopping || broken || barrierSlot >= 0 { return }
@@ -284,11 +298,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// completions) for up to the poll window. True if work appeared.
     private func pollForWork() throws(RingOverflow) -> Bool {
         let deadline = MonotonicClock.nanoseconds() + pollNanoseconds
-        var completionFD = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
         var spins = 0
         while true {
             if try ring.unconsumedRequests() > 0 { return true }
-            if outstanding > 0 && poll(&completionFD, 1, 0) > 0 { return true }
+            if outstanding > 0 && reapCompletions(polling: true) > 0 { return true }
             spins += 1
             if spins & 15 == 0 {
                 if xb_load_acquire_u32(stopFlag) != 0 || MonotonicClock.nanoseconds() >= deadline { return false }
@@ -417,17 +430,22 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         copyCount = 0
     }
 
-    /// Copies write data in, drops requests whose grants failed, and hands
-    /// the rest to the storage in one call.
+    /// Copies write data in, drops requests whose grants failed, merges
+    /// requests that continue each other on the disk, and hands the batch
+    /// to the storage in one call.
     private func submitBatch() {
         runCopies()
-        var kept = 0
-        for i in 0..<submissionCount {
-            let s = Int(submissions[i].tag)
+        if backlogCount == 0 { mergedIovecCount = 0 }
+        var kept = backlogCount
+        for i in backlogCount..<submissionCount {
+            let op = submissions[i]
+            let s = Int(op.tag)
             if slots[s].copyFailed {
                 finish(slot: s, status: BlkifStatus.error)
+            } else if kept > backlogCount && merge(op, into: kept - 1) {
+                continue
             } else {
-                submissions[kept] = submissions[i]
+                submissions[kept] = op
                 kept += 1
             }
         }
@@ -437,41 +455,92 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         // What the storage could not take now waits for the next pass.
         for i in took..<submissionCount { submissions[i - took] = submissions[i] }
         submissionCount -= took
+        backlogCount = submissionCount
+    }
+
+    /// Appends `op` to the operation at `index` when it reads or writes the
+    /// sectors right after it (a sequential stream split into blkif
+    /// requests becomes one preadv/pwritev). The slots form a chain.
+    private func merge(_ op: StorageOperation, into index: Int) -> Bool {
+        let head = submissions[index]
+        guard op.kind == head.kind, op.kind == .read || op.kind == .write,
+              slots[Int(op.tag)].phase == slots[Int(head.tag)].phase,
+              head.offset + head.length == op.offset,
+              Int(head.iovecCount + op.iovecCount) <= Self.maxIovecsPerOperation else { return false }
+        var merged = head
+        if head.iovecs! < mergedIovecs || head.iovecs! >= mergedIovecs + slotCount * Self.maxSegments {
+            // First merge into this operation: move its iovecs to the merge area.
+            merged.iovecs = mergedIovecs + mergedIovecCount
+            merged.iovecs!.update(from: head.iovecs!, count: Int(head.iovecCount))
+            mergedIovecCount += Int(head.iovecCount)
+        }
+        (merged.iovecs! + Int(merged.iovecCount)).update(from: op.iovecs!, count: Int(op.iovecCount))
+        mergedIovecCount += Int(op.iovecCount)
+        merged.iovecCount += op.iovecCount
+        merged.length += op.length
+        submissions[index] = merged
+        var last = Int(head.tag)
+        while slots[last].nextInGroup >= 0 { last = Int(slots[last].nextInGroup) }
+        slots[last].nextInGroup = Int32(op.tag)
+        return true
     }
 
     // MARK: completions
 
-    private func reapCompletions() {
-        _ = storage.reapCompletions { c in
-            let s = Int(c.tag)
-            let slot = slots[s]
-            let ok = c.result >= 0 && (slot.phase == .flush || slot.phase == .discard || c.result == Int64(slot.byteCount))
-            switch slot.phase {
-            case .read where ok && slot.copiedSegments != 0:
-                stats.bytesRead &+= UInt64(slot.byteCount)
-                for i in 0..<slot.segmentCount where slot.copiedSegments & (1 << i) != 0 {
-                    queueCopy(slot: s, segment: i, direction: .toGuest)
-                }
-                copyOutSlots[copyOutCount] = Int32(s)
-                copyOutCount += 1
-            case .barrierWrite where ok:
-                stats.bytesWritten &+= UInt64(slot.byteCount)
-                slots[s].phase = .flush
-                queueStorage(slot: s, kind: .flush)
-            default:
-                if ok && slot.phase == .write { stats.bytesWritten &+= UInt64(slot.byteCount) }
-                if ok && slot.phase == .read { stats.bytesRead &+= UInt64(slot.byteCount) }
-                finish(slot: s, status: ok ? BlkifStatus.okay : BlkifStatus.error)
-            }
-        }
+    /// Reaps finished storage operations and answers them. `polling`: the
+    /// cheap check used while spinning, which leaves the eventfd alone.
+    @discardableResult
+    private func reapCompletions(polling: Bool = false) -> Int {
+        let reaped = polling ? storage.pollCompletions { completeOperation($0) }
+                             : storage.reapCompletions { completeOperation($0) }
         // Read data goes back to the guest in one batch of copies.
-        guard copyCount > 0 else { return }
+        guard copyCount > 0 else { return reaped }
         runCopies()
         for i in 0..<copyOutCount {
             let s = Int(copyOutSlots[i])
             finish(slot: s, status: slots[s].copyFailed ? BlkifStatus.error : BlkifStatus.okay)
         }
         copyOutCount = 0
+        return reaped
+    }
+
+    /// One finished storage operation: a merged one completes every slot of its chain.
+    private func completeOperation(_ c: StorageCompletion) {
+        var groupBytes = 0
+        var next = Int(c.tag)
+        while next >= 0 {
+            groupBytes += slots[next].byteCount
+            next = Int(slots[next].nextInGroup)
+        }
+        next = Int(c.tag)
+        while next >= 0 {
+            let s = next
+            next = Int(slots[s].nextInGroup)
+            slots[s].nextInGroup = -1
+            complete(slot: s, result: c.result, groupBytes: groupBytes)
+        }
+    }
+
+    private func complete(slot s: Int, result: Int64, groupBytes: Int) {
+        let slot = slots[s]
+        let ok = result >= 0 && (slot.phase == .flush || slot.phase == .discard || result == Int64(groupBytes))
+        switch slot.phase {
+        case .read where ok && slot.copiedSegments != 0:
+            stats.bytesRead &+= UInt64(slot.byteCount)
+            for i in 0..<slot.segmentCount where slot.copiedSegments & (1 << i) != 0 {
+                queueCopy(slot: s, segment: i, direction: .toGuest)
+            }
+            copyOutSlots[copyOutCount] = Int32(s)
+            copyOutCount += 1
+        case .barrierWrite where ok:
+            stats.bytesWritten &+= UInt64(slot.byteCount)
+            slots[s].phase = .flush
+            queueStorage(slot: s, kind: .flush)
+        default:
+            if ok && slot.phase == .write { stats.bytesWritten &+= UInt64(slot.byteCount) }
+            if ok && slot.phase == .read { stats.bytesRead &+= UInt64(slot.byteCount) }
+            finish(slot: s, status: ok ? BlkifStatus.okay : BlkifStatus.error)
+        }
     }
 
     /// A barrier runs once everything before it has been answered.
@@ -541,6 +610,8 @@ struct RequestSlot {
     var copyFailed = false
     /// Bit i: segment i goes through a bounce page and a grant copy.
     var copiedSegments: UInt16 = 0
+    /// The next slot served by the same merged storage operation, or -1.
+    var nextInGroup: Int32 = -1
 
     init() {}
 

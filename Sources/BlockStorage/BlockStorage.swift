@@ -75,6 +75,10 @@ public struct StorageError: Error, Equatable, CustomStringConvertible, Sendable 
     }
 }
 
+public extension BlockStorage {
+    func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { reapCompletions(body) }
+}
+
 /// A disk behind a block backend ring. Asynchronous: operations are
 /// submitted in batches and complete later, signalled through a pollable
 /// file descriptor that the ring's event loop waits on with the event
@@ -90,8 +94,14 @@ public protocol BlockStorage: AnyObject {
     /// many were taken; the rest must be submitted again after completions
     /// are reaped. A taken operation always completes, possibly with an error.
     func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int
-    /// Reaps finished operations without blocking; returns how many.
+    /// Reaps finished operations without blocking; returns how many. Resets
+    /// the completion descriptor's readiness first.
     func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int
+    /// Reaps what has finished, as cheaply as the storage can (no system
+    /// call when nothing has), leaving the descriptor's readiness alone: for
+    /// a caller that polls instead of sleeping. A later `reapCompletions`
+    /// resets the descriptor.
+    func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int
     /// Releases the disk. Call only with nothing in flight.
     func close()
 }

@@ -264,6 +264,10 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         return reapFinished(body) + reapKernelEvents(body)
     }
 
+    public func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        reapFinished(body) + reapKernelEvents(body)
+    }
+
     /// Completions of operations done at submit time. A slot is released
     /// before `body` runs, so `body` may submit again.
     private func reapFinished(_ body: (StorageCompletion) -> Void) -> Int {
