@@ -87,6 +87,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     // Life cycle.
     private let stopFlag = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private var stopping = false
+    /// epoll saw the storage's completion fd readable since the last reap.
+    private var storageSignalled = false
     private var broken = false
     private var thread: NativeThread?
 
@@ -247,7 +249,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 switch tokens[i] {
                 case Token.eventChannel.rawValue: drainEventChannel()
                 case Token.wakeup.rawValue: wakeup.drain()
-                default: break   // storage completions are reaped in service()
+                default: storageSignalled = true   // reaped (and reset) in service()
                 }
             }
             if !stopping && xb_load_acquire_u32(stopFlag) != 0 { stopping = true }
@@ -270,7 +272,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// One pass: reap, take, submit, answer; repeat until the ring is idle.
     private func service() {
         while true {
-            reapCompletions()
+            // Reset the eventfd only after epoll reported it; while the loop
+            // spins, the cheap check suffices.
+            reapCompletions(polling: !storageSignalled)
+            storageSignalled = false
             if !stopping && !broken && barrierSlot < 0 { takeRequests() }
             startBarrierIfDrained()
             // Fast storage (page cache, tmpfs) often finishes inside io_submit:
@@ -285,7 +290,9 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             if stopping || broken || barrierSlot >= 0 { return }
             do throws(RingOverflow) {
                 if try ring.unconsumedRequests() > 0 { continue }
-                if pollNanoseconds > 0, try pollForWork() { continue }
+                // Poll only an idle ring: with requests in flight the storage
+                // may need this CPU (a loop device's worker, the page cache).
+                if pollNanoseconds > 0 && outstanding == 0, try pollForWork() { continue }
                 if try !ring.finalCheckForRequests() { return }
             } catch {
                 declareBroken(error)
@@ -294,14 +301,12 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
     }
 
-    /// Busy-polls the ring (and, with requests in flight, the storage's
-    /// completions) for up to the poll window. True if work appeared.
+    /// Busy-polls the ring for new requests for up to the poll window.
     private func pollForWork() throws(RingOverflow) -> Bool {
         let deadline = MonotonicClock.nanoseconds() + pollNanoseconds
         var spins = 0
         while true {
             if try ring.unconsumedRequests() > 0 { return true }
-            if outstanding > 0 && reapCompletions(polling: true) > 0 { return true }
             spins += 1
             if spins & 15 == 0 {
                 if xb_load_acquire_u32(stopFlag) != 0 || MonotonicClock.nanoseconds() >= deadline { return false }

@@ -57,6 +57,8 @@ struct BenchBlock: ParsableCommand {
         Row(name: "4k-randwrite-qd32", fioRW: "randwrite", write: true, random: true, blockSize: 4096, queueDepth: 32),
         Row(name: "1m-seqread-qd1", fioRW: "read", write: false, random: false, blockSize: 1 << 20, queueDepth: 1),
         Row(name: "1m-seqwrite-qd1", fioRW: "write", write: true, random: false, blockSize: 1 << 20, queueDepth: 1),
+        Row(name: "1m-seqread-qd4", fioRW: "read", write: false, random: false, blockSize: 1 << 20, queueDepth: 4),
+        Row(name: "1m-seqwrite-qd4", fioRW: "write", write: true, random: false, blockSize: 1 << 20, queueDepth: 4),
     ]
 
     func run() throws {
@@ -198,6 +200,7 @@ struct BenchBlock: ParsableCommand {
         let args = ["fio", "--name=bench", "--filename=\(file)", "--ioengine=libaio", "--direct=\(direct ? 1 : 0)",
                     "--rw=\(row.fioRW)", "--bs=\(row.blockSize)", "--iodepth=\(row.queueDepth)",
                     "--runtime=\(Int(seconds))", "--time_based", "--invalidate=0", "--output-format=json",
+                    "--lat_percentiles=1",
                     "--size=\(fe_sizeBytes())"]
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -214,8 +217,9 @@ struct BenchBlock: ParsableCommand {
               let side = job[row.write ? "write" : "read"] as? [String: Any] else { return nil }
         let iops = side["iops"] as? Double ?? 0
         let bw = (side["bw_bytes"] as? Double) ?? Double(side["bw_bytes"] as? Int ?? 0)
-        let clat = side["clat_ns"] as? [String: Any]
-        let pct = clat?["percentile"] as? [String: Any]
+        // Total latency (submission + completion), as ours is measured.
+        let lat = side["lat_ns"] as? [String: Any]
+        let pct = lat?["percentile"] as? [String: Any]
         let p50 = (pct?["50.000000"] as? Double) ?? Double(pct?["50.000000"] as? Int ?? 0)
         let p99 = (pct?["99.000000"] as? Double) ?? Double(pct?["99.000000"] as? Int ?? 0)
         return Figures(iops: iops, mbps: bw / 1e6, p50us: p50 / 1000, p99us: p99 / 1000)
