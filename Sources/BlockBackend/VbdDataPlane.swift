@@ -285,14 +285,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 submitBatch()
                 if outstanding > 0 { reapCompletions(polling: true) }
             } while submissionCount > backlogCount
-            if ring.pushResponses() { notifyFrontend() }
+            // Counters first, so a frontend that sees a response sees it counted.
             publishStatistics(force: false)
+            if ring.pushResponses() { notifyFrontend() }
             if stopping || broken || barrierSlot >= 0 { return }
             do throws(RingOverflow) {
                 if try ring.unconsumedRequests() > 0 { continue }
-                // Poll only an idle ring: with requests in flight the storage
-                // may need this CPU (a loop device's worker, the page cache).
-                if pollNanoseconds > 0 && outstanding == 0, try pollForWork() { continue }
+                if pollNanoseconds > 0, try pollForWork() { continue }
                 if try !ring.finalCheckForRequests() { return }
             } catch {
                 declareBroken(error)
@@ -301,14 +300,19 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
     }
 
-    /// Busy-polls the ring for new requests for up to the poll window.
+    /// Busy-polls the ring for new requests, and the storage for
+    /// completions, for up to the poll window. With requests in flight it
+    /// yields the CPU on every turn: the storage may need it (a loop
+    /// device's worker thread, an interrupt's bottom half).
     private func pollForWork() throws(RingOverflow) -> Bool {
         let deadline = MonotonicClock.nanoseconds() + pollNanoseconds
         var spins = 0
         while true {
             if try ring.unconsumedRequests() > 0 { return true }
+            if outstanding > 0 && reapCompletions(polling: true) > 0 { return true }
             spins += 1
             if spins & 15 == 0 {
+                if outstanding > 0 { sched_yield() }
                 if xb_load_acquire_u32(stopFlag) != 0 || MonotonicClock.nanoseconds() >= deadline { return false }
             }
         }
@@ -587,18 +591,21 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
 
     // MARK: statistics
 
+    /// Status sees every pass's counters (atomic stores, no lock); the
+    /// metrics backend, which may lock, gets the deltas every 50 ms.
     private func publishStatistics(force: Bool) {
+        guard stats != publishedStats else { return }
+        statsBox.publish(stats)
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
         let elapsedMs = (now.tv_sec - lastPublish.tv_sec) * 1000 + (now.tv_nsec - lastPublish.tv_nsec) / 1_000_000
-        guard force || elapsedMs >= 50, stats != publishedStats else { return }
+        guard force || elapsedMs >= 50 else { return }
         lastPublish = now
         requestCounter.increment(by: Int64(stats.requests &- publishedStats.requests))
         errorCounter.increment(by: Int64(stats.errors &- publishedStats.errors))
         readBytesCounter.increment(by: Int64(stats.bytesRead &- publishedStats.bytesRead))
         writeBytesCounter.increment(by: Int64(stats.bytesWritten &- publishedStats.bytesWritten))
         publishedStats = stats
-        statsBox.publish(stats)
     }
 }
 

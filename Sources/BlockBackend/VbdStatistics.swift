@@ -1,7 +1,7 @@
-import SystemSupport
+import CXenBackSupport
 
-/// Counters of one ring, kept by its data-plane thread and published to
-/// readers (status, metrics) at most every few milliseconds.
+/// Counters of one ring, kept by its data-plane thread, published to
+/// status readers after each pass and to swift-metrics every 50 ms.
 public struct VbdStatistics: Equatable, Sendable {
     public var requests: UInt64 = 0
     public var reads: UInt64 = 0
@@ -15,10 +15,37 @@ public struct VbdStatistics: Equatable, Sendable {
     public init() {}
 }
 
-/// The published copy, readable from any thread.
-final class StatisticsBox: @unchecked Sendable {   // `value` guarded by `lock`
-    private let lock = PThreadMutex()
-    private var value = VbdStatistics()
-    func publish(_ s: VbdStatistics) { lock.withLock { value = s } }
-    func read() -> VbdStatistics { lock.withLock { value } }
+/// The published copy, readable from any thread. The data-plane thread
+/// stores each counter atomically (no lock on its path); a reader may see
+/// counters from two neighbouring publications, which is fine for status.
+final class StatisticsBox: @unchecked Sendable {   // every field accessed atomically
+    private static let fields = 8
+    private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
+
+    init() { counters.initialize(repeating: 0, count: Self.fields) }
+    deinit { counters.deallocate() }
+
+    func publish(_ s: VbdStatistics) {
+        xb_store_release_u64(counters, s.requests)
+        xb_store_release_u64(counters + 1, s.reads)
+        xb_store_release_u64(counters + 2, s.writes)
+        xb_store_release_u64(counters + 3, s.flushes)
+        xb_store_release_u64(counters + 4, s.discards)
+        xb_store_release_u64(counters + 5, s.bytesRead)
+        xb_store_release_u64(counters + 6, s.bytesWritten)
+        xb_store_release_u64(counters + 7, s.errors)
+    }
+
+    func read() -> VbdStatistics {
+        var s = VbdStatistics()
+        s.requests = xb_load_acquire_u64(counters)
+        s.reads = xb_load_acquire_u64(counters + 1)
+        s.writes = xb_load_acquire_u64(counters + 2)
+        s.flushes = xb_load_acquire_u64(counters + 3)
+        s.discards = xb_load_acquire_u64(counters + 4)
+        s.bytesRead = xb_load_acquire_u64(counters + 5)
+        s.bytesWritten = xb_load_acquire_u64(counters + 6)
+        s.errors = xb_load_acquire_u64(counters + 7)
+        return s
+    }
 }

@@ -313,13 +313,22 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         }
     }
 
+    /// Looks for responses for up to `spinMicroseconds`: a few microseconds
+    /// of pure spinning (fast storage answers within them), then spinning
+    /// that yields the CPU, which a storage worker may need.
     private func spinForResponses(_ r: RingHolder) -> Bool {
-        let deadline = MonotonicClock.seconds() + Double(spinMicroseconds) / 1e6
+        let start = MonotonicClock.nanoseconds()
+        let yieldAfter = start + 5_000
+        let deadline = start + spinMicroseconds * 1000
         var spins = 0
         while true {
             if r.ring.unconsumedResponses() > 0 { return true }
             spins += 1
-            if spins & 31 == 0 && MonotonicClock.seconds() >= deadline { return false }
+            if spins & 15 == 0 {
+                let now = MonotonicClock.nanoseconds()
+                if now >= deadline { return false }
+                if now >= yieldAfter { sched_yield() }
+            }
         }
     }
 

@@ -100,6 +100,27 @@ struct DataPathTests {
         #expect(try fe.run(.discard(sector: 0, count: 8)) == BlkifStatus.error)
     }
 
+    @Test("a frontend that closes and starts over is served again, with its data intact")
+    func reconnect() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1, megabytes: 8)
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 77, queueDepth: 8, canDiscard: true, canFlush: true)
+        let before = try w.run(on: fe, seconds: 30, operations: 500)
+        #expect(before.errors == 0 && before.mismatches == 0)
+        try fe.disconnect()
+        #expect(bed.backendState(fe) == .closed)
+        // As after a guest kexec or a migration: the frontend initialises again.
+        try fe.connect(ringPageOrder: 2)
+        #expect(bed.backendState(fe) == .connected)
+        #expect(fe.ringSlots == 128)
+        let full = try w.verifyAll(on: fe)
+        #expect(full.mismatches == 0 && full.verified > 1000)
+        let after = try w.run(on: fe, seconds: 30, operations: 500)
+        #expect(after.errors == 0 && after.mismatches == 0)
+        #expect(bed.host.blockStatus.first?.statistics.requests ?? 0 > 1000)
+    }
+
     @Test("the handshake publishes what the disk offers, in state Connected, and closes cleanly")
     func handshakeKeys() throws {
         let bed = try TestBed()
