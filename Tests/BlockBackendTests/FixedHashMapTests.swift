@@ -1,0 +1,49 @@
+@testable import BlockBackend
+import BlockFrontend
+import Testing
+
+@Suite("the data path's fixed hash map")
+struct FixedHashMapTests {
+    @Test("random inserts and removals agree with a Dictionary, including long probe chains", arguments: [4, 32, 512])
+    func agreesWithDictionary(capacity: Int) {
+        var map = FixedHashMap<UInt64>(capacity: capacity)
+        var model: [UInt64: UInt64] = [:]
+        var rng = Xorshift(seed: UInt64(capacity))
+        // Few distinct keys, many of them colliding (multiples of a power of two).
+        let keys = (0..<(capacity * 2)).map { UInt64($0) << 20 }
+        for step in 0..<20_000 {
+            let key = keys[Int(rng.next() % UInt64(keys.count))]
+            if rng.next() % 2 == 0 {
+                let inserted = map.insert(key, UInt64(step))   // outside #expect: the map is ~Copyable
+                let expected = model[key] == nil && model.count < capacity
+                #expect(inserted == expected)
+                if expected { model[key] = UInt64(step) }
+            } else {
+                let removed = map.remove(key)
+                #expect(removed == model.removeValue(forKey: key))
+            }
+            let count = map.count
+            #expect(count == model.count)
+        }
+        for key in keys {
+            let value = map[key]
+            #expect(value == model[key])
+        }
+        var drained: [UInt64] = []
+        map.removeAll { drained.append($0) }
+        #expect(drained.sorted() == model.values.sorted())
+        let emptied = map.count == 0 && map[keys[0]] == nil
+        #expect(emptied)
+    }
+
+    @Test("in-flight ids refuse a duplicate until it is answered")
+    func inFlightIDs() {
+        var ids = InFlightIDs(capacity: 32)
+        let first = ids.insert(7), duplicate = ids.insert(7), other = ids.insert(UInt64.max)
+        ids.remove(7)
+        let again = ids.insert(7)
+        let count = ids.count
+        #expect(first && !duplicate && other && again)
+        #expect(count == 2)
+    }
+}
