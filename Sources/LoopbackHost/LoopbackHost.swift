@@ -29,7 +29,7 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
                 openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener,
                 options: BlockBackendOptions = .init()) throws {
         let dir: String
-        if let root { dir = root; mkdir(root, 0o700) } else {
+        if let root { dir = root; try makeDirectories(root, mode: 0o700) } else {
             // Guest memory lives here: tmpfs keeps it off the disk.
             let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
             var template = Array("\(base)/xenbackd-loopback-XXXXXX".utf8CString)

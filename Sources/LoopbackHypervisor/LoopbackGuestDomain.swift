@@ -25,8 +25,9 @@ public final class LoopbackGuestDomain: @unchecked Sendable {   // page/grant al
         self.layout = layout
         self.domain = domain
         let dir = layout.domainDirectory(domain)
-        mkdir(layout.root, 0o700)
-        mkdir(dir, 0o700)
+        do { try makeDirectories(dir, mode: 0o700) } catch {
+            throw HypervisorError("create domain folder", errno: error.errno, detail: error.call)
+        }
         for f in [layout.memory(domain), layout.grantTable(domain), layout.eventChannels(domain)] { unlink(f) }
         memory = try SharedFile(path: layout.memory(domain), createLength: memoryPages * XenPage.size, operation: "create domain memory")
         grants = try SharedFile(path: layout.grantTable(domain), createLength: grantEntries * GrantEntryV1.size, operation: "create grant table")

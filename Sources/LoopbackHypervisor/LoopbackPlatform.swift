@@ -1,6 +1,7 @@
 import Glibc
 import Hypervisor
 import LibXenStore
+import SystemSupport
 
 /// The loopback hypervisor as a backend platform: dom0's grant table and
 /// event channels over the shared files under `layout.root`, and xenstore
@@ -13,8 +14,11 @@ public final class LoopbackPlatform: HypervisorPlatform, @unchecked Sendable {  
     public init(root: String, ownDomain: DomID = 0) throws(HypervisorError) {
         layout = LoopbackLayout(root: root)
         self.ownDomain = ownDomain
-        mkdir(root, 0o700)
-        mkdir(layout.domainDirectory(ownDomain), 0o700)
+        do {
+            try makeDirectories(layout.domainDirectory(ownDomain), mode: 0o700)
+        } catch {
+            throw HypervisorError("create loopback root", errno: error.errno, detail: error.call)
+        }
         _ = try EventChannelTable(path: layout.eventChannels(ownDomain), create: true)
     }
 

@@ -31,3 +31,14 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
     public init(_ call: String, errno: Int32) { self.call = call; self.errno = errno }
     public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
 }
+
+/// `mkdir -p`: creates `path` and its missing parents.
+public func makeDirectories(_ path: String, mode: mode_t = 0o755) throws(SystemError) {
+    var prefix = path.hasPrefix("/") ? "" : "."
+    for part in path.split(separator: "/") {
+        prefix += "/" + part
+        if mkdir(prefix, mode) != 0 && errno != EEXIST {
+            throw SystemError("mkdir \(prefix)", errno: errno)
+        }
+    }
+}

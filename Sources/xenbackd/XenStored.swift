@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import LoopbackHypervisor
 import LoopbackXenStore
+import SystemSupport
 
 /// `xenbackd xenstored`: the loopback hypervisor's xenstore daemon.
 struct XenStored: ParsableCommand {
@@ -16,7 +17,7 @@ struct XenStored: ParsableCommand {
 
     func run() throws {
         let logger = logging.makeLogger("xenstored")
-        mkdir(root, 0o700)
+        try makeDirectories(root, mode: 0o700)
         let layout = LoopbackLayout(root: root)
         var signals = sigset_t()
         sigemptyset(&signals)
