@@ -1,5 +1,6 @@
 @testable import BlockBackend
 import BlockFrontend
+import Glibc
 import Testing
 
 @Suite("the data path's fixed hash map")
@@ -45,5 +46,17 @@ struct FixedHashMapTests {
         let count = ids.count
         #expect(first && !duplicate && other && again)
         #expect(count == 2)
+    }
+}
+
+@Suite("loopback layout")
+struct LoopbackLayoutTests {
+    @Test("the layout names the per-domain xenstore socket the way the server creates it")
+    func domainSocketNaming() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        _ = try bed.host.createGuest(5)
+        #expect(bed.host.server.domainSocketPath(for: 5) == bed.host.layout.xenStoreDomainSocket(5))
+        #expect(access(bed.host.layout.xenStoreDomainSocket(5), F_OK) == 0)
     }
 }
