@@ -72,19 +72,22 @@ struct BenchBlock: ParsableCommand {
         try fe.connect(ringPageOrder: ringPageOrder)
         fe.spinMicroseconds = spinMicroseconds
         let direct = storageIsDirect()
-        print("xenbackd bench blk: \(file), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
+        say("xenbackd bench blk: \(file), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
               + "O_DIRECT \(direct ? "on" : "off"), \(fixed(seconds, 0)) s per run")
-        print("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
+        say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
+            progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
             let ours = try measure(row, on: fe)
+            if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
             let theirs = noFio ? nil : runFio(row, direct: direct)
+            progressLine("")
             var line = pad(row.name, 20) + " " + figures(ours)
             if let theirs {
                 line += " | " + figures(theirs) + " | " + fixed(ours.iops / max(theirs.iops, 1e-9), 2)
             } else {
                 line += " | (fio not run)"
             }
-            print(line)
+            say(line)
         }
         try fe.disconnect()
     }

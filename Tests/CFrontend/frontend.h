@@ -27,6 +27,7 @@
 #include <xen/grant_table.h>
 #include <xen/io/blkif.h>
 #include <xen/io/protocols.h>
+#include <xen/io/xenbus.h>
 #include <xenstore.h>
 
 #define PAGE_BYTES 4096u

@@ -158,7 +158,6 @@ static bool make_domain(struct xs_handle *h, xs_transaction_t t, const void *ctx
  * page and event channel; the loopback store has no ring, so both are 0. */
 int toolstack_create_domain(struct xs_handle *dom0, unsigned domid)
 {
-    xs_rm(dom0, XBT_NULL, "/local/domain/0/backend/vbd");   /* nothing stale of an earlier run */
     if (!in_transaction(dom0, make_domain, &domid))
         return -1;
     if (!xs_introduce_domain(dom0, domid, 0, 0)) {
