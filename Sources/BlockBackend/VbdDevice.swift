@@ -71,6 +71,10 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     func probe() {
         do {
             try readToolstackKeys()
+            if isRunningConnection() {
+                try resume()
+                return
+            }
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
             try store.write(backendPath + "/feature-persistent", options.persistentGrants ? "1" : "0")
             try setState(.initWait)
@@ -87,6 +91,26 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         } catch {
             fail("probe failed: \(error)")
         }
+    }
+
+    /// Both ends Connected when we find the device: a restarted daemon
+    /// (an upgrade) finding a guest that kept running on this ring.
+    private func isRunningConnection() -> Bool {
+        guard store.readState(backendPath) == .connected else { return false }
+        let fe = store.readState(frontendPath)
+        return fe == .connected || fe == .initialised
+    }
+
+    /// Takes the ring over where the previous daemon left it: opens the
+    /// disk, maps the ring and binds the frontend's port again, and goes on
+    /// from the indices in the shared page. Nothing is written to xenstore,
+    /// so the guest sees a pause, not a reconnect.
+    private func resume() throws {
+        try openDisk()
+        state = .connected
+        try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
+        connect(resuming: true)
+        logger.notice("resumed a connected ring")
     }
 
     private func readToolstackKeys() throws {
@@ -150,7 +174,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         }
     }
 
-    private func connect() {
+    private func connect(resuming: Bool = false) {
         guard let storage else { return }
         do {
             let ring = try readRingKeys()
@@ -175,7 +199,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             }
             do { try plane.start() } catch { throw DeviceFailure("cannot start the data plane: \(error)") }
             dataPlane = plane
-            try publishConnected(geometry: g, limits: limits)
+            if !resuming { try publishConnected(geometry: g, limits: limits) }
             logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)",
                                                 "persistentGrants": "\(ring.persistent)"])
         } catch let e as DeviceFailure {

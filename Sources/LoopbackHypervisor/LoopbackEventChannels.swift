@@ -25,7 +25,12 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
 
     public var fileDescriptor: Int32 { fifo }
 
+    /// A peer that dies leaves its FIFO without a reader, and a write to it
+    /// would raise SIGPIPE: this process takes EPIPE instead (once, for all).
+    private static let ignoreBrokenPipes: Void = { signal(SIGPIPE, SIG_IGN) }()
+
     public init(layout: LoopbackLayout, domain: DomID) throws(HypervisorError) {
+        Self.ignoreBrokenPipes
         self.layout = layout
         self.domain = domain
         table = try EventChannelTable(path: layout.eventChannels(domain), create: true)
@@ -78,6 +83,7 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
         guard remote.isValid(remotePort) else {
             throw HypervisorError("bind interdomain", errno: EINVAL, detail: "port \(remotePort) out of range")
         }
+        reclaimIfOrphaned(remote: remote, remoteDomain: remoteDomain, remotePort: remotePort)
         let local = try table.claimFreePort()
         // Take the remote unbound port for ourselves, atomically.
         guard remote.load(remotePort, .remoteDomain) == UInt32(domain),
@@ -95,6 +101,36 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
         table.store(local, .state, EventChannelTable.State.interdomain.rawValue)
         boundPorts.insert(local)
         return local
+    }
+
+    /// A process of our domain that was killed (SIGKILL, a crash) could not
+    /// close its ports, and Xen would have closed them for it. If the remote
+    /// port is still bound to one of our ports whose handle has no reader
+    /// any more, close our dead end so that the remote port can be bound
+    /// again (a restarted backend resuming its rings).
+    private func reclaimIfOrphaned(remote: EventChannelTable, remoteDomain: DomID, remotePort: EventChannelPort) {
+        guard remote.load(remotePort, .state) == EventChannelTable.State.interdomain.rawValue,
+              remote.load(remotePort, .remoteDomain) == UInt32(domain) else { return }
+        let mine = remote.load(remotePort, .remotePort)
+        guard table.isValid(mine),
+              table.load(mine, .state) == EventChannelTable.State.interdomain.rawValue,
+              table.load(mine, .remoteDomain) == UInt32(remoteDomain),
+              table.load(mine, .remotePort) == remotePort else { return }
+        let owner = table.load(mine, .handle)
+        let fifo = layout.eventChannelFIFO(domain, handle: owner)
+        let probe = Glibc.open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+        if probe >= 0 {
+            Glibc.close(probe)   // its owner is alive: leave the binding alone
+            return
+        }
+        guard errno == ENXIO || errno == ENOENT else { return }
+        if remote.cas(remotePort, .state, from: EventChannelTable.State.interdomain.rawValue,
+                      to: EventChannelTable.State.busy.rawValue) {
+            remote.store(remotePort, .remotePort, 0)
+            remote.store(remotePort, .state, EventChannelTable.State.unbound.rawValue)
+        }
+        table.release(mine)
+        unlink(fifo)
     }
 
     public func unbind(_ port: EventChannelPort) throws(HypervisorError) {
@@ -173,7 +209,11 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
         }
         if let slot = cacheSlot {
             let fd = cachedFIFO(domain: d, handle: owner, slot: slot)
-            if fd >= 0 { _ = write(fd, &value, 4) }
+            if fd >= 0 && write(fd, &value, 4) < 0 && errno == EPIPE {
+                // The owner died: forget its FIFO; a new owner has a new one.
+                Glibc.close(fd)
+                peerFIFO[slot] = -1
+            }
         } else {
             // A re-delivery on unmask to another handle's port: rare, not cached.
             let fd = Glibc.open(layout.eventChannelFIFO(d, handle: owner), O_WRONLY | O_NONBLOCK | O_CLOEXEC)

@@ -1,0 +1,137 @@
+import BlockFrontend
+import Foundation
+import Glibc
+import Hypervisor
+import LoopbackHypervisor
+import Testing
+import XenABI
+import XenBus
+import XenStoreClient
+
+/// The daemon as separate processes (`xenbackd xenstored`, `xenbackd run`)
+/// and a guest in this process, as on a host: restarting the daemon under
+/// a guest doing I/O must cost the guest a pause, never an error.
+@Suite("daemon restart under a running guest", .serialized)
+struct DaemonRestartTests {
+    final class World {
+        let root: String
+        let layout: LoopbackLayout
+        let binary: String
+        var xenstored: Process?
+        var daemon: Process?
+        let disk: TempDisk
+
+        init() throws {
+            var template = Array("/dev/shm/xenbackd-restart-XXXXXX".utf8CString)
+            root = String(cString: mkdtemp(&template)!)
+            layout = LoopbackLayout(root: root)
+            disk = TempDisk(megabytes: 16)
+            binary = try World.builtBinary()
+            xenstored = try start(["xenstored", "--root", root, "--log-level", "warning"])
+            try waitFor(path: layout.xenStoreSocket)
+            daemon = try startDaemon()
+        }
+
+        /// The xenbackd built next to this test bundle.
+        static func builtBinary() throws -> String {
+            let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+            let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("xenbackd").path
+            guard FileManager.default.isExecutableFile(atPath: path) else {
+                throw FrontendError("no xenbackd binary at \(path): build the package (swift build --build-tests)")
+            }
+            return path
+        }
+
+        func start(_ arguments: [String]) throws -> Process {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: binary)
+            p.arguments = arguments
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            return p
+        }
+
+        func startDaemon() throws -> Process {
+            try start(["run", "--platform", "loopback", "--root", root, "--log-level", "warning"])
+        }
+
+        func waitFor(path: String) throws {
+            for _ in 0..<100 {
+                if access(path, F_OK) == 0 { return }
+                usleep(50_000)
+            }
+            throw FrontendError("\(path) never appeared")
+        }
+
+        /// Waits for a process to exit, up to `seconds`; its status, or nil.
+        func waitExit(_ p: Process, seconds: Double) -> Int32? {
+            let deadline = Date().addingTimeInterval(seconds)
+            while p.isRunning && Date() < deadline { usleep(20_000) }
+            return p.isRunning ? nil : p.terminationStatus
+        }
+
+        func close() {
+            for p in [daemon, xenstored].compactMap({ $0 }) where p.isRunning {
+                p.terminate()
+                _ = waitExit(p, seconds: 5)
+            }
+            disk.remove()
+            _ = try? FileManager.default.removeItem(atPath: root)
+        }
+    }
+
+    /// dom1 with one connected vbd on the world's disk.
+    func connectGuest(_ w: World) throws -> (LoopbackBlockFrontend, any XenStore) {
+        let dom0 = try XenStoreSocketClient(socketPath: w.layout.xenStoreSocket)
+        let toolstack = LoopbackToolstack(store: dom0)
+        let guest = try LoopbackGuestDomain(layout: w.layout, domain: 1)
+        try toolstack.createDomain(1, name: "guest1")
+        try dom0.introduceDomain(1)
+        try toolstack.addDisk(domain: 1, .init(params: w.disk.path))
+        let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: w.layout.xenStoreDomainSocket(1)))
+        try fe.connect(ringPageOrder: 1)
+        return (fe, dom0)
+    }
+
+    @Test("SIGTERM with I/O in flight, then a new daemon: every request answered, every byte right, no reconnect")
+    func restartUnderLoad() throws {
+        let w = try World()
+        defer { w.close() }
+        let (fe, dom0) = try connectGuest(w)
+        let load = BystanderGuest(frontend: fe)
+        usleep(400_000)
+        w.daemon!.terminate()   // SIGTERM
+        #expect(w.waitExit(w.daemon!, seconds: 10) == 0, "the daemon exits cleanly after answering what was in flight")
+        #expect(dom0.readState(fe.backendPath) == .connected, "xenstore is left as it was")
+        w.daemon = try w.startDaemon()
+        usleep(600_000)
+        let (summary, failure) = load.finish()
+        #expect(failure == nil)
+        #expect(summary.errors == 0)
+        #expect(summary.mismatches == 0)
+        #expect(summary.reads + summary.writes > 100)
+        #expect(dom0.readState(fe.backendPath) == .connected)
+        // The new daemon serves the same ring: more I/O, and a full check.
+        #expect(try fe.run(.flush) == BlkifStatus.okay)
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+    }
+
+    @Test("SIGKILL of an idle daemon: the next one takes the ring and the event channel over")
+    func restartAfterKill() throws {
+        let w = try World()
+        defer { w.close() }
+        let (fe, dom0) = try connectGuest(w)
+        let pattern = [UInt8](repeating: 0x3C, count: 4096)
+        #expect(try fe.write(sector: 64, data: pattern) == BlkifStatus.okay)
+        kill(w.daemon!.processIdentifier, SIGKILL)
+        _ = w.waitExit(w.daemon!, seconds: 5)
+        w.daemon = try w.startDaemon()
+        // Requests made while no daemon runs wait, then complete.
+        let (status, data) = try fe.read(sector: 64, count: 8)
+        #expect(status == BlkifStatus.okay)
+        #expect(data == pattern)
+        #expect(try fe.write(sector: 72, data: pattern) == BlkifStatus.okay)
+        #expect(dom0.readState(fe.backendPath) == .connected)
+    }
+}
