@@ -66,6 +66,9 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     /// Offer persistent grants (our data pages are granted once and reused,
     /// as Linux blkfront does); used when the backend offers them too.
     public var offerPersistentGrants = true
+    /// Keys to publish instead of ours at Initialised (nil removes the key):
+    /// how tests play a frontend with bad values.
+    public var publishOverrides: [String: String?] = [:]
     public private(set) var persistentGrants = false
     public var ringSlots: Int { Int(rings?.ring.size ?? 0) }
 
@@ -81,9 +84,17 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         backendPath = be
         backendDomain = DomID((try store.read(frontendPath + "/backend-id")) ?? "0") ?? 0
         try store.writeState(frontendPath, .initialising)
-        _ = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> XenbusState? in
-            let s = store.readState(backendPath)
-            return s == .initWait || s == .connected ? s : nil
+        let offered = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> Bool? in
+            switch store.readState(backendPath) {
+            case .initWait, .connected: return true
+            // Closed with a reason: the backend gave up on this device.
+            case .closed where ((try? store.read(backendPath + "/error")) ?? nil) != nil: return false
+            default: return nil
+            }
+        }
+        guard offered else {
+            let why = ((try? store.read(backendPath + "/error")) ?? nil) ?? ""
+            throw FrontendError("backend closed the device: \(why)")
         }
         let maxOrder = Int((try? store.read(backendPath + "/max-ring-page-order")) ?? nil ?? "0") ?? 0
         ringPageOrder = min(requested, maxOrder)
@@ -152,6 +163,11 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             try store.write(fe + "/event-channel", String(port), transaction: t)
             try store.write(fe + "/protocol", "x86_64-abi", transaction: t)
             try store.write(fe + "/feature-persistent", offerPersistentGrants ? "1" : "0", transaction: t)
+            for (key, value) in publishOverrides {
+                if let value { try store.write(fe + "/" + key, value, transaction: t) } else {
+                    try store.remove(fe + "/" + key, transaction: t)
+                }
+            }
             try store.writeState(fe, .initialised, transaction: t)
         }
     }

@@ -115,7 +115,7 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
         }
         let core = ServerCore(epollFD: epollFD, domainSocketDirectory: domainSocketDirectory, logger: logger)
         do throws(XenStoreError) {
-            let fd = try UnixSocket.listen(at: socketPath)
+            let fd = try UnixSocket.xenStoreListen(at: socketPath)
             do throws(XenStoreError) {
                 _ = try core.addListener(fd: fd, path: socketPath, domain: nil)
             } catch {

@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 import Hypervisor
 import Logging
 import XenABI
@@ -73,7 +74,7 @@ final class ServerCore {
         }
         guard domainListenerTokens[domid] == nil else { return }
         let path = Self.domainSocketPath(directory: domainSocketDirectory, domain: domid)
-        let fd = try UnixSocket.listen(at: path)
+        let fd = try UnixSocket.xenStoreListen(at: path)
         do throws(XenStoreError) {
             domainListenerTokens[domid] = try addListener(fd: fd, path: path, domain: domid)
         } catch {

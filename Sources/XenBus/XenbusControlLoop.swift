@@ -13,6 +13,7 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
     private let lock = PThreadMutex()
     private var handlers: [String: WatchHandler] = [:]
     private var tasks: [() -> Void] = []
+    private var readableHandlers: [(fd: Int32, handler: () -> Void)] = []
     private var nextToken = 0
     private let wakeup: Wakeup
     private var stopRequested = false
@@ -61,13 +62,21 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
         wakeup.signal()
     }
 
-    /// Serves watch events and tasks until `requestStop()`.
+    /// Calls `handler` on the loop thread whenever `fd` is readable (a
+    /// control socket's listener, say). Register before `run()`.
+    public func whenReadable(_ fd: Int32, _ handler: @escaping () -> Void) {
+        locked { readableHandlers.append((fd, handler)) }
+    }
+
+    /// Serves watch events, tasks and readable descriptors until `requestStop()`.
     public func run() {
+        let extra = locked { readableHandlers }
         var fds = [pollfd(fd: store.watchFileDescriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
+            + extra.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
         while true {
             if locked({ stopRequested }) { return }
-            let n = poll(&fds, 2, -1)
+            let n = poll(&fds, nfds_t(fds.count), -1)
             if n < 0 && errno != EINTR {
                 logger.error("control loop poll failed", metadata: ["errno": "\(errno)"])
                 return
@@ -75,6 +84,7 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
             if fds[1].revents != 0 { wakeup.drain() }
             runTasks()
             dispatchWatchEvents()
+            for (i, h) in extra.enumerated() where fds[i + 2].revents != 0 { h.handler() }
         }
     }
 

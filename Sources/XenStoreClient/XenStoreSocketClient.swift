@@ -16,7 +16,7 @@ public final class XenStoreSocketClient: XenStore, @unchecked Sendable {  // `re
 
     public init(socketPath: String) throws(XenStoreError) {
         self.socketPath = socketPath
-        let fd = try UnixSocket.connect(to: socketPath)
+        let fd = try UnixSocket.xenStoreConnect(to: socketPath)
         do throws(XenStoreError) {
             channel = try ClientChannel(fd: fd)
         } catch {

@@ -5,6 +5,7 @@ import Hypervisor
 import Logging
 import LoopbackHypervisor
 import XenBus
+import XenPlatform
 
 /// `xenbackd run`: the daemon. Serves every vbd under this domain's
 /// backend directory until SIGTERM or SIGINT, then answers every request
@@ -12,8 +13,8 @@ import XenBus
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the backend daemon.")
 
-    @Option(help: "Hypervisor platform: loopback (shared memory on any Linux) or xen.")
-    var platform: String = "loopback"
+    @Option(help: "Hypervisor platform: xen (a Xen dom0) or loopback (shared memory on any Linux). Default: xen if /dev/xen/gntdev exists, else loopback.")
+    var platform: String?
 
     @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
     var root: String = "/run/xenbackd/loopback"
@@ -24,18 +25,22 @@ struct Run: ParsableCommand {
     @Flag(help: "Do not offer persistent grants (feature-persistent).")
     var noPersistentGrants = false
 
+    @Option(help: "Control socket for `xenbackd status`.")
+    var controlSocket: String = ControlServer.defaultPath
+
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
         let logger = logging.makeLogger("xenbackd")
         let hypervisor: any HypervisorPlatform
-        switch platform {
+        switch platform ?? (access(XenHypervisorPlatform.grantDevice, F_OK) == 0 ? "xen" : "loopback") {
         case "loopback":
             hypervisor = try LoopbackPlatform(root: root)
         case "xen":
-            throw ValidationError("the real Xen platform is not in this build yet; use --platform loopback")
+            // A HypervisorError (not a ValidationError, which would add the usage text) prints one line.
+            hypervisor = try XenHypervisorPlatform()
         default:
-            throw ValidationError("unknown platform \"\(platform)\" (loopback or xen)")
+            throw ValidationError("unknown platform \"\(platform ?? "")\" (loopback or xen)")
         }
         // Signals are taken by one thread with sigwait; block them everywhere first.
         var signals = sigset_t()
@@ -55,6 +60,10 @@ struct Run: ParsableCommand {
                                                          persistentGrants: !noPersistentGrants),
                                           logger: logger)
         try service.start()
+        let control = try ControlServer(path: controlSocket, loop: loop, logger: logger) {
+            service.status.map(DeviceReport.init)
+        }
+        defer { control.close() }
         SignalWaiter.start(signals: signals) { signal in
             logger.notice("signal \(signal): answering requests in flight, then exiting")
             loop.post {

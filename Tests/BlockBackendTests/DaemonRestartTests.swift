@@ -52,8 +52,25 @@ struct DaemonRestartTests {
             return p
         }
 
+        var controlSocket: String { root + "/control.sock" }
+
         func startDaemon() throws -> Process {
-            try start(["run", "--platform", "loopback", "--root", root, "--log-level", "warning"])
+            try start(["run", "--platform", "loopback", "--root", root, "--control-socket", controlSocket,
+                       "--log-level", "warning"])
+        }
+
+        /// Runs `xenbackd ARGS` to the end and returns its standard output.
+        func output(_ arguments: [String]) throws -> String {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: binary)
+            p.arguments = arguments
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            return String(decoding: data, as: UTF8.self)
         }
 
         func waitFor(path: String) throws {
@@ -115,6 +132,13 @@ struct DaemonRestartTests {
         // The new daemon serves the same ring: more I/O, and a full check.
         #expect(try fe.run(.flush) == BlkifStatus.okay)
         #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+        // And reports it.
+        let status = try w.output(["status", "--control-socket", w.controlSocket])
+        let row = status.split(separator: "\n").first { $0.hasPrefix("vbd-1-51712") }
+        #expect(row?.contains("Connected") == true, "status: \(status)")
+        #expect(row?.contains("2p") == true, "a 2-page ring: \(status)")
+        let json = try w.output(["status", "--control-socket", w.controlSocket, "--json"])
+        #expect(json.contains("\"state\":\"Connected\""), "json: \(json)")
     }
 
     @Test("SIGKILL of an idle daemon: the next one takes the ring and the event channel over")

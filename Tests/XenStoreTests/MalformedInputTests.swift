@@ -1,5 +1,6 @@
 import Glibc
 import Hypervisor
+import SystemSupport
 import Testing
 import XenABI
 import XenStoreWire

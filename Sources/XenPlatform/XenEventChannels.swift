@@ -1,0 +1,83 @@
+import CXenStableLibs
+import Glibc
+import Hypervisor
+
+/// Event channels over libxenevtchn (/dev/xen/evtchn). Every port bound
+/// through this handle delivers to its file descriptor; the Linux driver
+/// masks a port when it fires until `unmask` (a write of the port number to
+/// the fd). libxenevtchn opens the device blocking, so the fd is switched to
+/// O_NONBLOCK here: `nextPending` must never block.
+public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {   // one thread at a time (each data-plane thread opens its own)
+    private var handle: OpaquePointer?
+    public let fileDescriptor: Int32
+
+    public init() throws(HypervisorError) {
+        // A NULL logger: libxenevtchn's Linux calls log nothing themselves.
+        guard let h = xenevtchn_open(nil, 0) else {
+            throw HypervisorError("xenevtchn_open", errno: errno, detail: XenHypervisorPlatform.eventChannelDevice)
+        }
+        let fd = xenevtchn_fd(h)
+        let flags = fcntl(fd, F_GETFL)
+        guard fd >= 0, flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            let e = errno
+            xenevtchn_close(h)
+            throw HypervisorError("xenevtchn_fd", errno: e, detail: "cannot make the event channel fd non-blocking")
+        }
+        handle = h
+        fileDescriptor = fd
+    }
+
+    deinit { close() }
+
+    /// Closes the handle; the driver unbinds every port still bound through it.
+    public func close() {
+        guard let h = handle else { return }
+        handle = nil
+        xenevtchn_close(h)
+    }
+
+    private func open(_ operation: String) throws(HypervisorError) -> OpaquePointer {
+        guard let h = handle else { throw HypervisorError(operation, errno: EBADF, detail: "handle closed") }
+        return h
+    }
+
+    public func bindInterdomain(remoteDomain: DomID, remotePort: EventChannelPort) throws(HypervisorError) -> EventChannelPort {
+        let h = try open("xenevtchn_bind_interdomain")
+        let port = xenevtchn_bind_interdomain(h, UInt32(remoteDomain), remotePort)
+        guard port >= 0 else {
+            throw HypervisorError("xenevtchn_bind_interdomain", errno: errno, detail: "dom\(remoteDomain) port \(remotePort)")
+        }
+        return EventChannelPort(port)
+    }
+
+    public func unbind(_ port: EventChannelPort) throws(HypervisorError) {
+        let h = try open("xenevtchn_unbind")
+        guard xenevtchn_unbind(h, port) == 0 else {
+            throw HypervisorError("xenevtchn_unbind", errno: errno, detail: "port \(port)")
+        }
+    }
+
+    public func notify(_ port: EventChannelPort) throws(HypervisorError) {
+        let h = try open("xenevtchn_notify")
+        guard xenevtchn_notify(h, port) == 0 else {
+            throw HypervisorError("xenevtchn_notify", errno: errno, detail: "port \(port)")
+        }
+    }
+
+    public func nextPending() throws(HypervisorError) -> EventChannelPort? {
+        let h = try open("xenevtchn_pending")
+        let port = xenevtchn_pending(h)
+        if port >= 0 { return EventChannelPort(port) }
+        let e = errno
+        if e == EAGAIN || e == EINTR { return nil }
+        // EFBIG: the driver's ring of pending ports overflowed (events were lost).
+        throw HypervisorError("xenevtchn_pending", errno: e)
+    }
+
+    public func unmask(_ port: EventChannelPort) throws(HypervisorError) {
+        let h = try open("xenevtchn_unmask")
+        guard xenevtchn_unmask(h, port) == 0 else {
+            throw HypervisorError("xenevtchn_unmask", errno: errno, detail: "port \(port)")
+        }
+    }
+}

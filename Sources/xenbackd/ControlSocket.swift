@@ -1,0 +1,87 @@
+import BlockBackend
+import Foundation
+import Glibc
+import Logging
+import SystemSupport
+import XenBus
+
+/// What `xenbackd status` prints for one device.
+struct DeviceReport: Codable {
+    var device: String
+    var type: String
+    var domain: Int
+    var devid: Int
+    var state: String
+    var params: String
+    var ringPages: Int
+    var requests: UInt64
+    var bytesRead: UInt64
+    var bytesWritten: UInt64
+    var errors: UInt64
+    var lastError: String?
+
+    init(_ s: VbdStatus) {
+        device = s.address.description
+        type = s.address.type
+        domain = Int(s.address.frontendDomain)
+        devid = Int(s.address.devid)
+        state = s.state.description
+        params = s.params
+        ringPages = s.ringPages
+        requests = s.statistics.requests
+        bytesRead = s.statistics.bytesRead
+        bytesWritten = s.statistics.bytesWritten
+        errors = s.statistics.errors
+        lastError = s.lastError
+    }
+}
+
+/// The daemon's control socket: a client sends one line ("status") and
+/// gets one JSON reply, then the connection closes. Served on the control
+/// loop's thread, so the reply reads device state without locks.
+final class ControlServer: @unchecked Sendable {   // used on the control loop thread only
+    static let defaultPath = "/run/xenbackd/control.sock"
+    private let listener: Int32
+    private let path: String
+    private let reports: () -> [DeviceReport]
+    private let logger: Logger
+
+    init(path: String, loop: XenbusControlLoop, logger: Logger, reports: @escaping () -> [DeviceReport]) throws {
+        let parent = (path as NSString).deletingLastPathComponent
+        if !parent.isEmpty { try makeDirectories(parent) }
+        listener = try UnixSocket.listen(at: path)
+        self.path = path
+        self.reports = reports
+        self.logger = logger
+        loop.whenReadable(listener) { [self] in acceptOne() }
+    }
+
+    func close() {
+        Glibc.close(listener)
+        unlink(path)
+    }
+
+    private func acceptOne() {
+        let fd = accept(listener, nil, nil)
+        guard fd >= 0 else { return }
+        defer { Glibc.close(fd) }
+        // A client that does not send its line within a second is dropped:
+        // the control loop must keep serving xenstore.
+        var timeout = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = recv(fd, &buffer, buffer.count, 0)
+        guard n > 0 else { return }
+        let request = String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let reply: Data
+        switch request {
+        case "status":
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            reply = (try? encoder.encode(reports())) ?? Data("[]".utf8)
+        default:
+            reply = Data("{\"error\":\"unknown request \(request.prefix(40))\"}".utf8)
+        }
+        _ = sendAll(fd, Array(reply) + [10])
+    }
+}
