@@ -14,6 +14,7 @@ public struct VbdStatus: Sendable {
     public var address: BackendDeviceAddress
     public var state: XenbusState
     public var params: String
+    public var diskOpen: Bool
     public var ringPages: Int
     public var statistics: VbdStatistics
     public var lastError: String?
@@ -61,8 +62,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     var status: VbdStatus {
         var s = retiredStatistics
         if let live = dataPlane?.statistics { s = s.adding(live) }
-        return VbdStatus(address: address, state: state, params: params, ringPages: dataPlane?.ringPages ?? 0,
-                         statistics: s, lastError: lastError)
+        return VbdStatus(address: address, state: state, params: params, diskOpen: storage != nil,
+                         ringPages: dataPlane?.ringPages ?? 0, statistics: s, lastError: lastError)
     }
 
     // MARK: probe -> InitWait
@@ -166,6 +167,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             if state == .initWait && storage != nil { connect() }
         case .closing, .closed:
             if state != .closed { disconnect(); try? setState(.closed) }
+            // online=0: the toolstack is unplugging the device; let the disk go.
+            if fe == .closed, ((try? store.read(backendPath + "/online")) ?? nil) == "0" { releaseDisk() }
         case .initialising, .initWait, .unknown:
             // A frontend starting over (reconnect, kexec, migration): offer the device again.
             if state == .closed && lastError == nil { try? setState(.initWait) }
@@ -279,8 +282,14 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         disconnect()
         for w in watches { loop.unwatch(w.path, token: w.token) }
         watches.removeAll()
-        storage?.close()
+        releaseDisk()
+    }
+
+    private func releaseDisk() {
+        guard let s = storage else { return }
+        s.close()
         storage = nil
+        logger.info("disk closed")
     }
 
     /// Stops serving but leaves xenstore as it is (daemon shutdown).

@@ -77,14 +77,16 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     /// The frontend half of the handshake: wait for InitWait, publish the
     /// ring and event channel (Initialised), wait for Connected, read the
     /// disk's properties, go Connected.
-    public func connect(ringPageOrder requested: Int = 0, timeout: Double = 10) throws {
+    /// `waitForInitWait: false` plays a frontend that publishes its ring at
+    /// once, before the backend has even seen the device (order 0 then).
+    public func connect(ringPageOrder requested: Int = 0, timeout: Double = 10, waitForInitWait: Bool = true) throws {
         guard let be = try store.read(frontendPath + "/backend") else {
             throw FrontendError("no backend key at \(frontendPath)")
         }
         backendPath = be
         backendDomain = DomID((try store.read(frontendPath + "/backend-id")) ?? "0") ?? 0
         try store.writeState(frontendPath, .initialising)
-        let offered = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> Bool? in
+        let offered = !waitForInitWait ? true : try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> Bool? in
             switch store.readState(backendPath) {
             case .initWait, .connected: return true
             // Closed with a reason: the backend gave up on this device.

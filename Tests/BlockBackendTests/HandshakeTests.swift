@@ -65,3 +65,74 @@ struct HandshakeBadValueTests {
         #expect(error?.contains("/nonexistent/disk.img") == true, "error node: \(error ?? "nil")")
     }
 }
+
+@Suite("xenbus handshake: life cycle")
+struct HandshakeLifecycleTests {
+    @Test("a frontend that publishes its ring without waiting for InitWait is served")
+    func frontendSkipsInitWait() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 4)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path))
+        try fe.connect(waitForInitWait: false)
+        #expect(bed.backendState(fe) == .connected)
+        #expect(try fe.write(sector: 8, data: [UInt8](repeating: 0x61, count: 1024)) == BlkifStatus.okay)
+        #expect(try fe.read(sector: 8, count: 2).data == [UInt8](repeating: 0x61, count: 1024))
+    }
+
+    @Test("online=0 and a closed frontend release the disk; removing the directories forgets the device")
+    func unplug() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        let store = bed.host.toolstack.store
+        try store.write(fe.backendPath + "/online", "0")
+        try fe.disconnect()
+        #expect(bed.backendState(fe) == .closed)
+        let status = try waitForStatus(bed) { $0.first?.diskOpen == false }
+        #expect(status.first?.state == .closed)
+        try bed.host.toolstack.removeDisk(domain: 1, devid: fe.devid)
+        _ = try waitForStatus(bed) { $0.isEmpty }
+    }
+
+    @Test("a frontend that closes with online=1 keeps its disk open for a reconnect")
+    func closeKeepsDisk() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        try fe.disconnect()
+        let status = try waitForStatus(bed) { $0.first?.state == .closed }
+        #expect(status.first?.diskOpen == true)
+    }
+
+    @Test("the backend directory removed with requests in flight: no crash, other guests unaffected")
+    func removalUnderLoad() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1, megabytes: 16)
+        let (other, _) = try bed.guestWithDisk(2)
+        var submitted: Set<UInt64> = []
+        for i in 0..<fe.ringSlots {
+            submitted.insert(try fe.submit(.read(sector: UInt64(i * 88), count: 88)).id)
+        }
+        fe.kick()
+        try bed.host.toolstack.store.remove(fe.backendPath)
+        _ = try waitForStatus(bed) { !$0.contains { $0.address.frontendDomain == 1 } }
+        var answered: [BlkifResponse] = []
+        _ = try? fe.collect(timeout: 0.5) { answered.append($0) }
+        #expect(answered.allSatisfy { submitted.contains($0.id) })
+        #expect(try other.read(sector: 0, count: 8).status == BlkifStatus.okay)
+    }
+
+    /// Polls the backend's status until `condition` holds (at most 5 s).
+    func waitForStatus(_ bed: TestBed, _ condition: ([VbdStatus]) -> Bool) throws -> [VbdStatus] {
+        for _ in 0..<100 {
+            let s = bed.host.blockStatus
+            if condition(s) { return s }
+            usleep(50_000)
+        }
+        throw FrontendError("status never reached the expected state: \(bed.host.blockStatus)")
+    }
+}
