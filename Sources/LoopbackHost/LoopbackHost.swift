@@ -15,7 +15,10 @@ import XenStoreClient
 /// tests and the benchmark run them here.
 public final class LoopbackHost: @unchecked Sendable {   // mutable state touched from the test/bench thread only
     public let layout: LoopbackLayout
-    public let server: LoopbackXenStoreServer
+    /// Our xenstored; nil when the host uses another one (`externalXenStore`).
+    public let server: LoopbackXenStoreServer?
+    /// The dom0 socket of the xenstored in use.
+    public let xenStoreSocket: String
     public let platform: LoopbackPlatform
     public let control: XenbusControlLoop
     public let blockService: BlockBackendService
@@ -24,10 +27,13 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     private let ownsRoot: Bool
     private var guests: [DomID: LoopbackGuestDomain] = [:]
 
-    /// Starts xenstored and the backend under `root` (a new temp folder if nil).
+    /// Starts xenstored and the backend under `root` (a new temp folder if
+    /// nil). With `externalXenStore` (another xenstored's socket, such as
+    /// Xen's own oxenstored) no xenstored is started, and guests talk to it
+    /// through dom0 connections (it has no per-domain sockets).
     public init(root: String? = nil, logger: Logger = Logger(label: "xenbackd"),
                 openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener,
-                options: BlockBackendOptions = .init()) throws {
+                options: BlockBackendOptions = .init(), externalXenStore: String? = nil) throws {
         let dir: String
         if let root { dir = root; try makeDirectories(root, mode: 0o700) } else {
             // Guest memory lives here: tmpfs keeps it off the disk.
@@ -38,10 +44,17 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         }
         ownsRoot = root == nil
         layout = LoopbackLayout(root: dir)
-        server = try LoopbackXenStoreServer(socketPath: layout.xenStoreSocket,
-                                            domainSocketDirectory: layout.xenStoreDomainSockets, logger: logger)
-        try server.start()
-        platform = try LoopbackPlatform(root: dir)
+        if let externalXenStore {
+            server = nil
+            xenStoreSocket = externalXenStore
+        } else {
+            let ours = try LoopbackXenStoreServer(socketPath: layout.xenStoreSocket,
+                                                  domainSocketDirectory: layout.xenStoreDomainSockets, logger: logger)
+            try ours.start()
+            server = ours
+            xenStoreSocket = layout.xenStoreSocket
+        }
+        platform = try LoopbackPlatform(root: dir, xenStoreSocket: xenStoreSocket)
         let store = try platform.openXenStore()
         control = XenbusControlLoop(store: store, logger: logger)
         blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage,
@@ -49,21 +62,21 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         try blockService.start()
         let loop = control
         controlThread = try NativeThread(name: "xenbus") { loop.run() }
-        toolstack = LoopbackToolstack(store: try XenStoreSocketClient(socketPath: layout.xenStoreSocket))
+        toolstack = LoopbackToolstack(store: try XenStoreSocketClient(socketPath: xenStoreSocket))
     }
 
     /// Creates a guest domain: its memory and grant table, its xenstore home.
     public func createGuest(_ domid: DomID, memoryPages: Int = 16384) throws -> LoopbackGuestDomain {
         let g = try LoopbackGuestDomain(layout: layout, domain: domid, memoryPages: memoryPages)
         try toolstack.createDomain(domid, name: "guest\(domid)")
-        try server.introduceDomain(domid)
+        try server?.introduceDomain(domid)
         guests[domid] = g
         return g
     }
 
-    /// A xenstore connection as the guest itself.
+    /// A xenstore connection as the guest itself (as dom0 on an external xenstored).
     public func guestStore(_ domid: DomID) throws -> any XenStore {
-        try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(domid))
+        try XenStoreSocketClient(socketPath: server == nil ? xenStoreSocket : layout.xenStoreDomainSocket(domid))
     }
 
     /// Adds a disk the way libxl does and returns the guest's frontend for it
@@ -86,7 +99,7 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         onControlThread { [blockService] in blockService.quiesce() }
         control.requestStop()
         controlThread.join()
-        server.stop()
+        server?.stop()
         for g in guests.values { g.destroy() }
         if ownsRoot { removeTree(layout.root) }
     }

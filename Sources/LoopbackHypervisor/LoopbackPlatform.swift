@@ -11,9 +11,14 @@ public final class LoopbackPlatform: HypervisorPlatform, @unchecked Sendable {  
     public let ownDomain: DomID
     public var name: String { "loopback" }
 
-    public init(root: String, ownDomain: DomID = 0) throws(HypervisorError) {
+    /// The xenstored this platform's backend talks to.
+    public let xenStoreSocket: String
+
+    /// `xenStoreSocket`: another xenstored than the loopback one under `root`.
+    public init(root: String, ownDomain: DomID = 0, xenStoreSocket: String? = nil) throws(HypervisorError) {
         layout = LoopbackLayout(root: root)
         self.ownDomain = ownDomain
+        self.xenStoreSocket = xenStoreSocket ?? layout.xenStoreSocket
         do {
             try makeDirectories(layout.domainDirectory(ownDomain), mode: 0o700)
         } catch {
@@ -31,6 +36,6 @@ public final class LoopbackPlatform: HypervisorPlatform, @unchecked Sendable {  
     }
 
     public func openXenStore() throws(XenStoreError) -> any XenStore {
-        try LibXenStoreConnection(socketPath: layout.xenStoreSocket)
+        try LibXenStoreConnection(socketPath: xenStoreSocket)
     }
 }
