@@ -1,11 +1,13 @@
 import BlockBackend
 import BlockFrontend
+import Foundation
 import Glibc
 import Hypervisor
 import LoopbackHypervisor
 import Testing
 import XenABI
 import XenBus
+import SystemSupport
 
 /// The backend half of the xenbus handshake against frontends that publish
 /// bad values: each leaves its device Closed with a reason in `error`, and
@@ -134,5 +136,105 @@ struct HandshakeLifecycleTests {
             usleep(50_000)
         }
         throw FrontendError("status never reached the expected state: \(bed.host.blockStatus)")
+    }
+}
+
+@Suite("xenbus handshake: hotplug scripts")
+struct HandshakeHotplugTests {
+    @Test("with a script, the disk is opened only once hotplug-status is connected")
+    func waitsForHotplugStatus() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 4)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, script: "/etc/xen/scripts/xenbackd-block"))
+        let store = bed.host.toolstack.store
+        let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
+        // InitWait is reached at once (libxl runs the script only then); the disk stays closed.
+        _ = try waitUntil { bed.host.toolstack.store.readState(backend) == .initWait }
+        #expect(bed.host.blockStatus.first?.diskOpen == false)
+        let script = try NativeThread {
+            usleep(300_000)
+            try? store.write(backend + "/hotplug-status", "connected")
+        }
+        defer { script.join() }
+        try fe.connect()
+        #expect(bed.backendState(fe) == .connected)
+        #expect(bed.host.blockStatus.first?.diskOpen == true)
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+    }
+
+    @Test("a failed hotplug script closes the device with its reason")
+    func hotplugError() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: "/var/lib/xen/missing.img", script: "/etc/xen/scripts/xenbackd-block"))
+        let store = bed.host.toolstack.store
+        let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
+        _ = try waitUntil { store.readState(backend) == .initWait }
+        try store.withTransaction { t throws(XenStoreError) in
+            try store.write(backend + "/hotplug-error", "/var/lib/xen/missing.img does not exist", transaction: t)
+            try store.write(backend + "/hotplug-status", "error", transaction: t)
+        }
+        _ = try waitUntil { store.readState(backend) == .closed }
+        let error = try store.read(backend + "/error")
+        #expect(error == "hotplug script failed: /var/lib/xen/missing.img does not exist")
+        #expect(bed.host.blockStatus.first?.diskOpen == false)
+    }
+
+    func waitUntil(_ condition: () -> Bool) throws -> Bool {
+        for _ in 0..<100 {
+            if condition() { return true }
+            usleep(50_000)
+        }
+        throw FrontendError("condition never became true")
+    }
+}
+
+@Suite("xenbus handshake: the toolstack as xenstore-utils commands")
+struct HandshakeXenstoreUtilsTests {
+    @Test("libxl's vbd keys and permissions written by xenstore-write/-chmod: found, served, verified")
+    func toolstackByCommands() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 8)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(7)
+        let be = "/local/domain/0/backend/vbd/7/51728"
+        let fe = "/local/domain/7/device/vbd/51728"
+        // Exactly what libxl writes for `disk = ['...,vdev=xvdb,access=rw,target=FILE']` (see shared/xenlab).
+        let script = """
+        set -e
+        xenstore-write \(fe)/backend \(be) \(fe)/backend-id 0 \(fe)/device-type disk \\
+            \(fe)/virtual-device 51728 \(fe)/state 1 \(fe)/trusted 1
+        xenstore-chmod -r \(fe) n7 r0
+        xenstore-write \(be)/bootable 1 \(be)/dev xvdb \(be)/device-type disk \(be)/discard-enable 1 \\
+            \(be)/frontend \(fe) \(be)/frontend-id 7 \(be)/mode w \(be)/online 1 \\
+            \(be)/params \(disk.path) \(be)/removable 0 \(be)/specification xen \(be)/state 1 \(be)/type phy
+        xenstore-chmod -r \(be) n0 r7
+        """
+        let status = try runShell(script, env: ["XENSTORED_PATH": bed.host.xenStoreSocket])
+        #expect(status == 0)
+        let front = LoopbackBlockFrontend(guest: guest, store: try bed.host.guestStore(7), devid: 51728)
+        try front.connect()
+        #expect(front.info.sectors == 8 * 2048)
+        var w = VerifiedWorkload(sectors: front.info.sectors, seed: 3, queueDepth: 8, canDiscard: true, canFlush: true)
+        let s = try w.run(on: front, seconds: 30, operations: 300)
+        #expect(s.errors == 0 && s.mismatches == 0 && s.sectorsVerified > 0)
+        // The guest could read its backend's keys (r7) but not write them.
+        #expect(throws: XenStoreError.self) { try front.store.write(be + "/params", "/etc/shadow") }
+        try front.disconnect()
+    }
+
+    func runShell(_ script: String, env: [String: String]) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = ["-c", script]
+        p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
+        try p.run()
+        p.waitUntilExit()
+        return p.terminationStatus
     }
 }
