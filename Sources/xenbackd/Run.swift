@@ -42,6 +42,9 @@ struct Run: ParsableCommand {
         default:
             throw ValidationError("unknown platform \"\(platform ?? "")\" (loopback or xen)")
         }
+        if hypervisor.name == "xen", let reason = KernelBackendCheck.refusal(type: BlockBackendService.deviceType) {
+            throw RefusalError(reason)
+        }
         // Signals are taken by one thread with sigwait; block them everywhere first.
         var signals = sigset_t()
         sigemptyset(&signals)
@@ -97,4 +100,10 @@ enum SignalWaiter {
         }, ctx)
         pthread_detach(thread)
     }
+}
+
+/// A reason to stop at start, printed as one line (no usage text).
+struct RefusalError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
 }

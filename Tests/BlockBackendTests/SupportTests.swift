@@ -1,5 +1,6 @@
 @testable import BlockBackend
 import BlockFrontend
+import Foundation
 import Glibc
 import Testing
 
@@ -58,5 +59,21 @@ struct LoopbackLayoutTests {
         _ = try bed.host.createGuest(5)
         #expect(bed.host.server?.domainSocketPath(for: 5) == bed.host.layout.xenStoreDomainSocket(5))
         #expect(access(bed.host.layout.xenStoreDomainSocket(5), F_OK) == 0)
+    }
+}
+
+@Suite("kernel backend check")
+struct KernelBackendCheckTests {
+    @Test("a registered xen-blkback driver is a reason to refuse vbds, named in one line")
+    func refusesWhenKernelDriverIsThere() throws {
+        var template = Array("/tmp/xenbackd-sysfs-XXXXXX".utf8CString)
+        let root = String(cString: mkdtemp(&template)!)
+        defer { _ = try? FileManager.default.removeItem(atPath: root) }
+        #expect(KernelBackendCheck.refusal(type: "vbd", sysfs: root) == nil)
+        try FileManager.default.createDirectory(atPath: root + "/bus/xen-backend/drivers/vbd", withIntermediateDirectories: true)
+        let reason = KernelBackendCheck.refusal(type: "vbd", sysfs: root)
+        #expect(reason?.hasPrefix("xen-blkback is loaded") == true)
+        #expect(reason?.contains("\n") == false)
+        #expect(KernelBackendCheck.refusal(type: "vif", sysfs: root) == nil)
     }
 }
