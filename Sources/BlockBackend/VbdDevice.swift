@@ -77,7 +77,6 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
                 return
             }
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
-            try store.write(backendPath + "/feature-persistent", options.persistentGrants ? "1" : "0")
             try setState(.initWait)
             let script = (try? store.read(backendPath + "/script")) ?? nil
             if let script, !script.isEmpty {
@@ -256,6 +255,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             try store.write(path + "/feature-flush-cache", limits.flush ? "1" : "0", transaction: t)
             try store.write(path + "/feature-barrier", limits.barrier ? "1" : "0", transaction: t)
             try store.write(path + "/feature-discard", limits.discard ? "1" : "0", transaction: t)
+            try store.write(path + "/feature-persistent", options.persistentGrants ? "1" : "0", transaction: t)
             if limits.discard, let d = g.discard {
                 try store.write(path + "/discard-granularity", String(d.granularity), transaction: t)
                 try store.write(path + "/discard-alignment", String(d.alignment), transaction: t)

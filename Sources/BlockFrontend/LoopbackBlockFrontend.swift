@@ -100,7 +100,6 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         }
         let maxOrder = Int((try? store.read(backendPath + "/max-ring-page-order")) ?? nil ?? "0") ?? 0
         ringPageOrder = min(requested, maxOrder)
-        persistentGrants = offerPersistentGrants && ((try? store.read(backendPath + "/feature-persistent")) ?? nil) == "1"
         try setUpRing()
         try publishRing()
         let connected = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend Connected") { () -> Bool? in
@@ -185,6 +184,8 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
                              flush: key("feature-flush-cache") == "1",
                              barrier: key("feature-barrier") == "1",
                              discard: key("feature-discard") == "1")
+        // Used when both ends offer them (blkfront offers before knowing).
+        persistentGrants = offerPersistentGrants && key("feature-persistent") == "1"
     }
 
     /// Closes the device as blkfront does on unplug: Closing, wait for the

@@ -99,17 +99,9 @@ int blkfront_initialise(struct blkfront *f)
     if (evtchn_alloc_unbound(f->ev, BACKEND_DOMID, &f->port) != 0)
         return fail(f, "no free event channel port");
 
-    for (int attempt = 0; attempt < 100; attempt++) {
-        xs_transaction_t t = xs_transaction_start(f->xs);
-        if (t == XBT_NULL)
-            return fail(f, "transaction start: %s", strerror(errno));
-        bool ok = publish_ring(f->xs, t, f);
-        if (xs_transaction_end(f->xs, t, !ok) && ok)
-            return 0;
-        if (!ok || errno != EAGAIN)
-            return fail(f, "publishing the ring: %s", strerror(errno));
-    }
-    return fail(f, "publishing the ring: EAGAIN 100 times");
+    if (!store_transaction(f->xs, publish_ring, f))
+        return fail(f, "publishing the ring: %s", strerror(errno));
+    return 0;
 }
 
 /* Step 5. */

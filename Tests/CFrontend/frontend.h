@@ -124,6 +124,8 @@ bool store_write(struct xs_handle *h, xs_transaction_t t, const char *path, cons
 bool store_set_perms(struct xs_handle *h, xs_transaction_t t, const char *path,
                      unsigned owner, unsigned reader);
 char *store_read(struct xs_handle *h, const char *path);
+typedef bool (*txn_body)(struct xs_handle *h, xs_transaction_t t, const void *ctx);
+bool store_transaction(struct xs_handle *h, txn_body body, const void *ctx);
 long store_read_long(struct xs_handle *h, const char *path, long fallback);
 int store_wait_state(struct xs_handle *h, const char *state_path, int want, int timeout_ms, int *seen);
 

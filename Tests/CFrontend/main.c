@@ -27,6 +27,7 @@
 
 #define WRITE_SECTORS 15u
 #define IN_FLIGHT 15u
+#define NO_RESPONSE 99   /* not a BLKIF_RSP_*: the ring failed before a response came */
 
 struct options {
     const char *root, *disk;
@@ -94,13 +95,13 @@ static void add_segment(blkif_request_t *r, const struct page *p, unsigned first
 }
 
 /* Submits n requests and waits for their n responses; `status[i]` is the
- * status of reqs[i] (matched by id), or 99 if no response carried its id. */
+ * status of reqs[i] (matched by id), or NO_RESPONSE if no response carried its id. */
 static int run(struct blkfront *f, const blkif_request_t *reqs, unsigned n, int16_t *status)
 {
-    blkif_response_t rsp[BLKIF_MAX_SEGMENTS_PER_REQUEST + IN_FLIGHT];
+    blkif_response_t rsp[IN_FLIGHT];
     for (unsigned i = 0; i < n; i++)
-        status[i] = 99;
-    if (blkfront_submit(f, reqs, n) != 0 || blkfront_collect(f, rsp, n) != 0)
+        status[i] = NO_RESPONSE;
+    if (n > IN_FLIGHT || blkfront_submit(f, reqs, n) != 0 || blkfront_collect(f, rsp, n) != 0)
         return -1;
     for (unsigned k = 0; k < n; k++)
         for (unsigned i = 0; i < n; i++)
@@ -112,7 +113,15 @@ static int run(struct blkfront *f, const blkif_request_t *reqs, unsigned n, int1
 static int16_t run_one(struct blkfront *f, const blkif_request_t *r)
 {
     int16_t st;
-    return run(f, r, 1, &st) == 0 ? st : 99;
+    return run(f, r, 1, &st) == 0 ? st : NO_RESPONSE;
+}
+
+/* ": why" when the ring itself failed (no response), for a check's detail. */
+static const char *why(const struct blkfront *f, int16_t status)
+{
+    static char buf[260];
+    snprintf(buf, sizeof buf, "%s%s", status == NO_RESPONSE ? ": " : "", status == NO_RESPONSE ? f->error : "");
+    return buf;
 }
 
 /* ---- the I/O checks ----------------------------------------------------- */
@@ -136,9 +145,8 @@ static bool check_write(struct blkfront *f, const struct options *o)
     grant_revoke(f->dom, a.gref);
     grant_revoke(f->dom, b.gref);
     grant_revoke(f->dom, c.gref);
-    return check("write", st == BLKIF_RSP_OKAY, "3 segments, first_sect 3, sectors %llu..%llu: status %d%s%s",
-                 (unsigned long long)s, (unsigned long long)(s + WRITE_SECTORS - 1), st,
-                 st == 99 ? ", " : "", st == 99 ? f->error : "");
+    return check("write", st == BLKIF_RSP_OKAY, "3 segments, first_sect 3, sectors %llu..%llu: status %d%s",
+                 (unsigned long long)s, (unsigned long long)(s + WRITE_SECTORS - 1), st, why(f, st));
 }
 
 static bool check_flush(struct blkfront *f)
@@ -147,7 +155,7 @@ static bool check_flush(struct blkfront *f)
         return check("flush", false, "backend did not offer feature-flush-cache");
     blkif_request_t r = request(BLKIF_OP_FLUSH_DISKCACHE, 2, 0, f->devid);
     int16_t st = run_one(f, &r);
-    return check("flush", st == BLKIF_RSP_OKAY, "FLUSH_DISKCACHE: status %d", st);
+    return check("flush", st == BLKIF_RSP_OKAY, "FLUSH_DISKCACHE: status %d%s", st, why(f, st));
 }
 
 /* Reads the 15 sectors back in another shape: sectors 1..7 of page D,
@@ -171,7 +179,7 @@ static bool check_read_back(struct blkfront *f, const struct options *o)
         sentinel = sentinel && d.data[j] == 0xEE;
     grant_revoke(f->dom, d.gref);
     grant_revoke(f->dom, e.gref);
-    check("read-back", st == BLKIF_RSP_OKAY, "2 segments, first_sect 1: status %d", st);
+    check("read-back", st == BLKIF_RSP_OKAY, "2 segments, first_sect 1: status %d%s", st, why(f, st));
     check("read-back-data", data, "15 sectors %s the pattern written", data ? "match" : "DO NOT match");
     return check("read-untouched", sentinel, "sector 0 of the first_sect=1 page %s",
                  sentinel ? "kept its sentinel" : "was overwritten");

@@ -64,11 +64,9 @@ long store_read_long(struct xs_handle *h, const char *path, long fallback)
     return v;
 }
 
-typedef bool (*txn_body)(struct xs_handle *h, xs_transaction_t t, const void *ctx);
-
 /* Runs body in a transaction, again while the store answers EAGAIN (a node
  * it read or wrote changed meanwhile). */
-static bool in_transaction(struct xs_handle *h, txn_body body, const void *ctx)
+bool store_transaction(struct xs_handle *h, txn_body body, const void *ctx)
 {
     for (int attempt = 0; attempt < 100; attempt++) {
         xs_transaction_t t = xs_transaction_start(h);
@@ -158,7 +156,7 @@ static bool make_domain(struct xs_handle *h, xs_transaction_t t, const void *ctx
  * page and event channel; the loopback store has no ring, so both are 0. */
 int toolstack_create_domain(struct xs_handle *dom0, unsigned domid)
 {
-    if (!in_transaction(dom0, make_domain, &domid))
+    if (!store_transaction(dom0, make_domain, &domid))
         return -1;
     if (!xs_introduce_domain(dom0, domid, 0, 0)) {
         perror("introduce");
@@ -226,7 +224,7 @@ static bool make_disk(struct xs_handle *h, xs_transaction_t t, const void *ctx)
 int toolstack_add_disk(struct xs_handle *dom0, unsigned domid, unsigned devid, const char *params)
 {
     struct disk_keys k = { domid, devid, params };
-    return in_transaction(dom0, make_disk, &k) ? 0 : -1;
+    return store_transaction(dom0, make_disk, &k) ? 0 : -1;
 }
 
 /* What `xl block-detach` finally does, once both ends are Closed. */
