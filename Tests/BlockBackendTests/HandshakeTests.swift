@@ -84,6 +84,27 @@ struct HandshakeLifecycleTests {
         #expect(try fe.read(sector: 8, count: 2).data == [UInt8](repeating: 0x61, count: 1024))
     }
 
+    @Test("a simulated migration: the guest closes, its domain goes, a new domain gets the disk and finds every byte")
+    func migrationToANewDomain() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (source, disk) = try bed.guestWithDisk(1, megabytes: 8)
+        var w = VerifiedWorkload(sectors: source.info.sectors, seed: 21, queueDepth: 8, canDiscard: true, canFlush: true)
+        let before = try w.run(on: source, seconds: 30, operations: 600)
+        #expect(before.errors == 0 && before.mismatches == 0)
+        #expect(try source.run(.flush) == BlkifStatus.okay)
+        try source.disconnect()
+        try bed.host.toolstack.store.write(source.backendPath + "/online", "0")
+        try bed.host.toolstack.destroyDomain(1)
+        let dest = try bed.host.createGuest(2)
+        let fe = try bed.host.attachDisk(to: dest, .init(params: disk.path))
+        try fe.connect(ringPageOrder: 1)
+        let full = try w.verifyAll(on: fe)
+        #expect(full.mismatches == 0 && full.verified > 1000)
+        let after = try w.run(on: fe, seconds: 30, operations: 600)
+        #expect(after.errors == 0 && after.mismatches == 0)
+    }
+
     @Test("online=0 and a closed frontend release the disk; removing the directories forgets the device")
     func unplug() throws {
         let bed = try TestBed()
