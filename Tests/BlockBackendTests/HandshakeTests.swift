@@ -84,6 +84,27 @@ struct HandshakeLifecycleTests {
         #expect(try fe.read(sector: 8, count: 2).data == [UInt8](repeating: 0x61, count: 1024))
     }
 
+    @Test("watch firings coalesced while the control loop is busy: the backend acts on the state it reads")
+    func coalescedWatches() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 4)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path))
+        // Hold the control loop so that the frontend's Initialising, its
+        // ring keys and Initialised all queue up behind one busy turn.
+        let started = Handoff<Bool>()
+        bed.host.control.post {
+            started.put(true)
+            usleep(300_000)
+        }
+        _ = started.take()
+        try fe.connect(waitForInitWait: false)
+        #expect(bed.backendState(fe) == .connected)
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+    }
+
     @Test("a simulated migration: the guest closes, its domain goes, a new domain gets the disk and finds every byte")
     func migrationToANewDomain() throws {
         let bed = try TestBed()
