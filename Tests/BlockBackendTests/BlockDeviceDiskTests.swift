@@ -46,18 +46,10 @@ struct BlockDeviceDiskTests {
         shell(["losetup", "-f", "--show"] + (directIO ? ["--direct-io=on"] : []) + [file])
     }
 
+    /// A command's trimmed output, or nil when it failed.
     @discardableResult
     func shell(_ arguments: [String]) -> String? {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = arguments
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = FileHandle.nullDevice
-        do { try p.run() } catch { return nil }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { return nil }
-        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let r = try? runProgram("/usr/bin/env", arguments), r.status == 0 else { return nil }
+        return r.output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

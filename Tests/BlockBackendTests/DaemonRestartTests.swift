@@ -60,25 +60,10 @@ struct DaemonRestartTests {
         }
 
         /// Runs `xenbackd ARGS` to the end and returns its standard output.
-        func output(_ arguments: [String]) throws -> String {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: binary)
-            p.arguments = arguments
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            let data = out.fileHandleForReading.readDataToEndOfFile()
-            p.waitUntilExit()
-            return String(decoding: data, as: UTF8.self)
-        }
+        func output(_ arguments: [String]) throws -> String { try runProgram(binary, arguments).output }
 
         func waitFor(path: String) throws {
-            for _ in 0..<100 {
-                if access(path, F_OK) == 0 { return }
-                usleep(50_000)
-            }
-            throw FrontendError("\(path) never appeared")
+            try waitUntil("\(path) to appear") { access(path, F_OK) == 0 }
         }
 
         /// Waits for a process to exit, up to `seconds`; its status, or nil.

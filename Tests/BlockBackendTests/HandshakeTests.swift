@@ -172,12 +172,12 @@ struct HandshakeLifecycleTests {
 
     /// Polls the backend's status until `condition` holds (at most 5 s).
     func waitForStatus(_ bed: TestBed, _ condition: ([VbdStatus]) -> Bool) throws -> [VbdStatus] {
-        for _ in 0..<100 {
-            let s = bed.host.blockStatus
-            if condition(s) { return s }
-            usleep(50_000)
+        var status: [VbdStatus] = []
+        try waitUntil("the expected backend status") {
+            status = bed.host.blockStatus
+            return condition(status)
         }
-        throw FrontendError("status never reached the expected state: \(bed.host.blockStatus)")
+        return status
     }
 }
 
@@ -194,7 +194,7 @@ struct HandshakeHotplugTests {
         let store = bed.host.toolstack.store
         let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
         // InitWait is reached at once (libxl runs the script only then); the disk stays closed.
-        _ = try waitUntil { bed.host.toolstack.store.readState(backend) == .initWait }
+        try waitUntil("InitWait") { bed.host.toolstack.store.readState(backend) == .initWait }
         #expect(bed.host.blockStatus.first?.diskOpen == false)
         let script = try NativeThread {
             usleep(300_000)
@@ -215,23 +215,15 @@ struct HandshakeHotplugTests {
         let fe = try bed.host.attachDisk(to: guest, .init(params: "/var/lib/xen/missing.img", script: "/etc/xen/scripts/xenbackd-block"))
         let store = bed.host.toolstack.store
         let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
-        _ = try waitUntil { store.readState(backend) == .initWait }
+        try waitUntil("InitWait") { store.readState(backend) == .initWait }
         try store.withTransaction { t throws(XenStoreError) in
             try store.write(backend + "/hotplug-error", "/var/lib/xen/missing.img does not exist", transaction: t)
             try store.write(backend + "/hotplug-status", "error", transaction: t)
         }
-        _ = try waitUntil { store.readState(backend) == .closed }
+        try waitUntil("Closed") { store.readState(backend) == .closed }
         let error = try store.read(backend + "/error")
         #expect(error == "hotplug script failed: /var/lib/xen/missing.img does not exist")
         #expect(bed.host.blockStatus.first?.diskOpen == false)
-    }
-
-    func waitUntil(_ condition: () -> Bool) throws -> Bool {
-        for _ in 0..<100 {
-            if condition() { return true }
-            usleep(50_000)
-        }
-        throw FrontendError("condition never became true")
     }
 }
 
@@ -257,8 +249,8 @@ struct HandshakeXenstoreUtilsTests {
             \(be)/params \(disk.path) \(be)/removable 0 \(be)/specification xen \(be)/state 1 \(be)/type phy
         xenstore-chmod -r \(be) n0 r7
         """
-        let status = try runShell(script, env: ["XENSTORED_PATH": bed.host.xenStoreSocket])
-        #expect(status == 0)
+        let toolstack = try runProgram("/bin/bash", ["-c", script], environment: ["XENSTORED_PATH": bed.host.xenStoreSocket])
+        #expect(toolstack.status == 0)
         let front = LoopbackBlockFrontend(guest: guest, store: try bed.host.guestStore(7), devid: 51728)
         try front.connect()
         #expect(front.info.sectors == 8 * 2048)
@@ -268,15 +260,5 @@ struct HandshakeXenstoreUtilsTests {
         // The guest could read its backend's keys (r7) but not write them.
         #expect(throws: XenStoreError.self) { try front.store.write(be + "/params", "/etc/shadow") }
         try front.disconnect()
-    }
-
-    func runShell(_ script: String, env: [String: String]) throws -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = ["-c", script]
-        p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
-        try p.run()
-        p.waitUntilExit()
-        return p.terminationStatus
     }
 }

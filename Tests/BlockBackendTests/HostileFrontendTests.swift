@@ -202,13 +202,7 @@ struct HostileFrontendTests {
         try withHostileGuest { fe, bed in
             fe.publishRawRequestProducer(10_000)
             let store = bed.host.toolstack.store
-            var state: XenbusState?
-            for _ in 0..<100 {
-                state = bed.backendState(fe)
-                if state == .closed { break }
-                usleep(50_000)
-            }
-            #expect(state == .closed)
+            try waitUntil("the device to close") { bed.backendState(fe) == .closed }
             let error = try store.read(fe.backendPath + "/error")
             #expect(error?.contains("broke the ring protocol") == true)
             #expect(bed.host.blockStatus.first { $0.address.frontendDomain == 1 }?.lastError != nil)

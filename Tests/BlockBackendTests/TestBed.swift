@@ -1,5 +1,6 @@
 import BlockBackend
 import BlockFrontend
+import Foundation
 import Glibc
 import Logging
 import Hypervisor
@@ -115,4 +116,29 @@ final class BystanderState: @unchecked Sendable {   // summary/failure written b
 final class UncheckedBox<T>: @unchecked Sendable {   // handed to exactly one thread
     let value: T
     init(_ v: T) { value = v }
+}
+
+/// Runs a program to its end: its exit status and standard output.
+@discardableResult
+func runProgram(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = arguments
+    if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+/// Polls `condition` every 50 ms for up to five seconds.
+func waitUntil(_ what: String, _ condition: () -> Bool) throws {
+    for _ in 0..<100 {
+        if condition() { return }
+        usleep(50_000)
+    }
+    throw FrontendError("\(what) never happened")
 }
