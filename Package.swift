@@ -91,6 +91,8 @@ let package = Package(
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage"], swiftSettings: strict),
+        // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
+        .testTarget(name: "HotplugScriptTests", dependencies: ["LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport"], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
             "LoopbackHost", "SystemSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
