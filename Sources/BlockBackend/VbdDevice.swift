@@ -38,6 +38,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     private var frontendPath = ""
     private var params = ""
     private var readOnly = false
+    /// The toolstack's `discard-enable` (libxl writes 0 for `discard=off`).
+    private var discardEnabled = true
     private var storage: (any BlockStorage)?
     private var dataPlane: VbdDataPlane?
     private(set) var state: XenbusState = .initialising
@@ -135,6 +137,16 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         case "w", "rw", "w!": readOnly = false
         default: throw DeviceFailure("mode \"\(mode)\" is neither r nor w")
         }
+        // libxl writes type=phy for every disk on a blkback-style backend.
+        let type = (try store.read(backendPath + "/type")) ?? "phy"
+        guard type == "phy" || type == "file" else {
+            throw DeviceFailure("type \"\(type)\" is not served here (phy or file)")
+        }
+        switch (try store.read(backendPath + "/discard-enable")) ?? "1" {
+        case "1": discardEnabled = true
+        case "0": discardEnabled = false
+        case let other: throw DeviceFailure("discard-enable \"\(other)\" is neither 0 nor 1")
+        }
     }
 
     private func hotplugStatusChanged() {
@@ -183,7 +195,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
             let g = storage.geometry
             let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
                                     flush: g.supportsFlush, barrier: g.supportsFlush,
-                                    discard: g.discard != nil && !(readOnly || g.readOnly))
+                                    discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly))
             let config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
                                               remotePort: ring.port, limits: limits,
                                               pollMicroseconds: options.pollMicroseconds,

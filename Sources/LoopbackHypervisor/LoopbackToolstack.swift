@@ -40,8 +40,14 @@ public struct LoopbackToolstack: Sendable {
         public var params: String
         public var readOnly: Bool
         public var script: String?
-        public init(devid: UInt32 = 51712, vdev: String = "xvda", params: String, readOnly: Bool = false, script: String? = nil) {
+        /// `discard-enable` (xl's `discard`/`no-discard`).
+        public var discard: Bool
+        /// `type`: libxl writes `phy`.
+        public var type: String
+        public init(devid: UInt32 = 51712, vdev: String = "xvda", params: String, readOnly: Bool = false, script: String? = nil,
+                    discard: Bool = true, type: String = "phy") {
             self.devid = devid; self.vdev = vdev; self.params = params; self.readOnly = readOnly; self.script = script
+            self.discard = discard; self.type = type
         }
     }
 
@@ -62,9 +68,9 @@ public struct LoopbackToolstack: Sendable {
         let bePerms: [XenStorePermission] = [.init(domain: UInt32(backendDomain), access: .none), .init(domain: UInt32(d), access: .read)]
         let fePerms: [XenStorePermission] = [.init(domain: UInt32(d), access: .none), .init(domain: UInt32(backendDomain), access: .read)]
         var backendKeys: [(String, String)] = [
-            ("bootable", "1"), ("dev", disk.vdev), ("device-type", "disk"), ("discard-enable", "1"),
+            ("bootable", "1"), ("dev", disk.vdev), ("device-type", "disk"), ("discard-enable", disk.discard ? "1" : "0"),
             ("frontend", fe), ("frontend-id", String(d)), ("mode", disk.readOnly ? "r" : "w"), ("online", "1"),
-            ("params", disk.params), ("removable", "0"), ("specification", "xen"), ("state", "1"), ("type", "phy"),
+            ("params", disk.params), ("removable", "0"), ("specification", "xen"), ("state", "1"), ("type", disk.type),
         ]
         if let s = disk.script { backendKeys.append(("script", s)) }
         let frontendKeys: [(String, String)] = [

@@ -55,6 +55,19 @@ struct HandshakeBadValueTests {
         try expectRefused(["event-channel": nil], reason: "missing event-channel")
     }
 
+    @Test("a device type other than phy or file")
+    func unknownType() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 4)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, type: "vbd3"))
+        #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
+        let error = try bed.host.toolstack.store.read(fe.backendPath + "/error")
+        #expect(error == "type \"vbd3\" is not served here (phy or file)")
+    }
+
     @Test("a missing disk: Closed at once with the reason, before any frontend")
     func missingDisk() throws {
         let bed = try TestBed()
@@ -70,6 +83,20 @@ struct HandshakeBadValueTests {
 
 @Suite("xenbus handshake: life cycle")
 struct HandshakeLifecycleTests {
+    @Test("discard-enable=0 (xl's no-discard) withholds feature-discard")
+    func discardDisabled() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let disk = TempDisk(megabytes: 4)
+        defer { disk.remove() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, discard: false))
+        try fe.connect()
+        #expect(!fe.info.discard)
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/feature-discard") == "0")
+        #expect(try fe.run(.discard(sector: 0, count: 8)) == BlkifStatus.notSupported)
+    }
+
     @Test("a frontend that publishes its ring without waiting for InitWait is served")
     func frontendSkipsInitWait() throws {
         let bed = try TestBed()
