@@ -18,10 +18,7 @@ struct HandshakeBadValueTests {
         let bed = try TestBed()
         defer { bed.close() }
         let (good, _) = try bed.guestWithDisk(2)
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path))
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
         fe.publishOverrides = overrides
         #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
         #expect(bed.backendState(fe) == .closed)
@@ -59,10 +56,7 @@ struct HandshakeBadValueTests {
     func unknownType() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, type: "vbd3"))
+        let (fe, _) = try bed.guestWithAttachedDisk(1) { $0.type = "vbd3" }
         #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
         let error = try bed.host.toolstack.store.read(fe.backendPath + "/error")
         #expect(error == "type \"vbd3\" is not served here (phy or file)")
@@ -87,10 +81,7 @@ struct HandshakeLifecycleTests {
     func discardDisabled() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, discard: false))
+        let (fe, _) = try bed.guestWithAttachedDisk(1) { $0.discard = false }
         try fe.connect()
         #expect(!fe.info.discard)
         #expect(try bed.host.toolstack.store.read(fe.backendPath + "/feature-discard") == "0")
@@ -101,10 +92,7 @@ struct HandshakeLifecycleTests {
     func frontendSkipsInitWait() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path))
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
         try fe.connect(waitForInitWait: false)
         #expect(bed.backendState(fe) == .connected)
         #expect(try fe.write(sector: 8, data: [UInt8](repeating: 0x61, count: 1024)) == BlkifStatus.okay)
@@ -115,10 +103,7 @@ struct HandshakeLifecycleTests {
     func coalescedWatches() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path))
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
         // Hold the control loop so that the frontend's Initialising, its
         // ring keys and Initialised all queue up behind one busy turn.
         let started = Handoff<Bool>()
@@ -214,10 +199,7 @@ struct HandshakeHotplugTests {
     func waitsForHotplugStatus() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let disk = TempDisk(megabytes: 4)
-        defer { disk.remove() }
-        let guest = try bed.host.createGuest(1)
-        let fe = try bed.host.attachDisk(to: guest, .init(params: disk.path, script: "/etc/xen/scripts/xenbackd-block"))
+        let (fe, _) = try bed.guestWithAttachedDisk(1) { $0.script = "/etc/xen/scripts/xenbackd-block" }
         let store = bed.host.toolstack.store
         let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
         // InitWait is reached at once (libxl runs the script only then); the disk stays closed.

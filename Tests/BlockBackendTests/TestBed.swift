@@ -53,12 +53,22 @@ final class TestBed {
     /// A guest with one connected disk.
     func guestWithDisk(_ domid: DomID, megabytes: Int = 16, readOnly: Bool = false, ringPageOrder: Int = 0) throws
         -> (LoopbackBlockFrontend, TempDisk) {
+        let (fe, disk) = try guestWithAttachedDisk(domid, megabytes: megabytes) { $0.readOnly = readOnly }
+        try fe.connect(ringPageOrder: ringPageOrder)
+        return (fe, disk)
+    }
+
+    /// A guest whose vbd the toolstack has written, its frontend not yet
+    /// connected. `configure` adjusts the toolstack's disk (params, script, keys).
+    func guestWithAttachedDisk(_ domid: DomID, megabytes: Int = 4,
+                               configure: (inout LoopbackToolstack.Disk) -> Void = { _ in }) throws
+        -> (LoopbackBlockFrontend, TempDisk) {
         let disk = TempDisk(megabytes: megabytes)
         disks.append(disk)
         let guest = try host.createGuest(domid)
-        let fe = try host.attachDisk(to: guest, .init(params: disk.path, readOnly: readOnly))
-        try fe.connect(ringPageOrder: ringPageOrder)
-        return (fe, disk)
+        var spec = LoopbackToolstack.Disk(params: disk.path)
+        configure(&spec)
+        return (try host.attachDisk(to: guest, spec), disk)
     }
 
     func backendState(_ fe: LoopbackBlockFrontend) -> XenbusState? {
