@@ -55,6 +55,8 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "BlockStorage", dependencies: ["CLibAIO", "CXenBackSupport"], swiftSettings: dataPlane),
+        // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
+        .target(name: "NetworkPlumbing", dependencies: ["CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
@@ -91,6 +93,7 @@ let package = Package(
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage"], swiftSettings: strict),
+        .testTarget(name: "NetworkPlumbingTests", dependencies: ["NetworkPlumbing", "SystemSupport"], swiftSettings: strict),
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
         .testTarget(name: "HotplugScriptTests", dependencies: ["LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport"], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
