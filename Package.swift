@@ -28,6 +28,7 @@ let package = Package(
         // macros that do not import into Swift (O_DIRECT, eventfd, ioctls).
         .target(name: "CXenBackSupport"),
         .systemLibrary(name: "CLibAIO", path: "Sources/CLibAIO"),
+        .systemLibrary(name: "CLibNBD", path: "Sources/CLibNBD", pkgConfig: "libnbd"),
         .systemLibrary(name: "CLibXenStore", path: "Sources/CLibXenStore", pkgConfig: "xenstore"),
         // libxengnttab + libxenevtchn (module map links both; the shim defines __XEN_TOOLS__).
         .systemLibrary(name: "CXenStableLibs", path: "Sources/CXenStableLibs"),
@@ -54,7 +55,7 @@ let package = Package(
             "Hypervisor", "XenABI", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
-        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CXenBackSupport"], swiftSettings: dataPlane),
+        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibNBD", "CXenBackSupport"], swiftSettings: dataPlane),
         // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
         .target(name: "NetworkPlumbing", dependencies: ["CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [

@@ -12,10 +12,17 @@ public enum DiskParameters {
         return String(p)
     }
 
-    /// The default opener: libaio file storage.
+    /// The default opener: an NBD export (libnbd) for `nbd:` and NBD URIs,
+    /// libaio file storage for paths.
     public static let fileStorageOpener: StorageOpener = { params, readOnly, queueDepth in
+        if NBDAddress.isNBD(params) {
+            return try NBDStorage.open(uri: params, readOnly: readOnly, queueDepth: queueDepth, connections: nbdConnections)
+        }
         let path = path(of: params)
         guard path.hasPrefix("/") else { throw StorageError("open", errno: 22, path: params) }
         return try FileStorage.open(path: path, readOnly: readOnly, queueDepth: queueDepth)
     }
+
+    /// Connections per NBD disk when the server allows multi-conn.
+    public static let nbdConnections = 2
 }

@@ -1,0 +1,742 @@
+import CLibNBD
+import CXenBackSupport
+import Glibc
+
+/// What the server said in the handshake (of the first connection).
+public struct NBDServerFeatures: Equatable, Sendable {
+    public var sizeBytes: UInt64
+    public var readOnly: Bool
+    public var canFlush: Bool
+    public var canFUA: Bool
+    public var canTrim: Bool
+    public var canZero: Bool
+    public var canMultiConn: Bool
+    /// Block sizes the server advertised (0: not advertised).
+    public var minimumBlockSize: UInt32
+    public var preferredBlockSize: UInt32
+    public var maximumBlockSize: UInt32
+}
+
+/// A disk on an NBD export, driven through libnbd's asynchronous API from
+/// the ring's thread: no thread of its own, no thread per request.
+///
+/// Event loop: `completionFileDescriptor` is an epoll descriptor of this
+/// storage's own, holding each connection's socket (with the directions
+/// `nbd_aio_get_direction` asks for, updated after every call into libnbd,
+/// so EPOLLOUT is armed while libnbd has a request half-sent to a slow
+/// server), an eventfd (completions produced inside `submit`: refusals,
+/// commands on a dead connection) and a timerfd (command timeouts). An epoll
+/// descriptor is readable while any member is ready, so the data plane's
+/// epoll wakes on it like on libaio's eventfd. `reapCompletions` /
+/// `pollCompletions` ask this epoll (zero timeout) which sockets are ready,
+/// call `nbd_aio_notify_read` / `nbd_aio_notify_write`, and libnbd runs the
+/// completion callbacks inside those calls: each records its result in the
+/// operation's preallocated slot; an operation whose last command finished
+/// goes on the finished ring, which the reap hands to the caller.
+///
+/// Reads and writes: an operation whose iovecs are one contiguous run of
+/// memory (one iovec, or a slot's adjacent bounce pages) is one command
+/// straight into the caller's memory. Otherwise it goes through a bounce
+/// buffer of the slot (gathered before a write, scattered after a read): a
+/// memcpy of a few pages costs far less than an NBD command per iovec (a
+/// request header, a reply and a server round of work per 4 KiB). The slot's
+/// bounce buffer grows to the largest operation seen, up to 4 MiB (or the
+/// server's maximum payload), and is kept; larger operations are sent as one
+/// command per contiguous run (split at the maximum payload) and complete
+/// when all of their commands have.
+///
+/// Several connections (`connections` > 1 and the server allows multi-conn):
+/// operations go round-robin; a flush goes to every connection and completes
+/// when all have flushed.
+///
+/// Faults: when a server dies, libnbd fails every command in flight on that
+/// connection (their operations complete with its errno, typically
+/// -ENOTCONN) and the connection is dropped; operations submitted with no
+/// connection left complete with -EIO. A command not answered within
+/// `commandTimeoutMilliseconds` (a hung server) makes its connection be shut
+/// down, which fails everything in flight on it (the late one with
+/// -ETIMEDOUT). There is no reconnection yet.
+///
+/// Other refusals, as `FileStorage`: -EINVAL past the end of the disk,
+/// -EROFS for a write or discard on a read-only disk or export, -EOPNOTSUPP
+/// for a discard the server cannot trim. A flush on a server without flush
+/// support completes with 0 (writes there are not cached).
+///
+/// Opened on a control thread, then used by one data-plane thread only.
+public final class NBDStorage: BlockStorage, @unchecked Sendable {
+    public let address: NBDAddress
+    public let geometry: StorageGeometry
+    public let features: NBDServerFeatures
+    public let queueDepth: Int
+    public var completionFileDescriptor: Int32 { epollFD }
+    public let commandTimeoutMilliseconds: Int
+    /// Connections opened (1 unless the server allows multi-conn).
+    public var connectionCount: Int { connections.count }
+    /// Connections still alive.
+    public var liveConnectionCount: Int { connections.reduce(0) { $0 + ($1.alive ? 1 : 0) } }
+
+    static let maximumBounceBytes = 4 << 20
+    private static let eventToken: UInt64 = 0
+    private static let timerToken: UInt64 = 1
+    private static let firstConnectionToken: UInt64 = 2
+
+    private var connections: [NBDConnection]
+    /// Commands issued on each connection (tests check the round-robin).
+    var commandsIssued: [Int] { connections.map(\.commandsIssued) }
+    /// Times a socket was registered for EPOLLOUT (libnbd had a request half-sent).
+    private(set) var outputWaits = 0
+    private let epollFD: Int32
+    private let eventFD: Int32
+    private let timerFD: Int32
+    private var closed = false
+    private var timerArmed = false
+    private var nextConnection = 0
+    private let maximumPayload: Int
+    private let bounceLimit: Int
+
+    // Everything below is allocated at open: one entry per queue slot.
+    private let slots: UnsafeMutablePointer<NBDSlot>
+    private let contexts: UnsafeMutablePointer<NBDCallbackContext>
+    private let freeSlots: UnsafeMutablePointer<Int32>
+    private var freeSlotCount: Int
+    private let finishedRing: UnsafeMutablePointer<Int32>
+    private var finishedHead = 0
+    private var finishedCount = 0
+    /// Slots taken and not yet reaped.
+    private var busySlots = 0
+    private let readyTokens: UnsafeMutablePointer<UInt64>
+    private let readyEvents: UnsafeMutablePointer<UInt32>
+    private let readyCapacity: Int32
+
+    /// Connects (synchronously) to the export and reads its handshake.
+    /// - connections: how many connections to open when the server allows
+    ///   multi-conn (otherwise one).
+    /// - commandTimeoutMilliseconds: 0 disables the timeout.
+    public static func open(uri: String, readOnly: Bool, queueDepth: Int, connections: Int = 1,
+                            commandTimeoutMilliseconds: Int = 30_000) throws(StorageError) -> NBDStorage {
+        guard queueDepth >= 1, queueDepth <= Int(Int32.max), connections >= 1, commandTimeoutMilliseconds >= 0 else {
+            throw StorageError("open (queue depth \(queueDepth), connections \(connections))", errno: EINVAL, path: uri)
+        }
+        let address = try NBDAddress.parse(uri)
+        var opened: [NBDConnection] = []
+        var fds: [Int32] = []
+        func cleanUp() {
+            for connection in opened { nbd_close(connection.handle) }
+            for fd in fds { Glibc.close(fd) }
+        }
+        let first = try connect(address)
+        opened.append(first)
+        let features = readFeatures(first.handle)
+        guard features.sizeBytes != UInt64.max else {
+            let error = libnbdError("nbd_get_size", uri)
+            cleanUp()
+            throw error
+        }
+        if connections > 1 && features.canMultiConn {
+            for _ in 1..<connections {
+                do throws(StorageError) { opened.append(try connect(address)) } catch { cleanUp(); throw error }
+            }
+        }
+        let epollFD = xb_epoll_create()
+        guard epollFD >= 0 else { let e = errno; cleanUp(); throw StorageError("epoll_create", errno: e, path: uri) }
+        fds.append(epollFD)
+        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard eventFD >= 0 else { let e = errno; cleanUp(); throw StorageError("eventfd", errno: e, path: uri) }
+        fds.append(eventFD)
+        let timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
+        guard timerFD >= 0 else { let e = errno; cleanUp(); throw StorageError("timerfd_create", errno: e, path: uri) }
+        fds.append(timerFD)
+        guard xb_epoll_add(epollFD, eventFD, xb_EPOLLIN, eventToken) == 0,
+              xb_epoll_add(epollFD, timerFD, xb_EPOLLIN, timerToken) == 0 else {
+            let e = errno; cleanUp(); throw StorageError("epoll_ctl", errno: e, path: uri)
+        }
+        for index in opened.indices {
+            let events = epollEvents(nbd_aio_get_direction(opened[index].handle))
+            guard xb_epoll_add(epollFD, opened[index].fd, events, firstConnectionToken + UInt64(index)) == 0 else {
+                let e = errno; cleanUp(); throw StorageError("epoll_ctl", errno: e, path: uri)
+            }
+            opened[index].registeredEvents = events
+        }
+        return NBDStorage(address: address, features: features, readOnly: readOnly, queueDepth: queueDepth,
+                          connections: opened, epollFD: epollFD, eventFD: eventFD, timerFD: timerFD,
+                          commandTimeoutMilliseconds: commandTimeoutMilliseconds)
+    }
+
+    private static func connect(_ address: NBDAddress) throws(StorageError) -> NBDConnection {
+        let name = address.description
+        guard let handle = nbd_create() else { throw libnbdError("nbd_create", name) }
+        let result: Int32
+        switch (address.uri, address.transport) {
+        case (let uri?, _):
+            result = nbd_connect_uri(handle, uri)
+        case (nil, .tcp(let host, let port)):
+            result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_connect_tcp(handle, host, port) : -1
+        case (nil, .unix(let path)):
+            result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_connect_unix(handle, path) : -1
+        }
+        guard result == 0 else {
+            let error = libnbdError("connect", name)
+            nbd_close(handle)
+            throw error
+        }
+        let fd = nbd_aio_get_fd(handle)
+        guard fd >= 0 else {
+            let error = libnbdError("nbd_aio_get_fd", name)
+            nbd_close(handle)
+            throw error
+        }
+        return NBDConnection(handle: handle, fd: fd)
+    }
+
+    private static func readFeatures(_ handle: OpaquePointer) -> NBDServerFeatures {
+        let size = nbd_get_size(handle)
+        func flag(_ value: Int32) -> Bool { value == 1 }
+        func blockSize(_ kind: Int32) -> UInt32 {
+            let value = nbd_get_block_size(handle, kind)
+            return value > 0 && value <= Int64(UInt32.max) ? UInt32(value) : 0
+        }
+        return NBDServerFeatures(
+            sizeBytes: size < 0 ? UInt64.max : UInt64(size),
+            readOnly: flag(nbd_is_read_only(handle)), canFlush: flag(nbd_can_flush(handle)),
+            canFUA: flag(nbd_can_fua(handle)), canTrim: flag(nbd_can_trim(handle)),
+            canZero: flag(nbd_can_zero(handle)), canMultiConn: flag(nbd_can_multi_conn(handle)),
+            minimumBlockSize: blockSize(Int32(LIBNBD_SIZE_MINIMUM)),
+            preferredBlockSize: blockSize(Int32(LIBNBD_SIZE_PREFERRED)),
+            maximumBlockSize: blockSize(Int32(LIBNBD_SIZE_MAXIMUM)))
+    }
+
+    private static func libnbdError(_ operation: String, _ name: String) -> StorageError {
+        let code = nbd_get_errno()
+        let message = nbd_get_error().map { String(cString: $0) } ?? ""
+        return StorageError(message.isEmpty ? operation : "\(operation) (\(message))",
+                            errno: code > 0 ? code : EIO, path: name)
+    }
+
+    static func epollEvents(_ direction: UInt32) -> UInt32 {
+        (direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 ? xb_EPOLLIN : 0)
+            | (direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 ? xb_EPOLLOUT : 0)
+    }
+
+    /// The geometry this storage reports for a handshake.
+    static func geometry(for features: NBDServerFeatures, readOnly: Bool) -> StorageGeometry {
+        let preferred = features.preferredBlockSize
+        let physical: UInt32 = preferred >= 512 && preferred <= 65536 && preferred & (preferred - 1) == 0 ? preferred : 4096
+        let granularity = max(features.minimumBlockSize, features.preferredBlockSize)
+        let discard = features.canTrim && !(readOnly || features.readOnly)
+            ? DiscardSupport(granularity: granularity >= 512 ? granularity : 4096, alignment: 0, zeroesData: false)
+            : nil
+        return StorageGeometry(sizeBytes: features.sizeBytes, logicalSectorSize: 512, physicalSectorSize: physical,
+                               readOnly: readOnly || features.readOnly,
+                               supportsFlush: features.canFlush && !(readOnly || features.readOnly),
+                               discard: discard)
+    }
+
+    private init(address: NBDAddress, features: NBDServerFeatures, readOnly: Bool, queueDepth: Int,
+                 connections: [NBDConnection], epollFD: Int32, eventFD: Int32, timerFD: Int32,
+                 commandTimeoutMilliseconds: Int) {
+        self.address = address
+        self.features = features
+        self.geometry = Self.geometry(for: features, readOnly: readOnly)
+        self.queueDepth = queueDepth
+        self.connections = connections
+        self.epollFD = epollFD
+        self.eventFD = eventFD
+        self.timerFD = timerFD
+        self.commandTimeoutMilliseconds = commandTimeoutMilliseconds
+        // The NBD protocol's default limit when the server names none.
+        maximumPayload = features.maximumBlockSize > 0 ? Int(features.maximumBlockSize) : 32 << 20
+        bounceLimit = min(maximumPayload, Self.maximumBounceBytes)
+        slots = .allocate(capacity: queueDepth)
+        slots.initialize(repeating: NBDSlot(), count: queueDepth)
+        contexts = .allocate(capacity: queueDepth)
+        freeSlots = .allocate(capacity: queueDepth)
+        for index in 0..<queueDepth { freeSlots[index] = Int32(queueDepth - 1 - index) }
+        freeSlotCount = queueDepth
+        finishedRing = .allocate(capacity: queueDepth)
+        finishedRing.initialize(repeating: 0, count: queueDepth)
+        readyCapacity = Int32(connections.count + 2)
+        readyTokens = .allocate(capacity: Int(readyCapacity))
+        readyTokens.initialize(repeating: 0, count: Int(readyCapacity))
+        readyEvents = .allocate(capacity: Int(readyCapacity))
+        readyEvents.initialize(repeating: 0, count: Int(readyCapacity))
+        let owner = Unmanaged.passUnretained(self).toOpaque()
+        for index in 0..<queueDepth {
+            (contexts + index).initialize(to: NBDCallbackContext(owner: owner, slot: Int32(index)))
+        }
+    }
+
+    deinit {
+        close()
+        for index in 0..<queueDepth { free(slots[index].bounce) }
+        slots.deinitialize(count: queueDepth)
+        slots.deallocate()
+        contexts.deallocate()
+        freeSlots.deallocate()
+        finishedRing.deallocate()
+        readyTokens.deallocate()
+        readyEvents.deallocate()
+    }
+
+    /// Disconnects (NBD_CMD_DISC, without waiting for the server) and closes
+    /// every connection.
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        for index in connections.indices {
+            let handle = connections[index].handle
+            if connections[index].alive && nbd_aio_is_ready(handle) == 1 && nbd_aio_disconnect(handle, 0) == 0 {
+                // One attempt to send it; the socket's close does the rest.
+                if nbd_aio_get_direction(handle) & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 {
+                    _ = nbd_aio_notify_write(handle)
+                }
+            }
+            connections[index].alive = false
+            // Completion callbacks of anything still in flight must not run any more.
+            nbd_close(handle)
+        }
+        Glibc.close(timerFD)
+        Glibc.close(eventFD)
+        Glibc.close(epollFD)
+    }
+
+    // MARK: Submission
+
+    public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
+        let count = min(operations.count, freeSlotCount)
+        guard count > 0 else { return 0 }
+        let finishedBefore = finishedCount
+        for index in 0..<count { start(operations[index]) }
+        for index in connections.indices where connections[index].alive { updateRegistration(index) }
+        if busySlots > finishedCount { armTimer() }
+        if finishedCount > finishedBefore { signalCompletion() }
+        return count
+    }
+
+    private func start(_ operation: StorageOperation) {
+        freeSlotCount -= 1
+        let slot = Int(freeSlots[freeSlotCount])
+        busySlots += 1
+        let bytes = operation.kind == .read || operation.kind == .write
+            ? nbdTransferLength(operation.iovecs, operation.iovecCount) : operation.length
+        slots[slot].tag = operation.tag
+        slots[slot].kind = operation.kind
+        slots[slot].bytes = bytes
+        slots[slot].iovecs = operation.iovecs
+        slots[slot].iovecCount = operation.iovecCount
+        slots[slot].scatter = false
+        slots[slot].error = 0
+        slots[slot].connection = -1
+        // One guard reference while commands are issued: a callback running
+        // inside an nbd_aio_* call cannot finish the operation early.
+        slots[slot].pending = 1
+        slots[slot].issuedAt = MonotonicNanoseconds.now()
+        if let error = refusal(operation.kind, offset: operation.offset, bytes: bytes) {
+            slots[slot].error = error
+        } else if !(bytes == 0 && operation.kind != .flush) {
+            issue(slot, operation.kind, offset: operation.offset, bytes: bytes)
+        }
+        release(slot)
+    }
+
+    private func refusal(_ kind: StorageOperationKind, offset: UInt64, bytes: UInt64) -> Int32? {
+        switch kind {
+        case .read: return rangeError(offset, bytes)
+        case .write: return geometry.readOnly ? EROFS : rangeError(offset, bytes)
+        case .flush: return nil
+        case .discard:
+            if geometry.readOnly { return EROFS }
+            if !features.canTrim { return EOPNOTSUPP }
+            return rangeError(offset, bytes)
+        }
+    }
+
+    private func rangeError(_ offset: UInt64, _ length: UInt64) -> Int32? {
+        let size = geometry.sizeBytes
+        return length > size || offset > size - length ? EINVAL : nil
+    }
+
+    private func issue(_ slot: Int, _ kind: StorageOperationKind, offset: UInt64, bytes: UInt64) {
+        if kind == .flush {
+            guard features.canFlush else { return }
+            var any = false
+            for index in connections.indices where connections[index].alive {
+                any = true
+                _ = command(slot, on: index) { handle, callback in nbd_aio_flush(handle, callback, 0) }
+            }
+            if !any { slots[slot].error = EIO }
+            return
+        }
+        guard let connection = pickConnection() else {
+            slots[slot].error = EIO
+            return
+        }
+        slots[slot].connection = Int32(connection)
+        switch kind {
+        case .flush:
+            break
+        case .discard:
+            var done: UInt64 = 0
+            // Trim lengths are 32-bit on the wire: split what is larger.
+            let chunk = UInt64(UInt32.max) & ~4095
+            while done < bytes {
+                let length = min(chunk, bytes - done)
+                let position = offset + done
+                guard command(slot, on: connection, { handle, callback in
+                    nbd_aio_trim(handle, length, position, callback, 0)
+                }) else { return }
+                done += length
+            }
+        case .read, .write:
+            transfer(slot, kind, offset: offset, bytes: Int(bytes), connection: connection)
+        }
+    }
+
+    private func transfer(_ slot: Int, _ kind: StorageOperationKind, offset: UInt64, bytes: Int, connection: Int) {
+        guard let iovecs = slots[slot].iovecs else { slots[slot].error = EFAULT; return }
+        let count = Int(slots[slot].iovecCount)
+        if bytes <= maximumPayload && isOneRun(iovecs, count), let base = firstBase(iovecs, count) {
+            _ = dataCommand(slot, kind, base, bytes, offset, connection)
+            return
+        }
+        if bytes <= bounceLimit, let bounce = bounceBuffer(slot, bytes) {
+            if kind == .write {
+                nbdGather(iovecs, count, into: bounce)
+            } else {
+                slots[slot].scatter = true
+            }
+            _ = dataCommand(slot, kind, bounce, bytes, offset, connection)
+            return
+        }
+        // Too large to bounce: one command per contiguous run, split at the maximum payload.
+        var position = offset
+        var index = 0
+        while index < count {
+            guard let base = iovecs[index].iov_base else { index += 1; continue }
+            var run = iovecs[index].iov_len
+            index += 1
+            while index < count, iovecs[index].iov_base == base + run { run += iovecs[index].iov_len; index += 1 }
+            var done = 0
+            while done < run {
+                let length = min(maximumPayload, run - done)
+                guard dataCommand(slot, kind, base + done, length, position, connection) else { return }
+                done += length
+                position += UInt64(length)
+            }
+        }
+    }
+
+    private func dataCommand(_ slot: Int, _ kind: StorageOperationKind, _ buffer: UnsafeMutableRawPointer,
+                             _ length: Int, _ offset: UInt64, _ connection: Int) -> Bool {
+        if kind == .read {
+            return command(slot, on: connection) { handle, callback in
+                nbd_aio_pread(handle, buffer, length, offset, callback, 0)
+            }
+        }
+        return command(slot, on: connection) { handle, callback in
+            nbd_aio_pwrite(handle, buffer, length, offset, callback, 0)
+        }
+    }
+
+    /// Issues one command of `slot`'s operation on a connection; false (and
+    /// the error recorded) when libnbd refused it.
+    @inline(__always)
+    private func command(_ slot: Int, on connection: Int,
+                         _ body: (OpaquePointer, nbd_completion_callback) -> Int64) -> Bool {
+        let callback = nbd_completion_callback(callback: nbdCommandCompleted, user_data: UnsafeMutableRawPointer(contexts + slot),
+                                               free: nil)
+        slots[slot].pending += 1
+        connections[connection].commandsIssued &+= 1
+        guard body(connections[connection].handle, callback) >= 0 else {
+            slots[slot].pending -= 1
+            let code = nbd_get_errno()
+            if slots[slot].error == 0 { slots[slot].error = code > 0 ? code : EIO }
+            checkDead(connection)
+            return false
+        }
+        return true
+    }
+
+    private func pickConnection() -> Int? {
+        for _ in 0..<connections.count {
+            let index = nextConnection
+            nextConnection = nextConnection + 1 == connections.count ? 0 : nextConnection + 1
+            if connections[index].alive { return index }
+        }
+        return nil
+    }
+
+    /// The slot's bounce buffer, grown (page-aligned, kept) to hold `bytes`.
+    private func bounceBuffer(_ slot: Int, _ bytes: Int) -> UnsafeMutableRawPointer? {
+        if slots[slot].bounceCapacity >= bytes { return slots[slot].bounce }
+        var capacity = max(64 << 10, slots[slot].bounceCapacity)
+        while capacity < bytes { capacity *= 2 }
+        var memory: UnsafeMutableRawPointer?
+        guard posix_memalign(&memory, 4096, capacity) == 0, let memory else { return nil }
+        free(slots[slot].bounce)
+        slots[slot].bounce = memory
+        slots[slot].bounceCapacity = capacity
+        return memory
+    }
+
+    // MARK: Completion
+
+    /// Called by libnbd (inside our calls into it) when a command finished.
+    fileprivate func commandCompleted(slot: Int, error: Int32) {
+        if error != 0 && slots[slot].error == 0 { slots[slot].error = error }
+        release(slot)
+    }
+
+    /// Drops one reference to the slot's operation; the last one finishes it.
+    private func release(_ slot: Int) {
+        slots[slot].pending -= 1
+        guard slots[slot].pending == 0 else { return }
+        if slots[slot].error == 0 && slots[slot].scatter, let bounce = slots[slot].bounce {
+            nbdScatter(bounce, to: slots[slot].iovecs, Int(slots[slot].iovecCount))
+        }
+        var tail = finishedHead + finishedCount
+        if tail >= queueDepth { tail -= queueDepth }
+        finishedRing[tail] = Int32(slot)
+        finishedCount += 1
+    }
+
+    /// `body` may call `submit` (the completed operation's slot is already
+    /// free) but not `reapCompletions`.
+    public func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        drainEventCounter()
+        // Always look at the sockets here: one that hung up while idle keeps
+        // the descriptor readable until libnbd has seen it.
+        return deliverFinished(body) + driveConnections(body)
+    }
+
+    /// Drives the sockets only while something is in flight (an epoll_wait
+    /// with zero timeout); otherwise no system call.
+    public func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        let reaped = deliverFinished(body)
+        guard busySlots > 0 else { return reaped }
+        return reaped + driveConnections(body)
+    }
+
+    /// Lets libnbd read replies and send what it has queued on every
+    /// connection its epoll says is ready, then hands over what finished.
+    private func driveConnections(_ body: (StorageCompletion) -> Void) -> Int {
+        let ready = xb_epoll_wait(epollFD, readyTokens, readyEvents, readyCapacity, 0)
+        guard ready > 0 else { return 0 }
+        for entry in 0..<Int(ready) {
+            let token = readyTokens[entry]
+            if token == Self.timerToken {
+                timerFired()
+                continue
+            }
+            guard token >= Self.firstConnectionToken else { continue }
+            let index = Int(token - Self.firstConnectionToken)
+            guard connections[index].alive else { continue }
+            let handle = connections[index].handle
+            let events = readyEvents[entry]
+            let direction = nbd_aio_get_direction(handle)
+            let wantsRead = direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0
+            let wantsWrite = direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0
+            let failed = events & (xb_EPOLLERR | xb_EPOLLHUP) != 0
+            if wantsWrite && (events & xb_EPOLLOUT != 0 || failed) { _ = nbd_aio_notify_write(handle) }
+            if connections[index].alive && (events & xb_EPOLLIN != 0 || failed) && (wantsRead || !wantsWrite) {
+                _ = nbd_aio_notify_read(handle)
+            }
+            if !checkDead(index) { updateRegistration(index) }
+        }
+        return deliverFinished(body)
+    }
+
+    private func deliverFinished(_ body: (StorageCompletion) -> Void) -> Int {
+        var reaped = 0
+        while finishedCount > 0 {
+            let slot = Int(finishedRing[finishedHead])
+            finishedHead = finishedHead + 1 == queueDepth ? 0 : finishedHead + 1
+            finishedCount -= 1
+            let state = slots[slot]
+            let result: Int64
+            if state.error != 0 {
+                result = -Int64(state.error)
+            } else {
+                result = state.kind == .read || state.kind == .write ? Int64(state.bytes) : 0
+            }
+            freeSlots[freeSlotCount] = Int32(slot)
+            freeSlotCount += 1
+            busySlots -= 1
+            body(StorageCompletion(tag: state.tag, result: result))
+            reaped += 1
+        }
+        return reaped
+    }
+
+    // MARK: Connections, timer, eventfd
+
+    /// Re-registers the connection's socket for the directions libnbd wants now.
+    private func updateRegistration(_ index: Int) {
+        if checkDead(index) { return }
+        let events = Self.epollEvents(nbd_aio_get_direction(connections[index].handle))
+        guard events != connections[index].registeredEvents else { return }
+        _ = xb_epoll_mod(epollFD, connections[index].fd, events, Self.firstConnectionToken + UInt64(index))
+        connections[index].registeredEvents = events
+        if events & xb_EPOLLOUT != 0 { outputWaits &+= 1 }
+    }
+
+    /// Drops a connection libnbd declared dead or closed (its commands have
+    /// been failed through their callbacks). Returns true when it is gone.
+    @discardableResult
+    private func checkDead(_ index: Int) -> Bool {
+        guard connections[index].alive else { return true }
+        let handle = connections[index].handle
+        guard nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 else { return false }
+        connections[index].alive = false
+        // libnbd may have closed the socket already (then this fails harmlessly).
+        _ = xb_epoll_del(epollFD, connections[index].fd)
+        return true
+    }
+
+    /// Fails the commands of a connection that stopped answering: shutting
+    /// the socket down makes libnbd see the end of the stream, fail what is
+    /// in flight and go dead.
+    private func abandon(_ index: Int) {
+        guard connections[index].alive else { return }
+        shutdown(connections[index].fd, Int32(SHUT_RDWR))
+        let handle = connections[index].handle
+        _ = nbd_aio_notify_read(handle)
+        if !checkDead(index) {
+            _ = nbd_aio_notify_write(handle)
+            if !checkDead(index) { updateRegistration(index) }
+        }
+    }
+
+    private func armTimer() {
+        guard !timerArmed, commandTimeoutMilliseconds > 0 else { return }
+        let period = max(commandTimeoutMilliseconds / 4, 1)
+        let interval = timespec(tv_sec: period / 1000, tv_nsec: (period % 1000) * 1_000_000)
+        var setting = itimerspec(it_interval: interval, it_value: interval)
+        if timerfd_settime(timerFD, 0, &setting, nil) == 0 { timerArmed = true }
+    }
+
+    private func timerFired() {
+        var expirations: UInt64 = 0
+        _ = read(timerFD, &expirations, MemoryLayout<UInt64>.size)
+        if busySlots == finishedCount {
+            // Idle: stop ticking until the next submit.
+            var setting = itimerspec()
+            _ = timerfd_settime(timerFD, 0, &setting, nil)
+            timerArmed = false
+            return
+        }
+        let now = MonotonicNanoseconds.now()
+        let limit = UInt64(commandTimeoutMilliseconds) * 1_000_000
+        for slot in 0..<queueDepth where slots[slot].pending > 0 && now &- slots[slot].issuedAt > limit {
+            if slots[slot].error == 0 { slots[slot].error = ETIMEDOUT }
+            let connection = Int(slots[slot].connection)
+            if connection >= 0 {
+                abandon(connection)
+            } else {
+                for index in connections.indices { abandon(index) }
+            }
+        }
+    }
+
+    private func signalCompletion() {
+        var one: UInt64 = 1
+        _ = write(eventFD, &one, MemoryLayout<UInt64>.size)
+    }
+
+    private func drainEventCounter() {
+        var counter: UInt64 = 0
+        _ = read(eventFD, &counter, MemoryLayout<UInt64>.size)
+    }
+}
+
+struct NBDConnection {
+    var handle: OpaquePointer
+    var fd: Int32
+    var alive = true
+    var registeredEvents: UInt32 = 0
+    var commandsIssued = 0
+}
+
+/// Bookkeeping for one operation in flight.
+struct NBDSlot {
+    var tag: UInt64 = 0
+    var kind: StorageOperationKind = .read
+    var bytes: UInt64 = 0
+    var iovecs: UnsafeMutablePointer<iovec>?
+    var iovecCount: Int32 = 0
+    /// Commands not yet finished (+1 while they are being issued); 0: not in flight.
+    var pending: Int32 = 0
+    /// The first errno of any of its commands.
+    var error: Int32 = 0
+    /// A read into the bounce buffer, to be scattered into the iovecs.
+    var scatter = false
+    /// The connection its commands went to; -1 for all (flush) or none.
+    var connection: Int32 = -1
+    var issuedAt: UInt64 = 0
+    var bounce: UnsafeMutableRawPointer?
+    var bounceCapacity = 0
+}
+
+/// What libnbd hands back to the completion callback: preallocated, one per slot.
+struct NBDCallbackContext {
+    var owner: UnsafeMutableRawPointer
+    var slot: Int32
+}
+
+private let nbdCommandCompleted: @convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<Int32>?) -> Int32 = {
+    userData, error in
+    guard let context = userData?.assumingMemoryBound(to: NBDCallbackContext.self) else { return 1 }
+    let storage = Unmanaged<NBDStorage>.fromOpaque(context.pointee.owner).takeUnretainedValue()
+    storage.commandCompleted(slot: Int(context.pointee.slot), error: error?.pointee ?? 0)
+    // 1: libnbd retires the command now; nothing to collect later.
+    return 1
+}
+
+enum MonotonicNanoseconds {
+    @inline(__always)
+    static func now() -> UInt64 {
+        var time = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &time)
+        return UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
+    }
+}
+
+/// Total bytes described by an iovec array.
+func nbdTransferLength(_ iovecs: UnsafeMutablePointer<iovec>?, _ count: Int32) -> UInt64 {
+    guard let iovecs, count > 0 else { return 0 }
+    var total: UInt64 = 0
+    for index in 0..<Int(count) { total &+= UInt64(iovecs[index].iov_len) }
+    return total
+}
+
+/// True when the iovecs describe one contiguous run of memory.
+private func isOneRun(_ iovecs: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+    guard count > 1 else { return true }
+    for index in 1..<count {
+        guard let previous = iovecs[index - 1].iov_base,
+              iovecs[index].iov_base == previous + iovecs[index - 1].iov_len else { return false }
+    }
+    return true
+}
+
+private func firstBase(_ iovecs: UnsafeMutablePointer<iovec>, _ count: Int) -> UnsafeMutableRawPointer? {
+    count > 0 ? iovecs[0].iov_base : nil
+}
+
+private func nbdGather(_ iovecs: UnsafeMutablePointer<iovec>, _ count: Int, into buffer: UnsafeMutableRawPointer) {
+    var position = 0
+    for index in 0..<count {
+        let vector = iovecs[index]
+        if let base = vector.iov_base { memcpy(buffer + position, base, vector.iov_len) }
+        position += vector.iov_len
+    }
+}
+
+private func nbdScatter(_ buffer: UnsafeMutableRawPointer, to iovecs: UnsafeMutablePointer<iovec>?, _ count: Int) {
+    guard let iovecs else { return }
+    var position = 0
+    for index in 0..<count {
+        let vector = iovecs[index]
+        if let base = vector.iov_base { memcpy(base, buffer + position, vector.iov_len) }
+        position += vector.iov_len
+    }
+}
