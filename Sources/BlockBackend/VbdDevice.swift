@@ -177,12 +177,17 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         case .initialised, .connected:
             if state == .initWait && storage != nil { connect() }
         case .closing, .closed:
-            if state != .closed { disconnect(); try? setState(.closed) }
-            // online=0: the toolstack is unplugging the device; let the disk go.
-            if fe == .closed, ((try? store.read(backendPath + "/online")) ?? nil) == "0" { releaseDisk() }
+            guard state != .closed else { return }
+            disconnect()
+            // What the guest wrote reaches the disk, and the disk is let go,
+            // before Closed: a migrating guest's destination opens it next.
+            releaseDisk(flushing: true)
+            try? setState(.closed)
         case .initialising, .initWait, .unknown:
             // A frontend starting over (reconnect, kexec, migration): offer the device again.
-            if state == .closed && lastError == nil { try? setState(.initWait) }
+            guard state == .closed && lastError == nil else { return }
+            do { try openDisk() } catch let e as DeviceFailure { fail(e.message); return } catch { fail("\(error)"); return }
+            try? setState(.initWait)
         default:
             break
         }
@@ -297,8 +302,12 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         releaseDisk()
     }
 
-    private func releaseDisk() {
+    private func releaseDisk(flushing: Bool = false) {
         guard let s = storage else { return }
+        if flushing && s.geometry.supportsFlush {
+            let result = s.flushAndWait()
+            if result < 0 { logger.error("flush before close failed", metadata: ["errno": "\(-result)"]) }
+        }
         s.close()
         storage = nil
         logger.info("disk closed")

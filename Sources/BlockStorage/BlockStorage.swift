@@ -105,3 +105,25 @@ public protocol BlockStorage: AnyObject {
     /// Releases the disk. Call only with nothing in flight.
     func close()
 }
+
+public extension BlockStorage {
+    /// Flushes and waits for it (up to `timeoutMilliseconds`): for the
+    /// control plane, with nothing else in flight (the ring is stopped).
+    /// Returns 0, a negative errno, or -ETIMEDOUT.
+    func flushAndWait(timeoutMilliseconds: Int32 = 30_000) -> Int64 {
+        let tag = UInt64.max
+        var op = StorageOperation(tag: tag, kind: .flush)
+        guard withUnsafeMutablePointer(to: &op, { submit(UnsafeMutableBufferPointer(start: $0, count: 1)) }) == 1 else {
+            return -Int64(EBUSY)
+        }
+        var result: Int64?
+        var waited: Int32 = 0
+        while result == nil && waited <= timeoutMilliseconds {
+            var pfd = pollfd(fd: completionFileDescriptor, events: Int16(POLLIN), revents: 0)
+            _ = poll(&pfd, 1, 100)
+            waited += 100
+            _ = reapCompletions { if $0.tag == tag { result = $0.result } }
+        }
+        return result ?? -Int64(ETIMEDOUT)
+    }
+}

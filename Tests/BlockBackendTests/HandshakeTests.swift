@@ -153,14 +153,20 @@ struct HandshakeLifecycleTests {
         _ = try waitForStatus(bed) { $0.isEmpty }
     }
 
-    @Test("a frontend that closes with online=1 keeps its disk open for a reconnect")
-    func closeKeepsDisk() throws {
+    @Test("a closing frontend's writes are flushed and the disk let go before Closed; a reconnect opens it again")
+    func closeReleasesDisk() throws {
         let bed = try TestBed()
         defer { bed.close() }
-        let (fe, _) = try bed.guestWithDisk(1)
+        let (fe, disk) = try bed.guestWithDisk(1)
+        let data = [UInt8](repeating: 0x42, count: 4096)
+        #expect(try fe.write(sector: 16, data: data) == BlkifStatus.okay)
         try fe.disconnect()
         let status = try waitForStatus(bed) { $0.first?.state == .closed }
-        #expect(status.first?.diskOpen == true)
+        #expect(status.first?.diskOpen == false)
+        #expect(disk.sector(16) == Array(data[0..<512]))
+        try fe.connect()
+        #expect(bed.host.blockStatus.first?.diskOpen == true)
+        #expect(try fe.read(sector: 16, count: 8).data == data)
     }
 
     @Test("the backend directory removed with requests in flight: no crash, other guests unaffected")

@@ -1,5 +1,6 @@
 import BlockBackend
 import BlockFrontend
+import BlockStorage
 import Foundation
 import Glibc
 import Testing
@@ -51,6 +52,59 @@ struct NBDDiskTests {
         let full = try w.verifyAll(on: fe)
         #expect(full.mismatches == 0 && full.verified > 1000)
         try fe.disconnect()
+    }
+
+    @Test("migration: the source drains, flushes and lets go; the destination serves the same export; a third client finds every acknowledged write")
+    func migrationBetweenHosts() throws {
+        guard access("/usr/bin/nbdkit", X_OK) == 0 else { try Test.cancel("nbdkit is not installed (scripts/setup installs it)") }
+        let server = try Nbdkit(["memory", "16M"])
+        defer { server.stop() }
+        // Two hosts: each its own loopback hypervisor, xenstored and backend.
+        let source = try TestBed()
+        defer { source.close() }
+        let destination = try TestBed()
+        defer { destination.close() }
+
+        let before = try source.host.attachDisk(to: try source.host.createGuest(5), .init(params: server.uri))
+        try before.connect(ringPageOrder: 1)
+        var w = VerifiedWorkload(sectors: before.info.sectors, seed: 55, queueDepth: 16, canDiscard: true, canFlush: true)
+        let first = try w.run(on: before, seconds: 30, operations: 1500)
+        #expect(first.errors == 0 && first.mismatches == 0 && first.writes > 300)
+        // The guest is suspended: its frontend closes; the source backend
+        // answers what is in flight, flushes and disconnects from the export.
+        try before.disconnect()
+        try waitUntil("the source to let the export go") { source.host.blockStatus.first?.diskOpen == false }
+
+        let after = try destination.host.attachDisk(to: try destination.host.createGuest(5), .init(params: server.uri))
+        try after.connect(ringPageOrder: 1)
+        let full = try w.verifyAll(on: after)
+        #expect(full.mismatches == 0 && full.verified > 1000)
+        let second = try w.run(on: after, seconds: 30, operations: 1500)
+        #expect(second.errors == 0 && second.mismatches == 0)
+        #expect(try after.run(.flush) == BlkifStatus.okay)
+
+        // A third client of the export, not through any ring.
+        let reader = try NBDStorage.open(uri: server.uri, readOnly: true, queueDepth: 4)
+        defer { reader.close() }
+        let page = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 16)
+        defer { page.deallocate(); expected.deallocate() }
+        var checked = 0
+        for sector in stride(from: UInt64(0), to: after.info.sectors, by: 37) where w.expectedSector(sector, into: expected) {
+            var io = iovec(iov_base: page, iov_len: 512)
+            var op = StorageOperation(tag: sector, kind: .read, offset: sector * 512, length: 512, iovecs: &io, iovecCount: 1)
+            #expect(withUnsafeMutablePointer(to: &op) { reader.submit(UnsafeMutableBufferPointer(start: $0, count: 1)) } == 1)
+            var result: Int64?
+            while result == nil {
+                var pfd = pollfd(fd: reader.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
+                _ = poll(&pfd, 1, 1000)
+                _ = reader.reapCompletions { result = $0.result }
+            }
+            #expect(result == 512)
+            #expect(memcmp(page, expected, 512) == 0, "sector \(sector)")
+            checked += 1
+        }
+        #expect(checked > 200)
     }
 
     @Test("a read-only export: the backend says so and refuses writes")
