@@ -21,7 +21,9 @@ struct BenchBlock: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "blk", abstract: "Benchmark the block backend against fio.")
 
     @Option(help: "File or block device to serve (created with --size if missing).")
-    var file: String
+    var file: String?
+    @Option(help: "An NBD export to serve instead (nbd://, nbd+unix:// or nbd:HOST:PORT); fio then uses its nbd engine.")
+    var nbd: String?
     @Option(help: "Size in MiB of a file created by the benchmark.")
     var sizeMiB: Int = 1024
     @Option(help: "Seconds per measurement.")
@@ -61,25 +63,33 @@ struct BenchBlock: ParsableCommand {
         Row(name: "1m-seqwrite-qd4", fioRW: "write", write: true, random: false, blockSize: 1 << 20, queueDepth: 4),
     ]
 
+    func validate() throws {
+        guard (file == nil) != (nbd == nil) else { throw ValidationError("give exactly one of --file and --nbd") }
+    }
+
+    /// The vbd's params: the file, or the NBD export.
+    private var params: String { nbd ?? file! }
+
     func run() throws {
         let logger = logging.makeLogger("xenbackd.bench")
-        try prepareFile()
+        if nbd == nil { try prepareFile() }
         let host = try LoopbackHost(logger: logger, options: .init(pollMicroseconds: pollMicroseconds,
                                                                    persistentGrants: !noPersistentGrants))
         defer { host.shutdown() }
         let guest = try host.createGuest(1, memoryPages: 65536)
-        let fe = try host.attachDisk(to: guest, .init(params: file))
+        let fe = try host.attachDisk(to: guest, .init(params: params))
         try fe.connect(ringPageOrder: ringPageOrder)
         fe.spinMicroseconds = spinMicroseconds
-        let direct = storageIsDirect()
-        say("xenbackd bench blk: \(file), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + "O_DIRECT \(direct ? "on" : "off"), \(fixed(seconds, 0)) s per run")
+        let direct = nbd == nil && storageIsDirect()
+        let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
+        say("xenbackd bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
+              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run")
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
             progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
             let ours = try measure(row, on: fe)
             if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
-            let theirs = noFio ? nil : runFio(row, direct: direct)
+            let theirs = noFio ? nil : runFio(row, direct: direct, sizeBytes: exportBytes)
             progressLine("")
             var line = pad(row.name, 20) + " " + figures(ours)
             if let theirs {
@@ -94,13 +104,13 @@ struct BenchBlock: ParsableCommand {
 
     /// Whether the backend's storage uses O_DIRECT on this file (fio must match).
     private func storageIsDirect() -> Bool {
-        guard let s = try? FileStorage.open(path: DiskParameters.path(of: file), readOnly: true, queueDepth: 1) else { return false }
+        guard let file, let s = try? FileStorage.open(path: DiskParameters.path(of: file), readOnly: true, queueDepth: 1) else { return false }
         defer { s.close() }
         return s.directIO
     }
 
     private func prepareFile() throws {
-        if access(file, F_OK) == 0 { return }
+        guard let file, access(file, F_OK) != 0 else { return }
         let fd = open(file, O_CREAT | O_WRONLY, 0o644)
         guard fd >= 0 else { throw ValidationError("cannot create \(file): errno \(errno)") }
         defer { close(fd) }
@@ -198,13 +208,15 @@ struct BenchBlock: ParsableCommand {
                        p50us: histogram.percentile(0.50) * 1e6, p99us: histogram.percentile(0.99) * 1e6)
     }
 
-    /// fio with libaio on the same file, same block size, depth and direct mode.
-    private func runFio(_ row: Row, direct: Bool) -> Figures? {
-        let args = ["fio", "--name=bench", "--filename=\(file)", "--ioengine=libaio", "--direct=\(direct ? 1 : 0)",
+    /// fio on the same storage, same block size, depth and direct mode:
+    /// libaio on a file, its nbd engine (libnbd) on an export.
+    private func runFio(_ row: Row, direct: Bool, sizeBytes: Int) -> Figures? {
+        let target = nbd.map { ["--ioengine=nbd", "--uri=\($0)"] }
+            ?? ["--filename=\(file!)", "--ioengine=libaio", "--direct=\(direct ? 1 : 0)", "--invalidate=0"]
+        let args = ["fio", "--name=bench"] + target + [
                     "--rw=\(row.fioRW)", "--bs=\(row.blockSize)", "--iodepth=\(row.queueDepth)",
-                    "--runtime=\(Int(seconds))", "--time_based", "--invalidate=0", "--output-format=json",
-                    "--lat_percentiles=1",
-                    "--size=\(fe_sizeBytes())"]
+                    "--runtime=\(Int(seconds))", "--time_based", "--output-format=json",
+                    "--lat_percentiles=1", "--size=\(sizeBytes)"]
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = args
@@ -212,8 +224,10 @@ struct BenchBlock: ParsableCommand {
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
         do { try p.run() } catch { return nil }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
+        var data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
+        // fio's nbd engine prints a line before the JSON.
+        if let brace = data.firstIndex(of: UInt8(ascii: "{")) { data = data[brace...] }
         guard p.terminationStatus == 0,
               let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
               let job = (json["jobs"] as? [[String: Any]])?.first,
@@ -228,10 +242,6 @@ struct BenchBlock: ParsableCommand {
         return Figures(iops: iops, mbps: bw / 1e6, p50us: p50 / 1000, p99us: p99 / 1000)
     }
 
-    private func fe_sizeBytes() -> Int {
-        var st = stat()
-        return stat(file, &st) == 0 ? Int(st.st_size) : sizeMiB << 20
-    }
 }
 
 /// Latency histogram with 1 µs buckets up to 100 ms (longer goes in the last).
