@@ -55,7 +55,7 @@ let package = Package(
             "Hypervisor", "XenABI", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
-        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibNBD", "CXenBackSupport"], swiftSettings: dataPlane),
+        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibNBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
         // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
         .target(name: "NetworkPlumbing", dependencies: ["CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [

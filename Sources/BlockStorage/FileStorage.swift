@@ -1,6 +1,7 @@
 import CLibAIO
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// A regular file or a block device (loop device, LVM volume, partition)
 /// behind a block backend, driven through Linux AIO (libaio).
@@ -355,15 +356,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     }
 
     /// Wakes the poller for completions that did not come from the kernel.
-    private func signalCompletion() {
-        var one: UInt64 = 1
-        _ = write(eventFD, &one, MemoryLayout<UInt64>.size)
-    }
+    private func signalCompletion() { Wakeup(adopting: eventFD).signal() }
 
-    private func drainEventCounter() {
-        var counter: UInt64 = 0
-        _ = read(eventFD, &counter, MemoryLayout<UInt64>.size)
-    }
+    private func drainEventCounter() { Wakeup(adopting: eventFD).drain() }
 }
 
 /// How a taken operation will complete.

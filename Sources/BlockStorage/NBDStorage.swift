@@ -1,6 +1,7 @@
 import CLibNBD
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// What the server said in the handshake (of the first connection).
 public struct NBDServerFeatures: Equatable, Sendable {
@@ -637,15 +638,10 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         }
     }
 
-    private func signalCompletion() {
-        var one: UInt64 = 1
-        _ = write(eventFD, &one, MemoryLayout<UInt64>.size)
-    }
+    /// Wakes the poller for completions that did not come from the kernel.
+    private func signalCompletion() { Wakeup(adopting: eventFD).signal() }
 
-    private func drainEventCounter() {
-        var counter: UInt64 = 0
-        _ = read(eventFD, &counter, MemoryLayout<UInt64>.size)
-    }
+    private func drainEventCounter() { Wakeup(adopting: eventFD).drain() }
 }
 
 struct NBDConnection {

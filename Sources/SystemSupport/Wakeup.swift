@@ -10,6 +10,9 @@ public struct Wakeup: Sendable {
         guard fd >= 0 else { throw SystemError("eventfd", errno: errno) }
     }
 
+    /// Wraps a non-blocking eventfd made elsewhere (its owner closes it).
+    public init(adopting fd: Int32) { self.fd = fd }
+
     public func signal() {
         var one: UInt64 = 1
         _ = write(fd, &one, 8)
