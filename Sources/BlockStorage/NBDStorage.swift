@@ -56,7 +56,20 @@ public struct NBDServerFeatures: Equatable, Sendable {
 /// connection left complete with -EIO. A command not answered within
 /// `commandTimeoutMilliseconds` (a hung server) makes its connection be shut
 /// down, which fails everything in flight on it (the late one with
-/// -ETIMEDOUT). There is no reconnection yet.
+/// -ETIMEDOUT).
+///
+/// Reconnection: when no connection is left alive, a fresh libnbd handle
+/// connects asynchronously (nbd_aio_connect_*) with its socket in the same
+/// epoll, attempts spaced by a back-off (50 ms, 100 ms, 200 ms … 2 s) driven
+/// by a second timerfd. Operations submitted meanwhile are held (not failed)
+/// until `reconnectTimeoutMilliseconds` after the loss; once connected they
+/// are issued on the new connection, or when that deadline passes they
+/// complete with -EIO, and later operations fail at once with -EIO while the
+/// attempts go on in the background. Commands in flight at the moment of
+/// the failure are not retried (a write may or may not have reached the
+/// server). A server whose export changed size is refused: held operations
+/// complete with -EIO and reconnection stops. The new connection takes the
+/// place of the first one (one connection after a reconnect).
 ///
 /// Other refusals, as `FileStorage`: -EINVAL past the end of the disk,
 /// -EROFS for a write or discard on a read-only disk or export, -EOPNOTSUPP
@@ -80,6 +93,32 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     private static let eventToken: UInt64 = 0
     private static let timerToken: UInt64 = 1
     private static let firstConnectionToken: UInt64 = 2
+    private static let reconnectTimerToken: UInt64 = UInt64.max - 1
+    private static let connectingToken: UInt64 = UInt64.max
+    /// The longest one connection attempt may take before it is abandoned.
+    private static let attemptLimitNanoseconds: UInt64 = 5_000_000_000
+
+    /// How long operations are held while no connection is alive (0: not held).
+    public let reconnectTimeoutMilliseconds: Int
+    /// Successful reconnections since open.
+    public private(set) var reconnections = 0
+    /// True while no connection is alive and a new one is being sought.
+    public var isReconnecting: Bool { reconnecting }
+    /// True when a reconnection found the export with another size (no more attempts).
+    public private(set) var reconnectRefused = false
+    private let reconnectTimerFD: Int32
+    private var reconnecting = false
+    private var reconnectDeadline: UInt64 = 0
+    private var reconnectDeadlinePassed = false
+    private var reconnectAttempts = 0
+    private var nextAttemptAt: UInt64 = 0
+    private var attempt: OpaquePointer?
+    private var attemptFD: Int32 = -1
+    private var attemptEvents: UInt32 = 0
+    private var attemptStartedAt: UInt64 = 0
+    /// Slots held while reconnecting (in submission order); preallocated.
+    private let heldSlots: UnsafeMutablePointer<Int32>
+    private var heldCount = 0
 
     private var connections: [NBDConnection]
     /// Commands issued on each connection (tests check the round-robin).
@@ -113,9 +152,13 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     /// - connections: how many connections to open when the server allows
     ///   multi-conn (otherwise one).
     /// - commandTimeoutMilliseconds: 0 disables the timeout.
+    /// - reconnectTimeoutMilliseconds: how long operations are held while
+    ///   reconnecting after every connection died (0: failed at once).
     public static func open(uri: String, readOnly: Bool, queueDepth: Int, connections: Int = 1,
-                            commandTimeoutMilliseconds: Int = 30_000) throws(StorageError) -> NBDStorage {
-        guard queueDepth >= 1, queueDepth <= Int(Int32.max), connections >= 1, commandTimeoutMilliseconds >= 0 else {
+                            commandTimeoutMilliseconds: Int = 30_000,
+                            reconnectTimeoutMilliseconds: Int = 10_000) throws(StorageError) -> NBDStorage {
+        guard queueDepth >= 1, queueDepth <= Int(Int32.max), connections >= 1, commandTimeoutMilliseconds >= 0,
+              reconnectTimeoutMilliseconds >= 0 else {
             throw StorageError("open (queue depth \(queueDepth), connections \(connections))", errno: EINVAL, path: uri)
         }
         let address = try NBDAddress.parse(uri)
@@ -147,8 +190,12 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         let timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
         guard timerFD >= 0 else { let e = errno; cleanUp(); throw StorageError("timerfd_create", errno: e, path: uri) }
         fds.append(timerFD)
+        let reconnectTimerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
+        guard reconnectTimerFD >= 0 else { let e = errno; cleanUp(); throw StorageError("timerfd_create", errno: e, path: uri) }
+        fds.append(reconnectTimerFD)
         guard xb_epoll_add(epollFD, eventFD, xb_EPOLLIN, eventToken) == 0,
-              xb_epoll_add(epollFD, timerFD, xb_EPOLLIN, timerToken) == 0 else {
+              xb_epoll_add(epollFD, timerFD, xb_EPOLLIN, timerToken) == 0,
+              xb_epoll_add(epollFD, reconnectTimerFD, xb_EPOLLIN, reconnectTimerToken) == 0 else {
             let e = errno; cleanUp(); throw StorageError("epoll_ctl", errno: e, path: uri)
         }
         for index in opened.indices {
@@ -160,7 +207,29 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         }
         return NBDStorage(address: address, features: features, readOnly: readOnly, queueDepth: queueDepth,
                           connections: opened, epollFD: epollFD, eventFD: eventFD, timerFD: timerFD,
-                          commandTimeoutMilliseconds: commandTimeoutMilliseconds)
+                          reconnectTimerFD: reconnectTimerFD,
+                          commandTimeoutMilliseconds: commandTimeoutMilliseconds,
+                          reconnectTimeoutMilliseconds: reconnectTimeoutMilliseconds)
+    }
+
+    /// Starts connecting a fresh handle without waiting (nil when libnbd
+    /// refused at once).
+    private static func startConnecting(_ address: NBDAddress) -> OpaquePointer? {
+        guard let handle = nbd_create() else { return nil }
+        let result: Int32
+        switch (address.uri, address.transport) {
+        case (let uri?, _):
+            result = nbd_aio_connect_uri(handle, uri)
+        case (nil, .tcp(let host, let port)):
+            result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_aio_connect_tcp(handle, host, port) : -1
+        case (nil, .unix(let path)):
+            result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_aio_connect_unix(handle, path) : -1
+        }
+        guard result == 0, nbd_aio_is_dead(handle) != 1, nbd_aio_is_closed(handle) != 1, nbd_aio_get_fd(handle) >= 0 else {
+            nbd_close(handle)
+            return nil
+        }
+        return handle
     }
 
     private static func connect(_ address: NBDAddress) throws(StorageError) -> NBDConnection {
@@ -234,7 +303,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
 
     private init(address: NBDAddress, features: NBDServerFeatures, readOnly: Bool, queueDepth: Int,
                  connections: [NBDConnection], epollFD: Int32, eventFD: Int32, timerFD: Int32,
-                 commandTimeoutMilliseconds: Int) {
+                 reconnectTimerFD: Int32, commandTimeoutMilliseconds: Int, reconnectTimeoutMilliseconds: Int) {
         self.address = address
         self.features = features
         self.geometry = Self.geometry(for: features, readOnly: readOnly)
@@ -244,6 +313,10 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         self.eventFD = eventFD
         self.timerFD = timerFD
         self.commandTimeoutMilliseconds = commandTimeoutMilliseconds
+        self.reconnectTimerFD = reconnectTimerFD
+        self.reconnectTimeoutMilliseconds = reconnectTimeoutMilliseconds
+        heldSlots = .allocate(capacity: queueDepth)
+        heldSlots.initialize(repeating: 0, count: queueDepth)
         // The NBD protocol's default limit when the server names none.
         maximumPayload = features.maximumBlockSize > 0 ? Int(features.maximumBlockSize) : 32 << 20
         bounceLimit = min(maximumPayload, Self.maximumBounceBytes)
@@ -255,7 +328,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         freeSlotCount = queueDepth
         finishedRing = .allocate(capacity: queueDepth)
         finishedRing.initialize(repeating: 0, count: queueDepth)
-        readyCapacity = Int32(connections.count + 2)
+        readyCapacity = Int32(connections.count + 4)
         readyTokens = .allocate(capacity: Int(readyCapacity))
         readyTokens.initialize(repeating: 0, count: Int(readyCapacity))
         readyEvents = .allocate(capacity: Int(readyCapacity))
@@ -274,6 +347,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         contexts.deallocate()
         freeSlots.deallocate()
         finishedRing.deallocate()
+        heldSlots.deallocate()
         readyTokens.deallocate()
         readyEvents.deallocate()
     }
@@ -295,6 +369,13 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             // Completion callbacks of anything still in flight must not run any more.
             nbd_close(handle)
         }
+        if let attempt {
+            _ = xb_epoll_del(epollFD, attemptFD)
+            nbd_close(attempt)
+            self.attempt = nil
+        }
+        reconnecting = false
+        Glibc.close(reconnectTimerFD)
         Glibc.close(timerFD)
         Glibc.close(eventFD)
         Glibc.close(epollFD)
@@ -327,12 +408,20 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         slots[slot].scatter = false
         slots[slot].error = 0
         slots[slot].connection = -1
+        slots[slot].offset = operation.offset
+        slots[slot].held = false
         // One guard reference while commands are issued: a callback running
         // inside an nbd_aio_* call cannot finish the operation early.
         slots[slot].pending = 1
         slots[slot].issuedAt = MonotonicNanoseconds.now()
         if let error = refusal(operation.kind, offset: operation.offset, bytes: bytes) {
             slots[slot].error = error
+        } else if reconnecting && !reconnectDeadlinePassed && !anyConnectionAlive() {
+            // Held (its guard reference kept) until a connection is back or the deadline passes.
+            slots[slot].held = true
+            heldSlots[heldCount] = Int32(slot)
+            heldCount += 1
+            return
         } else if !(bytes == 0 && operation.kind != .flush) {
             issue(slot, operation.kind, offset: operation.offset, bytes: bytes)
         }
@@ -457,6 +546,11 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         return true
     }
 
+    private func anyConnectionAlive() -> Bool {
+        for index in connections.indices where connections[index].alive { return true }
+        return false
+    }
+
     private func pickConnection() -> Int? {
         for _ in 0..<connections.count {
             let index = nextConnection
@@ -528,6 +622,14 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
                 timerFired()
                 continue
             }
+            if token == Self.reconnectTimerToken {
+                reconnectTick()
+                continue
+            }
+            if token == Self.connectingToken {
+                attemptProgress(readyEvents[entry])
+                continue
+            }
             guard token >= Self.firstConnectionToken else { continue }
             let index = Int(token - Self.firstConnectionToken)
             guard connections[index].alive else { continue }
@@ -590,7 +692,161 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         connections[index].alive = false
         // libnbd may have closed the socket already (then this fails harmlessly).
         _ = xb_epoll_del(epollFD, connections[index].fd)
+        if !closed && !reconnecting && !reconnectRefused && !anyConnectionAlive() { beginReconnect() }
         return true
+    }
+
+    // MARK: Reconnection (allocates; never on the steady-state path)
+
+    private func beginReconnect() {
+        let now = MonotonicNanoseconds.now()
+        reconnecting = true
+        reconnectAttempts = 0
+        reconnectDeadline = now &+ UInt64(reconnectTimeoutMilliseconds) * 1_000_000
+        reconnectDeadlinePassed = reconnectTimeoutMilliseconds == 0
+        nextAttemptAt = now
+        scheduleReconnectTimer()
+    }
+
+    /// Arms the reconnect timer for the next thing to do: an attempt, the
+    /// abandonment of a slow attempt, or the hold deadline.
+    private func scheduleReconnectTimer() {
+        var fireAt: UInt64
+        if !reconnecting {
+            fireAt = 0
+        } else {
+            fireAt = attempt == nil ? nextAttemptAt : attemptStartedAt &+ Self.attemptLimitNanoseconds
+            if !reconnectDeadlinePassed { fireAt = min(fireAt, reconnectDeadline) }
+            fireAt = max(fireAt, 1)
+        }
+        var setting = itimerspec()
+        setting.it_value = timespec(tv_sec: Int(fireAt / 1_000_000_000), tv_nsec: Int(fireAt % 1_000_000_000))
+        _ = timerfd_settime(reconnectTimerFD, Int32(TFD_TIMER_ABSTIME), &setting, nil)
+    }
+
+    private func reconnectTick() {
+        var expirations: UInt64 = 0
+        _ = read(reconnectTimerFD, &expirations, MemoryLayout<UInt64>.size)
+        guard reconnecting else { return }
+        let now = MonotonicNanoseconds.now()
+        if !reconnectDeadlinePassed && now >= reconnectDeadline {
+            reconnectDeadlinePassed = true
+            failHeld(EIO)
+        }
+        if attempt != nil && now &- attemptStartedAt >= Self.attemptLimitNanoseconds { attemptFailed() }
+        if attempt == nil && now >= nextAttemptAt { startAttempt() }
+        scheduleReconnectTimer()
+    }
+
+    private func startAttempt() {
+        attemptStartedAt = MonotonicNanoseconds.now()
+        guard let handle = Self.startConnecting(address) else {
+            attemptFailed()
+            return
+        }
+        let fd = nbd_aio_get_fd(handle)
+        let events = Self.epollEvents(nbd_aio_get_direction(handle))
+        guard xb_epoll_add(epollFD, fd, events, Self.connectingToken) == 0 else {
+            nbd_close(handle)
+            attemptFailed()
+            return
+        }
+        attempt = handle
+        attemptFD = fd
+        attemptEvents = events
+        attemptProgress(0)
+    }
+
+    /// Drops the current attempt (if any) and schedules the next after the back-off.
+    private func attemptFailed() {
+        if let handle = attempt {
+            _ = xb_epoll_del(epollFD, attemptFD)
+            nbd_close(handle)
+            attempt = nil
+        }
+        let delay = min(50 << min(reconnectAttempts, 6), 2000)
+        reconnectAttempts += 1
+        nextAttemptAt = MonotonicNanoseconds.now() &+ UInt64(delay) * 1_000_000
+        scheduleReconnectTimer()
+    }
+
+    /// Lets libnbd advance the attempt's handshake; installs it once ready.
+    private func attemptProgress(_ events: UInt32) {
+        guard let handle = attempt else { return }
+        let direction = nbd_aio_get_direction(handle)
+        let failed = events & (xb_EPOLLERR | xb_EPOLLHUP) != 0
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 && (events & xb_EPOLLOUT != 0 || failed) {
+            _ = nbd_aio_notify_write(handle)
+        }
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 && nbd_aio_is_dead(handle) != 1
+            && (events & xb_EPOLLIN != 0 || failed) {
+            _ = nbd_aio_notify_read(handle)
+        }
+        if nbd_aio_is_ready(handle) == 1 {
+            installAttempt(handle)
+        } else if nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 {
+            attemptFailed()
+        } else {
+            let wanted = Self.epollEvents(nbd_aio_get_direction(handle))
+            if wanted != attemptEvents {
+                _ = xb_epoll_mod(epollFD, attemptFD, wanted, Self.connectingToken)
+                attemptEvents = wanted
+            }
+        }
+    }
+
+    private func installAttempt(_ handle: OpaquePointer) {
+        _ = xb_epoll_del(epollFD, attemptFD)
+        attempt = nil
+        let size = nbd_get_size(handle)
+        guard size >= 0, UInt64(size) == features.sizeBytes else {
+            // Another export (or a resized one): never write to it.
+            nbd_close(handle)
+            reconnectRefused = true
+            reconnecting = false
+            scheduleReconnectTimer()
+            failHeld(EIO)
+            return
+        }
+        nbd_close(connections[0].handle)
+        var connection = NBDConnection(handle: handle, fd: attemptFD)
+        connection.registeredEvents = Self.epollEvents(nbd_aio_get_direction(handle))
+        connection.commandsIssued = connections[0].commandsIssued
+        guard xb_epoll_add(epollFD, attemptFD, connection.registeredEvents, Self.firstConnectionToken) == 0 else {
+            nbd_close(handle)
+            connections[0].alive = false
+            attemptFailed()
+            return
+        }
+        connections[0] = connection
+        reconnecting = false
+        reconnections += 1
+        scheduleReconnectTimer()
+        // Issue what was held, in order.
+        let count = heldCount
+        heldCount = 0
+        let now = MonotonicNanoseconds.now()
+        for index in 0..<count {
+            let slot = Int(heldSlots[index])
+            slots[slot].held = false
+            slots[slot].issuedAt = now
+            issue(slot, slots[slot].kind, offset: slots[slot].offset, bytes: slots[slot].bytes)
+            release(slot)
+        }
+        for index in connections.indices where connections[index].alive { updateRegistration(index) }
+        if busySlots > finishedCount { armTimer() }
+    }
+
+    /// Completes every held operation with `error`.
+    private func failHeld(_ error: Int32) {
+        let count = heldCount
+        heldCount = 0
+        for index in 0..<count {
+            let slot = Int(heldSlots[index])
+            slots[slot].held = false
+            slots[slot].error = error
+            release(slot)
+        }
     }
 
     /// Fails the commands of a connection that stopped answering: shutting
@@ -627,7 +883,8 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         }
         let now = MonotonicNanoseconds.now()
         let limit = UInt64(commandTimeoutMilliseconds) * 1_000_000
-        for slot in 0..<queueDepth where slots[slot].pending > 0 && now &- slots[slot].issuedAt > limit {
+        for slot in 0..<queueDepth where slots[slot].pending > 0 && !slots[slot].held
+            && now &- slots[slot].issuedAt > limit {
             if slots[slot].error == 0 { slots[slot].error = ETIMEDOUT }
             let connection = Int(slots[slot].connection)
             if connection >= 0 {
@@ -668,6 +925,9 @@ struct NBDSlot {
     /// The connection its commands went to; -1 for all (flush) or none.
     var connection: Int32 = -1
     var issuedAt: UInt64 = 0
+    var offset: UInt64 = 0
+    /// Waiting for a reconnection (not issued yet).
+    var held = false
     var bounce: UnsafeMutableRawPointer?
     var bounceCapacity = 0
 }

@@ -1,0 +1,209 @@
+import Foundation
+import Glibc
+import Testing
+@testable import BlockStorage
+
+/// `nbdkit file FILE` on a fixed unix socket path, so that a restarted
+/// server is found where the old one was. Killed by its PID.
+private final class RestartableNBDKit {
+    let socketPath: String
+    let uri: String
+    private var process: Process?
+    private let pidFile: String
+    private static let counter = NBDCounter()
+
+    init() throws {
+        if access("/usr/bin/nbdkit", X_OK) != 0 {
+            try Test.cancel("/usr/bin/nbdkit is not installed (scripts/setup installs nbdkit)")
+        }
+        let unique = "\(getpid())-\(Self.counter.next())"
+        socketPath = "/tmp/nbd-reconnect-\(unique).sock"
+        pidFile = "/tmp/nbd-reconnect-\(unique).pid"
+        uri = "nbd+unix:///?socket=\(socketPath)"
+    }
+
+    /// Starts `nbdkit file FILE` (the previous one must be stopped).
+    func start(file: String) throws {
+        precondition(process == nil)
+        unlink(socketPath)
+        unlink(pidFile)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        process.arguments = ["-f", "--exit-with-parent", "-P", pidFile, "-U", socketPath, "file", file]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        self.process = process
+        for _ in 0..<500 {
+            if access(pidFile, F_OK) == 0 { return }
+            guard process.isRunning else { throw StorageError("nbdkit exited", errno: EIO, path: uri) }
+            usleep(10_000)
+        }
+        stop()
+        throw StorageError("nbdkit did not start", errno: ETIMEDOUT, path: uri)
+    }
+
+    func stop() {
+        guard let process else { return }
+        self.process = nil
+        if process.processIdentifier != 0 && process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        unlink(pidFile)
+        unlink(socketPath)
+    }
+
+    deinit { stop() }
+}
+
+/// Reaps (waiting on the completion descriptor) until `count` operations
+/// completed or `timeout` seconds passed.
+private func reap(_ storage: NBDStorage, into results: inout [UInt64: Int64], until count: Int, timeout: Double) {
+    let deadline = Date().addingTimeInterval(timeout)
+    while results.count < count && Date() < deadline {
+        var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
+        _ = poll(&poller, 1, 50)
+        _ = storage.reapCompletions { completion in
+            #expect(results[completion.tag] == nil, "tag \(completion.tag) completed twice")
+            results[completion.tag] = completion.result
+        }
+    }
+}
+
+/// Drives the storage (as the data plane does on its descriptor) until it
+/// saw that the server is gone.
+private func waitUntilDisconnected(_ storage: NBDStorage) {
+    var results: [UInt64: Int64] = [:]
+    let deadline = Date().addingTimeInterval(3)
+    while storage.liveConnectionCount > 0 && Date() < deadline {
+        reap(storage, into: &results, until: 1, timeout: 0.05)
+    }
+    #expect(storage.liveConnectionCount == 0)
+    #expect(results.isEmpty)
+}
+
+private let reconnectMiB = 1 << 20
+
+@Suite(.serialized) struct NBDReconnectTests {
+    /// Killed and restarted on the same socket: operations submitted while
+    /// it was down are held, then succeed; acknowledged data survives.
+    @Test func restartedServerResumesHeldIO() throws {
+        let file = try TempFile(directory: "/tmp", size: 4 * reconnectMiB, randomSeed: 11)
+        let server = try RestartableNBDKit()
+        defer { server.stop() }
+        try server.start(file: file.path)
+        let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8,
+                                          reconnectTimeoutMilliseconds: 10_000)
+        defer { storage.close() }
+        let before = [UInt8](repeating: 0xA5, count: 64 * 1024)
+        #expect(nbdWrite(storage, offset: 0, bytes: before) == Int64(before.count))
+
+        server.stop()
+        waitUntilDisconnected(storage)
+        #expect(storage.isReconnecting)
+
+        let (readPages, readSegments) = nbdSegments(bytes: 64 * 1024)
+        let (writePages, writeSegments) = nbdSegments(bytes: 128 * 1024, firstSector: 3)
+        let after = (0..<128 * 1024).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+        writeSegments.load(after)
+        var operations = [
+            StorageOperation(tag: 1, kind: .read, offset: 0, iovecs: readSegments.iovecs,
+                             iovecCount: Int32(readSegments.count)),
+            StorageOperation(tag: 2, kind: .write, offset: UInt64(reconnectMiB), iovecs: writeSegments.iovecs,
+                             iovecCount: Int32(writeSegments.count)),
+            StorageOperation(tag: 3, kind: .flush, offset: 0, length: 0),
+        ]
+        #expect(operations.withUnsafeMutableBufferPointer { storage.submit($0) } == 3)
+        var results: [UInt64: Int64] = [:]
+        // Held, not failed, while the server is away (across several attempts).
+        reap(storage, into: &results, until: 3, timeout: 0.5)
+        #expect(results.isEmpty, "\(results)")
+
+        let restartedAt = Date()
+        try server.start(file: file.path)
+        reap(storage, into: &results, until: 3, timeout: 5)
+        #expect(results == [1: 64 * 1024, 2: 128 * 1024, 3: 0])
+        // Back-off capped at 2 s (plus the handshake).
+        #expect(Date().timeIntervalSince(restartedAt) < 3)
+        #expect(readSegments.bytes == before)
+        #expect(storage.reconnections == 1)
+        #expect(storage.liveConnectionCount == 1)
+        #expect(!storage.isReconnecting)
+        withExtendedLifetime((readPages, writePages)) {}
+
+        #expect(nbdRead(storage, offset: reconnectMiB, length: after.count).bytes == after)
+        #expect(nbdRead(storage, offset: 0, length: before.count).bytes == before)
+    }
+
+    /// A server that never comes back: held operations fail with -EIO by the
+    /// deadline, later ones at once; a server started later is found in the
+    /// background.
+    @Test func serverThatStaysAwayFailsHeldIO() throws {
+        let file = try TempFile(directory: "/tmp", size: 2 * reconnectMiB)
+        let server = try RestartableNBDKit()
+        defer { server.stop() }
+        try server.start(file: file.path)
+        let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4, connections: 2,
+                                          reconnectTimeoutMilliseconds: 1_000)
+        defer { storage.close() }
+        #expect(nbdWrite(storage, offset: 4096, bytes: [UInt8](repeating: 3, count: 4096)) == 4096)
+        server.stop()
+        waitUntilDisconnected(storage)
+
+        let started = Date()
+        #expect(nbdRead(storage, offset: 0, length: 4096).result == -Int64(EIO))
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(elapsed >= 0.5 && elapsed < 2, "\(elapsed) s")
+
+        // Past the deadline: refused at once, while attempts go on.
+        let again = Date()
+        #expect(nbdSingle(storage, .flush) == -Int64(EIO))
+        #expect(nbdWrite(storage, offset: 0, bytes: [UInt8](repeating: 1, count: 512)) == -Int64(EIO))
+        #expect(Date().timeIntervalSince(again) < 0.5)
+        #expect(storage.isReconnecting)
+
+        // Back later: found by the background attempts (at most 2 s apart).
+        try server.start(file: file.path)
+        let deadline = Date().addingTimeInterval(5)
+        var results: [UInt64: Int64] = [:]
+        while storage.liveConnectionCount == 0 && Date() < deadline {
+            reap(storage, into: &results, until: 1, timeout: 0.05)
+        }
+        #expect(storage.liveConnectionCount == 1)
+        #expect(nbdRead(storage, offset: 4096, length: 4096).bytes == [UInt8](repeating: 3, count: 4096))
+    }
+
+    /// The export has another size after the restart: refused for good.
+    @Test func sizeChangeOnReconnectIsRefused() throws {
+        let file = try TempFile(directory: "/tmp", size: 2 * reconnectMiB)
+        let larger = try TempFile(directory: "/tmp", size: 3 * reconnectMiB)
+        let server = try RestartableNBDKit()
+        defer { server.stop() }
+        try server.start(file: file.path)
+        let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4,
+                                          reconnectTimeoutMilliseconds: 10_000)
+        defer { storage.close() }
+        #expect(nbdRead(storage, offset: 0, length: 4096).result == 4096)
+        server.stop()
+        waitUntilDisconnected(storage)
+
+        let (pages, segments) = nbdSegments(bytes: 4096)
+        var operations = [StorageOperation(tag: 1, kind: .read, offset: 0, iovecs: segments.iovecs,
+                                           iovecCount: Int32(segments.count))]
+        #expect(operations.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
+        var results: [UInt64: Int64] = [:]
+        reap(storage, into: &results, until: 1, timeout: 0.2)
+        #expect(results.isEmpty)
+        let restartedAt = Date()
+        try server.start(file: larger.path)
+        reap(storage, into: &results, until: 1, timeout: 5)
+        #expect(results == [1: -Int64(EIO)])
+        #expect(Date().timeIntervalSince(restartedAt) < 3)
+        withExtendedLifetime(pages) {}
+        #expect(storage.reconnectRefused)
+        #expect(!storage.isReconnecting)
+        #expect(storage.liveConnectionCount == 0)
+        #expect(nbdRead(storage, offset: 0, length: 4096).result == -Int64(EIO))
+    }
+}
