@@ -171,6 +171,11 @@ public struct VerifiedWorkload {
                                    scratch: UnsafeMutableRawPointer, summary: inout Summary) {
         guard status == BlkifStatus.okay else {
             summary.errors += 1
+            // A failed write or discard may have reached the disk or not:
+            // its range is unknown from now on.
+            if op.kind == BlkifOperation.write || op.kind == BlkifOperation.discard {
+                for s in 0..<op.count { versions[Int(op.sector) + s] = 0 }
+            }
             return
         }
         switch op.kind {

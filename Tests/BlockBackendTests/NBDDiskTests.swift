@@ -3,6 +3,7 @@ import BlockFrontend
 import BlockStorage
 import Foundation
 import Glibc
+import SystemSupport
 import Testing
 import XenABI
 
@@ -10,13 +11,19 @@ import XenABI
 /// with libnbd behind the data plane, against a real nbdkit.
 @Suite("blkback on an NBD export", .serialized)
 struct NBDDiskTests {
+    /// The server of a test that restarts it on another thread (read after join).
+    final class ServerBox: @unchecked Sendable {
+        var server: Nbdkit
+        init(_ s: Nbdkit) { server = s }
+    }
+
     /// `nbdkit -f memory SIZE` on a fresh unix socket, killed by PID at the end.
     final class Nbdkit {
         let process = Process()
         let socket: String
-        init(_ arguments: [String]) throws {
+        init(_ arguments: [String], socket path: String? = nil) throws {
             guard access("/usr/bin/nbdkit", X_OK) == 0 else { throw FrontendError("nbdkit is not installed") }
-            socket = "/tmp/xenbackd-nbd-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+            socket = path ?? "/tmp/xenbackd-nbd-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
             unlink(socket)
             process.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
             process.arguments = ["-f", "--exit-with-parent", "-U", socket] + arguments
@@ -105,6 +112,39 @@ struct NBDDiskTests {
             checked += 1
         }
         #expect(checked > 200)
+    }
+
+    @Test("the NBD server restarted in the middle of I/O: every answer right or an error, never wrong data; I/O resumes")
+    func serverRestartsMidIO() throws {
+        guard access("/usr/bin/nbdkit", X_OK) == 0 else { try Test.cancel("nbdkit is not installed (scripts/setup installs it)") }
+        let image = TempDisk(megabytes: 16)
+        defer { image.remove() }
+        let box = ServerBox(try Nbdkit(["file", image.path]))
+        let socket = box.server.socket
+        defer { box.server.stop() }
+        let bed = try TestBed()
+        defer { bed.close() }
+        let guest = try bed.host.createGuest(1)
+        let fe = try bed.host.attachDisk(to: guest, .init(params: box.server.uri))
+        try fe.connect(ringPageOrder: 1)
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 77, queueDepth: 8, canDiscard: false, canFlush: true)
+        let before = try w.run(on: fe, seconds: 30, operations: 600)
+        #expect(before.errors == 0 && before.mismatches == 0)
+        // Restart the server while requests keep coming: each is answered,
+        // right or with an error, and the model only counts what succeeded.
+        let restart = try NativeThread {
+            usleep(100_000)
+            box.server.stop()
+            usleep(300_000)
+            box.server = try! Nbdkit(["file", image.path], socket: socket)
+        }
+        let during = try w.run(on: fe, seconds: 2)
+        restart.join()
+        #expect(during.mismatches == 0)
+        let after = try w.run(on: fe, seconds: 30, operations: 600)
+        #expect(after.errors == 0 && after.mismatches == 0 && after.writes > 100)
+        let full = try w.verifyAll(on: fe)
+        #expect(full.mismatches == 0 && full.verified > 1000)
     }
 
     @Test("a read-only export: the backend says so and refuses writes")
