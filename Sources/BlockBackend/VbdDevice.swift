@@ -18,6 +18,8 @@ public struct VbdStatus: Sendable {
     public var ringPages: Int
     public var statistics: VbdStatistics
     public var lastError: String?
+    /// The storage's last report (an NBD connection lost or regained).
+    public var lastStorageEvent: String?
 }
 
 /// The control plane of one vbd: the backend half of the xenbus handshake
@@ -65,7 +67,8 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         var s = retiredStatistics
         if let live = dataPlane?.statistics { s = s.adding(live) }
         return VbdStatus(address: address, state: state, params: params, diskOpen: storage != nil,
-                         ringPages: dataPlane?.ringPages ?? 0, statistics: s, lastError: lastError)
+                         ringPages: dataPlane?.ringPages ?? 0, statistics: s, lastError: lastError,
+                         lastStorageEvent: lastStorageEvent)
     }
 
     // MARK: probe -> InitWait
@@ -166,6 +169,9 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         } catch {
             throw DeviceFailure("cannot open disk \(params): \(error)")
         }
+        // Connection trouble (an NBD server) is logged and shown by status.
+        let device = WeakDevice(self)
+        storage?.setEventHandler { [loop] message in loop.post { device.value?.storageEvent(message) } }
         logger.info("disk open", metadata: ["params": "\(params)", "readOnly": "\(readOnly)"])
     }
 
@@ -316,6 +322,14 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     /// Stops serving but leaves xenstore as it is (daemon shutdown).
     func quiesce() {
         disconnect()
+    }
+
+    private(set) var lastStorageEvent: String?
+
+    /// A storage's report (on the control thread, posted by the data plane).
+    func storageEvent(_ message: String) {
+        lastStorageEvent = message
+        logger.warning("storage", metadata: ["params": "\(params)", "event": "\(message)"])
     }
 
     /// Records why the device cannot work, for the operator and the toolstack.

@@ -77,6 +77,8 @@ public struct StorageError: Error, Equatable, CustomStringConvertible, Sendable 
 
 public extension BlockStorage {
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { reapCompletions(body) }
+    /// Storages with nothing to report (a file) ignore the handler.
+    func setEventHandler(_ handler: @escaping StorageEventHandler) {}
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -104,7 +106,13 @@ public protocol BlockStorage: AnyObject {
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int
     /// Releases the disk. Call only with nothing in flight.
     func close()
+    /// Where to report what an operator should know (a connection lost or
+    /// regained). Called on the data-plane thread, on such changes only.
+    func setEventHandler(_ handler: @escaping StorageEventHandler)
 }
+
+/// Receives a storage's events, as one line of text each.
+public typealias StorageEventHandler = @Sendable (String) -> Void
 
 public extension BlockStorage {
     /// Flushes and waits for it (up to `timeoutMilliseconds`): for the

@@ -79,6 +79,9 @@ public struct NBDServerFeatures: Equatable, Sendable {
 /// Opened on a control thread, then used by one data-plane thread only.
 public final class NBDStorage: BlockStorage, @unchecked Sendable {
     public let address: NBDAddress
+    private var eventHandler: StorageEventHandler?
+
+    public func setEventHandler(_ handler: @escaping StorageEventHandler) { eventHandler = handler }
     public let geometry: StorageGeometry
     public let features: NBDServerFeatures
     public let queueDepth: Int
@@ -699,6 +702,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     // MARK: Reconnection (allocates; never on the steady-state path)
 
     private func beginReconnect() {
+        eventHandler?("lost every connection to \(address); reconnecting")
         let now = MonotonicNanoseconds.now()
         reconnecting = true
         reconnectAttempts = 0
@@ -731,6 +735,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         let now = MonotonicNanoseconds.now()
         if !reconnectDeadlinePassed && now >= reconnectDeadline {
             reconnectDeadlinePassed = true
+            eventHandler?("\(address) still unreachable after \(reconnectTimeoutMilliseconds) ms: failing held requests, still retrying")
             failHeld(EIO)
         }
         if attempt != nil && now &- attemptStartedAt >= Self.attemptLimitNanoseconds { attemptFailed() }
@@ -802,6 +807,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         guard size >= 0, UInt64(size) == features.sizeBytes else {
             // Another export (or a resized one): never write to it.
             nbd_close(handle)
+            eventHandler?("\(address) came back with another size (\(size) bytes): refusing it for good")
             reconnectRefused = true
             reconnecting = false
             scheduleReconnectTimer()
@@ -821,6 +827,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         connections[0] = connection
         reconnecting = false
         reconnections += 1
+        eventHandler?("reconnected to \(address)")
         scheduleReconnectTimer()
         // Issue what was held, in order.
         let count = heldCount

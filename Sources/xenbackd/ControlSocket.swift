@@ -19,6 +19,7 @@ struct DeviceReport: Codable {
     var bytesWritten: UInt64
     var errors: UInt64
     var lastError: String?
+    var storageEvent: String?
 
     init(_ s: VbdStatus) {
         device = s.address.description
@@ -33,6 +34,7 @@ struct DeviceReport: Codable {
         bytesWritten = s.statistics.bytesWritten
         errors = s.statistics.errors
         lastError = s.lastError
+        storageEvent = s.lastStorageEvent
     }
 }
 

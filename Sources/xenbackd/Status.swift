@@ -31,6 +31,7 @@ struct Status: ParsableCommand {
             line += pad(String(d.bytesWritten / 1_000_000), 12, right: true)
             line += pad("\(d.errors)", 8, right: true) + "  " + d.params
             if let e = d.lastError { line += "  (error: \(e))" }
+            if let e = d.storageEvent { line += "  (storage: \(e))" }
             print(line)
         }
         if devices.isEmpty { print("(no devices)") }

@@ -145,6 +145,7 @@ struct NBDDiskTests {
         #expect(after.errors == 0 && after.mismatches == 0 && after.writes > 100)
         let full = try w.verifyAll(on: fe)
         #expect(full.mismatches == 0 && full.verified > 1000)
+        #expect(bed.host.blockStatus.first?.lastStorageEvent?.hasPrefix("reconnected to") == true)
     }
 
     @Test("a read-only export: the backend says so and refuses writes")
@@ -179,6 +180,10 @@ struct NBDDiskTests {
         let t = try fe.submit(.read(sector: 8, count: 8))
         fe.kick()
         #expect(try fe.wait(for: t, timeout: 20).status == BlkifStatus.error)
+        // The operator sees why: in the log and in status.
+        try waitUntil("status to show the storage event") {
+            bed.host.blockStatus.first { $0.address.frontendDomain == 1 }?.lastStorageEvent?.contains("still unreachable") == true
+        }
         #expect(try other.read(sector: 0, count: 8).status == BlkifStatus.okay)
     }
 }
