@@ -49,9 +49,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     private let submitList: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private let events: UnsafeMutablePointer<io_event>
     /// Slots completed at submit time, waiting to be reaped (FIFO).
-    private let finishedRing: UnsafeMutablePointer<Int32>
-    private var finishedHead = 0
-    private var finishedCount = 0
+    private var finished: SlotQueue
 
     public static func open(path: String, readOnly: Bool, queueDepth: Int,
                             direct: DirectIOMode = .auto) throws(StorageError) -> FileStorage {
@@ -97,8 +95,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         submitList.initialize(repeating: nil, count: queueDepth)
         events = .allocate(capacity: queueDepth)
         events.initialize(repeating: io_event(), count: queueDepth)
-        finishedRing = .allocate(capacity: queueDepth)
-        finishedRing.initialize(repeating: 0, count: queueDepth)
+        finished = SlotQueue(capacity: queueDepth)
     }
 
     deinit {
@@ -110,7 +107,6 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         batchSlots.deallocate()
         submitList.deallocate()
         events.deallocate()
-        finishedRing.deallocate()
     }
 
     public func close() {
@@ -273,10 +269,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     /// before `body` runs, so `body` may submit again.
     private func reapFinished(_ body: (StorageCompletion) -> Void) -> Int {
         var reaped = 0
-        while finishedCount > 0 {
-            let slot = Int(finishedRing[finishedHead])
-            finishedHead = finishedHead + 1 == queueDepth ? 0 : finishedHead + 1
-            finishedCount -= 1
+        while let slot = finished.pop() {
             let completion = StorageCompletion(tag: slots[slot].tag, result: slots[slot].result)
             releaseSlot(Int32(slot))
             body(completion)
@@ -346,13 +339,10 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         for index in start..<end { releaseSlot(batchSlots[index]) }
     }
 
-    /// The ring cannot overflow: each entry holds one of `queueDepth` slots.
+    /// An operation finished without the kernel (discard, synchronous flush, refusal).
     private func finish(_ slot: Int, result: Int64) {
         slots[slot].result = result
-        var tail = finishedHead + finishedCount
-        if tail >= queueDepth { tail -= queueDepth }
-        finishedRing[tail] = Int32(slot)
-        finishedCount += 1
+        finished.push(slot)
     }
 
     /// Wakes the poller for completions that did not come from the kernel.

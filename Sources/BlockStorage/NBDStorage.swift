@@ -142,9 +142,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     private let contexts: UnsafeMutablePointer<NBDCallbackContext>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeSlotCount: Int
-    private let finishedRing: UnsafeMutablePointer<Int32>
-    private var finishedHead = 0
-    private var finishedCount = 0
+    private var finished: SlotQueue
     /// Slots taken and not yet reaped.
     private var busySlots = 0
     private let readyTokens: UnsafeMutablePointer<UInt64>
@@ -329,8 +327,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         freeSlots = .allocate(capacity: queueDepth)
         for index in 0..<queueDepth { freeSlots[index] = Int32(queueDepth - 1 - index) }
         freeSlotCount = queueDepth
-        finishedRing = .allocate(capacity: queueDepth)
-        finishedRing.initialize(repeating: 0, count: queueDepth)
+        finished = SlotQueue(capacity: queueDepth)
         readyCapacity = Int32(connections.count + 4)
         readyTokens = .allocate(capacity: Int(readyCapacity))
         readyTokens.initialize(repeating: 0, count: Int(readyCapacity))
@@ -349,7 +346,6 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         slots.deallocate()
         contexts.deallocate()
         freeSlots.deallocate()
-        finishedRing.deallocate()
         heldSlots.deallocate()
         readyTokens.deallocate()
         readyEvents.deallocate()
@@ -389,11 +385,11 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
         let count = min(operations.count, freeSlotCount)
         guard count > 0 else { return 0 }
-        let finishedBefore = finishedCount
+        let finishedBefore = finished.count
         for index in 0..<count { start(operations[index]) }
         for index in connections.indices where connections[index].alive { updateRegistration(index) }
-        if busySlots > finishedCount { armTimer() }
-        if finishedCount > finishedBefore { signalCompletion() }
+        if busySlots > finished.count { armTimer() }
+        if finished.count > finishedBefore { signalCompletion() }
         return count
     }
 
@@ -591,10 +587,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         if slots[slot].error == 0 && slots[slot].scatter, let bounce = slots[slot].bounce {
             nbdScatter(bounce, to: slots[slot].iovecs, Int(slots[slot].iovecCount))
         }
-        var tail = finishedHead + finishedCount
-        if tail >= queueDepth { tail -= queueDepth }
-        finishedRing[tail] = Int32(slot)
-        finishedCount += 1
+        finished.push(slot)
     }
 
     /// `body` may call `submit` (the completed operation's slot is already
@@ -653,10 +646,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
 
     private func deliverFinished(_ body: (StorageCompletion) -> Void) -> Int {
         var reaped = 0
-        while finishedCount > 0 {
-            let slot = Int(finishedRing[finishedHead])
-            finishedHead = finishedHead + 1 == queueDepth ? 0 : finishedHead + 1
-            finishedCount -= 1
+        while let slot = finished.pop() {
             let state = slots[slot]
             let result: Int64
             if state.error != 0 {
@@ -841,7 +831,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             release(slot)
         }
         for index in connections.indices where connections[index].alive { updateRegistration(index) }
-        if busySlots > finishedCount { armTimer() }
+        if busySlots > finished.count { armTimer() }
     }
 
     /// Completes every held operation with `error`.
@@ -881,7 +871,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     private func timerFired() {
         var expirations: UInt64 = 0
         _ = read(timerFD, &expirations, MemoryLayout<UInt64>.size)
-        if busySlots == finishedCount {
+        if busySlots == finished.count {
             // Idle: stop ticking until the next submit.
             var setting = itimerspec()
             _ = timerfd_settime(timerFD, 0, &setting, nil)
