@@ -63,6 +63,16 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], swiftSettings: dataPlane),
+        // The vif driver: the netif tx/rx rings moved to and from a TAP on a bridge.
+        .target(name: "NetBackend", dependencies: [
+            "XenABI", "XenRing", "Hypervisor", "XenBus", "NetworkPlumbing", "CXenBackSupport", "SystemSupport",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ], swiftSettings: dataPlane),
+        // Our netfront for the loopback hypervisor: joins a guest's rings to a TAP in a namespace.
+        .target(name: "NetFrontend", dependencies: [
+            "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "NetworkPlumbing", "CXenBackSupport", "SystemSupport",
+        ], swiftSettings: dataPlane),
         .target(name: "BlockFrontend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: dataPlane),
@@ -70,12 +80,13 @@ let package = Package(
         // backend and simulated guests (tests, benchmark).
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
-            "BlockFrontend", "XenBus", "Hypervisor", "SystemSupport",
+            "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "xenbackd", dependencies: [
             "LoopbackHost", "XenStoreClient", "SystemSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
+            "NetBackend", "NetFrontend", "NetworkPlumbing",
             "LibXenStore", "XenBus", "Hypervisor", "XenPlatform",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
@@ -101,6 +112,12 @@ let package = Package(
             "LoopbackHost", "SystemSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+            // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
+        .testTarget(name: "NetBackendTests", dependencies: [
+            "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",
+            "XenBus", "XenABI", "XenRing", "Hypervisor", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
     ]

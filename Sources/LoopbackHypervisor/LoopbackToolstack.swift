@@ -65,8 +65,6 @@ public struct LoopbackToolstack: Sendable {
     public func addDisk(domain d: DomID, _ disk: Disk) throws(XenStoreError) {
         let be = backendPath(domain: d, devid: disk.devid)
         let fe = frontendPath(domain: d, devid: disk.devid)
-        let bePerms: [XenStorePermission] = [.init(domain: UInt32(backendDomain), access: .none), .init(domain: UInt32(d), access: .read)]
-        let fePerms: [XenStorePermission] = [.init(domain: UInt32(d), access: .none), .init(domain: UInt32(backendDomain), access: .read)]
         var backendKeys: [(String, String)] = [
             ("bootable", "1"), ("dev", disk.vdev), ("device-type", "disk"), ("discard-enable", disk.discard ? "1" : "0"),
             ("frontend", fe), ("frontend-id", String(d)), ("mode", disk.readOnly ? "r" : "w"), ("online", "1"),
@@ -77,6 +75,69 @@ public struct LoopbackToolstack: Sendable {
             ("backend", be), ("backend-id", String(backendDomain)), ("device-type", "disk"),
             ("virtual-device", String(disk.devid)), ("state", "1"), ("trusted", "1"),
         ]
+        try writeDevice(domain: d, backend: be, backendKeys: backendKeys, frontend: fe, frontendKeys: frontendKeys)
+    }
+
+    /// Removes a vbd as `xl block-detach` finally does: both directories.
+    public func removeDisk(domain d: DomID, devid: UInt32) throws(XenStoreError) {
+        try store.remove(backendPath(domain: d, devid: devid))
+        try store.remove(frontendPath(domain: d, devid: devid))
+    }
+
+    /// A vif as an `xl` vif line describes it.
+    public struct Nic: Sendable {
+        public var devid: UInt32
+        /// The guest's MAC (the frontend's; the backend's TAP uses fe:ff:ff:ff:ff:ff).
+        public var mac: String
+        public var bridge: String?
+        /// libxl's `script`; nil: xenbackd puts the vif on its bridge itself.
+        public var script: String?
+        public var mtu: Int?
+        /// libxl's `rate` key, "bytes,usec".
+        public var rate: String?
+        public init(devid: UInt32 = 0, mac: String = "00:16:3e:00:00:01", bridge: String? = "xenbr0",
+                    script: String? = nil, mtu: Int? = nil, rate: String? = nil) {
+            self.devid = devid; self.mac = mac; self.bridge = bridge; self.script = script; self.mtu = mtu; self.rate = rate
+        }
+    }
+
+    public func nicBackendPath(domain d: DomID, devid: UInt32) -> String {
+        Self.domainPath(backendDomain) + "/backend/vif/\(d)/\(devid)"
+    }
+
+    public func nicFrontendPath(domain d: DomID, devid: UInt32) -> String {
+        Self.domainPath(d) + "/device/vif/\(devid)"
+    }
+
+    /// Adds a vif the way libxl does (the keys recorded in shared/xenlab).
+    public func addNic(domain d: DomID, _ nic: Nic) throws(XenStoreError) {
+        let be = nicBackendPath(domain: d, devid: nic.devid)
+        let fe = nicFrontendPath(domain: d, devid: nic.devid)
+        var backendKeys: [(String, String)] = [
+            ("frontend", fe), ("frontend-id", String(d)), ("handle", String(nic.devid)), ("mac", nic.mac),
+            ("online", "1"), ("state", "1"), ("type", "vif"),
+        ]
+        if let b = nic.bridge { backendKeys.append(("bridge", b)) }
+        if let s = nic.script { backendKeys.append(("script", s)); backendKeys.append(("hotplug-status", "")) }
+        if let m = nic.mtu { backendKeys.append(("mtu", String(m))) }
+        if let r = nic.rate { backendKeys.append(("rate", r)) }
+        let frontendKeys: [(String, String)] = [
+            ("backend", be), ("backend-id", String(backendDomain)), ("handle", String(nic.devid)),
+            ("mac", nic.mac), ("state", "1"), ("trusted", "1"),
+        ]
+        try writeDevice(domain: d, backend: be, backendKeys: backendKeys, frontend: fe, frontendKeys: frontendKeys)
+    }
+
+    /// Removes a vif as `xl network-detach` finally does.
+    public func removeNic(domain d: DomID, devid: UInt32) throws(XenStoreError) {
+        try store.remove(nicBackendPath(domain: d, devid: devid))
+        try store.remove(nicFrontendPath(domain: d, devid: devid))
+    }
+
+    private func writeDevice(domain d: DomID, backend be: String, backendKeys: [(String, String)],
+                             frontend fe: String, frontendKeys: [(String, String)]) throws(XenStoreError) {
+        let bePerms: [XenStorePermission] = [.init(domain: UInt32(backendDomain), access: .none), .init(domain: UInt32(d), access: .read)]
+        let fePerms: [XenStorePermission] = [.init(domain: UInt32(d), access: .none), .init(domain: UInt32(backendDomain), access: .read)]
         try store.withTransaction { t throws(XenStoreError) in
             try store.mkdir(fe, transaction: t)
             try store.setPermissions(fe, fePerms, transaction: t)
@@ -91,11 +152,5 @@ public struct LoopbackToolstack: Sendable {
                 try store.setPermissions(be + "/" + k, bePerms, transaction: t)
             }
         }
-    }
-
-    /// Removes a vbd as `xl block-detach` finally does: both directories.
-    public func removeDisk(domain d: DomID, devid: UInt32) throws(XenStoreError) {
-        try store.remove(backendPath(domain: d, devid: devid))
-        try store.remove(frontendPath(domain: d, devid: devid))
     }
 }

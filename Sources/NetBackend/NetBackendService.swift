@@ -1,0 +1,1 @@
+// The vif driver lives here (see docs/ARCHITECTURE.md).

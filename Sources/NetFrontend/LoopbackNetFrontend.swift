@@ -1,0 +1,1 @@
+// Our netfront for the loopback hypervisor.
