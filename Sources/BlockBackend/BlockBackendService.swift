@@ -25,9 +25,8 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
     private let openStorage: StorageOpener
     private let options: BlockBackendOptions
     private let logger: Logger
-    private let root: String
     private var devices: [BackendDeviceAddress: VbdDevice] = [:]
-    private var watchToken: String?
+    private var watcher: BackendDeviceWatcher?
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener,
                 options: BlockBackendOptions = .init(), logger: Logger) {
@@ -36,13 +35,15 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
         self.loop = loop
         self.openStorage = openStorage
         self.logger = logger
-        root = XenbusPaths.backendRoot(backendDomain: platform.ownDomain, type: Self.deviceType)
     }
 
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
     public func start() throws(XenStoreError) {
-        watchToken = try loop.watch(root) { [weak self] event in self?.backendTreeChanged(event.path) }
+        let w = BackendDeviceWatcher(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
+                                     appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
+        watcher = w
+        try w.start()
     }
 
     /// Answers every request in flight on every ring and stops the data
@@ -55,41 +56,17 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
         devices.values.map(\.status).sorted { ($0.address.frontendDomain, $0.address.devid) < ($1.address.frontendDomain, $1.address.devid) }
     }
 
-    private func backendTreeChanged(_ path: String) {
-        if let address = BackendDeviceAddress.parse(path: path, root: root, type: Self.deviceType) {
-            reconcile(address)
-        } else {
-            rescan()
-        }
+    private func add(_ address: BackendDeviceAddress) {
+        let device = VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
+                               options: options, logger: logger)
+        devices[address] = device
+        logger.info("device appeared", metadata: ["device": "\(address)"])
+        device.probe()
     }
 
-    /// Full scan: the initial firing, or a change at the domain level.
-    private func rescan() {
-        var present: Set<BackendDeviceAddress> = []
-        for domain in (try? loop.store.directory(root)) ?? nil ?? [] {
-            guard let d = DomID(domain) else { continue }
-            for dev in (try? loop.store.directory(root + "/\(domain)")) ?? nil ?? [] {
-                guard let v = UInt32(dev) else { continue }
-                present.insert(BackendDeviceAddress(type: Self.deviceType, frontendDomain: d, devid: v))
-            }
-        }
-        for a in present { reconcile(a) }
-        for a in devices.keys where !present.contains(a) { reconcile(a) }
-    }
-
-    /// Creates or removes the device at `address` to match xenstore.
-    private func reconcile(_ address: BackendDeviceAddress) {
-        let path = address.backendPath(backendDomain: platform.ownDomain)
-        let exists = ((try? loop.store.read(path + "/frontend")) ?? nil) != nil
-        if exists, devices[address] == nil {
-            let device = VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
-                                   options: options, logger: logger)
-            devices[address] = device
-            logger.info("device appeared", metadata: ["device": "\(address)"])
-            device.probe()
-        } else if !exists, let device = devices.removeValue(forKey: address) {
-            logger.info("device removed", metadata: ["device": "\(address)"])
-            device.teardown()
-        }
+    private func remove(_ address: BackendDeviceAddress) {
+        guard let device = devices.removeValue(forKey: address) else { return }
+        logger.info("device removed", metadata: ["device": "\(address)"])
+        device.teardown()
     }
 }

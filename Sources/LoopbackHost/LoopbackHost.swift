@@ -5,6 +5,9 @@ import Hypervisor
 import Logging
 import LoopbackHypervisor
 import LoopbackXenStore
+import NetBackend
+import NetFrontend
+import NetworkPlumbing
 import SystemSupport
 import XenBus
 import XenStoreClient
@@ -22,6 +25,7 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     public let platform: LoopbackPlatform
     public let control: XenbusControlLoop
     public let blockService: BlockBackendService
+    public let netService: NetBackendService
     public let toolstack: LoopbackToolstack
     private let controlThread: NativeThread
     private let ownsRoot: Bool
@@ -33,7 +37,8 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     /// through dom0 connections (it has no per-domain sockets).
     public init(root: String? = nil, logger: Logger = Logger(label: "xenbackd"),
                 openStorage: @escaping StorageOpener = DiskParameters.fileStorageOpener,
-                options: BlockBackendOptions = .init(), externalXenStore: String? = nil) throws {
+                options: BlockBackendOptions = .init(), netOptions: NetBackendOptions = .init(),
+                externalXenStore: String? = nil, networkNamespace: String? = nil) throws {
         let dir: String
         if let root { dir = root; try makeDirectories(root, mode: 0o700) } else {
             // Guest memory lives here: tmpfs keeps it off the disk.
@@ -60,8 +65,29 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage,
                                            options: options, logger: logger)
         try blockService.start()
+        netService = NetBackendService(platform: platform, loop: control, options: netOptions, logger: logger)
+        try netService.start()
         let loop = control
-        controlThread = try NativeThread(name: "xenbus") { loop.run() }
+        // The backend's interfaces (vifD.N) are created on the control
+        // thread, so they live in its namespace: tests give it their own.
+        let entered = Handoff<[String]>()   // empty: entered
+        controlThread = try NativeThread(name: "xenbus") {
+            if let networkNamespace {
+                do throws(NetworkError) {
+                    try NetworkNamespace.enter(named: networkNamespace, mountSysfs: false)
+                } catch {
+                    entered.put(["\(error)"])
+                    return
+                }
+            }
+            entered.put([])
+            loop.run()
+        }
+        if let failure = entered.take().first {
+            controlThread.join()
+            server?.stop()
+            throw HypervisorError("enter network namespace \(networkNamespace ?? "")", errno: EINVAL, detail: failure)
+        }
         toolstack = LoopbackToolstack(store: try XenStoreSocketClient(socketPath: xenStoreSocket))
     }
 
@@ -94,9 +120,22 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     }
 
     public var blockStatus: [VbdStatus] { onControlThread { [blockService] in blockService.status } }
+    public var netStatus: [VifStatus] { onControlThread { [netService] in netService.status } }
+
+    /// Adds a vif the way libxl does and returns the guest's netfront for it
+    /// (not yet connected), joined to `tap` (a TAP in the guest's namespace;
+    /// nil for a frontend driven by hand).
+    public func attachNic(to guest: LoopbackGuestDomain, _ nic: LoopbackToolstack.Nic, tap: TapDevice?,
+                          options: NetFrontendOptions = .init()) throws -> LoopbackNetFrontend {
+        try toolstack.addNic(domain: guest.domain, nic)
+        return LoopbackNetFrontend(guest: guest, store: try guestStore(guest.domain), devid: nic.devid, tap: tap, options: options)
+    }
 
     public func shutdown() {
-        onControlThread { [blockService] in blockService.quiesce() }
+        onControlThread { [blockService, netService] in
+            blockService.quiesce()
+            netService.shutdown()
+        }
         control.requestStop()
         controlThread.join()
         server?.stop()

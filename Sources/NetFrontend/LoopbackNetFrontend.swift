@@ -1,1 +1,298 @@
-// Our netfront for the loopback hypervisor.
+import Glibc
+import Hypervisor
+import LoopbackHypervisor
+import NetworkPlumbing
+import SystemSupport
+import XenABI
+import XenBus
+
+/// A netfront of our own for the loopback hypervisor (as Linux xen-netfront
+/// is for Xen): a simulated guest's network driver. It does the frontend
+/// half of the vif handshake, grants its tx and rx rings and buffer pages
+/// to the backend and, given a TAP, runs a pump thread that joins the rings
+/// to it: with the TAP inside a network namespace, that namespace's IP
+/// stack is the guest, and ping or iperf3 there go through the backend.
+///
+/// Without a TAP there is no pump, and the raw hooks (NetFrontendRaw.swift)
+/// let a test write ring slots itself and read what comes back.
+///
+/// `connect`, `disconnect` and the raw hooks are called from one thread at
+/// a time; `statistics` from any thread. The xenstore connection should be
+/// the guest's own: waiting for the backend's state consumes its watch events.
+public final class LoopbackNetFrontend: @unchecked Sendable {  // control from one thread at a time; statistics locked
+    public let guest: LoopbackGuestDomain
+    public let store: any XenStore
+    public let devid: UInt32
+    public let tap: TapDevice?
+    public let options: NetFrontendOptions
+    public let frontendPath: String
+    public private(set) var backendPath = ""
+    public private(set) var backendDomain: DomID = 0
+    /// The frontend directory's `mac` (the toolstack's choice for the guest's NIC).
+    public private(set) var mac: String?
+    public private(set) var backendFeatures = BackendNetFeatures()
+    public private(set) var negotiated = NetFrontendNegotiated()
+    /// Keys to publish instead of ours (nil removes the key), written last
+    /// in the same transaction: how tests play a frontend with bad values.
+    public var publishOverrides: [String: String?] = [:]
+    public private(set) var isConnected = false
+
+    var queue: NetFrontendQueue?
+    var pump: NetFrontendPump?
+    let statisticsBox = StatisticsBox()
+
+    public init(guest: LoopbackGuestDomain, store: any XenStore, devid: UInt32 = 0, tap: TapDevice?,
+                options: NetFrontendOptions = .init()) {
+        self.guest = guest
+        self.store = store
+        self.devid = devid
+        self.tap = tap
+        self.options = options
+        frontendPath = "/local/domain/\(guest.domain)/device/vif/\(devid)"
+    }
+
+    deinit {
+        pump?.stop()
+        queue?.release()
+    }
+
+    /// A snapshot of the counters (as of the pump's last pass).
+    public var statistics: NetFrontendStatistics { statisticsBox.snapshot }
+
+    /// The backend's `state` (nil before connect, or when missing or malformed).
+    public var backendState: XenbusState? { backendPath.isEmpty ? nil : store.readState(backendPath) }
+
+    /// Slots of each ring (256 for one page), 0 when not connected.
+    public var txRingSlots: Int { queue?.txSlots ?? 0 }
+    public var rxRingSlots: Int { queue?.rxSlots ?? 0 }
+
+    /// Our event channel port(s): the same port twice unless split.
+    public var eventChannelPorts: (tx: EventChannelPort, rx: EventChannelPort)? {
+        queue.map { ($0.txPort, $0.rxPort) }
+    }
+
+    /// The grant references published as `tx-ring-ref` and `rx-ring-ref`.
+    public var ringGrants: (tx: GrantRef, rx: GrantRef)? { queue.map { ($0.txRingGrant, $0.rxRingGrant) } }
+
+    // MARK: handshake
+
+    /// The frontend half of the handshake, as Linux netfront does it:
+    /// Initialising; wait for the backend's InitWait (a backend Closed with
+    /// an `error` key fails at once); read its features (no
+    /// `feature-rx-copy=1`: refused, and nothing is allocated or published);
+    /// set up the rings, buffers and event channel(s); post the rx buffers;
+    /// publish every key and state Connected in one transaction; wait for
+    /// the backend's Connected. Then, with a TAP, set its offloads and start
+    /// the pump. `timeout` bounds the whole handshake.
+    public func connect(timeout: Double = 10) throws {
+        guard queue == nil else { throw NetFrontendError.alreadyConnected }
+        let deadline = MonotonicClock.seconds() + timeout
+        guard let be = try store.read(frontendPath + "/backend") else {
+            throw NetFrontendError.noBackend(frontendPath: frontendPath)
+        }
+        backendPath = be
+        backendDomain = DomID(try store.read(frontendPath + "/backend-id") ?? "0") ?? 0
+        mac = try store.read(frontendPath + "/mac")
+        try store.writeState(frontendPath, .initialising)
+
+        try waitForBackend(deadline: deadline, what: "backend InitWait") { state -> Bool? in
+            switch state {
+            case .initWait, .connected: return true
+            // Closed with a reason: the backend gave up on this device.
+            case .closed:
+                if let why = backendKey("error") { throw NetFrontendError.backendClosed(reason: why) }
+                return nil
+            default: return nil
+            }
+        }
+        readBackendFeatures()
+        guard backendFeatures.rxCopy else { throw NetFrontendError.backendLacks(feature: "feature-rx-copy") }
+        negotiate()
+
+        let events = try guest.openEventChannels()
+        let q: NetFrontendQueue
+        do {
+            let txPort = try events.allocateUnbound(remoteDomain: backendDomain)
+            let rxPort = negotiated.splitEventChannels ? try events.allocateUnbound(remoteDomain: backendDomain) : txPort
+            q = try NetFrontendQueue(guest: guest, backendDomain: backendDomain, events: events, txPort: txPort, rxPort: rxPort)
+        } catch {
+            events.close()
+            throw error
+        }
+        q.trackTxIDs = tap != nil
+        queue = q
+        do {
+            // Buffers first, as netfront does: the backend may deliver as
+            // soon as it connects.
+            if options.postRxBuffers { q.postRx() }
+            try publish(q)
+            try waitForBackend(deadline: deadline, what: "backend Connected") { state -> Bool? in
+                switch state {
+                case .connected: return true
+                case .closing, .closed:
+                    throw NetFrontendError.backendClosed(reason: backendKey("error") ?? "backend went \(state!)")
+                default: return nil
+                }
+            }
+            // A first kick on each port (netfront's xennet_connect does it too).
+            q.notify(q.txPort)
+            if q.rxPort != q.txPort { q.notify(q.rxPort) }
+            statisticsBox.publish(q.stats)
+            if let tap { try startPump(tap: tap, queue: q) }
+        } catch {
+            pump?.stop()
+            pump = nil
+            q.release()
+            queue = nil
+            throw error
+        }
+        isConnected = true
+    }
+
+    private func backendKey(_ key: String) -> String? { (try? store.read(backendPath + "/" + key)) ?? nil }
+
+    /// A boolean feature key: any non-zero number is on (xenbus_read_unsigned).
+    private func backendFlag(_ key: String) -> Bool { (backendKey(key).flatMap { UInt64($0) } ?? 0) != 0 }
+
+    private func readBackendFeatures() {
+        var f = BackendNetFeatures()
+        f.rxCopy = backendFlag("feature-rx-copy")
+        f.scatterGather = backendFlag("feature-sg")
+        f.gsoTCPv4 = backendFlag("feature-gso-tcpv4")
+        f.gsoTCPv6 = backendFlag("feature-gso-tcpv6")
+        f.ipv6ChecksumOffload = backendFlag("feature-ipv6-csum-offload")
+        f.splitEventChannels = backendFlag("feature-split-event-channels")
+        f.maxQueues = backendKey("multi-queue-max-queues").flatMap { Int($0) } ?? 1
+        backendFeatures = f
+    }
+
+    /// What we will send. TSO needs scatter-gather on both ends (a super-
+    /// frame spans pages) and a virtio header on the TAP; TSO6 needs the
+    /// backend to take IPv6 partial checksums too (the kernel drops TSO6
+    /// without IPv6 checksum offload as well).
+    private func negotiate() {
+        let be = backendFeatures
+        var n = NetFrontendNegotiated()
+        n.splitEventChannels = options.splitEventChannels && be.splitEventChannels
+        n.txScatterGather = options.scatterGather && be.scatterGather
+        let tso = options.gso && n.txScatterGather && (tap?.vnetHeaderSize ?? 0) > 0
+        n.txGSOTCPv4 = tso && be.gsoTCPv4
+        n.txGSOTCPv6 = tso && be.gsoTCPv6 && be.ipv6ChecksumOffload
+        n.txIPv6ChecksumOffload = be.ipv6ChecksumOffload
+        negotiated = n
+    }
+
+    /// Every key of ours and state Connected, in one transaction. Keys of the
+    /// other event channel layout, left by an earlier connection, go.
+    private func publish(_ q: NetFrontendQueue) throws(XenStoreError) {
+        let fe = frontendPath
+        let split = negotiated.splitEventChannels
+        var keys: [(String, String)] = [
+            ("tx-ring-ref", String(q.txRingGrant)),
+            ("rx-ring-ref", String(q.rxRingGrant)),
+        ]
+        if split {
+            keys += [("event-channel-tx", String(q.txPort)), ("event-channel-rx", String(q.rxPort))]
+        } else {
+            keys.append(("event-channel", String(q.txPort)))
+        }
+        keys += [
+            ("request-rx-copy", "1"),
+            ("feature-rx-notify", "1"),
+            ("feature-sg", options.scatterGather ? "1" : "0"),
+            ("feature-gso-tcpv4", options.gso ? "1" : "0"),
+            ("feature-gso-tcpv6", options.gso ? "1" : "0"),
+            ("feature-ipv6-csum-offload", "1"),
+            ("feature-no-csum-offload", "0"),
+        ]
+        let stale = split ? ["event-channel"] : ["event-channel-tx", "event-channel-rx"]
+        let overrides = publishOverrides
+        try store.withTransaction { t throws(XenStoreError) in
+            for k in stale { try store.remove(fe + "/" + k, transaction: t) }
+            for (k, v) in keys { try store.write(fe + "/" + k, v, transaction: t) }
+            for (k, v) in overrides {
+                if let v { try store.write(fe + "/" + k, v, transaction: t) } else {
+                    try store.remove(fe + "/" + k, transaction: t)
+                }
+            }
+            try store.writeState(fe, .connected, transaction: t)
+        }
+    }
+
+    private func startPump(tap: TapDevice, queue q: NetFrontendQueue) throws {
+        if tap.vnetHeaderSize > 0 {
+            // What the namespace's kernel may hand us: partial checksums
+            // always (we finish those the backend cannot take), TSO when the
+            // backend segments it.
+            try tap.setOffloads(csum: true, tso4: negotiated.txGSOTCPv4, tso6: negotiated.txGSOTCPv6)
+        }
+        let p = try NetFrontendPump(queue: q, tap: tap.queue(0), negotiated: negotiated, postRx: options.postRxBuffers,
+                                    statistics: statisticsBox, name: "netfront-\(guest.domain).\(devid)")
+        try p.start()
+        pump = p
+    }
+
+    /// Waits until `condition` (given the backend's state, nil when missing)
+    /// returns a value or throws; re-evaluated on each watch event.
+    @discardableResult
+    private func waitForBackend<T>(deadline: Double, what: String, _ condition: (XenbusState?) throws -> T?) throws -> T {
+        let path = backendPath + "/state"
+        let token = "netfront-\(devid)-\(UInt32.random(in: 0...UInt32.max))"
+        try store.watch(path, token: token)
+        defer { try? store.unwatch(path, token: token) }
+        while true {
+            if let v = try condition(store.readState(backendPath)) { return v }
+            let left = deadline - MonotonicClock.seconds()
+            if left <= 0 { throw NetFrontendError.timeout(what + " (backend state \(backendState.map { "\($0)" } ?? "missing"))") }
+            var pfd = pollfd(fd: store.watchFileDescriptor, events: Int16(POLLIN), revents: 0)
+            _ = poll(&pfd, 1, Int32(min(left, 0.2) * 1000) + 1)
+            while let _ = try store.nextWatchEvent() {}
+        }
+    }
+
+    // MARK: unplug
+
+    /// Closes the device as netfront does: Closing; wait for the backend
+    /// to be Closing or Closed (or gone); Closed; wait for the backend's
+    /// Closed (or gone). Then stops the pump, revokes every grant, frees
+    /// every page and closes the event channels, even when the wait timed
+    /// out (the error is thrown afterwards; state is then left at Closing).
+    public func disconnect(timeout: Double = 10) throws {
+        guard queue != nil else { return }
+        let deadline = MonotonicClock.seconds() + timeout
+        var failure: (any Error)?
+        do {
+            try store.writeState(frontendPath, .closing)
+            let closed = try waitForBackend(deadline: deadline, what: "backend Closing") { state -> Bool? in
+                switch state {
+                case nil, .closed?, .unknown?: return true
+                case .closing?: return false
+                default: return nil
+                }
+            }
+            try store.writeState(frontendPath, .closed)
+            if !closed {
+                try waitForBackend(deadline: deadline, what: "backend Closed") { state -> Bool? in
+                    state == nil || state == .closed || state == .unknown ? true : nil
+                }
+            }
+        } catch {
+            failure = error
+        }
+        releaseResources()
+        if let failure { throw failure }
+    }
+
+    /// Drops the connection without the handshake (a crashed guest): stops
+    /// the pump, revokes the grants, frees the pages, closes the ports.
+    public func releaseResources() {
+        pump?.stop()
+        pump = nil
+        if let q = queue {
+            statisticsBox.publish(q.stats)
+            q.release()
+        }
+        queue = nil
+        isConnected = false
+    }
+}

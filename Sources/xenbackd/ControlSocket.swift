@@ -1,4 +1,5 @@
 import BlockBackend
+import NetBackend
 import Foundation
 import Glibc
 import Logging
@@ -20,6 +21,11 @@ struct DeviceReport: Codable {
     var errors: UInt64
     var lastError: String?
     var storageEvent: String?
+    /// vifs: frames each way and frames dropped.
+    var txPackets: UInt64?
+    var rxPackets: UInt64?
+    var dropped: UInt64?
+    var malformed: UInt64?
 
     init(_ s: VbdStatus) {
         device = s.address.description
@@ -35,6 +41,27 @@ struct DeviceReport: Codable {
         errors = s.statistics.errors
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
+    }
+
+    /// A vif in the same columns: bytes the guest received count as read,
+    /// bytes it sent as written; params names the interface and bridge.
+    init(_ s: VifStatus) {
+        device = s.address.description
+        type = s.address.type
+        domain = Int(s.address.frontendDomain)
+        devid = Int(s.address.devid)
+        state = s.state.description
+        params = s.interface.isEmpty ? "-" : s.interface + (s.bridge.map { " on " + $0 } ?? "")
+        ringPages = 0
+        requests = s.statistics.txPackets &+ s.statistics.rxPackets
+        bytesRead = s.statistics.rxBytes
+        bytesWritten = s.statistics.txBytes
+        errors = s.statistics.txErrors &+ s.statistics.rxErrors
+        lastError = s.lastError
+        txPackets = s.statistics.txPackets
+        rxPackets = s.statistics.rxPackets
+        dropped = s.statistics.txDropped &+ s.statistics.rxDropped
+        malformed = s.statistics.txMalformed
     }
 }
 

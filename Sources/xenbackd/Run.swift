@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockBackend
+import NetBackend
 import Glibc
 import Hypervisor
 import Logging
@@ -7,9 +8,10 @@ import LoopbackHypervisor
 import XenBus
 import XenPlatform
 
-/// `xenbackd run`: the daemon. Serves every vbd under this domain's
-/// backend directory until SIGTERM or SIGINT, then answers every request
-/// in flight and exits leaving xenstore as it is.
+/// `xenbackd run`: the daemon. Serves every vbd and vif under this
+/// domain's backend directory until SIGTERM or SIGINT, then answers every
+/// request in flight and exits leaving xenstore as it is (its vif
+/// interfaces go with it: a restarted daemon creates them again).
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the backend daemon.")
 
@@ -42,8 +44,10 @@ struct Run: ParsableCommand {
         default:
             throw ValidationError("unknown platform \"\(platform ?? "")\" (loopback or xen)")
         }
-        if hypervisor.name == "xen", let reason = KernelBackendCheck.refusal(type: BlockBackendService.deviceType) {
-            throw RefusalError(reason)
+        if hypervisor.name == "xen" {
+            for type in [BlockBackendService.deviceType, NetBackendService.deviceType] {
+                if let reason = KernelBackendCheck.refusal(type: type) { throw RefusalError(reason) }
+            }
         }
         // Signals are taken by one thread with sigwait; block them everywhere first.
         var signals = sigset_t()
@@ -63,14 +67,17 @@ struct Run: ParsableCommand {
                                                          persistentGrants: !noPersistentGrants),
                                           logger: logger)
         try service.start()
+        let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)
+        try net.start()
         let control = try ControlServer(path: controlSocket, loop: loop, logger: logger) {
-            service.status.map(DeviceReport.init)
+            service.status.map(DeviceReport.init) + net.status.map(DeviceReport.init)
         }
         defer { control.close() }
         SignalWaiter.start(signals: signals) { signal in
             logger.notice("signal \(signal): answering requests in flight, then exiting")
             loop.post {
                 service.quiesce()
+                net.quiesce()
                 loop.requestStop()
             }
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SystemSupport
 import Testing
 
 /// A temporary folder, removed by `remove()` (defer).

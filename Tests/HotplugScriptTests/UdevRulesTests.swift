@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SystemSupport
 import Testing
 
 /// One parsed udev rule: its KEY op "value" pairs, in order.

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SystemSupport
 import Testing
 
 /// A private network namespace, so the tests' bridges and taps never touch

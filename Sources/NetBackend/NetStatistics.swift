@@ -1,0 +1,69 @@
+import CXenBackSupport
+
+/// Counters of one vif, summed over its queues.
+public struct NetStatistics: Equatable, Sendable {
+    /// Frames from the guest written to the TAP.
+    public var txPackets: UInt64 = 0
+    public var txBytes: UInt64 = 0
+    /// Guest frames refused: malformed chains, failed grant copies,
+    /// frames the TAP rejected (each answered NETIF_RSP_ERROR).
+    public var txErrors: UInt64 = 0
+    /// Of those, chains that broke netif's rules (the frontend's fault).
+    public var txMalformed: UInt64 = 0
+    /// Guest frames the TAP had no room for (NETIF_RSP_DROPPED).
+    public var txDropped: UInt64 = 0
+    /// Frames delivered into the guest's rx buffers.
+    public var rxPackets: UInt64 = 0
+    public var rxBytes: UInt64 = 0
+    /// Frames for the guest dropped here: no buffers posted for too long,
+    /// too large for a frontend without scatter-gather, unusable offload.
+    public var rxDropped: UInt64 = 0
+    /// Rx buffers the guest granted that could not be written.
+    public var rxErrors: UInt64 = 0
+    public init() {}
+
+    public func adding(_ o: NetStatistics) -> NetStatistics {
+        var s = self
+        s.txPackets &+= o.txPackets; s.txBytes &+= o.txBytes; s.txErrors &+= o.txErrors
+        s.txMalformed &+= o.txMalformed; s.txDropped &+= o.txDropped
+        s.rxPackets &+= o.rxPackets; s.rxBytes &+= o.rxBytes; s.rxDropped &+= o.rxDropped; s.rxErrors &+= o.rxErrors
+        return s
+    }
+}
+
+/// The published copy of a queue's counters: the data-plane thread stores
+/// each one atomically (no lock on its path); readers on other threads may
+/// see one pass's counters partly updated, never torn values.
+final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
+    private static let fields = 9
+    private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
+
+    init() { counters.initialize(repeating: 0, count: Self.fields) }
+    deinit { counters.deallocate() }
+
+    func publish(_ s: NetStatistics) {
+        xb_store_release_u64(counters, s.txPackets)
+        xb_store_release_u64(counters + 1, s.txBytes)
+        xb_store_release_u64(counters + 2, s.txErrors)
+        xb_store_release_u64(counters + 3, s.txMalformed)
+        xb_store_release_u64(counters + 4, s.txDropped)
+        xb_store_release_u64(counters + 5, s.rxPackets)
+        xb_store_release_u64(counters + 6, s.rxBytes)
+        xb_store_release_u64(counters + 7, s.rxDropped)
+        xb_store_release_u64(counters + 8, s.rxErrors)
+    }
+
+    func read() -> NetStatistics {
+        var s = NetStatistics()
+        s.txPackets = xb_load_acquire_u64(counters)
+        s.txBytes = xb_load_acquire_u64(counters + 1)
+        s.txErrors = xb_load_acquire_u64(counters + 2)
+        s.txMalformed = xb_load_acquire_u64(counters + 3)
+        s.txDropped = xb_load_acquire_u64(counters + 4)
+        s.rxPackets = xb_load_acquire_u64(counters + 5)
+        s.rxBytes = xb_load_acquire_u64(counters + 6)
+        s.rxDropped = xb_load_acquire_u64(counters + 7)
+        s.rxErrors = xb_load_acquire_u64(counters + 8)
+        return s
+    }
+}

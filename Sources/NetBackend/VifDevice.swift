@@ -1,0 +1,342 @@
+import Hypervisor
+import Logging
+import NetworkPlumbing
+import XenABI
+import XenBus
+
+/// A snapshot of one vif for `xenbackd status`, tests and the demo.
+public struct VifStatus: Sendable {
+    public var address: BackendDeviceAddress
+    public var state: XenbusState
+    /// The TAP's name (vifD.N), empty before it exists.
+    public var interface: String
+    public var bridge: String?
+    public var splitEventChannels: Bool
+    public var statistics: NetStatistics
+    public var lastError: String?
+}
+
+/// The control plane of one vif: the backend half of the xenbus handshake
+/// (xen/io/netif.h), the TAP it serves, and the data plane. Lives on the
+/// control loop's thread only.
+final class VifDevice: @unchecked Sendable {   // confined to the control loop thread; only posted back to it
+    /// Xen's scripts give every vif this address: the largest unicast
+    /// one, so a bridge never adopts it as its own (the guest's MAC is the
+    /// frontend's, in the `mac` key).
+    static let backendMAC: [UInt8] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]
+
+    let address: BackendDeviceAddress
+    let backendPath: String
+    private let platform: any HypervisorPlatform
+    private let store: any XenStore
+    private let loop: XenbusControlLoop
+    private let options: NetBackendOptions
+    private var logger: Logger
+
+    private var frontendPath = ""
+    private var interfaceName = ""
+    private var bridge: String?
+    private var mtu: Int?
+    private var rate: (bytes: UInt64, microseconds: UInt64)?
+    private var hasScript = false
+    private var tap: TapDevice?
+    private var dataPlane: NetDataPlane?
+    private var split = false
+    private(set) var state: XenbusState = .initialising
+    private var lastError: String?
+    private var watches: [(path: String, token: String)] = []
+    private var retiredStatistics = NetStatistics()
+
+    init(address: BackendDeviceAddress, platform: any HypervisorPlatform, loop: XenbusControlLoop,
+         options: NetBackendOptions, logger: Logger) {
+        self.address = address
+        self.platform = platform
+        self.loop = loop
+        self.store = loop.store
+        self.options = options
+        self.backendPath = address.backendPath(backendDomain: platform.ownDomain)
+        var l = logger
+        l[metadataKey: "device"] = "\(address)"
+        self.logger = l
+    }
+
+    var status: VifStatus {
+        var s = retiredStatistics
+        if let live = dataPlane?.statistics { s = s.adding(live) }
+        return VifStatus(address: address, state: state, interface: tap == nil ? "" : interfaceName, bridge: bridge,
+                         splitEventChannels: split, statistics: s, lastError: lastError)
+    }
+
+    // MARK: probe -> InitWait
+
+    /// Reads the toolstack's keys, creates the interface, publishes our
+    /// features and goes to InitWait: libxl runs the vif script only then,
+    /// and the script expects vifD.N to exist already.
+    func probe() {
+        do {
+            try readToolstackKeys()
+            let resuming = isRunningConnection()
+            try createInterface(plumb: !hasScript || resuming)
+            if resuming {
+                state = .connected
+                try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
+                connect(resuming: true)
+                logger.notice("resumed a connected vif", metadata: ["interface": "\(interfaceName)"])
+                return
+            }
+            try publishFeatures()
+            try setState(.initWait)
+            try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
+        } catch let e as DeviceFailure {
+            fail(e.message)
+        } catch {
+            fail("probe failed: \(error)")
+        }
+    }
+
+    /// Both ends Connected when we find the device: a restarted daemon.
+    private func isRunningConnection() -> Bool {
+        store.readState(backendPath) == .connected && store.readState(frontendPath) == .connected
+    }
+
+    private func readToolstackKeys() throws {
+        guard let fe = try store.read(backendPath + "/frontend"), !fe.isEmpty else {
+            throw DeviceFailure("missing frontend key")
+        }
+        let expectedPrefix = XenbusPaths.domainPath(address.frontendDomain) + "/device/"
+        guard fe.hasPrefix(expectedPrefix), !fe.contains("..") else {
+            throw DeviceFailure("frontend path \(fe) is not under \(expectedPrefix)")
+        }
+        if let fid = try store.read(backendPath + "/frontend-id"), DomID(fid) != address.frontendDomain {
+            throw DeviceFailure("frontend-id \(fid) does not match the device path")
+        }
+        frontendPath = fe
+        if let name = try store.read(backendPath + "/vifname"), !name.isEmpty {
+            interfaceName = name
+        } else {
+            interfaceName = "vif\(address.frontendDomain).\(address.devid)"
+        }
+        do { try InterfaceName.validate(interfaceName) } catch {
+            throw DeviceFailure("interface name \"\(interfaceName)\": \(error)")
+        }
+        if let b = try store.read(backendPath + "/bridge"), !b.isEmpty {
+            do { try InterfaceName.validate(b) } catch { throw DeviceFailure("bridge \"\(b)\": \(error)") }
+            bridge = b
+        }
+        if let m = try store.read(backendPath + "/mtu"), !m.isEmpty {
+            guard let v = Int(m), (68...65535).contains(v) else { throw DeviceFailure("mtu \"\(m)\" is not 68...65535") }
+            mtu = v
+        }
+        if let r = try store.read(backendPath + "/rate"), !r.isEmpty {
+            guard let parsed = CreditScheduler.parseRate(r) else {
+                throw DeviceFailure("rate \"\(r)\" is not BYTES,USEC")
+            }
+            rate = parsed
+        }
+        if let s = try store.read(backendPath + "/script"), !s.isEmpty { hasScript = true }
+    }
+
+    /// Creates vifD.N with Xen's backend MAC and the MTU, carrier off until
+    /// the frontend connects. With `plumb` (no hotplug script will do it, or
+    /// a restarted daemon whose script ran for the old interface) it also
+    /// joins the bridge and comes up, as vif-bridge would.
+    private func createInterface(plumb: Bool) throws {
+        let t: TapDevice
+        do {
+            t = try TapDevice.create(name: interfaceName, queues: 1, vnetHeader: true)
+        } catch {
+            throw DeviceFailure("cannot create \(interfaceName): \(error)")
+        }
+        tap = t
+        do {
+            try NetworkInterface.setMAC(Self.backendMAC, name: interfaceName)
+            if let mtu { try NetworkInterface.setMTU(mtu, name: interfaceName) }
+            try t.setCarrier(false)
+        } catch {
+            throw DeviceFailure("cannot configure \(interfaceName): \(error)")
+        }
+        guard plumb else { return }
+        do {
+            if let bridge { try NetworkInterface.addToBridge(interface: interfaceName, bridge: bridge) }
+            try NetworkInterface.setUp(true, name: interfaceName)
+        } catch {
+            let why = "cannot put \(interfaceName) on bridge \(bridge ?? "-"): \(error)"
+            try? store.write(backendPath + "/hotplug-error", why)
+            try? store.write(backendPath + "/hotplug-status", "error")
+            throw DeviceFailure(why)
+        }
+        if !hasScript { try store.write(backendPath + "/hotplug-status", "connected") }
+        logger.info("interface up", metadata: ["interface": "\(interfaceName)", "bridge": "\(bridge ?? "-")"])
+    }
+
+    /// What this backend serves, as netback advertises it.
+    private func publishFeatures() throws {
+        let path = backendPath
+        try store.withTransaction { t throws(XenStoreError) in
+            for (key, value) in [
+                ("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
+                ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"), ("feature-ipv6-csum-offload", "1"),
+                ("feature-split-event-channels", "1"),
+            ] {
+                try store.write(path + "/" + key, value, transaction: t)
+            }
+        }
+    }
+
+    // MARK: frontend transitions
+
+    func frontendStateChanged() {
+        let fe = store.readState(frontendPath) ?? .closed
+        switch fe {
+        case .initialised, .connected:
+            // Linux netfront goes from Initialising straight to Connected.
+            if state == .initWait { connect() }
+        case .closing, .closed:
+            guard state != .closed else { return }
+            disconnect()
+            try? setState(.closed)
+        case .initialising, .initWait, .unknown:
+            // A frontend starting over (reconnect, kexec, migration).
+            guard state == .closed && lastError == nil else { return }
+            try? setState(.initWait)
+        default:
+            break
+        }
+    }
+
+    private func connect(resuming: Bool = false) {
+        guard let tap else { return }
+        do {
+            let config = try readFrontendKeys()
+            do {
+                try tap.setOffloads(csum: config.frontend.checksumOffload,
+                                    tso4: config.frontend.checksumOffload && config.frontend.scatterGather && config.frontend.gsoTCPv4,
+                                    tso6: config.frontend.checksumOffload && config.frontend.scatterGather && config.frontend.gsoTCPv6)
+            } catch {
+                throw DeviceFailure("cannot set offloads on \(interfaceName): \(error)")
+            }
+            let plane: NetDataPlane
+            do {
+                let device = WeakVif(self)
+                plane = try NetDataPlane(name: "\(address.frontendDomain).\(address.devid)", platform: platform,
+                                         tap: tap.queue(0), configuration: config, logger: logger) { [loop] reason in
+                    loop.post { device.value?.fail(reason) }
+                }
+            } catch {
+                throw DeviceFailure("cannot map rings or bind event channels: \(error)")
+            }
+            do { try plane.start() } catch { throw DeviceFailure("cannot start the data plane: \(error)") }
+            dataPlane = plane
+            split = config.splitEventChannels
+            do { try tap.setCarrier(true) } catch { logger.warning("carrier on failed", metadata: ["error": "\(error)"]) }
+            if !resuming { try setState(.connected) }
+            logger.info("connected", metadata: ["interface": "\(interfaceName)", "split": "\(split)",
+                                                "sg": "\(config.frontend.scatterGather)",
+                                                "gso": "\(config.frontend.gsoTCPv4)/\(config.frontend.gsoTCPv6)"])
+        } catch let e as DeviceFailure {
+            fail(e.message)
+        } catch {
+            fail("connect failed: \(error)")
+        }
+    }
+
+    private func readFrontendKeys() throws -> NetQueueConfiguration {
+        func flag(_ key: String, default value: Bool) throws -> Bool {
+            guard let v = try store.read(frontendPath + "/" + key) else { return value }
+            switch v {
+            case "1": return true
+            case "0": return false
+            default: throw DeviceFailure("\(key) \"\(v)\" is neither 0 nor 1")
+            }
+        }
+        func number(_ key: String) throws -> UInt32? {
+            guard let v = try store.read(frontendPath + "/" + key) else { return nil }
+            guard let n = UInt32(v) else { throw DeviceFailure("malformed \(key) \"\(v)\"") }
+            return n
+        }
+        if let queues = try number("multi-queue-num-queues"), queues != 1 {
+            throw DeviceFailure("multi-queue-num-queues \(queues): this backend offers one queue")
+        }
+        guard try flag("request-rx-copy", default: false) else {
+            throw DeviceFailure("frontend does not request rx-copy (rx-flip is not supported)")
+        }
+        guard try flag("feature-rx-notify", default: false) else {
+            throw DeviceFailure("frontend lacks feature-rx-notify")
+        }
+        guard let tx = try number("tx-ring-ref") else { throw DeviceFailure("missing tx-ring-ref") }
+        guard let rx = try number("rx-ring-ref") else { throw DeviceFailure("missing rx-ring-ref") }
+        let txPort: EventChannelPort, rxPort: EventChannelPort
+        if let shared = try number("event-channel") {
+            txPort = shared; rxPort = shared
+        } else if let t = try number("event-channel-tx"), let r = try number("event-channel-rx") {
+            guard t != r else { throw DeviceFailure("event-channel-tx and -rx are the same port \(t)") }
+            txPort = t; rxPort = r
+        } else {
+            throw DeviceFailure("missing event-channel (or event-channel-tx and event-channel-rx)")
+        }
+        let features = FrontendNetFeatures(
+            scatterGather: try flag("feature-sg", default: false),
+            gsoTCPv4: try flag("feature-gso-tcpv4", default: false),
+            gsoTCPv6: try flag("feature-gso-tcpv6", default: false),
+            checksumOffload: !(try flag("feature-no-csum-offload", default: false)),
+            ipv6ChecksumOffload: try flag("feature-ipv6-csum-offload", default: false))
+        return NetQueueConfiguration(frontendDomain: address.frontendDomain, txRingRef: tx, rxRingRef: rx,
+                                     txRemotePort: txPort, rxRemotePort: rxPort, frontend: features, rate: rate,
+                                     rxStallMilliseconds: options.rxStallMilliseconds)
+    }
+
+    // MARK: teardown
+
+    private func disconnect() {
+        guard let plane = dataPlane else { return }
+        try? tap?.setCarrier(false)
+        plane.stop()
+        retiredStatistics = retiredStatistics.adding(plane.statistics)
+        dataPlane = nil
+        logger.info("disconnected")
+    }
+
+    /// The backend directory is gone: stop, and remove the interface.
+    func teardown() {
+        disconnect()
+        for w in watches { loop.unwatch(w.path, token: w.token) }
+        watches.removeAll()
+        if let tap {
+            // Closing the last queue deletes the interface (and its bridge port).
+            tap.close()
+            self.tap = nil
+            logger.info("interface removed", metadata: ["interface": "\(interfaceName)"])
+        }
+    }
+
+    /// Daemon shutdown: stop serving, leave xenstore as it is.
+    func quiesce() { disconnect() }
+
+    func fail(_ message: String) {
+        logger.error("device failed", metadata: ["reason": "\(message)"])
+        lastError = message
+        disconnect()
+        try? store.write(backendPath + "/error", message)
+        try? setState(.closed)
+    }
+
+    private func setState(_ s: XenbusState) throws {
+        try store.writeState(backendPath, s)
+        state = s
+    }
+
+    private func watchNode(_ path: String, _ handler: @escaping XenbusControlLoop.WatchHandler) throws {
+        let token = try loop.watch(path, handler: handler)
+        watches.append((path, token))
+    }
+}
+
+final class WeakVif: @unchecked Sendable {   // only dereferenced on the control loop thread
+    weak var value: VifDevice?
+    init(_ d: VifDevice) { value = d }
+}
+
+struct DeviceFailure: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}
