@@ -1,3 +1,4 @@
+import Glibc
 import Hypervisor
 import Logging
 import XenBus
@@ -6,7 +7,14 @@ import XenBus
 public struct NetBackendOptions: Sendable {
     /// See NetQueueConfiguration.rxStallMilliseconds.
     public var rxStallMilliseconds: Int
-    public init(rxStallMilliseconds: Int = 1000) { self.rxStallMilliseconds = rxStallMilliseconds }
+    /// `multi-queue-max-queues`: ring pairs (and threads) a vif may use.
+    /// As netback: one per CPU, here at most 8.
+    public var maxQueues: Int
+    public init(rxStallMilliseconds: Int = 1000, maxQueues: Int = NetBackendOptions.onlineCPUs) {
+        self.rxStallMilliseconds = rxStallMilliseconds
+        self.maxQueues = min(max(maxQueues, 1), 8)
+    }
+    public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
 }
 
 /// The vif driver: runs one VifDevice per device the toolstack creates

@@ -300,7 +300,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         if txNext < txCount {
             writeTxPackets()
-            if txRing.pushResponses() { notify(txPort) }
+            pushTxResponses()
             if txNext < txCount { return false }   // still waiting for credit
         }
         let available: UInt32
@@ -313,7 +313,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         if broken { return false }
         if txCopyCount > 0 { grants.copy(UnsafeMutableBufferPointer(rebasing: txCopies[0..<txCopyCount])) }
         writeTxPackets()
-        if txRing.pushResponses() { notify(txPort) }
+        pushTxResponses()
         return txBlockedUntil == 0
     }
 
@@ -615,7 +615,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             rxDropping = false
             grants.copy(UnsafeMutableBufferPointer(rebasing: rxCopies[0..<rxCopyCount]))
             respondRx()
-            if rxRing.pushResponses() { notify(rxPort) }
+            pushRxResponses()
         }
         return updateRxStall(tapEmpty: tapEmpty)
     }
@@ -766,6 +766,17 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
 
     // MARK: common
 
+    // Counters first, so a frontend that sees a response sees it counted.
+    private func pushTxResponses() {
+        publishStatistics(force: false)
+        if txRing.pushResponses() { notify(txPort) }
+    }
+
+    private func pushRxResponses() {
+        publishStatistics(force: false)
+        if rxRing.pushResponses() { notify(rxPort) }
+    }
+
     @inline(__always)
     private func notify(_ port: EventChannelPort) { try? events.notify(port) }
 
@@ -778,7 +789,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             respondTx(p, status: p.status == NetifStatus.okay ? NetifStatus.dropped : p.status)
             txNext += 1
         }
-        if txRing.pushResponses() { notify(txPort) }
+        pushTxResponses()
     }
 
     private func publishStatistics(force: Bool) {

@@ -11,6 +11,8 @@ public struct VifStatus: Sendable {
     /// The TAP's name (vifD.N), empty before it exists.
     public var interface: String
     public var bridge: String?
+    /// Queues (ring pairs, threads) in use; 0 when not connected.
+    public var queues: Int
     public var splitEventChannels: Bool
     public var statistics: NetStatistics
     public var lastError: String?
@@ -40,7 +42,10 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
     private var rate: (bytes: UInt64, microseconds: UInt64)?
     private var hasScript = false
     private var tap: TapDevice?
-    private var dataPlane: NetDataPlane?
+    /// One per queue the frontend connected (queue i serves TAP queue i).
+    private var dataPlanes: [NetDataPlane] = []
+    /// TAP queues the kernel steers frames to (the rest are detached).
+    private var attachedQueues = 0
     private var split = false
     private(set) var state: XenbusState = .initialising
     private var lastError: String?
@@ -62,9 +67,9 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
 
     var status: VifStatus {
         var s = retiredStatistics
-        if let live = dataPlane?.statistics { s = s.adding(live) }
+        for plane in dataPlanes { s = s.adding(plane.statistics) }
         return VifStatus(address: address, state: state, interface: tap == nil ? "" : interfaceName, bridge: bridge,
-                         splitEventChannels: split, statistics: s, lastError: lastError)
+                         queues: dataPlanes.count, splitEventChannels: split, statistics: s, lastError: lastError)
     }
 
     // MARK: probe -> InitWait
@@ -143,11 +148,12 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
     private func createInterface(plumb: Bool) throws {
         let t: TapDevice
         do {
-            t = try TapDevice.create(name: interfaceName, queues: 1, vnetHeader: true)
+            t = try TapDevice.create(name: interfaceName, queues: options.maxQueues, vnetHeader: true)
         } catch {
             throw DeviceFailure("cannot create \(interfaceName): \(error)")
         }
         tap = t
+        attachedQueues = options.maxQueues
         do {
             try NetworkInterface.setMAC(Self.backendMAC, name: interfaceName)
             if let mtu { try NetworkInterface.setMTU(mtu, name: interfaceName) }
@@ -176,7 +182,7 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
             for (key, value) in [
                 ("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
                 ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"), ("feature-ipv6-csum-offload", "1"),
-                ("feature-split-event-channels", "1"),
+                ("feature-split-event-channels", "1"), ("multi-queue-max-queues", String(options.maxQueues)),
             ] {
                 try store.write(path + "/" + key, value, transaction: t)
             }
@@ -207,32 +213,36 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
     private func connect(resuming: Bool = false) {
         guard let tap else { return }
         do {
-            let config = try readFrontendKeys()
+            let configs = try readFrontendKeys()
+            let f = configs[0].frontend
             do {
-                try tap.setOffloads(csum: config.frontend.checksumOffload,
-                                    tso4: config.frontend.checksumOffload && config.frontend.scatterGather && config.frontend.gsoTCPv4,
-                                    tso6: config.frontend.checksumOffload && config.frontend.scatterGather && config.frontend.gsoTCPv6)
+                try tap.setOffloads(csum: f.checksumOffload,
+                                    tso4: f.checksumOffload && f.scatterGather && f.gsoTCPv4,
+                                    tso6: f.checksumOffload && f.scatterGather && f.gsoTCPv6)
+                try attachQueues(configs.count)
             } catch {
-                throw DeviceFailure("cannot set offloads on \(interfaceName): \(error)")
+                throw DeviceFailure("cannot set up \(interfaceName)'s queues: \(error)")
             }
-            let plane: NetDataPlane
-            do {
-                let device = WeakVif(self)
-                plane = try NetDataPlane(name: "\(address.frontendDomain).\(address.devid)", platform: platform,
-                                         tap: tap.queue(0), configuration: config, logger: logger) { [loop] reason in
-                    loop.post { device.value?.fail(reason) }
+            let device = WeakVif(self)
+            for (i, config) in configs.enumerated() {
+                let plane: NetDataPlane
+                do {
+                    plane = try NetDataPlane(name: "\(address.frontendDomain).\(address.devid)-q\(i)", platform: platform,
+                                             tap: tap.queue(i), configuration: config, logger: logger) { [loop] reason in
+                        loop.post { device.value?.fail(reason) }
+                    }
+                } catch {
+                    throw DeviceFailure("queue \(i): cannot map rings or bind event channels: \(error)")
                 }
-            } catch {
-                throw DeviceFailure("cannot map rings or bind event channels: \(error)")
+                do { try plane.start() } catch { throw DeviceFailure("queue \(i): cannot start the data plane: \(error)") }
+                dataPlanes.append(plane)
             }
-            do { try plane.start() } catch { throw DeviceFailure("cannot start the data plane: \(error)") }
-            dataPlane = plane
-            split = config.splitEventChannels
+            split = configs[0].splitEventChannels
             do { try tap.setCarrier(true) } catch { logger.warning("carrier on failed", metadata: ["error": "\(error)"]) }
             if !resuming { try setState(.connected) }
-            logger.info("connected", metadata: ["interface": "\(interfaceName)", "split": "\(split)",
-                                                "sg": "\(config.frontend.scatterGather)",
-                                                "gso": "\(config.frontend.gsoTCPv4)/\(config.frontend.gsoTCPv6)"])
+            logger.info("connected", metadata: ["interface": "\(interfaceName)", "queues": "\(configs.count)",
+                                                "split": "\(split)", "sg": "\(f.scatterGather)",
+                                                "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
         } catch let e as DeviceFailure {
             fail(e.message)
         } catch {
@@ -240,7 +250,20 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
         }
     }
 
-    private func readFrontendKeys() throws -> NetQueueConfiguration {
+    /// Leaves the first `count` TAP queues attached and detaches the rest,
+    /// so the kernel never steers a frame to a queue nobody reads.
+    private func attachQueues(_ count: Int) throws(NetworkError) {
+        guard let tap, count != attachedQueues else { return }
+        for i in 0..<options.maxQueues {
+            let wasAttached = i < attachedQueues, shouldBe = i < count
+            if wasAttached != shouldBe { try tap.setQueueAttached(i, shouldBe) }
+        }
+        attachedQueues = count
+    }
+
+    /// The frontend's keys: shared ones at the top, each queue's rings and
+    /// ports at the top (one queue) or under `queue-N/` (several).
+    private func readFrontendKeys() throws -> [NetQueueConfiguration] {
         func flag(_ key: String, default value: Bool) throws -> Bool {
             guard let v = try store.read(frontendPath + "/" + key) else { return value }
             switch v {
@@ -254,8 +277,9 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
             guard let n = UInt32(v) else { throw DeviceFailure("malformed \(key) \"\(v)\"") }
             return n
         }
-        if let queues = try number("multi-queue-num-queues"), queues != 1 {
-            throw DeviceFailure("multi-queue-num-queues \(queues): this backend offers one queue")
+        let queues = Int(try number("multi-queue-num-queues") ?? 1)
+        guard queues >= 1, queues <= options.maxQueues else {
+            throw DeviceFailure("multi-queue-num-queues \(queues) is not 1...\(options.maxQueues)")
         }
         guard try flag("request-rx-copy", default: false) else {
             throw DeviceFailure("frontend does not request rx-copy (rx-flip is not supported)")
@@ -263,36 +287,43 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
         guard try flag("feature-rx-notify", default: false) else {
             throw DeviceFailure("frontend lacks feature-rx-notify")
         }
-        guard let tx = try number("tx-ring-ref") else { throw DeviceFailure("missing tx-ring-ref") }
-        guard let rx = try number("rx-ring-ref") else { throw DeviceFailure("missing rx-ring-ref") }
-        let txPort: EventChannelPort, rxPort: EventChannelPort
-        if let shared = try number("event-channel") {
-            txPort = shared; rxPort = shared
-        } else if let t = try number("event-channel-tx"), let r = try number("event-channel-rx") {
-            guard t != r else { throw DeviceFailure("event-channel-tx and -rx are the same port \(t)") }
-            txPort = t; rxPort = r
-        } else {
-            throw DeviceFailure("missing event-channel (or event-channel-tx and event-channel-rx)")
-        }
         let features = FrontendNetFeatures(
             scatterGather: try flag("feature-sg", default: false),
             gsoTCPv4: try flag("feature-gso-tcpv4", default: false),
             gsoTCPv6: try flag("feature-gso-tcpv6", default: false),
             checksumOffload: !(try flag("feature-no-csum-offload", default: false)),
             ipv6ChecksumOffload: try flag("feature-ipv6-csum-offload", default: false))
-        return NetQueueConfiguration(frontendDomain: address.frontendDomain, txRingRef: tx, rxRingRef: rx,
-                                     txRemotePort: txPort, rxRemotePort: rxPort, frontend: features, rate: rate,
-                                     rxStallMilliseconds: options.rxStallMilliseconds)
+        var configs: [NetQueueConfiguration] = []
+        for q in 0..<queues {
+            let prefix = queues == 1 ? "" : "queue-\(q)/"
+            guard let tx = try number(prefix + "tx-ring-ref") else { throw DeviceFailure("missing \(prefix)tx-ring-ref") }
+            guard let rx = try number(prefix + "rx-ring-ref") else { throw DeviceFailure("missing \(prefix)rx-ring-ref") }
+            let txPort: EventChannelPort, rxPort: EventChannelPort
+            if let shared = try number(prefix + "event-channel") {
+                txPort = shared; rxPort = shared
+            } else if let t = try number(prefix + "event-channel-tx"), let r = try number(prefix + "event-channel-rx") {
+                guard t != r else { throw DeviceFailure("\(prefix)event-channel-tx and -rx are the same port \(t)") }
+                txPort = t; rxPort = r
+            } else {
+                throw DeviceFailure("missing \(prefix)event-channel (or event-channel-tx and event-channel-rx)")
+            }
+            configs.append(NetQueueConfiguration(frontendDomain: address.frontendDomain, txRingRef: tx, rxRingRef: rx,
+                                                 txRemotePort: txPort, rxRemotePort: rxPort, frontend: features, rate: rate,
+                                                 rxStallMilliseconds: options.rxStallMilliseconds))
+        }
+        return configs
     }
 
     // MARK: teardown
 
     private func disconnect() {
-        guard let plane = dataPlane else { return }
+        guard !dataPlanes.isEmpty else { return }
         try? tap?.setCarrier(false)
-        plane.stop()
-        retiredStatistics = retiredStatistics.adding(plane.statistics)
-        dataPlane = nil
+        for plane in dataPlanes {
+            plane.stop()
+            retiredStatistics = retiredStatistics.adding(plane.statistics)
+        }
+        dataPlanes.removeAll()
         logger.info("disconnected")
     }
 

@@ -122,6 +122,19 @@ public final class TapDevice: @unchecked Sendable {  // `closed` guarded by `loc
         }
     }
 
+    /// TUNSETQUEUE: a detached queue keeps its descriptor but the kernel
+    /// no longer steers frames to it (a vif whose frontend uses fewer
+    /// queues than the TAP has). Queues start attached; attaching an
+    /// attached queue (or detaching a detached one) fails with EINVAL.
+    public func setQueueAttached(_ index: Int, _ attached: Bool) throws(NetworkError) {
+        guard index >= 0, index < queues.count else { throw .invalidArgument("queue \(index) of \(queues.count)") }
+        var request = ifreq()
+        request.ifr_ifru.ifru_flags = attached ? xb_IFF_ATTACH_QUEUE : xb_IFF_DETACH_QUEUE
+        guard xb_ioctl_pointer(queues[index].fileDescriptor, xb_TUNSETQUEUE, &request) == 0 else {
+            throw .system(call: attached ? "TUNSETQUEUE attach \(index)" : "TUNSETQUEUE detach \(index)", interface: name, errno: errno)
+        }
+    }
+
     /// The flags TUNGETIFF reports for a queue (IFF_TAP, IFF_VNET_HDR, IFF_MULTI_QUEUE, ...).
     public func interfaceFlags(queue index: Int = 0) throws(NetworkError) -> Int16 {
         var request = ifreq()

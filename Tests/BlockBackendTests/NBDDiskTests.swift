@@ -175,8 +175,13 @@ struct NBDDiskTests {
         try fe.connect()
         #expect(try fe.write(sector: 8, data: [UInt8](repeating: 7, count: 4096)) == BlkifStatus.okay)
         server.stop()
-        // The storage holds the request while it tries to reconnect (10 s
-        // by default), then answers it with an error.
+        // Once the storage has seen the connection go (a request sent just
+        // before that fails at once, with the connection), it holds new
+        // requests while it tries to reconnect (10 s by default), then
+        // answers them with an error.
+        try waitUntil("status to show the lost connection") {
+            bed.host.blockStatus.first { $0.address.frontendDomain == 1 }?.lastStorageEvent?.hasPrefix("lost every connection") == true
+        }
         let t = try fe.submit(.read(sector: 8, count: 8))
         fe.kick()
         #expect(try fe.wait(for: t, timeout: 20).status == BlkifStatus.error)
