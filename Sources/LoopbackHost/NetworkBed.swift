@@ -21,26 +21,15 @@ import XenBus
 // rx ring -> netfront -> eth0 -> guest stack. Traffic stays inside these
 // namespaces, and `tearDown` deletes them (with every interface in them).
 
-public let toolPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-/// Runs a command; throws with its output unless it exits 0.
-@discardableResult
-public func sh(_ arguments: [String], timeout: Int = 60) throws -> String {
-    let r = try runProcess(arguments, environment: ["PATH": toolPath], timeout: timeout)
-    guard r.status == 0 else { throw CommandFailed(description: "\(arguments.joined(separator: " ")): \(r)") }
-    return r.stdout
-}
-
-public struct CommandFailed: Error, CustomStringConvertible { public var description: String }
-
 /// Creates a TAP in namespace `namespace` from a short-lived thread that
-/// enters it (the descriptor keeps the TAP in that namespace).
-public func createTap(inNamespace namespace: String, name: String) throws -> TapDevice {
+/// enters it (the descriptor keeps the TAP in that namespace); with
+/// `queues` > 1 a multi-queue TAP (one descriptor per queue).
+public func createTap(inNamespace namespace: String, name: String, queues: Int = 1) throws -> TapDevice {
     let result = Handoff<Result<TapDevice, NetworkError>>()
     let thread = try NativeThread(name: "mktap") {
         do throws(NetworkError) {
             try NetworkNamespace.enter(named: namespace, mountSysfs: false)
-            result.put(.success(try TapDevice.create(name: name)))
+            result.put(.success(try TapDevice.create(name: name, queues: queues)))
         } catch {
             result.put(.failure(error))
         }
@@ -102,10 +91,11 @@ public final class NetworkBed: @unchecked Sendable {   // used from the test's t
 
     /// Creates guest `domid` with a vif on the bridge; connects it unless
     /// `connect` is false. With `withTap` false the netfront is driven by
-    /// hand (raw ring access for hostile-frontend tests).
+    /// hand (raw ring access for hostile-frontend tests). `tapQueues`: the
+    /// guest TAP's queues (a multi-queue netfront needs one per queue).
     @discardableResult
     public func addGuest(_ domid: DomID, options: NetFrontendOptions = .init(), nic: LoopbackToolstack.Nic? = nil,
-                  withTap: Bool = true, connect: Bool = true) throws -> BedGuest {
+                  withTap: Bool = true, connect: Bool = true, tapQueues: Int = 1) throws -> BedGuest {
         let namespace = id + "g\(domid)"
         try sh(["ip", "netns", "add", namespace])
         namespaces.append(namespace)
@@ -113,7 +103,7 @@ public final class NetworkBed: @unchecked Sendable {   // used from the test's t
         let domain = try host.createGuest(domid)
         var tap: TapDevice?
         if withTap {
-            tap = try createTap(inNamespace: namespace, name: "eth0")
+            tap = try createTap(inNamespace: namespace, name: "eth0", queues: tapQueues)
             try sh(["ip", "-n", namespace, "link", "set", "lo", "up"])
             try sh(["ip", "-n", namespace, "link", "set", "eth0", "address", mac])
             try sh(["ip", "-n", namespace, "addr", "add", Self.address(domid) + "/24", "dev", "eth0"])

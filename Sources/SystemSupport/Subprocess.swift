@@ -112,3 +112,15 @@ private func gnuPipe2(_ fds: inout [Int32], _ flags: Int32) -> Int32 {
     return fds.withUnsafeMutableBufferPointer { pipe2($0.baseAddress!, flags) }
 }
 
+/// The PATH given to tools we run (a short, fixed one, as udev and libxl do).
+public let toolPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/// Runs a command; throws with its output unless it exits 0.
+@discardableResult
+public func sh(_ arguments: [String], timeout: Int = 60) throws -> String {
+    let r = try runProcess(arguments, environment: ["PATH": toolPath], timeout: timeout)
+    guard r.status == 0 else { throw CommandFailed(description: "\(arguments.joined(separator: " ")): \(r)") }
+    return r.stdout
+}
+
+public struct CommandFailed: Error, CustomStringConvertible { public var description: String }

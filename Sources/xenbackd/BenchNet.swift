@@ -44,7 +44,7 @@ struct BenchNet: ParsableCommand {
         logger.logLevel = max(logger.logLevel, .warning)
         let rows = Self.rows.filter { only == nil || $0.name.contains(only!) }
 
-        print("xenbackd bench net: iperf3, \(seconds) s per row; reference: two namespaces joined by a veth pair")
+        say("xenbackd bench net: iperf3, \(seconds) s per row; reference: two namespaces joined by a veth pair")
         var reference: [String: Double] = [:]
         if !noReference {
             let veth = try VethPair()
@@ -61,8 +61,8 @@ struct BenchNet: ParsableCommand {
         let outside = try bed.addOutsideHost(address: "10.99.0.200")
         let a = try bed.addGuest(1)
         let b = try bed.addGuest(2)
-        print("")
-        print(pad("row", 26) + pad("xenbackd", 16) + pad("veth", 16) + "ratio")
+        say("")
+        say(pad("row", 26) + pad("xenbackd", 16) + pad("veth", 16) + "ratio")
         for row in rows {
             progress("\(row.name)")
             let server = row.toOutside ? outside : b.namespace
@@ -73,10 +73,10 @@ struct BenchNet: ParsableCommand {
             let scale = row.kind == .tcp ? 1e-9 : 1e-3
             let refText = ref.map { format($0 * scale) + " " + unit } ?? "-"
             let ratio = ref.map { format(ours / $0) } ?? "-"
-            print(pad(row.name, 26) + pad(format(ours * scale) + " " + unit, 16) + pad(refText, 16) + ratio)
+            say(pad(row.name, 26) + pad(format(ours * scale) + " " + unit, 16) + pad(refText, 16) + ratio)
         }
         if let s = bed.vifStatus(a)?.statistics {
-            print("\nvif1.0: tx \(s.txPackets) frames \(s.txBytes) bytes, malformed \(s.txMalformed), dropped \(s.txDropped); "
+            say("\nvif1.0: tx \(s.txPackets) frames \(s.txBytes) bytes, malformed \(s.txMalformed), dropped \(s.txDropped); "
                 + "rx \(s.rxPackets) frames, dropped \(s.rxDropped)")
         }
     }
@@ -95,16 +95,18 @@ struct BenchNet: ParsableCommand {
         defer { serverThread.join() }
         var args = ["ip", "netns", "exec", client, "iperf3", "-c", address, "-t", String(seconds), "-J"]
         if kind == .udp64 { args += ["-u", "-l", "64", "-b", "0"] }
-        var clientOutput = ""
+        // iperf3 3.12 exits 0 even when it cannot connect (the error is in
+        // its JSON), so look there; retry while the server starts.
+        var json: [String: Any]?
         for attempt in 0..<50 {
-            do {
-                clientOutput = try sh(args, timeout: seconds + 30)
-                break
-            } catch where attempt < 49 {
-                usleep(100_000)   // the server is not listening yet
+            let output = try? sh(args, timeout: seconds + 30)
+            json = output.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            if let j = json, j["error"] == nil { break }
+            if attempt == 49 {
+                throw ValidationError("iperf3 client failed: \(json?["error"] as? String ?? output ?? "no output")")
             }
+            usleep(100_000)
         }
-        let json = try JSONSerialization.jsonObject(with: Data(clientOutput.utf8)) as? [String: Any]
         _ = try serverResult.take().get()
         let end = json?["end"] as? [String: Any]
         switch kind {

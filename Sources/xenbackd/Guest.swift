@@ -3,13 +3,20 @@ import BlockFrontend
 import Glibc
 import Hypervisor
 import LoopbackHypervisor
+import NetFrontend
+import NetworkPlumbing
+import SystemSupport
 import XenABI
 import XenStoreClient
 
 /// `xenbackd guest`: a simulated guest on the loopback hypervisor. It plays
 /// the toolstack (creates the domain and its vbd the way libxl does) and
 /// the guest's blkfront, runs a verified mixed workload against a running
-/// `xenbackd run`, checks the whole disk, and unplugs.
+/// `xenbackd run`, checks the whole disk, and unplugs. With `--nic-address`
+/// it also gets a vif: our netfront joins it to a TAP `eth0` in the
+/// process's network namespace (run it under `ip netns exec`), whose IP
+/// stack then pings `--nic-peer` and runs iperf3 against it through the
+/// backend and the bridge.
 struct Guest: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run a simulated guest with a verified disk workload.")
 
@@ -27,6 +34,12 @@ struct Guest: ParsableCommand {
     var ringPageOrder: Int = 0
     @Option(help: "Workload seed.")
     var seed: UInt64 = 42
+    @Option(help: "Give the guest a NIC with this address (CIDR, e.g. 10.99.0.1/24) on a TAP eth0 in this namespace.")
+    var nicAddress: String?
+    @Option(help: "An address to ping (and run iperf3 against, if it serves) through the NIC.")
+    var nicPeer: String?
+    @Option(help: "The bridge the vif joins (the vif's `bridge` key).")
+    var bridge = "xenbr0"
 
     func run() throws {
         let layout = LoopbackLayout(root: root)
@@ -40,6 +53,19 @@ struct Guest: ParsableCommand {
         defer { try? toolstack.destroyDomain(d); try? dom0.releaseDomain(d) }
         try toolstack.addDisk(domain: d, .init(params: disk))
         say("toolstack: dom\(d) created, vbd 51712 (xvda) -> \(disk)")
+
+        var nic: (LoopbackNetFrontend, TapDevice)?
+        if let nicAddress {
+            nic = try plugNIC(guest: guest, toolstack: toolstack, layout: layout, address: nicAddress)
+        }
+        defer {
+            if let (netfront, tap) = nic {
+                try? netfront.disconnect()
+                tap.close()
+                try? toolstack.removeNic(domain: d, devid: 0)
+            }
+        }
+        if let (netfront, _) = nic, let nicPeer { try exerciseNIC(netfront, peer: nicPeer) }
 
         let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(d)))
         try fe.connect(ringPageOrder: ringPageOrder)
@@ -68,6 +94,47 @@ struct Guest: ParsableCommand {
             throw ExitCode.failure
         }
         say("RESULT: OK — every byte read back matched what was written, discarded ranges read as zeros")
+    }
+
+    /// Adds a vif as libxl does and connects our netfront to a new TAP eth0.
+    private func plugNIC(guest: LoopbackGuestDomain, toolstack: LoopbackToolstack, layout: LoopbackLayout,
+                         address: String) throws -> (LoopbackNetFrontend, TapDevice) {
+        let d = DomID(domid)
+        let mac = "00:16:3e:00:00:" + (d < 16 ? "0" : "") + String(d, radix: 16)
+        let tap = try TapDevice.create(name: "eth0")
+        for args in [["link", "set", "lo", "up"], ["link", "set", "eth0", "address", mac],
+                     ["addr", "add", address, "dev", "eth0"], ["link", "set", "eth0", "up"]] {
+            try sh(["ip"] + args)
+        }
+        try toolstack.addNic(domain: d, .init(devid: 0, mac: mac, bridge: bridge))
+        let netfront = LoopbackNetFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(d)),
+                                           devid: 0, tap: tap)
+        try netfront.connect()
+        say("netfront: Connected: vif\(d).0 on \(bridge), eth0 \(address) (\(mac))")
+        return (netfront, tap)
+    }
+
+    /// Real traffic through the backend: ping, then iperf3 if the peer serves it.
+    private func exerciseNIC(_ netfront: LoopbackNetFrontend, peer: String) throws {
+        let ping = try runProcess(["ping", "-c", "10", "-i", "0.1", "-W", "2", peer], environment: ["PATH": toolPath], timeout: 30)
+        let summary = ping.stdout.split(separator: "\n").filter { $0.contains("packets transmitted") || $0.hasPrefix("rtt") }
+        say("ping \(peer): " + summary.joined(separator: "; "))
+        guard ping.status == 0 else {
+            say("ping failed: \(ping.stderr)")
+            throw ExitCode.failure
+        }
+        if access("/usr/bin/iperf3", X_OK) == 0 {
+            let iperf = try runProcess(["iperf3", "-c", peer, "-t", "3"], environment: ["PATH": toolPath], timeout: 30)
+            if iperf.status == 0 {
+                for line in iperf.stdout.split(separator: "\n") where line.contains("sender") || line.contains("receiver") {
+                    say("iperf3 TCP to \(peer): " + line.split(separator: " ", omittingEmptySubsequences: true).dropFirst(4).joined(separator: " "))
+                }
+            } else {
+                say("iperf3: no server at \(peer) (skipped)")
+            }
+        }
+        let s = netfront.statistics
+        say("netfront: \(s.txFrames) frames sent, \(s.rxFrames) received, \(s.txErrors + s.rxErrors) errors")
     }
 }
 
