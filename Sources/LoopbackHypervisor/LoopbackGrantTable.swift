@@ -118,13 +118,17 @@ public final class LoopbackGrantTable: GrantTableHandle, @unchecked Sendable {  
     }
 
     public func copy(_ operations: UnsafeMutableBufferPointer<GrantCopyOperation>) {
+        // A batch is nearly always one domain's: look it up once, and hold
+        // it for the whole batch (no reference counting per operation).
+        var current: GrantingDomain?
         for i in operations.indices {
             let op = operations[i]
             guard Int(op.guestOffset) + Int(op.length) <= XenPage.size else {
                 operations[i].status = GrantStatus.badCopyArg
                 continue
             }
-            guard let g = granting(op.domain) else {
+            if current?.domain != op.domain { current = granting(op.domain) }
+            guard let g = current else {
                 operations[i].status = GrantStatus.badDomain
                 continue
             }

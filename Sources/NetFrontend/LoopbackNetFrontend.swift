@@ -14,7 +14,14 @@ import XenBus
 /// stack is the guest, and ping or iperf3 there go through the backend.
 ///
 /// Without a TAP there is no pump, and the raw hooks (NetFrontendRaw.swift)
-/// let a test write ring slots itself and read what comes back.
+/// let a test write ring slots itself and read what comes back (on queue 0).
+///
+/// Multi-queue (netif.h "Multi-queue support"), as Linux netfront does it:
+/// given `options.queues` > 1 and a backend's `multi-queue-max-queues` > 1,
+/// min of the two ring pairs, each with its own event channel(s), published
+/// under `queue-N/` with `multi-queue-num-queues`; one pump per queue joins
+/// ring pair i to TAP queue i. The namespace's kernel steers each flow to a
+/// TAP queue by its hash, so a flow stays on one ring pair.
 ///
 /// `connect`, `disconnect` and the raw hooks are called from one thread at
 /// a time; `statistics` from any thread. The xenstore connection should be
@@ -37,8 +44,13 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     public var publishOverrides: [String: String?] = [:]
     public private(set) var isConnected = false
 
-    var queue: NetFrontendQueue?
-    var pump: NetFrontendPump?
+    /// The ring pairs, queue 0 first (empty when not connected).
+    var queues: [NetFrontendQueue] = []
+    /// One per queue, when there is a TAP.
+    var pumps: [NetFrontendPump] = []
+    /// TAP queues beyond the negotiated count, detached while connected
+    /// (else the kernel would steer flows to queues nobody reads).
+    private var detachedTapQueues: [Int] = []
     let statisticsBox = StatisticsBox()
 
     public init(guest: LoopbackGuestDomain, store: any XenStore, devid: UInt32 = 0, tap: TapDevice?,
@@ -52,27 +64,44 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     }
 
     deinit {
-        pump?.stop()
-        queue?.release()
+        for p in pumps { p.stop() }
+        for q in queues { q.release() }
+        reattachTapQueues()
     }
 
-    /// A snapshot of the counters (as of the pump's last pass).
+    /// A snapshot of the counters (as of the pumps' last passes), summed over queues.
     public var statistics: NetFrontendStatistics { statisticsBox.snapshot }
+
+    /// Each queue's counters, queue 0 first (one element before the first connect).
+    public var queueStatistics: [NetFrontendStatistics] { statisticsBox.perQueue }
+
+    /// Queues (ring pairs) of the connection: min(options.queues, the
+    /// backend's maximum) once connected (kept after disconnect); 1 before.
+    public var queueCount: Int { negotiated.queues }
 
     /// The backend's `state` (nil before connect, or when missing or malformed).
     public var backendState: XenbusState? { backendPath.isEmpty ? nil : store.readState(backendPath) }
 
     /// Slots of each ring (256 for one page), 0 when not connected.
-    public var txRingSlots: Int { queue?.txSlots ?? 0 }
-    public var rxRingSlots: Int { queue?.rxSlots ?? 0 }
+    public var txRingSlots: Int { queues.first?.txSlots ?? 0 }
+    public var rxRingSlots: Int { queues.first?.rxSlots ?? 0 }
 
-    /// Our event channel port(s): the same port twice unless split.
+    /// Queue 0's event channel port(s): the same port twice unless split.
     public var eventChannelPorts: (tx: EventChannelPort, rx: EventChannelPort)? {
-        queue.map { ($0.txPort, $0.rxPort) }
+        queues.first.map { ($0.txPort, $0.rxPort) }
     }
 
-    /// The grant references published as `tx-ring-ref` and `rx-ring-ref`.
-    public var ringGrants: (tx: GrantRef, rx: GrantRef)? { queue.map { ($0.txRingGrant, $0.rxRingGrant) } }
+    /// Queue 0's grant references (published as `tx-ring-ref` and `rx-ring-ref`,
+    /// or under `queue-0/`).
+    public var ringGrants: (tx: GrantRef, rx: GrantRef)? { queues.first.map { ($0.txRingGrant, $0.rxRingGrant) } }
+
+    /// Every queue's ports, queue 0 first (empty when not connected).
+    public var queueEventChannelPorts: [(tx: EventChannelPort, rx: EventChannelPort)] {
+        queues.map { ($0.txPort, $0.rxPort) }
+    }
+
+    /// Every queue's ring grants, queue 0 first (empty when not connected).
+    public var queueRingGrants: [(tx: GrantRef, rx: GrantRef)] { queues.map { ($0.txRingGrant, $0.rxRingGrant) } }
 
     // MARK: handshake
 
@@ -80,12 +109,14 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     /// Initialising; wait for the backend's InitWait (a backend Closed with
     /// an `error` key fails at once); read its features (no
     /// `feature-rx-copy=1`: refused, and nothing is allocated or published);
-    /// set up the rings, buffers and event channel(s); post the rx buffers;
-    /// publish every key and state Connected in one transaction; wait for
-    /// the backend's Connected. Then, with a TAP, set its offloads and start
-    /// the pump. `timeout` bounds the whole handshake.
+    /// choose the queue count (with a TAP of fewer queues: refused before
+    /// anything is allocated; TAP queues beyond it are detached); set up
+    /// each queue's rings, buffers and event channel(s); post the rx
+    /// buffers; publish every key and state Connected in one transaction;
+    /// wait for the backend's Connected. Then, with a TAP, set its offloads
+    /// and start one pump per queue. `timeout` bounds the whole handshake.
     public func connect(timeout: Double = 10) throws {
-        guard queue == nil else { throw NetFrontendError.alreadyConnected }
+        guard queues.isEmpty else { throw NetFrontendError.alreadyConnected }
         let deadline = MonotonicClock.seconds() + timeout
         guard let be = try store.read(frontendPath + "/backend") else {
             throw NetFrontendError.noBackend(frontendPath: frontendPath)
@@ -108,7 +139,48 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         readBackendFeatures()
         guard backendFeatures.rxCopy else { throw NetFrontendError.backendLacks(feature: "feature-rx-copy") }
         negotiate()
+        let count = negotiated.queues
+        if let tap, tap.queueCount < count {
+            throw NetFrontendError.tapHasTooFewQueues(tap: tap.name, has: tap.queueCount, needs: count)
+        }
+        statisticsBox.reset(queues: count)
 
+        do {
+            if let tap { try detachTapQueues(tap, beyond: count) }
+            for _ in 0..<count { queues.append(try makeQueue()) }
+            // Buffers first, as netfront does: the backend may deliver as
+            // soon as it connects.
+            if options.postRxBuffers { for q in queues { q.postRx() } }
+            try publish()
+            try waitForBackend(deadline: deadline, what: "backend Connected") { state -> Bool? in
+                switch state {
+                case .connected: return true
+                case .closing, .closed:
+                    throw NetFrontendError.backendClosed(reason: backendKey("error") ?? "backend went \(state!)")
+                default: return nil
+                }
+            }
+            for (i, q) in queues.enumerated() {
+                // A first kick on each port (netfront's xennet_connect does it too).
+                q.notify(q.txPort)
+                if q.rxPort != q.txPort { q.notify(q.rxPort) }
+                statisticsBox.publish(q.stats, queue: i)
+            }
+            if let tap { try startPumps(tap: tap) }
+        } catch {
+            for p in pumps { p.stop() }
+            pumps = []
+            for q in queues { q.release() }
+            queues = []
+            reattachTapQueues()
+            throw error
+        }
+        isConnected = true
+    }
+
+    /// One queue: its own event channel handle (so its pump sleeps on its
+    /// own FIFO), port(s), rings and buffers.
+    private func makeQueue() throws -> NetFrontendQueue {
         let events = try guest.openEventChannels()
         let q: NetFrontendQueue
         do {
@@ -120,33 +192,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             throw error
         }
         q.trackTxIDs = tap != nil
-        queue = q
-        do {
-            // Buffers first, as netfront does: the backend may deliver as
-            // soon as it connects.
-            if options.postRxBuffers { q.postRx() }
-            try publish(q)
-            try waitForBackend(deadline: deadline, what: "backend Connected") { state -> Bool? in
-                switch state {
-                case .connected: return true
-                case .closing, .closed:
-                    throw NetFrontendError.backendClosed(reason: backendKey("error") ?? "backend went \(state!)")
-                default: return nil
-                }
-            }
-            // A first kick on each port (netfront's xennet_connect does it too).
-            q.notify(q.txPort)
-            if q.rxPort != q.txPort { q.notify(q.rxPort) }
-            statisticsBox.publish(q.stats)
-            if let tap { try startPump(tap: tap, queue: q) }
-        } catch {
-            pump?.stop()
-            pump = nil
-            q.release()
-            queue = nil
-            throw error
-        }
-        isConnected = true
+        return q
     }
 
     private func backendKey(_ key: String) -> String? { (try? store.read(backendPath + "/" + key)) ?? nil }
@@ -162,7 +208,9 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         f.gsoTCPv6 = backendFlag("feature-gso-tcpv6")
         f.ipv6ChecksumOffload = backendFlag("feature-ipv6-csum-offload")
         f.splitEventChannels = backendFlag("feature-split-event-channels")
-        f.maxQueues = backendKey("multi-queue-max-queues").flatMap { Int($0) } ?? 1
+        let maxQueues = backendKey("multi-queue-max-queues")
+        f.multiQueue = maxQueues != nil
+        f.maxQueues = max(maxQueues.flatMap { Int($0) } ?? 1, 1)
         backendFeatures = f
     }
 
@@ -179,22 +227,43 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         n.txGSOTCPv4 = tso && be.gsoTCPv4
         n.txGSOTCPv6 = tso && be.gsoTCPv6 && be.ipv6ChecksumOffload
         n.txIPv6ChecksumOffload = be.ipv6ChecksumOffload
+        n.queues = max(1, min(options.queues, be.maxQueues))
         negotiated = n
     }
 
-    /// Every key of ours and state Connected, in one transaction. Keys of the
-    /// other event channel layout, left by an earlier connection, go.
-    private func publish(_ q: NetFrontendQueue) throws(XenStoreError) {
+    /// Every key of ours and state Connected, in one transaction. One
+    /// queue: its ring and event channel keys top-level (and
+    /// `multi-queue-num-queues` = 1 when the backend offers multi-queue, as
+    /// Linux writes it). Several: `multi-queue-num-queues` and each queue's
+    /// keys under `queue-N/`; the shared keys stay top-level. Keys of another
+    /// layout (the other event channel keys, top-level ring keys, `queue-N/`
+    /// directories), left by an earlier connection, go.
+    private func publish() throws(XenStoreError) {
         let fe = frontendPath
         let split = negotiated.splitEventChannels
-        var keys: [(String, String)] = [
-            ("tx-ring-ref", String(q.txRingGrant)),
-            ("rx-ring-ref", String(q.rxRingGrant)),
-        ]
-        if split {
-            keys += [("event-channel-tx", String(q.txPort)), ("event-channel-rx", String(q.rxPort))]
+        func ringKeys(_ q: NetFrontendQueue, _ prefix: String) -> [(String, String)] {
+            var keys = [(prefix + "tx-ring-ref", String(q.txRingGrant)), (prefix + "rx-ring-ref", String(q.rxRingGrant))]
+            if split {
+                keys += [(prefix + "event-channel-tx", String(q.txPort)), (prefix + "event-channel-rx", String(q.rxPort))]
+            } else {
+                keys.append((prefix + "event-channel", String(q.txPort)))
+            }
+            return keys
+        }
+        var keys: [(String, String)]
+        var stale: [String]
+        if queues.count == 1 {
+            keys = ringKeys(queues[0], "")
+            stale = split ? ["event-channel"] : ["event-channel-tx", "event-channel-rx"]
+            if backendFeatures.multiQueue {
+                keys.append(("multi-queue-num-queues", "1"))
+            } else {
+                stale.append("multi-queue-num-queues")
+            }
         } else {
-            keys.append(("event-channel", String(q.txPort)))
+            keys = [("multi-queue-num-queues", String(queues.count))]
+            for (i, q) in queues.enumerated() { keys += ringKeys(q, "queue-\(i)/") }
+            stale = ["tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx"]
         }
         keys += [
             ("request-rx-copy", "1"),
@@ -205,9 +274,11 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             ("feature-ipv6-csum-offload", "1"),
             ("feature-no-csum-offload", "0"),
         ]
-        let stale = split ? ["event-channel"] : ["event-channel-tx", "event-channel-rx"]
         let overrides = publishOverrides
         try store.withTransaction { t throws(XenStoreError) in
+            for child in try store.directory(fe, transaction: t) ?? [] where child.hasPrefix("queue-") {
+                try store.remove(fe + "/" + child, transaction: t)
+            }
             for k in stale { try store.remove(fe + "/" + k, transaction: t) }
             for (k, v) in keys { try store.write(fe + "/" + k, v, transaction: t) }
             for (k, v) in overrides {
@@ -219,17 +290,34 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         }
     }
 
-    private func startPump(tap: TapDevice, queue q: NetFrontendQueue) throws {
+    private func startPumps(tap: TapDevice) throws {
         if tap.vnetHeaderSize > 0 {
             // What the namespace's kernel may hand us: partial checksums
             // always (we finish those the backend cannot take), TSO when the
             // backend segments it.
             try tap.setOffloads(csum: true, tso4: negotiated.txGSOTCPv4, tso6: negotiated.txGSOTCPv6)
         }
-        let p = try NetFrontendPump(queue: q, tap: tap.queue(0), negotiated: negotiated, postRx: options.postRxBuffers,
-                                    statistics: statisticsBox, name: "netfront-\(guest.domain).\(devid)")
-        try p.start()
-        pump = p
+        for (i, q) in queues.enumerated() {
+            let name = queues.count == 1 ? "netfront-\(guest.domain).\(devid)" : "netfront-\(guest.domain).\(devid)q\(i)"
+            let p = try NetFrontendPump(queue: q, tap: tap.queue(i), negotiated: negotiated, postRx: options.postRxBuffers,
+                                        statistics: statisticsBox, index: i, name: name)
+            try p.start()
+            pumps.append(p)
+        }
+    }
+
+    /// Detaches the TAP's queues from `count` on (TUNSETQUEUE: the kernel
+    /// then steers no flow to them); `reattachTapQueues` undoes it.
+    private func detachTapQueues(_ tap: TapDevice, beyond count: Int) throws {
+        for i in count..<max(count, tap.queueCount) {
+            try tap.setQueueAttached(i, false)
+            detachedTapQueues.append(i)
+        }
+    }
+
+    private func reattachTapQueues() {
+        for i in detachedTapQueues { try? tap?.setQueueAttached(i, true) }
+        detachedTapQueues = []
     }
 
     /// Waits until `condition` (given the backend's state, nil when missing)
@@ -254,11 +342,11 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
 
     /// Closes the device as netfront does: Closing; wait for the backend
     /// to be Closing or Closed (or gone); Closed; wait for the backend's
-    /// Closed (or gone). Then stops the pump, revokes every grant, frees
+    /// Closed (or gone). Then stops the pumps, revokes every grant, frees
     /// every page and closes the event channels, even when the wait timed
     /// out (the error is thrown afterwards; state is then left at Closing).
     public func disconnect(timeout: Double = 10) throws {
-        guard queue != nil else { return }
+        guard !queues.isEmpty else { return }
         let deadline = MonotonicClock.seconds() + timeout
         var failure: (any Error)?
         do {
@@ -284,15 +372,17 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     }
 
     /// Drops the connection without the handshake (a crashed guest): stops
-    /// the pump, revokes the grants, frees the pages, closes the ports.
+    /// the pumps, revokes the grants, frees the pages, closes the ports,
+    /// attaches again the TAP queues `connect` detached.
     public func releaseResources() {
-        pump?.stop()
-        pump = nil
-        if let q = queue {
-            statisticsBox.publish(q.stats)
+        for p in pumps { p.stop() }
+        pumps = []
+        for (i, q) in queues.enumerated() {
+            statisticsBox.publish(q.stats, queue: i)
             q.release()
         }
-        queue = nil
+        queues = []
+        reattachTapQueues()
         isConnected = false
     }
 }

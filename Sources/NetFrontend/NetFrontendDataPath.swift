@@ -3,8 +3,10 @@ import NetworkPlumbing
 import SystemSupport
 import XenABI
 
-/// The pump: one thread that joins a queue's rings to a TAP, as a guest's
-/// netfront joins them to its network stack. Frames the namespace's kernel
+/// The pump: one thread that joins a queue's rings to a TAP queue, as a
+/// guest's netfront joins them to its network stack (with several queues,
+/// one pump per ring pair, each with its own TAP queue and event channel
+/// handle; they share nothing but the statistics box). Frames the namespace's kernel
 /// sends (read from the TAP) go out on the tx ring; frames the backend puts
 /// on the rx ring are written to the TAP. One poll loop over the event
 /// channel's FIFO, a wakeup eventfd (stop) and the TAP (only while the tx
@@ -30,6 +32,8 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
     private let negotiated: NetFrontendNegotiated
     private let postRx: Bool
     private let statistics: StatisticsBox
+    /// This queue's index (its slot in the statistics box).
+    private let index: Int
     private let name: String
     private let stopFlag = StopFlag()
     private let wakeup: Wakeup
@@ -48,12 +52,13 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
     private var tapUsable = true
 
     init(queue: NetFrontendQueue, tap: TapQueue, negotiated: NetFrontendNegotiated, postRx: Bool,
-         statistics: StatisticsBox, name: String) throws(SystemError) {
+         statistics: StatisticsBox, index: Int = 0, name: String) throws(SystemError) {
         self.queue = queue
         self.tap = tap
         self.negotiated = negotiated
         self.postRx = postRx
         self.statistics = statistics
+        self.index = index
         self.name = name
         headerSize = tap.vnetHeaderSize
         wakeup = try Wakeup()
@@ -89,7 +94,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             if queue.receive(limit: Self.batch, { deliver($0) }) > 0 { worked = true }
             if postRx { queue.postRx() }
             if transmitFromTap() > 0 { worked = true }
-            statistics.publish(queue.stats)
+            statistics.publish(queue.stats, queue: index)
             if worked { continue }
             // Arm rsp_event on both rings, then look again before sleeping.
             _ = queue.tx.finalCheckForResponses()
@@ -97,7 +102,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             if queue.txResponsesWaiting || queue.rxResponsesWaiting { continue }
             sleep()
         }
-        statistics.publish(queue.stats)
+        statistics.publish(queue.stats, queue: index)
     }
 
     private func sleep() {

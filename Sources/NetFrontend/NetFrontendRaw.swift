@@ -5,16 +5,18 @@ import XenABI
 
 /// Raw test hooks, for hostile-frontend tests: a frontend made without a
 /// TAP has no pump, and the test writes tx slots itself and reads what the
-/// backend answers. Called from one thread at a time.
+/// backend answers. Called from one thread at a time. With several queues
+/// they drive queue 0 (the others get their rx buffers posted at connect
+/// and are otherwise left alone).
 extension LoopbackNetFrontend {
-    /// The queue, when the caller (not a pump) owns it.
+    /// Queue 0, when the caller (not a pump) owns it.
     private func rawQueue() throws(NetFrontendError) -> NetFrontendQueue {
-        guard let q = queue else { throw .notConnected }
-        guard pump == nil else { throw .pumpOwnsRings }
+        guard let q = queues.first else { throw .notConnected }
+        guard pumps.isEmpty else { throw .pumpOwnsRings }
         return q
     }
 
-    private func publishStatistics(_ q: NetFrontendQueue) { statisticsBox.publish(q.stats) }
+    private func publishStatistics(_ q: NetFrontendQueue) { statisticsBox.publish(q.stats, queue: 0) }
 
     /// A zeroed page granted read-only to the backend, for the test to fill
     /// and name in requests. Revoked and freed at disconnect.
@@ -87,7 +89,7 @@ extension LoopbackNetFrontend {
     }
 
     /// Rx buffers posted and not answered yet.
-    public var rxBuffersOutstanding: Int { queue?.rxOutstanding ?? 0 }
+    public var rxBuffersOutstanding: Int { queues.first?.rxOutstanding ?? 0 }
 
     /// Reads one frame the backend delivered: its bytes (a NETRXF_more_data
     /// chain joined), the flags of its first response and its GSO extra.

@@ -18,12 +18,20 @@ public struct NetFrontendOptions: Sendable {
     /// `receiveRaw` leave the rx ring empty; `postRxBuffers(_:)` still
     /// posts): tests that the backend drops without growing.
     public var postRxBuffers = true
+    /// Queues (ring pairs) asked for: the frontend uses min(queues, the
+    /// backend's `multi-queue-max-queues`, 1 when absent). With a TAP, the
+    /// TAP must have at least that many queues; one pump thread serves each
+    /// ring pair from TAP queue i, and TAP queues beyond the negotiated count
+    /// are detached (TUNSETQUEUE) while connected.
+    public var queues = 1
 
-    public init(splitEventChannels: Bool = false, scatterGather: Bool = true, gso: Bool = true, postRxBuffers: Bool = true) {
+    public init(splitEventChannels: Bool = false, scatterGather: Bool = true, gso: Bool = true, postRxBuffers: Bool = true,
+                queues: Int = 1) {
         self.splitEventChannels = splitEventChannels
         self.scatterGather = scatterGather
         self.gso = gso
         self.postRxBuffers = postRxBuffers
+        self.queues = queues
     }
 }
 
@@ -35,8 +43,11 @@ public struct BackendNetFeatures: Equatable, Sendable {
     public var gsoTCPv6 = false
     public var ipv6ChecksumOffload = false
     public var splitEventChannels = false
-    /// `multi-queue-max-queues` (we use one queue whatever it says).
+    /// `multi-queue-max-queues` (1 when absent, malformed or 0).
     public var maxQueues = 1
+    /// Whether the backend published `multi-queue-max-queues` at all: Linux
+    /// netfront then writes `multi-queue-num-queues` even when it is 1.
+    public var multiQueue = false
     public init() {}
 }
 
@@ -52,12 +63,16 @@ public struct NetFrontendNegotiated: Equatable, Sendable {
     /// IPv6 frames with a partial checksum go to the backend as
     /// NETTXF_csum_blank; without it we complete their checksum ourselves.
     public var txIPv6ChecksumOffload = false
+    /// Queues (ring pairs) in use: min(options.queues, backend max), at least 1.
+    public var queues = 1
     public init() {}
 }
 
 /// Counters of one frontend since its last `connect`, as of the end of the
 /// pump's last pass (or the last raw call). Raw tx slots are not frames:
-/// the tx frame counters count what the pump sent.
+/// the tx frame counters count what the pump sent. With several queues,
+/// `LoopbackNetFrontend.statistics` is the sum over them and
+/// `queueStatistics` has each queue's own.
 public struct NetFrontendStatistics: Equatable, Sendable {
     /// Frames put on the tx ring, and their bytes (no virtio header).
     public var txFrames: UInt64 = 0
@@ -98,6 +113,29 @@ public struct NetFrontendStatistics: Equatable, Sendable {
     public var notificationsSent: UInt64 = 0
     public var eventsReceived: UInt64 = 0
     public init() {}
+
+    /// Field by field sum (for the totals over queues).
+    public static func + (a: Self, b: Self) -> Self {
+        var s = Self()
+        s.txFrames = a.txFrames &+ b.txFrames
+        s.txBytes = a.txBytes &+ b.txBytes
+        s.txGSOFrames = a.txGSOFrames &+ b.txGSOFrames
+        s.txErrors = a.txErrors &+ b.txErrors
+        s.txDropped = a.txDropped &+ b.txDropped
+        s.txChecksumsCompleted = a.txChecksumsCompleted &+ b.txChecksumsCompleted
+        s.rxFrames = a.rxFrames &+ b.rxFrames
+        s.rxBytes = a.rxBytes &+ b.rxBytes
+        s.rxGSOFrames = a.rxGSOFrames &+ b.rxGSOFrames
+        s.rxErrors = a.rxErrors &+ b.rxErrors
+        s.rxDropped = a.rxDropped &+ b.rxDropped
+        s.rxGSOChecksumFixups = a.rxGSOChecksumFixups &+ b.rxGSOChecksumFixups
+        s.rxBuffersPosted = a.rxBuffersPosted &+ b.rxBuffersPosted
+        s.rxBuffersOutstanding = a.rxBuffersOutstanding &+ b.rxBuffersOutstanding
+        s.protocolErrors = a.protocolErrors &+ b.protocolErrors
+        s.notificationsSent = a.notificationsSent &+ b.notificationsSent
+        s.eventsReceived = a.eventsReceived &+ b.eventsReceived
+        return s
+    }
 }
 
 /// One slot written verbatim by `pushTxSlots` (hostile-frontend tests).
@@ -120,6 +158,8 @@ public enum NetFrontendError: Error, Equatable, CustomStringConvertible, Sendabl
     case pumpOwnsRings
     /// Out of rx buffers, ring slots, pages or grants.
     case noRoom(String)
+    /// The TAP has fewer queues than the queues negotiated with the backend.
+    case tapHasTooFewQueues(tap: String, has: Int, needs: Int)
 
     public var description: String {
         switch self {
@@ -131,17 +171,26 @@ public enum NetFrontendError: Error, Equatable, CustomStringConvertible, Sendabl
         case .alreadyConnected: "already connected"
         case .pumpOwnsRings: "raw hooks need a frontend without a TAP (the pump thread owns the rings)"
         case .noRoom(let w): "no room: \(w)"
+        case .tapHasTooFewQueues(let t, let has, let needs):
+            "TAP \(t) has \(has) queue(s) but \(needs) were negotiated with the backend (create it with queues: \(needs))"
         }
     }
 }
 
-/// The statistics, handed from the thread that owns the rings to readers.
-final class StatisticsBox: @unchecked Sendable {  // `value` guarded by `lock`
+/// The statistics, handed from the threads that own the rings (one per
+/// queue) to readers.
+final class StatisticsBox: @unchecked Sendable {  // `values` guarded by `lock`
     private let lock = PThreadMutex()
-    private var value = NetFrontendStatistics()
+    private var values = [NetFrontendStatistics()]
 
-    func publish(_ s: NetFrontendStatistics) { lock.withLock { value = s } }
-    var snapshot: NetFrontendStatistics { lock.withLock { value } }
+    /// Zeroes the counters, for a connection of `queues` queues.
+    func reset(queues: Int) { lock.withLock { values = Array(repeating: NetFrontendStatistics(), count: max(queues, 1)) } }
+    func publish(_ s: NetFrontendStatistics, queue: Int = 0) {
+        lock.withLock { if queue < values.count { values[queue] = s } }
+    }
+    /// The sum over queues.
+    var snapshot: NetFrontendStatistics { lock.withLock { values.dropFirst().reduce(values[0], +) } }
+    var perQueue: [NetFrontendStatistics] { lock.withLock { values } }
 }
 
 /// A flag one thread raises and another polls, without a lock.
