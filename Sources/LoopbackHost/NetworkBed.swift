@@ -50,7 +50,7 @@ public final class BedGuest: @unchecked Sendable {   // used from the test's thr
     public let tap: TapDevice?
     public var vifName: String { "vif\(domid).0" }
 
-    init(domid: DomID, namespace: String, address: String, mac: String, domain: LoopbackGuestDomain,
+    public init(domid: DomID, namespace: String, address: String, mac: String, domain: LoopbackGuestDomain,
          frontend: LoopbackNetFrontend, tap: TapDevice?) {
         self.domid = domid; self.namespace = namespace; self.address = address; self.mac = mac
         self.domain = domain; self.frontend = frontend; self.tap = tap

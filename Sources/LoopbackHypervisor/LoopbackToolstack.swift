@@ -95,9 +95,12 @@ public struct LoopbackToolstack: Sendable {
         public var mtu: Int?
         /// libxl's `rate` key, "bytes,usec".
         public var rate: String?
+        /// Written last into the backend directory (tests: values no libxl would write).
+        public var extraBackendKeys: [String: String]
         public init(devid: UInt32 = 0, mac: String = "00:16:3e:00:00:01", bridge: String? = "xenbr0",
-                    script: String? = nil, mtu: Int? = nil, rate: String? = nil) {
+                    script: String? = nil, mtu: Int? = nil, rate: String? = nil, extraBackendKeys: [String: String] = [:]) {
             self.devid = devid; self.mac = mac; self.bridge = bridge; self.script = script; self.mtu = mtu; self.rate = rate
+            self.extraBackendKeys = extraBackendKeys
         }
     }
 
@@ -121,6 +124,10 @@ public struct LoopbackToolstack: Sendable {
         if let s = nic.script { backendKeys.append(("script", s)); backendKeys.append(("hotplug-status", "")) }
         if let m = nic.mtu { backendKeys.append(("mtu", String(m))) }
         if let r = nic.rate { backendKeys.append(("rate", r)) }
+        for (k, v) in nic.extraBackendKeys.sorted(by: { $0.key < $1.key }) {
+            backendKeys.removeAll { $0.0 == k }
+            backendKeys.append((k, v))
+        }
         let frontendKeys: [(String, String)] = [
             ("backend", be), ("backend-id", String(backendDomain)), ("handle", String(nic.devid)),
             ("mac", nic.mac), ("state", "1"), ("trusted", "1"),

@@ -123,4 +123,7 @@ public func sh(_ arguments: [String], timeout: Int = 60) throws -> String {
     return r.stdout
 }
 
-public struct CommandFailed: Error, CustomStringConvertible { public var description: String }
+public struct CommandFailed: Error, CustomStringConvertible {
+    public var description: String
+    public init(description: String) { self.description = description }
+}
