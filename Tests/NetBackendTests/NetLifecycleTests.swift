@@ -13,9 +13,10 @@ import XenBus
 @Suite(.serialized) struct NetLifecycleTests {
     @Test func disconnectDropsCarrierReconnectServesAgainRemovalDeletesTheInterface() throws {
         try withNetTestBed { bed in
-            let a = try bed.addGuest(1)
+            let a = try bed.addGuest(1, nic: LoopbackToolstack.Nic(devid: 0, bridge: bed.bridge, mtu: 1400))
             let b = try bed.addGuest(2)
             let store = bed.host.toolstack.store
+            #expect(try #require(bed.dom0Link(a.vifName)).contains("mtu 1400 "), "the mtu key")
             try a.frontend.disconnect()
             #expect(bed.waitUntil(5) { store.readState(bed.backendPath(a)) == .closed })
             let down = try #require(bed.dom0Link(a.vifName))
