@@ -109,6 +109,13 @@ import XenStoreClient
         let (sent, got) = try tcpStream(from: a, to: b.namespace, address: b.address, bytes: 4 << 20)
         #expect(sent == got)
         #expect(a.frontend.statistics.txErrors == 0 && b.frontend.statistics.rxErrors == 0)
+        // The new daemon reports the vifs, with the traffic it carried.
+        let status = try runProcess([binary, "status", "--control-socket", root + "/control.sock"],
+                                    environment: ["PATH": toolPath], timeout: 10).stdout
+        let row = status.split(separator: "\n").first { $0.hasPrefix("vif-1-0") } ?? ""
+        #expect(row.contains("Connected") && row.contains("vif1.0 on xenbr0") && row.contains("0 malformed"), "\(status)")
+        let bytesSent = row.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(bytesSent.count > 5 && (Int(bytesSent[5]) ?? 0) >= 4, "written MB column: \(row)")
     }
 }
 
