@@ -65,11 +65,21 @@ public struct NBDServerFeatures: Equatable, Sendable {
 /// until `reconnectTimeoutMilliseconds` after the loss; once connected they
 /// are issued on the new connection, or when that deadline passes they
 /// complete with -EIO, and later operations fail at once with -EIO while the
-/// attempts go on in the background. Commands in flight at the moment of
-/// the failure are not retried (a write may or may not have reached the
-/// server). A server whose export changed size is refused: held operations
-/// complete with -EIO and reconnection stops. The new connection takes the
-/// place of the first one (one connection after a reconnect).
+/// attempts go on in the background. A server whose export changed size is
+/// refused: held operations complete with -EIO and reconnection stops.
+///
+/// Retries: a read, write or trim whose commands failed because their
+/// connection died (not a server's error reply, not a timeout) is issued
+/// again, on another live connection or, with none left, held for the
+/// reconnection like a new operation; at most 3 times. That is safe for
+/// block semantics: the operation was never acknowledged, rewriting the
+/// same bytes at the same place is idempotent, and held operations go out
+/// in order. A flush is never retried: it would vouch for writes the lost
+/// connection acknowledged, which a new connection cannot.
+///
+/// Multi-conn: a connection that dies while others live is replaced in the
+/// background (same attempts and back-off, nothing held); after a
+/// reconnection, every connection the disk had is brought back one by one.
 ///
 /// Other refusals, as `FileStorage`: -EINVAL past the end of the disk,
 /// -EROFS for a write or discard on a read-only disk or export, -EOPNOTSUPP
@@ -122,6 +132,18 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     /// Slots held while reconnecting (in submission order); preallocated.
     private let heldSlots: UnsafeMutablePointer<Int32>
     private var heldCount = 0
+    /// Operations finished with an error, waiting to be told apart: their
+    /// connection died (retry) or the server said no (complete). Preallocated.
+    private let suspects: UnsafeMutablePointer<Int32>
+    private var suspectCount = 0
+    /// Replacing dead connections while others still serve (multi-conn).
+    private var refilling = false
+    /// Bumped for every connection installed, so a slot can tell whether
+    /// the connection it used is still the one at its index.
+    private var connectionGeneration: UInt32 = 0
+    /// Operations issued again after their connection died.
+    public private(set) var retriedOperations = 0
+    static let maximumRetries: UInt8 = 3
 
     private var connections: [NBDConnection]
     /// Commands issued on each connection (tests check the round-robin).
@@ -318,6 +340,8 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         self.reconnectTimeoutMilliseconds = reconnectTimeoutMilliseconds
         heldSlots = .allocate(capacity: queueDepth)
         heldSlots.initialize(repeating: 0, count: queueDepth)
+        suspects = .allocate(capacity: queueDepth)
+        suspects.initialize(repeating: 0, count: queueDepth)
         // The NBD protocol's default limit when the server names none.
         maximumPayload = features.maximumBlockSize > 0 ? Int(features.maximumBlockSize) : 32 << 20
         bounceLimit = min(maximumPayload, Self.maximumBounceBytes)
@@ -347,6 +371,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         contexts.deallocate()
         freeSlots.deallocate()
         heldSlots.deallocate()
+        suspects.deallocate()
         readyTokens.deallocate()
         readyEvents.deallocate()
     }
@@ -374,6 +399,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             self.attempt = nil
         }
         reconnecting = false
+        refilling = false
         Glibc.close(reconnectTimerFD)
         Glibc.close(timerFD)
         Glibc.close(eventFD)
@@ -387,6 +413,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         guard count > 0 else { return 0 }
         let finishedBefore = finished.count
         for index in 0..<count { start(operations[index]) }
+        resolveSuspects()
         for index in connections.indices where connections[index].alive { updateRegistration(index) }
         if busySlots > finished.count { armTimer() }
         if finished.count > finishedBefore { signalCompletion() }
@@ -409,6 +436,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         slots[slot].connection = -1
         slots[slot].offset = operation.offset
         slots[slot].held = false
+        slots[slot].retries = 0
         // One guard reference while commands are issued: a callback running
         // inside an nbd_aio_* call cannot finish the operation early.
         slots[slot].pending = 1
@@ -460,6 +488,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             return
         }
         slots[slot].connection = Int32(connection)
+        slots[slot].generation = connections[connection].generation
         switch kind {
         case .flush:
             break
@@ -584,10 +613,64 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     private func release(_ slot: Int) {
         slots[slot].pending -= 1
         guard slots[slot].pending == 0 else { return }
+        if slots[slot].error != 0 && mayRetry(slot) {
+            suspects[suspectCount] = Int32(slot)
+            suspectCount += 1
+            return
+        }
         if slots[slot].error == 0 && slots[slot].scatter, let bounce = slots[slot].bounce {
             nbdScatter(bounce, to: slots[slot].iovecs, Int(slots[slot].iovecCount))
         }
         finished.push(slot)
+    }
+
+    /// Whether a failed operation could be issued again if its connection
+    /// turns out to have died (decided in `resolveSuspects`).
+    private func mayRetry(_ slot: Int) -> Bool {
+        // Refusals and operations that found no connection never had one.
+        guard !closed, reconnectTimeoutMilliseconds > 0, !reconnectRefused, slots[slot].connection >= 0,
+              slots[slot].retries < Self.maximumRetries, slots[slot].error != ETIMEDOUT else { return false }
+        switch slots[slot].kind {
+        case .read, .write, .discard: return true
+        case .flush: return false
+        }
+    }
+
+    /// Sorts the failed operations: those whose connection is gone (dead,
+    /// or replaced since) go out again or wait for the reconnection; the
+    /// rest complete with their error.
+    private func resolveSuspects() {
+        var index = 0
+        while index < suspectCount {   // a re-issue may add suspects; retries are bounded
+            let slot = Int(suspects[index])
+            index += 1
+            let c = Int(slots[slot].connection)
+            let lost = c >= 0 && (!connections[c].alive || connections[c].generation != slots[slot].generation)
+            guard lost && !closed else {
+                finished.push(slot)
+                continue
+            }
+            let originalError = slots[slot].error
+            slots[slot].retries += 1
+            slots[slot].error = 0
+            slots[slot].connection = -1
+            slots[slot].pending = 1
+            slots[slot].issuedAt = MonotonicNanoseconds.now()
+            retriedOperations &+= 1
+            if anyConnectionAlive() {
+                issue(slot, slots[slot].kind, offset: slots[slot].offset, bytes: slots[slot].bytes)
+                release(slot)
+            } else if reconnecting && !reconnectDeadlinePassed {
+                slots[slot].held = true
+                heldSlots[heldCount] = Int32(slot)
+                heldCount += 1
+            } else {
+                slots[slot].error = originalError
+                slots[slot].pending = 0
+                finished.push(slot)
+            }
+        }
+        suspectCount = 0
     }
 
     /// `body` may call `submit` (the completed operation's slot is already
@@ -641,6 +724,9 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             }
             if !checkDead(index) { updateRegistration(index) }
         }
+        resolveSuspects()
+        for index in connections.indices where connections[index].alive { updateRegistration(index) }
+        if busySlots > finished.count { armTimer() }
         return deliverFinished(body)
     }
 
@@ -685,15 +771,31 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         connections[index].alive = false
         // libnbd may have closed the socket already (then this fails harmlessly).
         _ = xb_epoll_del(epollFD, connections[index].fd)
-        if !closed && !reconnecting && !reconnectRefused && !anyConnectionAlive() { beginReconnect() }
+        if !closed && !reconnecting && !reconnectRefused {
+            if !anyConnectionAlive() {
+                beginReconnect()
+            } else if !refilling {
+                beginRefill()
+            }
+        }
         return true
     }
 
     // MARK: Reconnection (allocates; never on the steady-state path)
 
+    /// One connection of several died: replace it in the background.
+    private func beginRefill() {
+        eventHandler?("lost a connection to \(address) (\(liveConnectionCount) of \(connections.count) left); replacing it")
+        refilling = true
+        reconnectAttempts = 0
+        nextAttemptAt = MonotonicNanoseconds.now()
+        scheduleReconnectTimer()
+    }
+
     private func beginReconnect() {
         eventHandler?("lost every connection to \(address); reconnecting")
         let now = MonotonicNanoseconds.now()
+        refilling = false
         reconnecting = true
         reconnectAttempts = 0
         reconnectDeadline = now &+ UInt64(reconnectTimeoutMilliseconds) * 1_000_000
@@ -706,11 +808,11 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     /// abandonment of a slow attempt, or the hold deadline.
     private func scheduleReconnectTimer() {
         var fireAt: UInt64
-        if !reconnecting {
+        if !reconnecting && !refilling {
             fireAt = 0
         } else {
             fireAt = attempt == nil ? nextAttemptAt : attemptStartedAt &+ Self.attemptLimitNanoseconds
-            if !reconnectDeadlinePassed { fireAt = min(fireAt, reconnectDeadline) }
+            if reconnecting && !reconnectDeadlinePassed { fireAt = min(fireAt, reconnectDeadline) }
             fireAt = max(fireAt, 1)
         }
         var setting = itimerspec()
@@ -721,9 +823,9 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     private func reconnectTick() {
         var expirations: UInt64 = 0
         _ = read(reconnectTimerFD, &expirations, MemoryLayout<UInt64>.size)
-        guard reconnecting else { return }
+        guard reconnecting || refilling else { return }
         let now = MonotonicNanoseconds.now()
-        if !reconnectDeadlinePassed && now >= reconnectDeadline {
+        if reconnecting && !reconnectDeadlinePassed && now >= reconnectDeadline {
             reconnectDeadlinePassed = true
             eventHandler?("\(address) still unreachable after \(reconnectTimeoutMilliseconds) ms: failing held requests, still retrying")
             failHeld(EIO)
@@ -790,6 +892,9 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         }
     }
 
+    /// A new connection is ready: it takes the place of the first dead
+    /// one. After a reconnection the held operations go out on it; while
+    /// any connection is still missing, the next attempt starts at once.
     private func installAttempt(_ handle: OpaquePointer) {
         _ = xb_epoll_del(epollFD, attemptFD)
         attempt = nil
@@ -800,25 +905,43 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             eventHandler?("\(address) came back with another size (\(size) bytes): refusing it for good")
             reconnectRefused = true
             reconnecting = false
+            refilling = false
             scheduleReconnectTimer()
             failHeld(EIO)
             return
         }
-        nbd_close(connections[0].handle)
+        guard let index = connections.firstIndex(where: { !$0.alive }) else {
+            nbd_close(handle)   // nothing to replace any more
+            refilling = false
+            scheduleReconnectTimer()
+            return
+        }
+        nbd_close(connections[index].handle)
+        connectionGeneration &+= 1
         var connection = NBDConnection(handle: handle, fd: attemptFD)
         connection.registeredEvents = Self.epollEvents(nbd_aio_get_direction(handle))
-        connection.commandsIssued = connections[0].commandsIssued
-        guard xb_epoll_add(epollFD, attemptFD, connection.registeredEvents, Self.firstConnectionToken) == 0 else {
+        connection.commandsIssued = connections[index].commandsIssued
+        connection.generation = connectionGeneration
+        guard xb_epoll_add(epollFD, attemptFD, connection.registeredEvents, Self.firstConnectionToken + UInt64(index)) == 0 else {
             nbd_close(handle)
-            connections[0].alive = false
+            connections[index].alive = false
             attemptFailed()
             return
         }
-        connections[0] = connection
+        connections[index] = connection
+        let wasReconnecting = reconnecting
         reconnecting = false
-        reconnections += 1
-        eventHandler?("reconnected to \(address)")
+        reconnectAttempts = 0
+        refilling = connections.contains { !$0.alive }
+        nextAttemptAt = MonotonicNanoseconds.now()
+        if wasReconnecting {
+            reconnections += 1
+            eventHandler?("reconnected to \(address)")
+        } else {
+            eventHandler?("connection \(index + 1) of \(connections.count) to \(address) restored")
+        }
         scheduleReconnectTimer()
+        guard wasReconnecting else { return }
         // Issue what was held, in order.
         let count = heldCount
         heldCount = 0
@@ -830,6 +953,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             issue(slot, slots[slot].kind, offset: slots[slot].offset, bytes: slots[slot].bytes)
             release(slot)
         }
+        resolveSuspects()
         for index in connections.indices where connections[index].alive { updateRegistration(index) }
         if busySlots > finished.count { armTimer() }
     }
@@ -904,6 +1028,8 @@ struct NBDConnection {
     var alive = true
     var registeredEvents: UInt32 = 0
     var commandsIssued = 0
+    /// NBDStorage.connectionGeneration when it was installed (0: at open).
+    var generation: UInt32 = 0
 }
 
 /// Bookkeeping for one operation in flight.
@@ -925,6 +1051,10 @@ struct NBDSlot {
     var offset: UInt64 = 0
     /// Waiting for a reconnection (not issued yet).
     var held = false
+    /// The generation of the connection its commands went to.
+    var generation: UInt32 = 0
+    /// Times it was issued again after its connection died.
+    var retries: UInt8 = 0
     var bounce: UnsafeMutableRawPointer?
     var bounceCapacity = 0
 }
