@@ -104,12 +104,15 @@ let package = Package(
         ], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
-        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage"], swiftSettings: strict),
+        // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
+        // and reaped by PID) and a third client of an export over libnbd.
+        .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
+        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "NBDTestSupport"], swiftSettings: strict),
         .testTarget(name: "NetworkPlumbingTests", dependencies: ["NetworkPlumbing", "SystemSupport"], swiftSettings: strict),
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
         .testTarget(name: "HotplugScriptTests", dependencies: ["LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport"], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
-            "LoopbackHost", "SystemSupport",
+            "LoopbackHost", "SystemSupport", "NBDTestSupport",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),

@@ -99,7 +99,14 @@ func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<Validate
             return .failure(.beyondEndOfDisk)
         }
     }
-    return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: kind, sector: r.sectorNumber,
+    // Without segments (a flush, an empty barrier) sector_number means
+    // nothing and was not checked above: Linux blkfront sends its flush
+    // request's blk_rq_pos, which blk_rq_init sets to (sector_t)-1, and
+    // sector * 512 on the data path then overflowed and trapped (seen on
+    // Xen 4.17 with a Debian 6.1 domU: the first fsync killed the daemon).
+    // Such a request carries sector 0 from here on.
+    return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: kind,
+                                     sector: count > 0 ? r.sectorNumber : 0,
                                      segmentCount: count, segments: r.segments,
                                      byteCount: Int(sectors) * Blkif.sectorSize))
 }

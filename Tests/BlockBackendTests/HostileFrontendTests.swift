@@ -114,6 +114,21 @@ struct HostileFrontendTests {
         }
     }
 
+    /// Linux blkfront's flush carries blk_rq_pos of a request without data,
+    /// (sector_t)-1: the sector of a request without segments means nothing
+    /// and must not reach arithmetic (it once trapped the daemon on Xen).
+    @Test("a flush or empty barrier with sector 2^64-1 (as Linux blkfront sends) succeeds")
+    func flushWithSectorMinusOne() throws {
+        try withHostileGuest { fe, _ in
+            let none = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
+            let f = try raw(fe, request(BlkifOperation.flushDiskCache, id: 19, sector: UInt64.max, nseg: 0, segs: none))
+            #expect(f == BlkifResponse(id: 19, operation: BlkifOperation.flushDiskCache, status: BlkifStatus.okay))
+            let b = try raw(fe, request(BlkifOperation.writeBarrier, id: 20, sector: UInt64.max, nseg: 0, segs: none))
+            #expect(b == BlkifResponse(id: 20, operation: BlkifOperation.writeBarrier, status: BlkifStatus.okay))
+            try expectStillServing(fe)
+        }
+    }
+
     @Test("a grant that was never granted is an error, in range or beyond the table")
     func neverGranted() throws {
         try withHostileGuest { fe, _ in

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NBDTestSupport
 import Testing
 @testable import BlockStorage
 
@@ -29,7 +30,7 @@ import Testing
         // What the device shows is what reached the backing file.
         let device = preadBytes(loop.path, offset: 0, length: 16 * mebibyte)
         let file = preadBytes(backing.path, offset: 0, length: 16 * mebibyte)
-        #expect(device.withUnsafeBytes(fnv1a) == file.withUnsafeBytes(fnv1a))
+        #expect(device.withUnsafeBytes(fnv1a64) == file.withUnsafeBytes(fnv1a64))
 
         // BLKDISCARD: the loop driver punches a hole in the backing file.
         let blocksBefore = backing.allocatedBlocks

@@ -1,61 +1,8 @@
 import Foundation
 import Glibc
+import NBDTestSupport
 import Testing
 @testable import BlockStorage
-
-/// `nbdkit file FILE` on a fixed unix socket path, so that a restarted
-/// server is found where the old one was. Killed by its PID.
-private final class RestartableNBDKit {
-    let socketPath: String
-    let uri: String
-    private var process: Process?
-    private let pidFile: String
-    private static let counter = NBDCounter()
-
-    init() throws {
-        if access("/usr/bin/nbdkit", X_OK) != 0 {
-            try Test.cancel("/usr/bin/nbdkit is not installed (scripts/setup installs nbdkit)")
-        }
-        let unique = "\(getpid())-\(Self.counter.next())"
-        socketPath = "/tmp/nbd-reconnect-\(unique).sock"
-        pidFile = "/tmp/nbd-reconnect-\(unique).pid"
-        uri = "nbd+unix:///?socket=\(socketPath)"
-    }
-
-    /// Starts `nbdkit [FILTERS] file FILE [PARAMETERS]` (the previous one must be stopped).
-    func start(file: String, filters: [String] = [], parameters: [String] = []) throws {
-        precondition(process == nil)
-        unlink(socketPath)
-        unlink(pidFile)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
-        process.arguments = ["-f", "--exit-with-parent", "-P", pidFile, "-U", socketPath] + filters + ["file", file] + parameters
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        self.process = process
-        for _ in 0..<500 {
-            if access(pidFile, F_OK) == 0 { return }
-            guard process.isRunning else { throw StorageError("nbdkit exited", errno: EIO, path: uri) }
-            usleep(10_000)
-        }
-        stop()
-        throw StorageError("nbdkit did not start", errno: ETIMEDOUT, path: uri)
-    }
-
-    func stop() {
-        guard let process else { return }
-        self.process = nil
-        if process.processIdentifier != 0 && process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
-        unlink(pidFile)
-        unlink(socketPath)
-    }
-
-    deinit { stop() }
-}
 
 /// Reaps (waiting on the completion descriptor) until `count` operations
 /// completed or `timeout` seconds passed.
@@ -86,14 +33,18 @@ private func waitUntilDisconnected(_ storage: NBDStorage) {
 private let reconnectMiB = 1 << 20
 
 @Suite(.serialized) struct NBDReconnectTests {
-    /// Killed and restarted on the same socket: operations submitted while
-    /// it was down are held, then succeed; acknowledged data survives.
-    @Test func restartedServerResumesHeldIO() throws {
+    /// Killed and restarted on the same socket (nbdkit) or port (nbd-server,
+    /// its daemon and connection children killed): operations submitted
+    /// while it was down are held, then succeed; acknowledged data survives.
+    @Test(arguments: NBDServerKind.allCases)
+    func restartedServerResumesHeldIO(kind: NBDServerKind) throws {
         let file = try TempFile(directory: "/tmp", size: 4 * reconnectMiB, randomSeed: 11)
-        let server = try RestartableNBDKit()
+        let server = switch kind {
+        case .nbdkit: try NBDTestServer.nbdkit(["file", file.path])
+        case .nbdServer: try NBDTestServer.nbdServer(exporting: file.path)
+        }
         defer { server.stop() }
-        try server.start(file: file.path)
-        let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8,
+        let storage = try NBDStorage.open(uri: server.params, readOnly: false, queueDepth: 8,
                                           reconnectTimeoutMilliseconds: 10_000)
         defer { storage.close() }
         let before = [UInt8](repeating: 0xA5, count: 64 * 1024)
@@ -121,7 +72,7 @@ private let reconnectMiB = 1 << 20
         #expect(results.isEmpty, "\(results)")
 
         let restartedAt = Date()
-        try server.start(file: file.path)
+        try server.restart()
         reap(storage, into: &results, until: 3, timeout: 5)
         #expect(results == [1: 64 * 1024, 2: 128 * 1024, 3: 0])
         // Back-off capped at 2 s (plus the handshake).
@@ -139,12 +90,13 @@ private let reconnectMiB = 1 << 20
     /// Killed with reads and writes in flight (the server holds each for
     /// a second) and started again: nothing fails; every operation is
     /// issued again on the new connection, the writes land in the file and
-    /// the reads return what the file holds.
+    /// the reads return what the file holds. nbdkit only: the test needs a
+    /// server that holds requests (its delay filter); nbd-server answers at
+    /// once, so nothing would be in flight when it is killed.
     @Test func operationsInFlightAreRetriedOnTheNewConnection() throws {
         let file = try TempFile(directory: "/tmp", size: 4 * reconnectMiB, randomSeed: 23)
-        let server = try RestartableNBDKit()
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "file", file.path, "delay-read=1", "delay-write=1"])
         defer { server.stop() }
-        try server.start(file: file.path, filters: ["--filter=delay"], parameters: ["delay-read=1", "delay-write=1"])
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8,
                                           reconnectTimeoutMilliseconds: 10_000)
         defer { storage.close() }
@@ -165,7 +117,7 @@ private let reconnectMiB = 1 << 20
         #expect(results.isEmpty, "\(results)")
         server.stop()
         waitUntilDisconnected(storage)
-        try server.start(file: file.path)
+        try server.restart()
         reap(storage, into: &results, until: 2, timeout: 5)
         #expect(results == [1: 64 * 1024, 2: 128 * 1024])
         #expect(storage.retriedOperations == 2)
@@ -179,9 +131,8 @@ private let reconnectMiB = 1 << 20
     /// background.
     @Test func serverThatStaysAwayFailsHeldIO() throws {
         let file = try TempFile(directory: "/tmp", size: 2 * reconnectMiB)
-        let server = try RestartableNBDKit()
+        let server = try NBDTestServer.nbdkit(["file", file.path])
         defer { server.stop() }
-        try server.start(file: file.path)
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4, connections: 2,
                                           reconnectTimeoutMilliseconds: 1_000)
         defer { storage.close() }
@@ -202,7 +153,7 @@ private let reconnectMiB = 1 << 20
         #expect(storage.isReconnecting)
 
         // Back later: found by the background attempts (at most 2 s apart).
-        try server.start(file: file.path)
+        try server.restart()
         let deadline = Date().addingTimeInterval(5)
         var results: [UInt64: Int64] = [:]
         while storage.liveConnectionCount < storage.connectionCount && Date() < deadline {
@@ -217,9 +168,8 @@ private let reconnectMiB = 1 << 20
     @Test func sizeChangeOnReconnectIsRefused() throws {
         let file = try TempFile(directory: "/tmp", size: 2 * reconnectMiB)
         let larger = try TempFile(directory: "/tmp", size: 3 * reconnectMiB)
-        let server = try RestartableNBDKit()
+        let server = try NBDTestServer.nbdkit(["file", file.path])
         defer { server.stop() }
-        try server.start(file: file.path)
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4,
                                           reconnectTimeoutMilliseconds: 10_000)
         defer { storage.close() }
@@ -235,7 +185,7 @@ private let reconnectMiB = 1 << 20
         reap(storage, into: &results, until: 1, timeout: 0.2)
         #expect(results.isEmpty)
         let restartedAt = Date()
-        try server.start(file: larger.path)
+        try server.restart(arguments: ["file", larger.path])
         reap(storage, into: &results, until: 1, timeout: 5)
         #expect(results == [1: -Int64(EIO)])
         #expect(Date().timeIntervalSince(restartedAt) < 3)

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NBDTestSupport
 import Testing
 @testable import BlockStorage
 
@@ -7,7 +8,7 @@ private let nbdMiB = 1 << 20
 
 @Suite(.serialized) struct NBDStorageTests {
     @Test func geometryFromTheHandshake() throws {
-        let server = try NBDServer(nbdkit: ["memory", "16M"])
+        let server = try NBDTestServer.nbdkit(["memory", "16M"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8)
         defer { storage.close() }
@@ -26,7 +27,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func readOnlyExportRefusesWrites() throws {
-        let server = try NBDServer(nbdkit: ["memory", "4M"], readOnly: true)
+        let server = try NBDTestServer.nbdkit(["memory", "4M"], readOnly: true)
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4)
         defer { storage.close() }
@@ -42,7 +43,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func readOnlyOpenOfWritableExport() throws {
-        let server = try NBDServer(nbdkit: ["memory", "4M"])
+        let server = try NBDTestServer.nbdkit(["memory", "4M"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: true, queueDepth: 4)
         defer { storage.close() }
@@ -52,7 +53,7 @@ private let nbdMiB = 1 << 20
 
     @Test(arguments: [(false, 1), (true, 1), (false, 4)])
     func randomVerifiedIO(tcp: Bool, connections: Int) throws {
-        let server = try NBDServer(nbdkit: ["memory", "8M"], tcp: tcp)
+        let server = try NBDTestServer.nbdkit(["memory", "8M"], transport: tcp ? .tcp : .unixSocket)
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 16, connections: connections)
         defer { storage.close() }
@@ -67,7 +68,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func oldXenFormAgainstTCP() throws {
-        let server = try NBDServer(nbdkit: ["memory", "2M"], tcp: true)
+        let server = try NBDTestServer.nbdkit(["memory", "2M"], transport: .tcp)
         defer { server.stop() }
         for params in ["nbd:127.0.0.1:\(server.port!)", "nbd:127.0.0.1 \(server.port!)"] {
             let storage = try NBDStorage.open(uri: params, readOnly: false, queueDepth: 4)
@@ -84,7 +85,7 @@ private let nbdMiB = 1 << 20
         (64 * 1024, false), (3 * nbdMiB, true), (3 * nbdMiB, false), (5 * nbdMiB, false),
     ])
     func transferShapes(bytes: Int, contiguous: Bool) throws {
-        let server = try NBDServer(nbdkit: ["memory", "16M"])
+        let server = try NBDTestServer.nbdkit(["memory", "16M"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4)
         defer { storage.close() }
@@ -112,7 +113,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func flushAndDiscard() throws {
-        let server = try NBDServer(nbdkit: ["memory", "4M"])
+        let server = try NBDTestServer.nbdkit(["memory", "4M"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4, connections: 2)
         defer { storage.close() }
@@ -128,7 +129,7 @@ private let nbdMiB = 1 << 20
 
     @Test func discardWithoutTrimIsNotSupported() throws {
         // The eval plugin has no trim unless given a trim script.
-        let server = try NBDServer(nbdkit: ["eval", "get_size=echo 1048576",
+        let server = try NBDTestServer.nbdkit(["eval", "get_size=echo 1048576",
                                             "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
                                             "pwrite=cat >/dev/null"])
         defer { server.stop() }
@@ -141,7 +142,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func outOfRangeIsInvalid() throws {
-        let server = try NBDServer(nbdkit: ["memory", "1M"])
+        let server = try NBDTestServer.nbdkit(["memory", "1M"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 2)
         defer { storage.close() }
@@ -151,7 +152,7 @@ private let nbdMiB = 1 << 20
     }
 
     @Test func queueDepthLimitsSubmissions() throws {
-        let server = try NBDServer(nbdkit: ["--filter=delay", "memory", "1M", "delay-read=200ms"])
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "memory", "1M", "delay-read=200ms"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4)
         defer { storage.close() }
@@ -179,7 +180,7 @@ private let nbdMiB = 1 << 20
     /// A server that dies with commands in flight: every one completes with
     /// an error quickly, and later operations fail at once.
     @Test func serverKilledMidIO() throws {
-        let server = try NBDServer(nbdkit: ["--filter=delay", "memory", "8M", "delay-read=2", "delay-write=2"])
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "memory", "8M", "delay-read=2", "delay-write=2"])
         defer { server.stop() }
         // No reconnection window: what was in flight fails with the connection
         // (NBDReconnectTests covers the retry on a new connection).
@@ -221,7 +222,7 @@ private let nbdMiB = 1 << 20
     /// A server that stops answering: the command times out, its connection
     /// is dropped and everything on it fails.
     @Test func hungServerTimesOut() throws {
-        let server = try NBDServer(nbdkit: ["--filter=delay", "memory", "1M", "delay-read=30"])
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "memory", "1M", "delay-read=30"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 4,
                                           commandTimeoutMilliseconds: 300)
@@ -235,7 +236,7 @@ private let nbdMiB = 1 << 20
     /// A slow server and large writes: libnbd cannot send everything at once
     /// and needs EPOLLOUT; all data must still arrive intact.
     @Test func slowServerLargeWrites() throws {
-        let server = try NBDServer(nbdkit: ["--filter=delay", "memory", "32M", "delay-write=20ms", "delay-read=20ms"])
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "memory", "32M", "delay-write=20ms", "delay-read=20ms"])
         defer { server.stop() }
         let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8)
         defer { storage.close() }
@@ -259,17 +260,26 @@ private let nbdMiB = 1 << 20
         }
     }
 
-    @Test func nbdServerExport() throws {
+    /// nbd-server as Xen users run it (`nbd-server 127.0.0.1:PORT FILE`,
+    /// named by `nbd:127.0.0.1 PORT`: no flush, FUA or trim), and from a
+    /// configuration file on a unix socket with flush, FUA and trim.
+    @Test(arguments: [(NBDTransport.tcp, NBDServerOptions()), (.unixSocket, .all)])
+    func nbdServerExport(transport: NBDTransport, options: NBDServerOptions) throws {
         let file = try TempFile(directory: "/tmp", size: 4 * nbdMiB, randomSeed: 3)
-        let server = try NBDServer(nbdServerExporting: file.path)
+        let server = try NBDTestServer.nbdServer(exporting: file.path, transport: transport, options: options)
         defer { server.stop() }
-        let storage = try NBDStorage.open(uri: server.uri, readOnly: false, queueDepth: 8)
+        let storage = try NBDStorage.open(uri: server.params, readOnly: false, queueDepth: 8)
         defer { storage.close() }
         #expect(storage.geometry.sizeBytes == UInt64(4 * nbdMiB))
+        #expect(storage.features.canFlush == options.contains(.flush))
+        #expect(storage.features.canTrim == options.contains(.trim))
         let verifier = try NBDStorage.open(uri: server.uri, readOnly: true, queueDepth: 1)
         defer { verifier.close() }
         nbdExerciseRandomIO(storage, verifier: verifier, seed: 0xF00D, rounds: 2)
         #expect(nbdSingle(storage, .flush) == 0)
+        if options.contains(.trim) {
+            #expect(nbdSingle(storage, .discard, offset: 64 * 1024, length: 64 * 1024) == 0)
+        }
     }
 
     @Test func connectionRefused() throws {

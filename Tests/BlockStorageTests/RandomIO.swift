@@ -1,4 +1,5 @@
 import Glibc
+import NBDTestSupport
 import Testing
 @testable import BlockStorage
 
@@ -32,7 +33,7 @@ func exerciseRandomIO(_ storage: FileStorage, inspectPath: String, seed: UInt64,
         }
     }
     let onDisk = preadBytes(inspectPath, offset: 0, length: size)
-    #expect(onDisk.withUnsafeBytes(fnv1a) == model.withUnsafeBytes(fnv1a), "disk content after random writes")
+    #expect(onDisk.withUnsafeBytes(fnv1a64) == model.withUnsafeBytes(fnv1a64), "disk content after random writes")
 
     let ranges = randomDisjointRanges(count: batch, sectors: sectors, using: &generator)
     var keepAlive: [(Pages, SegmentList)] = []
@@ -48,7 +49,7 @@ func exerciseRandomIO(_ storage: FileStorage, inspectPath: String, seed: UInt64,
     for (index, range) in ranges.enumerated() {
         #expect(results[UInt64(index)] == Int64(range.count * 512))
         let expected = preadBytes(inspectPath, offset: range.start * 512, length: range.count * 512)
-        #expect(readSegments[index].bytes.withUnsafeBytes(fnv1a) == expected.withUnsafeBytes(fnv1a),
+        #expect(readSegments[index].bytes.withUnsafeBytes(fnv1a64) == expected.withUnsafeBytes(fnv1a64),
                 "read \(index): \(range.count) sectors at sector \(range.start)")
     }
 }

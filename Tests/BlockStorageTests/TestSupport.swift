@@ -13,12 +13,6 @@ struct XorShift: RandomNumberGenerator {
     }
 }
 
-func fnv1a(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
-    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-    for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-    return hash
-}
-
 /// A temporary file of `size` bytes (sparse, or filled with random bytes).
 final class TempFile {
     let path: String
