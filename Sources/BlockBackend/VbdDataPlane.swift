@@ -78,10 +78,19 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private var submissionCount = 0
     /// Operations at the front of `submissions` the storage could not take yet.
     private var backlogCount = 0
-    /// iovecs of merged operations (several requests, one storage operation).
+    /// iovecs of merged operations (several requests, one storage
+    /// operation): `maxIovecsPerMerge` for each slot, used while that slot
+    /// heads a merged operation. The storage owns an operation's iovecs
+    /// until its completion is reaped (BlockStorage's contract; NBDStorage
+    /// scatters a bounced read into them only then), so they must not be
+    /// reused before: one area shared by every merge and reset at the next
+    /// batch did exactly that, and on Xen (slow NBD reads of a sequential
+    /// stream, a new batch merging while the last was in flight) the
+    /// scatter followed another operation's iovecs, past its bounce buffer
+    /// (memcpy segfault) and into the wrong guest pages. A slot's area is
+    /// free again only when the slot is, after its completion.
     private let mergedIovecs: UnsafeMutablePointer<iovec>
-    private var mergedIovecCount = 0
-    static let maxIovecsPerOperation = 1024   // IOV_MAX
+    static let maxIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
 
     // Life cycle.
@@ -167,7 +176,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         copyOwners = .allocate(capacity: copyCapacity)
         copyOutSlots = .allocate(capacity: slotCount)
         submissions = .allocate(capacity: slotCount * 2)
-        mergedIovecs = .allocate(capacity: slotCount * Self.maxSegments)
+        mergedIovecs = .allocate(capacity: slotCount * Self.maxIovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
         stopFlag.initialize(to: 0)
 
@@ -444,7 +453,6 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// to the storage in one call.
     private func submitBatch() {
         runCopies()
-        if backlogCount == 0 { mergedIovecCount = 0 }
         var kept = backlogCount
         for i in backlogCount..<submissionCount {
             let op = submissions[i]
@@ -475,16 +483,15 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         guard op.kind == head.kind, op.kind == .read || op.kind == .write,
               slots[Int(op.tag)].phase == slots[Int(head.tag)].phase,
               head.offset + head.length == op.offset,
-              Int(head.iovecCount + op.iovecCount) <= Self.maxIovecsPerOperation else { return false }
+              Int(head.iovecCount + op.iovecCount) <= Self.maxIovecsPerMerge else { return false }
         var merged = head
-        if head.iovecs! < mergedIovecs || head.iovecs! >= mergedIovecs + slotCount * Self.maxSegments {
-            // First merge into this operation: move its iovecs to the merge area.
-            merged.iovecs = mergedIovecs + mergedIovecCount
-            merged.iovecs!.update(from: head.iovecs!, count: Int(head.iovecCount))
-            mergedIovecCount += Int(head.iovecCount)
+        let area = mergedIovecs + Int(head.tag) * Self.maxIovecsPerMerge
+        if head.iovecs! != area {
+            // First merge into this operation: move its iovecs to its head slot's merge area.
+            area.update(from: head.iovecs!, count: Int(head.iovecCount))
+            merged.iovecs = area
         }
-        (merged.iovecs! + Int(merged.iovecCount)).update(from: op.iovecs!, count: Int(op.iovecCount))
-        mergedIovecCount += Int(op.iovecCount)
+        (area + Int(merged.iovecCount)).update(from: op.iovecs!, count: Int(op.iovecCount))
         merged.iovecCount += op.iovecCount
         merged.length += op.length
         submissions[index] = merged
