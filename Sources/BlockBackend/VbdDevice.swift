@@ -119,17 +119,7 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
     }
 
     private func readToolstackKeys() throws {
-        guard let fe = try store.read(backendPath + "/frontend"), !fe.isEmpty else {
-            throw DeviceFailure("missing frontend key")
-        }
-        let expectedPrefix = XenbusPaths.domainPath(address.frontendDomain) + "/device/"
-        guard fe.hasPrefix(expectedPrefix), !fe.contains("..") else {
-            throw DeviceFailure("frontend path \(fe) is not under \(expectedPrefix)")
-        }
-        if let fid = try store.read(backendPath + "/frontend-id"), DomID(fid) != address.frontendDomain {
-            throw DeviceFailure("frontend-id \(fid) does not match the device path")
-        }
-        frontendPath = fe
+        frontendPath = try store.readFrontendPath(backendPath: backendPath, address: address)
         guard let p = try store.read(backendPath + "/params"), !p.isEmpty else {
             throw DeviceFailure("missing params key")
         }
@@ -351,17 +341,6 @@ final class VbdDevice: @unchecked Sendable {   // confined to the control loop t
         let token = try loop.watch(path, handler: handler)
         watches.append((path, token))
     }
-}
-
-/// Lets a data-plane thread name its device in a task for the control loop.
-final class WeakDevice: @unchecked Sendable {   // only dereferenced on the control loop thread
-    weak var value: VbdDevice?
-    init(_ d: VbdDevice) { value = d }
-}
-
-struct DeviceFailure: Error {
-    let message: String
-    init(_ message: String) { self.message = message }
 }
 
 extension VbdStatistics {

@@ -105,17 +105,7 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
     }
 
     private func readToolstackKeys() throws {
-        guard let fe = try store.read(backendPath + "/frontend"), !fe.isEmpty else {
-            throw DeviceFailure("missing frontend key")
-        }
-        let expectedPrefix = XenbusPaths.domainPath(address.frontendDomain) + "/device/"
-        guard fe.hasPrefix(expectedPrefix), !fe.contains("..") else {
-            throw DeviceFailure("frontend path \(fe) is not under \(expectedPrefix)")
-        }
-        if let fid = try store.read(backendPath + "/frontend-id"), DomID(fid) != address.frontendDomain {
-            throw DeviceFailure("frontend-id \(fid) does not match the device path")
-        }
-        frontendPath = fe
+        frontendPath = try store.readFrontendPath(backendPath: backendPath, address: address)
         if let name = try store.read(backendPath + "/vifname"), !name.isEmpty {
             interfaceName = name
         } else {
@@ -223,7 +213,7 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
             } catch {
                 throw DeviceFailure("cannot set up \(interfaceName)'s queues: \(error)")
             }
-            let device = WeakVif(self)
+            let device = WeakDevice(self)
             for (i, config) in configs.enumerated() {
                 let plane: NetDataPlane
                 do {
@@ -360,14 +350,4 @@ final class VifDevice: @unchecked Sendable {   // confined to the control loop t
         let token = try loop.watch(path, handler: handler)
         watches.append((path, token))
     }
-}
-
-final class WeakVif: @unchecked Sendable {   // only dereferenced on the control loop thread
-    weak var value: VifDevice?
-    init(_ d: VifDevice) { value = d }
-}
-
-struct DeviceFailure: Error {
-    let message: String
-    init(_ message: String) { self.message = message }
 }
