@@ -22,51 +22,27 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
     public static let deviceType = "vbd"
     private let platform: any HypervisorPlatform
     private let loop: XenbusControlLoop
-    private let openStorage: StorageOpener
-    private let options: BlockBackendOptions
-    private let logger: Logger
-    private var devices: [BackendDeviceAddress: VbdDevice] = [:]
-    private var watcher: BackendDeviceWatcher?
+    private let devices: BackendDeviceTable<VbdDevice>
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener,
                 options: BlockBackendOptions = .init(), logger: Logger) {
         self.platform = platform
-        self.options = options
         self.loop = loop
-        self.openStorage = openStorage
-        self.logger = logger
+        devices = BackendDeviceTable(logger: logger) { [platform, loop, openStorage, options, logger] address in
+            VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
+                      options: options, logger: logger)
+        }
     }
 
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
     public func start() throws(XenStoreError) {
-        let w = BackendDeviceWatcher(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
-                                     appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
-        watcher = w
-        try w.start()
+        try devices.start(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType)
     }
 
     /// Answers every request in flight on every ring and stops the data
     /// planes, leaving xenstore as it is (a restarted daemon resumes).
-    public func quiesce() {
-        for d in devices.values { d.quiesce() }
-    }
+    public func quiesce() { devices.quiesceAll() }
 
-    public var status: [VbdStatus] {
-        devices.values.map(\.status).sorted { ($0.address.frontendDomain, $0.address.devid) < ($1.address.frontendDomain, $1.address.devid) }
-    }
-
-    private func add(_ address: BackendDeviceAddress) {
-        let device = VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
-                               options: options, logger: logger)
-        devices[address] = device
-        logger.info("device appeared", metadata: ["device": "\(address)"])
-        device.probe()
-    }
-
-    private func remove(_ address: BackendDeviceAddress) {
-        guard let device = devices.removeValue(forKey: address) else { return }
-        logger.info("device removed", metadata: ["device": "\(address)"])
-        device.teardown()
-    }
+    public var status: [VbdStatus] { devices.all.map(\.status) }
 }

@@ -25,7 +25,7 @@ public struct VbdStatus: Sendable {
 /// The control plane of one vbd: the backend half of the xenbus handshake
 /// (xen/io/blkif.h's state diagram) and the owner of the disk and the data
 /// plane. Lives on the control loop's thread only.
-final class VbdDevice: @unchecked Sendable {   // confined to the control loop thread; only posted back to it
+final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the control loop thread; only posted back to it
     static let queueDepth = SharedRingLayout.slots(pages: 1 << SharedRingLayout.maxPageOrder, entrySize: Blkif.slotSize)
 
     let address: BackendDeviceAddress

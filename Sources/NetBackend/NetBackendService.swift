@@ -24,51 +24,26 @@ public final class NetBackendService: @unchecked Sendable {   // confined to the
     public static let deviceType = "vif"
     private let platform: any HypervisorPlatform
     private let loop: XenbusControlLoop
-    private let options: NetBackendOptions
-    private let logger: Logger
-    private var devices: [BackendDeviceAddress: VifDevice] = [:]
-    private var watcher: BackendDeviceWatcher?
+    private let devices: BackendDeviceTable<VifDevice>
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, options: NetBackendOptions = .init(),
                 logger: Logger) {
         self.platform = platform
         self.loop = loop
-        self.options = options
-        self.logger = logger
+        devices = BackendDeviceTable(logger: logger) { [platform, loop, options, logger] address in
+            VifDevice(address: address, platform: platform, loop: loop, options: options, logger: logger)
+        }
     }
 
     public func start() throws(XenStoreError) {
-        let w = BackendDeviceWatcher(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
-                                     appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
-        watcher = w
-        try w.start()
+        try devices.start(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType)
     }
 
     /// Stops every data plane, leaving xenstore as it is.
-    public func quiesce() {
-        for d in devices.values { d.quiesce() }
-    }
+    public func quiesce() { devices.quiesceAll() }
 
     /// Stops everything and removes every interface (daemon exit).
-    public func shutdown() {
-        for d in devices.values { d.teardown() }
-        devices.removeAll()
-    }
+    public func shutdown() { devices.teardownAll() }
 
-    public var status: [VifStatus] {
-        devices.values.map(\.status).sorted { ($0.address.frontendDomain, $0.address.devid) < ($1.address.frontendDomain, $1.address.devid) }
-    }
-
-    private func add(_ address: BackendDeviceAddress) {
-        let device = VifDevice(address: address, platform: platform, loop: loop, options: options, logger: logger)
-        devices[address] = device
-        logger.info("device appeared", metadata: ["device": "\(address)"])
-        device.probe()
-    }
-
-    private func remove(_ address: BackendDeviceAddress) {
-        guard let device = devices.removeValue(forKey: address) else { return }
-        logger.info("device removed", metadata: ["device": "\(address)"])
-        device.teardown()
-    }
+    public var status: [VifStatus] { devices.all.map(\.status) }
 }

@@ -21,7 +21,7 @@ public struct VifStatus: Sendable {
 /// The control plane of one vif: the backend half of the xenbus handshake
 /// (xen/io/netif.h), the TAP it serves, and the data plane. Lives on the
 /// control loop's thread only.
-final class VifDevice: @unchecked Sendable {   // confined to the control loop thread; only posted back to it
+final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the control loop thread; only posted back to it
     /// Xen's scripts give every vif this address: the largest unicast
     /// one, so a bridge never adopts it as its own (the guest's MAC is the
     /// frontend's, in the `mac` key).

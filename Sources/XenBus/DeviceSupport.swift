@@ -1,4 +1,5 @@
 import Hypervisor
+import Logging
 
 /// Why a backend device cannot work: the message goes to the log and to the
 /// device's `error` node, and the device is closed.
@@ -31,5 +32,65 @@ public extension XenStore {
             throw DeviceFailure("frontend-id \(fid) does not match the device path")
         }
         return fe
+    }
+}
+
+/// What a backend service runs for each device it finds.
+public protocol BackendDevice: AnyObject {
+    var address: BackendDeviceAddress { get }
+    /// The device appeared: read the toolstack's keys, offer the device.
+    func probe()
+    /// The device's directory is gone (or the service ends): free everything.
+    func teardown()
+    /// The daemon stops: stop serving, leave xenstore as it is.
+    func quiesce()
+}
+
+/// The devices of one backend type: created and probed as the toolstack
+/// adds them, torn down as it removes them (a `BackendDeviceWatcher`).
+/// Confined to the control loop's thread, like the devices.
+public final class BackendDeviceTable<Device: BackendDevice>: @unchecked Sendable {   // confined to the control loop thread
+    private let make: (BackendDeviceAddress) -> Device
+    private let logger: Logger
+    private var devices: [BackendDeviceAddress: Device] = [:]
+    private var watcher: BackendDeviceWatcher?
+
+    public init(logger: Logger, make: @escaping (BackendDeviceAddress) -> Device) {
+        self.logger = logger
+        self.make = make
+    }
+
+    /// Starts watching; the watch's initial firing finds devices that
+    /// already exist. Call on the control loop thread or before it runs.
+    public func start(loop: XenbusControlLoop, backendDomain: DomID, type: String) throws(XenStoreError) {
+        let w = BackendDeviceWatcher(loop: loop, backendDomain: backendDomain, type: type,
+                                     appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
+        watcher = w
+        try w.start()
+    }
+
+    /// Every device, in (domain, devid) order.
+    public var all: [Device] {
+        devices.values.sorted { ($0.address.frontendDomain, $0.address.devid) < ($1.address.frontendDomain, $1.address.devid) }
+    }
+
+    public func quiesceAll() { for d in devices.values { d.quiesce() } }
+
+    public func teardownAll() {
+        for d in devices.values { d.teardown() }
+        devices.removeAll()
+    }
+
+    private func add(_ address: BackendDeviceAddress) {
+        let device = make(address)
+        devices[address] = device
+        logger.info("device appeared", metadata: ["device": "\(address)"])
+        device.probe()
+    }
+
+    private func remove(_ address: BackendDeviceAddress) {
+        guard let device = devices.removeValue(forKey: address) else { return }
+        logger.info("device removed", metadata: ["device": "\(address)"])
+        device.teardown()
     }
 }
