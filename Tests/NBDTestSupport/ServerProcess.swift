@@ -86,7 +86,6 @@ enum ServerProcess {
     static func killGroup(_ group: pid_t) {
         var status: Int32 = 0
         for _ in 0..<600 {
-            kill(-group, SIGKILL)   // again each turn: a child forked meanwhile
             var childrenLeft = true
             while true {
                 let rc = waitpid(-group, &status, WNOHANG)
@@ -95,7 +94,12 @@ enum ServerProcess {
                 childrenLeft = rc == 0   // 0: some still running; ECHILD: none of ours left
                 break
             }
+            // Look before signalling: once the group is empty its number
+            // may be reused (pid_max is 32768 here and the suite spawns
+            // thousands of processes), and a kill(-group) then would hit
+            // another test's new server, whose group has that number.
             if !childrenLeft && !groupHasLiveMembers(group) { return }
+            kill(-group, SIGKILL)   // again each turn: a child forked meanwhile
             usleep(5_000)
         }
     }
