@@ -112,6 +112,29 @@ import Testing
         }
     }
 
+    /// `xl migrate` to this host (or a restore overlapping the saved domain)
+    /// runs two domains of one VM at once: they share its writable disk, as
+    /// Xen's `same_vm` rule allows; another VM still may not.
+    @Test func twoDomainsOfOneVMMayShareAWritableDisk() throws {
+        try withFixture { f in
+            let disk = try makeFile(f.directory + "/d.img", size: 4096)
+            try f.addVbd(domid: 1, params: disk)
+            try f.store.write("/local/domain/1/vm", "/vm/6a1c1c5e-0000-4000-8000-000000000001")
+            #expect(try f.runBlockScript("add", domid: 1).status == 0)
+            try f.addVbd(domid: 2, params: disk)
+            try f.store.write("/local/domain/2/vm", "/vm/6a1c1c5e-0000-4000-8000-000000000001")
+            let incoming = try f.runBlockScript("add", domid: 2)
+            #expect(incoming.status == 0, "\(incoming)\n\(f.log)")
+            #expect(f.log.contains("sharing with domain 1 allowed: the same VM (/vm/6a1c1c5e-0000-4000-8000-000000000001)"))
+            try f.addVbd(domid: 3, params: disk)
+            try f.store.write("/local/domain/3/vm", "/vm/6a1c1c5e-0000-4000-8000-000000000003")
+            #expect(try f.runBlockScript("add", domid: 3).status == 1)
+            // Domain 1 or 2, whichever the script looks at first.
+            let error = try f.hotplugKeys(domid: 3)["hotplug-error"] ?? ""
+            #expect(error.hasPrefix("disk \(disk) is already in use writable by domain "), "\(error)")
+        }
+    }
+
     /// Only a backend whose script succeeded owns its disk; one left by a
     /// guest that is gone does not count either.
     @Test func unconnectedOrStaleBackendsDoNotBlock() throws {
