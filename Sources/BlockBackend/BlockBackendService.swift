@@ -9,9 +9,24 @@ public struct BlockBackendOptions: Sendable {
     public var pollMicroseconds: Int
     /// Offer feature-persistent (keep a frontend's reused pages mapped).
     public var persistentGrants: Bool
-    public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true) {
+    /// Offer BLKIF_OP_INDIRECT with up to this many segments per request
+    /// (feature-max-indirect-segments; 0: not offered, the key is not
+    /// written). At most `VbdDataPlane.indirectSegmentsLimit`.
+    public var maxIndirectSegments: Int
+    /// 128 segments: a 512 KiB request, so a 1 MiB I/O is two requests
+    /// instead of 24 of 11 pages (one ring slot, one response and one
+    /// notification for each) and merges into one preadv/pwritev of up to
+    /// 256 iovecs. A ring's indirect areas then take 32 × 512 KiB of bounce
+    /// pages (address space; touched only by grant copies). Linux blkfront
+    /// uses min(this, its max_indirect_segments, 32 by default).
+    public static let defaultMaxIndirectSegments = 128
+    public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true,
+                maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments) {
+        precondition((0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments),
+                     "max indirect segments \(maxIndirectSegments) is outside 0...\(VbdDataPlane.indirectSegmentsLimit)")
         self.pollMicroseconds = pollMicroseconds
         self.persistentGrants = persistentGrants
+        self.maxIndirectSegments = maxIndirectSegments
     }
 }
 

@@ -15,9 +15,15 @@ public struct ValidatedRequest {
     public var kind: Kind
     public var sector: UInt64
     public var segmentCount: Int
+    /// The segments of a direct request (an indirect one's are in its pages).
     public var segments: InlineArray<11, BlkifSegment>
-    /// Total bytes moved by the segments.
+    /// Total bytes moved by the segments (0 for an indirect request until
+    /// its pages have been read and `validateIndirectSegments` has counted).
     public var byteCount: Int
+    /// BLKIF_OP_INDIRECT: the pages holding the segment descriptors
+    /// (`indirectPageCount` of them; 0 for a direct request).
+    public var indirectPageCount = 0
+    public var indirectPages = InlineArray<8, UInt32>(repeating: 0)
 }
 
 /// Why a request is refused, and the status it is answered with.
@@ -28,6 +34,8 @@ public enum RequestRejection: Error, Equatable, Sendable {
     case readOnlyDisk
     case unsupportedOperation
     case unsupportedSecureDiscard
+    /// An indirect request whose indirect_op is not READ or WRITE.
+    case badIndirectOperation(UInt8)
 
     public var status: Int16 {
         switch self {
@@ -45,9 +53,14 @@ public struct DiskLimits: Sendable {
     public var barrier: Bool
     public var discard: Bool
     public var secureDiscard: Bool
-    public init(sectors: UInt64, readOnly: Bool, flush: Bool, barrier: Bool, discard: Bool, secureDiscard: Bool = false) {
+    /// feature-max-indirect-segments: the most segments of a
+    /// BLKIF_OP_INDIRECT request (0: not offered, the operation is unknown).
+    public var maxIndirectSegments: Int
+    public init(sectors: UInt64, readOnly: Bool, flush: Bool, barrier: Bool, discard: Bool, secureDiscard: Bool = false,
+                maxIndirectSegments: Int = 0) {
         self.sectors = sectors; self.readOnly = readOnly; self.flush = flush
         self.barrier = barrier; self.discard = discard; self.secureDiscard = secureDiscard
+        self.maxIndirectSegments = maxIndirectSegments
     }
 }
 
@@ -61,9 +74,67 @@ public func validateBlkifRequest(_ slot: UnsafeRawPointer, limits: DiskLimits) -
         return validateSegmented(BlkifRequest(decoding: slot), limits: limits)
     case BlkifOperation.discard:
         return validateDiscard(BlkifDiscardRequest(decoding: slot), limits: limits)
+    case BlkifOperation.indirect where limits.maxIndirectSegments > 0:
+        return validateIndirect(BlkifIndirectRequest(decoding: slot), limits: limits)
     default:
         return .failure(.unsupportedOperation)
     }
+}
+
+/// The operation a response to this slot carries: the request's own, but
+/// an indirect request's indirect_op (Linux blkback answers so, and Linux
+/// blkfront checks that a response's operation is the one it sent inside).
+@inline(__always)
+public func responseOperation(_ slot: UnsafeRawPointer, limits: DiskLimits) -> UInt8 {
+    let operation: UInt8 = slot.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
+    guard operation == BlkifOperation.indirect && limits.maxIndirectSegments > 0 else { return operation }
+    return slot.load(fromByteOffset: BlkifIndirectRequest.Offset.indirectOp, as: UInt8.self)
+}
+
+/// The header of a BLKIF_OP_INDIRECT request: what can be checked before
+/// its pages are read. Sectors are counted, and checked against the disk,
+/// by `validateIndirectSegments` on the private copy of the pages.
+@inline(__always)
+func validateIndirect(_ r: BlkifIndirectRequest, limits: DiskLimits) -> Result<ValidatedRequest, RequestRejection> {
+    let kind: ValidatedRequest.Kind
+    switch r.indirectOp {
+    case BlkifOperation.read: kind = .read
+    case BlkifOperation.write: kind = .write
+    default: return .failure(.badIndirectOperation(r.indirectOp))
+    }
+    if kind == .write && limits.readOnly { return .failure(.readOnlyDisk) }
+    let count = Int(r.nrSegments)
+    // Checked before the page count is derived from it: at most 8 pages are named.
+    guard count >= 1, count <= limits.maxIndirectSegments else { return .failure(.badSegmentCount(count)) }
+    guard r.sectorNumber < limits.sectors else { return .failure(.beyondEndOfDisk) }
+    var v = ValidatedRequest(id: r.id, operation: r.indirectOp, kind: kind, sector: r.sectorNumber,
+                             segmentCount: count,
+                             segments: .init(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0)),
+                             byteCount: 0)
+    v.indirectPageCount = Blkif.indirectPages(segments: count)
+    v.indirectPages = r.indirectGrefs
+    return .success(v)
+}
+
+/// The segments of an indirect request, from a private copy of its pages
+/// (`descriptors`: `count` wire-format blkif_request_segment, read from
+/// the guest once): each checked as a direct request's, decoded into
+/// `segments`, and the whole range checked against the disk. Returns the
+/// request's byte count. Pure, like `validateBlkifRequest`.
+@inline(__always)
+public func validateIndirectSegments(_ descriptors: UnsafeRawPointer, count: Int, sector: UInt64, limits: DiskLimits,
+                                     into segments: UnsafeMutablePointer<BlkifSegment>) -> Result<Int, RequestRejection> {
+    var sectors: UInt64 = 0
+    for i in 0..<count {
+        let s = BlkifSegment(decoding: descriptors + i * BlkifSegment.size)
+        guard s.firstSect <= s.lastSect, s.lastSect < UInt8(Blkif.sectorsPerPage) else {
+            return .failure(.badSegment(index: i))
+        }
+        sectors += UInt64(s.lastSect - s.firstSect) + 1
+        segments[i] = s
+    }
+    guard sector <= limits.sectors, sectors <= limits.sectors - sector else { return .failure(.beyondEndOfDisk) }
+    return .success(Int(sectors) * Blkif.sectorSize)
 }
 
 @inline(__always)

@@ -54,11 +54,18 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let wakeup: Wakeup
     private let onFatal: @Sendable (String) -> Void
 
-    // Per-request state: one slot per ring entry, with its bounce pages.
+    // Per-request state: one slot per ring entry. A request's segments
+    // occupy consecutive "places" (11 of a slot for a direct request, the N
+    // of an indirect area for an indirect one); place p has bounce page p,
+    // iovec p, private segment p and bounced flag p.
     private let slotCount: Int
     private let slots: UnsafeMutablePointer<RequestSlot>
+    private let placeCount: Int
     private let pages: UnsafeMutableRawPointer
     private let iovecs: UnsafeMutablePointer<iovec>
+    private let segments: UnsafeMutablePointer<BlkifSegment>
+    /// Place p goes through its bounce page and a grant copy (not a persistent mapping).
+    private let bounced: UnsafeMutablePointer<Bool>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeSlotCount: Int
     private var inFlight: InFlightIDs
@@ -66,6 +73,22 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private var outstanding = 0
     private var barrierSlot: Int32 = -1
     private var barrierStarted = false
+
+    // Indirect requests (feature-max-indirect-segments): a pool of areas,
+    // each with `indirectSegments` places and a private copy of the
+    // descriptor pages. Fewer areas than slots on a large ring: a bounce
+    // page per possible segment of every slot would be 256 MiB for 512
+    // slots of 128 segments. While no area is free, no request is taken
+    // (backpressure, as Linux blkback does when its pending requests run out).
+    private let indirectSegments: Int
+    private let areaCount: Int
+    private let descriptorPagesPerArea: Int
+    private let descriptors: UnsafeMutableRawPointer
+    private let freeAreas: UnsafeMutablePointer<Int32>
+    private var freeAreaCount: Int
+    /// Indirect requests of this pass whose descriptors are being read.
+    private let pendingIndirect: UnsafeMutablePointer<Int32>
+    private var pendingIndirectCount = 0
 
     // Batches built during one pass.
     private let copies: UnsafeMutableBufferPointer<GrantCopyOperation>
@@ -79,7 +102,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// Operations at the front of `submissions` the storage could not take yet.
     private var backlogCount = 0
     /// iovecs of merged operations (several requests, one storage
-    /// operation): `maxIovecsPerMerge` for each slot, used while that slot
+    /// operation): `iovecsPerMerge` for each slot, used while that slot
     /// heads a merged operation. The storage owns an operation's iovecs
     /// until its completion is reaped (BlockStorage's contract; NBDStorage
     /// scatters a bounced read into them only then), so they must not be
@@ -90,7 +113,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// (memcpy segfault) and into the wrong guest pages. A slot's area is
     /// free again only when the slot is, after its completion.
     private let mergedIovecs: UnsafeMutablePointer<iovec>
-    static let maxIovecsPerMerge = 128
+    /// iovecs of a slot's merge area: room for two requests of the largest
+    /// kind, so indirect requests merge too (at most 512, below IOV_MAX).
+    private let iovecsPerMerge: Int
+    static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
 
     // Life cycle.
@@ -112,6 +138,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let writeBytesCounter: Counter
 
     static let maxSegments = Blkif.maxSegmentsPerRequest
+    /// The most segments an indirect request may have here (Linux blkback's
+    /// MAX_INDIRECT_SEGMENTS): one request's iovecs stay well below IOV_MAX
+    /// (1024) even when two merge, and one descriptor page holds them all.
+    public static let indirectSegmentsLimit = 256
+    /// Bounce pages of the indirect areas of one ring (16 MiB): the areas
+    /// are as many as the ring's slots or as this allows, at least one.
+    static let indirectBouncePages = 4096
     private enum Token: UInt64 { case eventChannel = 1, storage = 2, wakeup = 3 }
 
     /// Maps the ring, binds the event channel and allocates every buffer the
@@ -156,27 +189,41 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         ring = BackRing(attachingTo: mapping.address, pages: pageCount, entrySize: Blkif.slotSize)
         slotCount = Int(ring.size)
+        precondition((0...Self.indirectSegmentsLimit).contains(c.limits.maxIndirectSegments),
+                     "max indirect segments \(c.limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
+        indirectSegments = c.limits.maxIndirectSegments
+        areaCount = indirectSegments == 0 ? 0 : min(slotCount, max(1, Self.indirectBouncePages / indirectSegments))
+        descriptorPagesPerArea = Blkif.indirectPages(segments: indirectSegments)
+        placeCount = slotCount * Self.maxSegments + areaCount * indirectSegments
 
         slots = .allocate(capacity: slotCount)
         slots.initialize(repeating: RequestSlot(), count: slotCount)
-        var raw: UnsafeMutableRawPointer?
-        let bytes = slotCount * Self.maxSegments * XenPage.size
-        precondition(posix_memalign(&raw, XenPage.size, bytes) == 0, "out of memory for \(bytes) bytes of bounce pages")
-        pages = raw!
-        iovecs = .allocate(capacity: slotCount * Self.maxSegments)
-        iovecs.initialize(repeating: iovec(), count: slotCount * Self.maxSegments)
+        pages = Self.allocatePages(placeCount, what: "bounce pages")
+        iovecs = .allocate(capacity: placeCount)
+        iovecs.initialize(repeating: iovec(), count: placeCount)
+        segments = .allocate(capacity: placeCount)
+        segments.initialize(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0), count: placeCount)
+        bounced = .allocate(capacity: placeCount)
+        bounced.initialize(repeating: false, count: placeCount)
         freeSlots = .allocate(capacity: slotCount)
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount
+        descriptors = Self.allocatePages(max(1, areaCount * descriptorPagesPerArea), what: "indirect descriptor pages")
+        freeAreas = .allocate(capacity: max(1, areaCount))
+        for i in 0..<areaCount { freeAreas[i] = Int32(areaCount - 1 - i) }
+        freeAreaCount = areaCount
+        pendingIndirect = .allocate(capacity: max(1, areaCount))
         inFlight = InFlightIDs(capacity: slotCount)
-        // As many pages as the ring can have in flight: what a frontend reuses.
-        persistent = PersistentGrants(capacity: c.persistentGrants ? slotCount * Self.maxSegments : 0)
-        let copyCapacity = slotCount * Self.maxSegments
-        copies = .allocate(capacity: copyCapacity)
-        copyOwners = .allocate(capacity: copyCapacity)
+        // As many pages as the ring can have in flight (data and descriptor
+        // pages): what a frontend reuses.
+        let pagesInFlight = placeCount + areaCount * descriptorPagesPerArea
+        persistent = PersistentGrants(capacity: c.persistentGrants ? pagesInFlight : 0)
+        copies = .allocate(capacity: pagesInFlight)
+        copyOwners = .allocate(capacity: pagesInFlight)
         copyOutSlots = .allocate(capacity: slotCount)
         submissions = .allocate(capacity: slotCount * 2)
-        mergedIovecs = .allocate(capacity: slotCount * Self.maxIovecsPerMerge)
+        iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
+        mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
         stopFlag.initialize(to: 0)
 
@@ -193,11 +240,25 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         writeBytesCounter = Counter(label: "xenbackd_vbd_written_bytes_total", dimensions: dims)
     }
 
+    /// Page-aligned memory (grant copy targets, O_DIRECT buffers); pages
+    /// never touched cost address space only.
+    private static func allocatePages(_ count: Int, what: String) -> UnsafeMutableRawPointer {
+        var raw: UnsafeMutableRawPointer?
+        let bytes = count * XenPage.size
+        precondition(posix_memalign(&raw, XenPage.size, bytes) == 0, "out of memory for \(bytes) bytes of \(what)")
+        return raw!
+    }
+
     deinit {
         if thread == nil { releaseResources() }
         slots.deallocate()
         free(pages)
         iovecs.deallocate()
+        segments.deallocate()
+        bounced.deallocate()
+        free(descriptors)
+        freeAreas.deallocate()
+        pendingIndirect.deallocate()
         freeSlots.deallocate()
         copies.deallocate()
         copyOwners.deallocate()
@@ -209,6 +270,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     }
 
     public var ringSlots: Int { slotCount }
+    /// Indirect requests that may be in flight at once (0: not offered).
+    public var indirectAreas: Int { areaCount }
     public var ringPages: Int { mapping.pageCount }
     public var statistics: VbdStatistics { statsBox.read() }
 
@@ -297,7 +360,9 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             // Counters first, so a frontend that sees a response sees it counted.
             publishStatistics(force: false)
             if ring.pushResponses() { notifyFrontend() }
-            if stopping || broken || barrierSlot >= 0 { return }
+            // Taking stopped for a barrier or for want of an indirect area:
+            // a completion wakes us to go on.
+            if stopping || broken || barrierSlot >= 0 || areasExhausted { return }
             do throws(RingOverflow) {
                 if try ring.unconsumedRequests() > 0 { continue }
                 if pollNanoseconds > 0, try pollForWork() { continue }
@@ -335,6 +400,11 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
 
     // MARK: taking requests
 
+    /// Every indirect area holds a request: the next request, which may be
+    /// indirect, waits on the ring.
+    @inline(__always)
+    private var areasExhausted: Bool { areaCount > 0 && freeAreaCount == 0 }
+
     private func takeRequests() {
         let available: UInt32
         do { available = try ring.unconsumedRequests() } catch {
@@ -342,19 +412,20 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             return
         }
         var taken: UInt32 = 0
-        while taken < available && barrierSlot < 0 {
+        while taken < available && barrierSlot < 0 && !areasExhausted {
             ring.takeRequest(into: scratch)
             taken += 1
             stats.requests &+= 1
             switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
             case .failure(let rejection):
                 let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
-                let op = scratch.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
-                respond(id: id, operation: op, status: rejection.status)
+                respond(id: id, operation: responseOperation(UnsafeRawPointer(scratch), limits: limits),
+                        status: rejection.status)
             case .success(let request):
                 accept(request)
             }
         }
+        if pendingIndirectCount > 0 { startIndirectRequests() }
     }
 
     private func accept(_ r: ValidatedRequest) {
@@ -367,6 +438,20 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         let s = Int(freeSlots[freeSlotCount])
         outstanding += 1
         slots[s] = RequestSlot(request: r)
+        if r.indirectPageCount > 0 {
+            // takeRequests took this request only because an area was free.
+            freeAreaCount -= 1
+            let a = Int(freeAreas[freeAreaCount])
+            slots[s].area = Int32(a)
+            slots[s].base = Int32(slotCount * Self.maxSegments + a * indirectSegments)
+            readDescriptors(r, slot: s, area: a)
+            pendingIndirect[pendingIndirectCount] = Int32(s)
+            pendingIndirectCount += 1
+            return
+        }
+        let base = s * Self.maxSegments
+        slots[s].base = Int32(base)
+        for i in 0..<r.segmentCount { segments[base + i] = r.segments[i] }
         switch r.kind {
         case .read:
             queueStorage(slot: s, kind: .read)
@@ -385,25 +470,75 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
     }
 
+    /// Brings an indirect request's segment descriptors (the first
+    /// nr_segments of them) into its area's private pages, which alone are
+    /// checked and used from then on: copied from a persistently mapped page
+    /// (Linux blkfront reuses its indirect pages' grants too), else by a
+    /// grant copy that runs in `startIndirectRequests`.
+    private func readDescriptors(_ r: ValidatedRequest, slot s: Int, area a: Int) {
+        var left = r.segmentCount * BlkifSegment.size
+        for p in 0..<r.indirectPageCount {
+            let bytes = min(left, XenPage.size)
+            left -= bytes
+            let local = descriptors + (a * descriptorPagesPerArea + p) * XenPage.size
+            let ref = r.indirectPages[p]
+            if usePersistentGrants, let page = persistent.page(ref, domain: frontendDomain, grants: grants) {
+                xb_copy_from_shared(local, page, bytes)
+            } else {
+                copies[copyCount] = GrantCopyOperation(direction: .fromGuest, domain: frontendDomain, ref: ref,
+                                                       guestOffset: 0, length: UInt16(bytes), local: local)
+                copyOwners[copyCount] = Int32(s)
+                copyCount += 1
+            }
+        }
+    }
+
+    /// The indirect requests taken in this pass, once their descriptors are
+    /// private: a descriptor page that could not be copied, a bad segment or
+    /// a range past the end of the disk answers BLKIF_RSP_ERROR; the rest
+    /// go on as direct requests do. The grant copies run now, with the
+    /// pass's write copies queued so far.
+    private func startIndirectRequests() {
+        runCopies()
+        for k in 0..<pendingIndirectCount {
+            let s = Int(pendingIndirect[k])
+            guard !slots[s].copyFailed else {
+                finish(slot: s, status: BlkifStatus.error)
+                continue
+            }
+            let area = descriptors + Int(slots[s].area) * descriptorPagesPerArea * XenPage.size
+            switch validateIndirectSegments(area, count: slots[s].segmentCount, sector: slots[s].sector, limits: limits,
+                                            into: segments + Int(slots[s].base)) {
+            case .failure:
+                finish(slot: s, status: BlkifStatus.error)
+            case .success(let bytes):
+                slots[s].byteCount = bytes
+                queueStorage(slot: s, kind: slots[s].phase == .read ? .read : .write)
+            }
+        }
+        pendingIndirectCount = 0
+    }
+
     /// Builds the iovecs of a slot. Segment i is the guest's page itself when
-    /// it is persistently mapped, else bounce page i (filled by a grant copy
-    /// for a write, copied back after a read), at the segment's sector
-    /// offset; adjacent ranges merge into one iovec.
+    /// it is persistently mapped, else the bounce page of its place (filled
+    /// by a grant copy for a write, copied back after a read), at the
+    /// segment's sector offset; adjacent ranges merge into one iovec.
     private func queueStorage(slot s: Int, kind: StorageOperationKind) {
         let slot = slots[s]
         var op = StorageOperation(tag: UInt64(s), kind: kind, offset: slot.sector * UInt64(Blkif.sectorSize),
                                   length: UInt64(slot.byteCount))
         if kind == .read || kind == .write {
-            let base = s * Self.maxSegments
+            let base = Int(slot.base)
             var n = 0
-            var copied: UInt16 = 0
+            var anyBounced = false
             for i in 0..<slot.segmentCount {
-                let seg = slot.segments[i]
+                let seg = segments[base + i]
                 var page = usePersistentGrants ? persistent.page(seg.gref, domain: frontendDomain, grants: grants) : nil
+                bounced[base + i] = page == nil
                 if page == nil {
-                    page = bouncePage(s, i)
-                    copied |= 1 << i
-                    if kind == .write { queueCopy(slot: s, segment: i, direction: .fromGuest) }
+                    page = bouncePage(base + i)
+                    anyBounced = true
+                    if kind == .write { queueCopy(place: base + i, owner: s, direction: .fromGuest) }
                 }
                 let start = page! + Int(seg.firstSect) * Blkif.sectorSize
                 let length = Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize
@@ -416,24 +551,24 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             }
             op.iovecs = iovecs + base
             op.iovecCount = Int32(n)
-            slots[s].copiedSegments = copied
+            slots[s].anyBounced = anyBounced
         }
         submissions[submissionCount] = op
         submissionCount += 1
     }
 
     @inline(__always)
-    private func bouncePage(_ slot: Int, _ segment: Int) -> UnsafeMutableRawPointer {
-        pages + (slot * Self.maxSegments + segment) * XenPage.size
+    private func bouncePage(_ place: Int) -> UnsafeMutableRawPointer {
+        pages + place * XenPage.size
     }
 
-    private func queueCopy(slot s: Int, segment i: Int, direction: GrantCopyOperation.Direction) {
-        let seg = slots[s].segments[i]
+    private func queueCopy(place p: Int, owner s: Int, direction: GrantCopyOperation.Direction) {
+        let seg = segments[p]
         let offset = Int(seg.firstSect) * Blkif.sectorSize
         copies[copyCount] = GrantCopyOperation(
             direction: direction, domain: frontendDomain, ref: seg.gref, guestOffset: UInt16(offset),
             length: UInt16(Int(seg.lastSect - seg.firstSect + 1) * Blkif.sectorSize),
-            local: bouncePage(s, i) + offset)
+            local: bouncePage(p) + offset)
         copyOwners[copyCount] = Int32(s)
         copyCount += 1
     }
@@ -483,9 +618,9 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         guard op.kind == head.kind, op.kind == .read || op.kind == .write,
               slots[Int(op.tag)].phase == slots[Int(head.tag)].phase,
               head.offset + head.length == op.offset,
-              Int(head.iovecCount + op.iovecCount) <= Self.maxIovecsPerMerge else { return false }
+              Int(head.iovecCount + op.iovecCount) <= iovecsPerMerge else { return false }
         var merged = head
-        let area = mergedIovecs + Int(head.tag) * Self.maxIovecsPerMerge
+        let area = mergedIovecs + Int(head.tag) * iovecsPerMerge
         if head.iovecs! != area {
             // First merge into this operation: move its iovecs to its head slot's merge area.
             area.update(from: head.iovecs!, count: Int(head.iovecCount))
@@ -541,10 +676,11 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         let slot = slots[s]
         let ok = result >= 0 && (slot.phase == .flush || slot.phase == .discard || result == Int64(groupBytes))
         switch slot.phase {
-        case .read where ok && slot.copiedSegments != 0:
+        case .read where ok && slot.anyBounced:
             stats.bytesRead &+= UInt64(slot.byteCount)
-            for i in 0..<slot.segmentCount where slot.copiedSegments & (1 << i) != 0 {
-                queueCopy(slot: s, segment: i, direction: .toGuest)
+            let base = Int(slot.base)
+            for p in base..<base + slot.segmentCount where bounced[p] {
+                queueCopy(place: p, owner: s, direction: .toGuest)
             }
             copyOutSlots[copyOutCount] = Int32(s)
             copyOutCount += 1
@@ -583,6 +719,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         respond(id: slot.id, operation: slot.operation, status: status)
         inFlight.remove(slot.id)
+        if slot.area >= 0 {
+            freeAreas[freeAreaCount] = slot.area
+            freeAreaCount += 1
+        }
         freeSlots[freeSlotCount] = Int32(s)
         freeSlotCount += 1
         outstanding -= 1
@@ -625,10 +765,13 @@ struct RequestSlot {
     var sector: UInt64 = 0
     var segmentCount = 0
     var byteCount = 0
-    var segments = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
+    /// The place of segment 0 (its segments, bounce pages and iovecs follow).
+    var base: Int32 = 0
+    /// The indirect area held, or -1 (a direct request).
+    var area: Int32 = -1
     var copyFailed = false
-    /// Bit i: segment i goes through a bounce page and a grant copy.
-    var copiedSegments: UInt16 = 0
+    /// Some segment goes through a bounce page and a grant copy.
+    var anyBounced = false
     /// The next slot served by the same merged storage operation, or -1.
     var nextInGroup: Int32 = -1
 
@@ -640,7 +783,6 @@ struct RequestSlot {
         sector = r.sector
         segmentCount = r.segmentCount
         byteCount = r.byteCount
-        segments = r.segments
         switch r.kind {
         case .read: phase = .read
         case .write: phase = .write

@@ -196,7 +196,8 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             let g = storage.geometry
             let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
                                     flush: g.supportsFlush, barrier: g.supportsFlush,
-                                    discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly))
+                                    discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
+                                    maxIndirectSegments: resuming ? publishedIndirectSegments() : options.maxIndirectSegments)
             let config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
                                               remotePort: ring.port, limits: limits,
                                               pollMicroseconds: options.pollMicroseconds,
@@ -222,6 +223,14 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
         } catch {
             fail("connect failed: \(error)")
         }
+    }
+
+    /// What the previous daemon offered this frontend, which may still send
+    /// requests that large: a resumed ring keeps that promise, whatever this
+    /// daemon's option (within what the data plane can take).
+    private func publishedIndirectSegments() -> Int {
+        guard let v = ((try? store.read(backendPath + "/feature-max-indirect-segments")) ?? nil).flatMap(Int.init) else { return 0 }
+        return min(max(v, 0), VbdDataPlane.indirectSegmentsLimit)
     }
 
     private func readRingKeys() throws -> (refs: [GrantRef], port: EventChannelPort, persistent: Bool) {
@@ -260,6 +269,7 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// Everything the frontend reads at connect, and state=Connected, in one transaction.
     private func publishConnected(geometry g: StorageGeometry, limits: DiskLimits) throws {
         let path = backendPath
+        let staleIndirectKey = ((try? store.read(path + "/feature-max-indirect-segments")) ?? nil) != nil
         try store.withTransaction { t throws(XenStoreError) in
             try store.write(path + "/sectors", String(g.sizeBytes / UInt64(Blkif.sectorSize)), transaction: t)
             try store.write(path + "/info", String(limits.readOnly ? Blkif.vdiskReadOnly : 0), transaction: t)
@@ -269,6 +279,12 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             try store.write(path + "/feature-barrier", limits.barrier ? "1" : "0", transaction: t)
             try store.write(path + "/feature-discard", limits.discard ? "1" : "0", transaction: t)
             try store.write(path + "/feature-persistent", options.persistentGrants ? "1" : "0", transaction: t)
+            // Absent, not 0, when not offered (blkif.h); a key an earlier run wrote goes.
+            if limits.maxIndirectSegments > 0 {
+                try store.write(path + "/feature-max-indirect-segments", String(limits.maxIndirectSegments), transaction: t)
+            } else if staleIndirectKey {
+                try store.remove(path + "/feature-max-indirect-segments", transaction: t)
+            }
             if limits.discard, let d = g.discard {
                 try store.write(path + "/discard-granularity", String(d.granularity), transaction: t)
                 try store.write(path + "/discard-alignment", String(d.alignment), transaction: t)

@@ -40,10 +40,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     private var events: LoopbackEventChannels?
     private var port: EventChannelPort = 0
 
-    /// Each request slot owns 11 data pages, granted to the backend once.
-    public static let pagesPerSlot = Blkif.maxSegmentsPerRequest
+    /// Each request slot owns `segmentsPerRequest` data pages and, for
+    /// indirect requests, the pages of their segment descriptors, all
+    /// granted to the backend once (as Linux blkfront with persistent grants).
     private var slotFrames: [[UInt32]] = []
     private var slotGrants: [[GrantRef]] = []
+    private var indirectFrames: [[UInt32]] = []
+    private var indirectGrants: [[GrantRef]] = []
     private var freeSlots: [Int] = []
     /// The id of the request holding each slot (nil when free).
     private var slotOwner: [UInt64?] = []
@@ -71,6 +74,22 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     public var publishOverrides: [String: String?] = [:]
     public private(set) var persistentGrants = false
     public var ringSlots: Int { Int(rings?.ring.size ?? 0) }
+    /// The most segments this frontend puts in an indirect request, as
+    /// Linux blkfront's max_indirect_segments module parameter (whose
+    /// default is 32): used up to the backend's
+    /// feature-max-indirect-segments. 0 (ours by default): direct requests
+    /// only, 11 segments at most. Set before `connect`.
+    public var maxIndirectSegments = 0
+    /// What the backend offered (0: no feature-max-indirect-segments key).
+    public private(set) var backendMaxIndirectSegments = 0
+    /// The most segments one request carries on this connection: 11, or
+    /// more when both ends agreed on indirect requests (those with more
+    /// than 11 segments are then sent as BLKIF_OP_INDIRECT).
+    public private(set) var segmentsPerRequest = Blkif.maxSegmentsPerRequest
+    /// The largest read or write one request carries, in sectors.
+    public var maxSectorsPerRequest: Int { segmentsPerRequest * Blkif.sectorsPerPage }
+    /// BLKIF_OP_INDIRECT requests submitted on this connection.
+    public private(set) var indirectRequestsSent = 0
 
     // MARK: handshake
 
@@ -114,6 +133,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             throw FrontendError("backend closed the device: \(why)")
         }
         try readDiskInfo()
+        try setUpSlots()
         try store.writeState(frontendPath, .connected)
     }
 
@@ -125,12 +145,24 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         ringGrants = try ringFrames.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) }
         rings = RingHolder(FrontRing(initializing: guest.page(ringFrames[0]), pages: pages, entrySize: Blkif.slotSize))
         port = try events.allocateUnbound(remoteDomain: backendDomain)
+    }
+
+    /// The slots' pages, once the backend's features are known (Linux
+    /// blkfront sizes its requests at connect too).
+    private func setUpSlots() throws {
         let slots = Int(rings!.ring.size)
-        slotFrames = try (0..<slots).map { _ in try (0..<Self.pagesPerSlot).map { _ in try guest.allocatePage() } }
+        let pagesPerSlot = segmentsPerRequest
+        let indirectPerSlot = segmentsPerRequest > Blkif.maxSegmentsPerRequest
+            ? Blkif.indirectPages(segments: segmentsPerRequest) : 0
+        slotFrames = try (0..<slots).map { _ in try (0..<pagesPerSlot).map { _ in try guest.allocatePage() } }
         slotGrants = try slotFrames.map { try $0.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) } }
+        // Writable, as Linux grants them: the backend may map them persistently.
+        indirectFrames = try (0..<slots).map { _ in try (0..<indirectPerSlot).map { _ in try guest.allocatePage() } }
+        indirectGrants = try indirectFrames.map { try $0.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) } }
         freeSlots = Array((0..<slots).reversed())
         freeSlots.reserveCapacity(slots)
         slotOwner = Array(repeating: nil, count: slots)
+        indirectRequestsSent = 0
     }
 
     /// Frames whose pages are adjacent in the guest's memory file, so that
@@ -186,6 +218,10 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
                              discard: key("feature-discard") == "1")
         // Used when both ends offer them (blkfront offers before knowing).
         persistentGrants = offerPersistentGrants && key("feature-persistent") == "1"
+        backendMaxIndirectSegments = key("feature-max-indirect-segments").flatMap(Int.init) ?? 0
+        let indirect = min(maxIndirectSegments, backendMaxIndirectSegments,
+                           Blkif.maxIndirectPagesPerRequest * Blkif.segmentsPerIndirectPage)
+        segmentsPerRequest = max(Blkif.maxSegmentsPerRequest, indirect)
     }
 
     /// Closes the device as blkfront does on unplug: Closing, wait for the
@@ -205,9 +241,10 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     public func releaseResources() {
         for g in ringGrants { guest.endAccess(g) }
         for f in ringFrames { guest.freePage(f) }
-        for gs in slotGrants { for g in gs { guest.endAccess(g) } }
-        for fs in slotFrames { for f in fs { guest.freePage(f) } }
+        for gs in slotGrants + indirectGrants { for g in gs { guest.endAccess(g) } }
+        for fs in slotFrames + indirectFrames { for f in fs { guest.freePage(f) } }
         ringGrants = []; ringFrames = []; slotGrants = []; slotFrames = []; freeSlots = []; slotOwner = []
+        indirectGrants = []; indirectFrames = []
         events?.close()
         events = nil
         rings = nil
@@ -241,6 +278,14 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
 
     public func grantRef(slot: Int, segment: Int) -> GrantRef { slotGrants[slot][segment] }
 
+    /// Indirect descriptor page `page` of a slot (none unless indirect
+    /// requests were agreed): hostile-frontend tests write raw descriptors.
+    public func indirectPage(slot: Int, page: Int) -> UnsafeMutableRawPointer {
+        guest.page(indirectFrames[slot][page])
+    }
+
+    public func indirectGrantRef(slot: Int, page: Int) -> GrantRef { indirectGrants[slot][page] }
+
     /// Places a request on the ring (not yet published: call `kick()`).
     /// Sectors are laid out in the slot's pages from `firstSectorInPage`.
     public func submit(_ op: Operation) throws -> Ticket {
@@ -266,21 +311,36 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         return Ticket(slot: slot, id: id)
     }
 
+    /// Sectors laid out in the slot's pages from `first`: up to 11 segments
+    /// in the request itself, more (READ and WRITE only) in the slot's
+    /// indirect pages with a BLKIF_OP_INDIRECT request.
     private func encodeSegmented(_ op: UInt8, id: UInt64, sector: UInt64, count: Int, first: Int, slot: Int,
                                  to p: UnsafeMutableRawPointer) {
-        var segments = InlineArray<11, BlkifSegment>(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0))
-        var left = count
-        var n = 0
-        var start = first
-        while left > 0 && n < Self.pagesPerSlot {
-            let here = min(left, Blkif.sectorsPerPage - start)
-            segments[n] = BlkifSegment(gref: slotGrants[slot][n], firstSect: UInt8(start), lastSect: UInt8(start + here - 1))
-            left -= here
-            start = 0
-            n += 1
+        let n = count == 0 ? 0 : (first + count + Blkif.sectorsPerPage - 1) / Blkif.sectorsPerPage
+        precondition(count >= 0 && first >= 0 && first < Blkif.sectorsPerPage && n <= segmentsPerRequest,
+                     "\(count) sectors from offset \(first) do not fit in one request")
+        func segment(_ i: Int) -> BlkifSegment {
+            let start = i == 0 ? first : 0
+            let end = min(first + count - i * Blkif.sectorsPerPage, Blkif.sectorsPerPage)
+            return BlkifSegment(gref: slotGrants[slot][i], firstSect: UInt8(start), lastSect: UInt8(end - 1))
         }
-        precondition(left == 0, "\(count) sectors from offset \(first) do not fit in one request")
-        BlkifRequest(operation: op, nrSegments: UInt8(n), id: id, sectorNumber: sector, segments: segments).encode(to: p)
+        if n <= Blkif.maxSegmentsPerRequest {
+            let segments = InlineArray<11, BlkifSegment> { i in
+                i < n ? segment(i) : BlkifSegment(gref: 0, firstSect: 0, lastSect: 0)
+            }
+            BlkifRequest(operation: op, nrSegments: UInt8(n), id: id, sectorNumber: sector, segments: segments).encode(to: p)
+            return
+        }
+        precondition(op == BlkifOperation.read || op == BlkifOperation.write, "only reads and writes go indirect")
+        for i in 0..<n {
+            segment(i).encode(to: indirectPage(slot: slot, page: i / Blkif.segmentsPerIndirectPage)
+                              + i % Blkif.segmentsPerIndirectPage * BlkifSegment.size)
+        }
+        let pages = Blkif.indirectPages(segments: n)
+        let grefs = InlineArray<8, UInt32> { i in i < pages ? indirectGrants[slot][i] : 0 }
+        BlkifIndirectRequest(indirectOp: op, nrSegments: UInt16(n), id: id, sectorNumber: sector,
+                             indirectGrefs: grefs).encode(to: p)
+        indirectRequestsSent += 1
     }
 
     /// Writes a raw ring slot (hostile-frontend tests) and publishes nothing yet.
@@ -365,7 +425,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
 
     // MARK: synchronous helpers (tests and demo)
 
-    /// Reads `count` sectors (at most 88 - first) into a new array.
+    /// Reads `count` sectors (at most `maxSectorsPerRequest` - first) into a new array.
     public func read(sector: UInt64, count: Int, firstSectorInPage: Int = 0) throws -> (status: Int16, data: [UInt8]) {
         let t = try submit(.read(sector: sector, count: count, firstSectorInPage: firstSectorInPage))
         kick()

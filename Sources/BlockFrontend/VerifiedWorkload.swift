@@ -36,6 +36,10 @@ public struct VerifiedWorkload {
     public let sectors: UInt64
     public var mix = Mix()
     public var queueDepth: Int
+    /// The most segments (pages) of a read or write; nil: as many as the
+    /// frontend's requests carry (`segmentsPerRequest`: above 11 when it
+    /// agreed on indirect requests, which then carry every larger one).
+    public var segmentsPerRequest: Int?
     private let canDiscard: Bool
     private let canFlush: Bool
 
@@ -136,7 +140,8 @@ public struct VerifiedWorkload {
         // A range that overlaps nothing in flight, so the model stays exact.
         for _ in 0..<8 {
             let first = Int(rng.next() % 8)
-            let maxCount = kind == BlkifOperation.discard ? 256 : Blkif.maxSegmentsPerRequest * 8 - first
+            let pagesPerRequest = min(segmentsPerRequest ?? fe.segmentsPerRequest, fe.segmentsPerRequest)
+            let maxCount = kind == BlkifOperation.discard ? 256 : pagesPerRequest * Blkif.sectorsPerPage - first
             let count = 1 + Int(rng.next() % UInt64(maxCount))
             guard UInt64(count) <= sectors else { continue }
             let sector = rng.next() % (sectors - UInt64(count) + 1)
@@ -215,8 +220,9 @@ public struct VerifiedWorkload {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.sectorSize, alignment: 16)
         defer { scratch.deallocate() }
         var sector: UInt64 = 0
+        let chunk = UInt64(fe.maxSectorsPerRequest)
         while sector < sectors {
-            let count = Int(min(88, sectors - sector))
+            let count = Int(min(chunk, sectors - sector))
             let (status, data) = try fe.read(sector: sector, count: count)
             guard status == BlkifStatus.okay else { throw FrontendError("read at sector \(sector) failed: \(status)") }
             for s in 0..<count {
@@ -228,7 +234,7 @@ public struct VerifiedWorkload {
                 verified += 1
             }
             sector += UInt64(count)
-            if sector % (88 * 1024) == 0 { progress(sector) }
+            if sector % (chunk * 1024) == 0 { progress(sector) }
         }
         return (verified, mismatches)
     }

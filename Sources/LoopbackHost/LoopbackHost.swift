@@ -92,8 +92,8 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
     }
 
     /// Creates a guest domain: its memory and grant table, its xenstore home.
-    public func createGuest(_ domid: DomID, memoryPages: Int = 16384) throws -> LoopbackGuestDomain {
-        let g = try LoopbackGuestDomain(layout: layout, domain: domid, memoryPages: memoryPages)
+    public func createGuest(_ domid: DomID, memoryPages: Int = 16384, grantEntries: Int = 8192) throws -> LoopbackGuestDomain {
+        let g = try LoopbackGuestDomain(layout: layout, domain: domid, memoryPages: memoryPages, grantEntries: grantEntries)
         try toolstack.createDomain(domid, name: "guest\(domid)")
         try server?.introduceDomain(domid)
         guests[domid] = g

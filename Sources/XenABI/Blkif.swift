@@ -24,6 +24,11 @@ public enum Blkif {
     public static let maxIndirectPagesPerRequest = 8
     /// Segments held by one indirect page: 4096 / sizeof(blkif_request_segment).
     public static let segmentsPerIndirectPage = XenPage.size / BlkifSegment.size
+    /// Indirect pages that hold `segments` segment descriptors (Linux's INDIRECT_PAGES).
+    @inline(__always)
+    public static func indirectPages(segments: Int) -> Int {
+        (segments + segmentsPerIndirectPage - 1) / segmentsPerIndirectPage
+    }
     public static let sectorSize = 512
     public static let sectorsPerPage = XenPage.size / sectorSize
     /// `flag` bit of a discard request.

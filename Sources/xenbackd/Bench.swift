@@ -36,6 +36,8 @@ struct BenchBlock: ParsableCommand {
     var pollMicroseconds = 50
     @Flag(help: "Do not use persistent grants (every segment is grant-copied).")
     var noPersistentGrants = false
+    @Option(help: "Pages per blkif request: 11 (direct requests) or up to \(VbdDataPlane.indirectSegmentsLimit) (indirect requests; the backend offers at least this many).")
+    var segmentsPerRequest = Blkif.maxSegmentsPerRequest
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
@@ -65,6 +67,9 @@ struct BenchBlock: ParsableCommand {
 
     func validate() throws {
         guard (file == nil) != (nbd == nil) else { throw ValidationError("give exactly one of --file and --nbd") }
+        guard (Blkif.maxSegmentsPerRequest...VbdDataPlane.indirectSegmentsLimit).contains(segmentsPerRequest) else {
+            throw ValidationError("--segments-per-request must be \(Blkif.maxSegmentsPerRequest) to \(VbdDataPlane.indirectSegmentsLimit)")
+        }
     }
 
     /// The vbd's params: the file, or the NBD export.
@@ -73,17 +78,28 @@ struct BenchBlock: ParsableCommand {
     func run() throws {
         let logger = logging.makeLogger("xenbackd.bench")
         if nbd == nil { try prepareFile() }
+        let indirect = segmentsPerRequest > Blkif.maxSegmentsPerRequest
+        let offered = max(BlockBackendOptions.defaultMaxIndirectSegments, segmentsPerRequest)
         let host = try LoopbackHost(logger: logger, options: .init(pollMicroseconds: pollMicroseconds,
-                                                                   persistentGrants: !noPersistentGrants))
+                                                                   persistentGrants: !noPersistentGrants,
+                                                                   maxIndirectSegments: offered))
         defer { host.shutdown() }
-        let guest = try host.createGuest(1, memoryPages: 65536)
+        // Every slot's data and descriptor pages, the ring, and room to spare.
+        let slots = SharedRingLayout.slots(pages: 1 << min(max(ringPageOrder, 0), 4), entrySize: Blkif.slotSize)
+        let pagesNeeded = slots * (segmentsPerRequest + 1) + 1024
+        let guest = try host.createGuest(1, memoryPages: max(65536, pagesNeeded), grantEntries: max(8192, pagesNeeded))
         let fe = try host.attachDisk(to: guest, .init(params: params))
+        fe.maxIndirectSegments = indirect ? segmentsPerRequest : 0
         try fe.connect(ringPageOrder: ringPageOrder)
+        guard fe.segmentsPerRequest == segmentsPerRequest else {
+            throw ValidationError("the backend agreed on \(fe.segmentsPerRequest) segments per request, not \(segmentsPerRequest)")
+        }
         fe.spinMicroseconds = spinMicroseconds
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run")
+              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
+              + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : ""))
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
             progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
@@ -142,11 +158,11 @@ struct BenchBlock: ParsableCommand {
     }
 
     /// Drives `row` through the frontend: `queueDepth` I/Os of `blockSize`
-    /// in flight (a 1 MiB I/O is split into blkif requests of up to 11
-    /// pages, as blkfront splits a bio), for `seconds`.
+    /// in flight (a 1 MiB I/O is split into blkif requests of up to
+    /// `--segments-per-request` pages, as blkfront splits a bio), for `seconds`.
     private func measure(_ row: Row, on fe: LoopbackBlockFrontend) throws -> Figures {
         let sectorsPerIO = row.blockSize / Blkif.sectorSize
-        let maxPerRequest = Blkif.maxSegmentsPerRequest * Blkif.sectorsPerPage
+        let maxPerRequest = fe.maxSectorsPerRequest
         let requestsPerIO = (sectorsPerIO + maxPerRequest - 1) / maxPerRequest
         guard requestsPerIO * row.queueDepth <= fe.ringSlots else {
             throw ValidationError("\(row.name) needs \(requestsPerIO * row.queueDepth) ring slots; use a larger --ring-page-order")

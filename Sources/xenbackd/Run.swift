@@ -27,10 +27,19 @@ struct Run: ParsableCommand {
     @Flag(help: "Do not offer persistent grants (feature-persistent).")
     var noPersistentGrants = false
 
+    @Option(help: "Segments per indirect request offered to blkfronts (feature-max-indirect-segments, at most \(VbdDataPlane.indirectSegmentsLimit); 0: no indirect requests).")
+    var maxIndirectSegments = BlockBackendOptions.defaultMaxIndirectSegments
+
     @Option(help: "Control socket for `xenbackd status`.")
     var controlSocket: String = ControlServer.defaultPath
 
     @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        guard (0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments) else {
+            throw ValidationError("--max-indirect-segments must be 0 to \(VbdDataPlane.indirectSegmentsLimit)")
+        }
+    }
 
     func run() throws {
         let logger = logging.makeLogger("xenbackd")
@@ -64,7 +73,8 @@ struct Run: ParsableCommand {
         let service = BlockBackendService(platform: hypervisor, loop: loop,
                                           openStorage: DiskParameters.fileStorageOpener,
                                           options: .init(pollMicroseconds: pollMicroseconds,
-                                                         persistentGrants: !noPersistentGrants),
+                                                         persistentGrants: !noPersistentGrants,
+                                                         maxIndirectSegments: maxIndirectSegments),
                                           logger: logger)
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)

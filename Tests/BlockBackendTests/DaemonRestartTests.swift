@@ -55,9 +55,9 @@ struct DaemonRestartTests {
 
         var controlSocket: String { root + "/control.sock" }
 
-        func startDaemon() throws -> Process {
+        func startDaemon(_ extraArguments: [String] = []) throws -> Process {
             try start(["run", "--platform", "loopback", "--root", root, "--control-socket", controlSocket,
-                       "--log-level", "warning"])
+                       "--log-level", "warning"] + extraArguments)
         }
 
         /// Runs `xenbackd ARGS` to the end and returns its standard output.
@@ -84,15 +84,19 @@ struct DaemonRestartTests {
         }
     }
 
-    /// dom1 with one connected vbd on the world's disk.
-    func connectGuest(_ w: World, params: String? = nil) throws -> (LoopbackBlockFrontend, any XenStore) {
+    /// dom1 with one connected vbd on the world's disk. `indirectSegments`:
+    /// the frontend's max_indirect_segments (0: direct requests only).
+    func connectGuest(_ w: World, params: String? = nil, indirectSegments: Int = 0) throws -> (LoopbackBlockFrontend, any XenStore) {
         let dom0 = try XenStoreSocketClient(socketPath: w.layout.xenStoreSocket)
         let toolstack = LoopbackToolstack(store: dom0)
-        let guest = try LoopbackGuestDomain(layout: w.layout, domain: 1)
+        let guest = indirectSegments > 0
+            ? try LoopbackGuestDomain(layout: w.layout, domain: 1, memoryPages: 40960, grantEntries: 40960)
+            : try LoopbackGuestDomain(layout: w.layout, domain: 1)
         try toolstack.createDomain(1, name: "guest1")
         try dom0.introduceDomain(1)
         try toolstack.addDisk(domain: 1, .init(params: params ?? w.disk.path))
         let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: w.layout.xenStoreDomainSocket(1)))
+        fe.maxIndirectSegments = indirectSegments
         try fe.connect(ringPageOrder: 1)
         return (fe, dom0)
     }
@@ -170,6 +174,33 @@ struct DaemonRestartTests {
         #expect(status == BlkifStatus.okay)
         #expect(data == pattern)
         #expect(try fe.write(sector: 72, data: pattern) == BlkifStatus.okay)
+        #expect(dom0.readState(fe.backendPath) == .connected)
+    }
+
+    /// The guest agreed on indirect requests with the daemon that went
+    /// away; the next one resumes the ring without a handshake, so it must
+    /// keep serving them whatever its own option says.
+    @Test("a daemon restarted with --max-indirect-segments 0 still serves the indirect requests its predecessor offered")
+    func restartKeepsIndirectOffer() throws {
+        let w = try World()
+        defer { w.close() }
+        let (fe, dom0) = try connectGuest(w, indirectSegments: 128)
+        #expect(fe.segmentsPerRequest == 128)
+        let load = BystanderGuest(frontend: fe)
+        usleep(300_000)
+        w.daemon!.terminate()
+        #expect(w.waitExit(w.daemon!, seconds: 10) == 0)
+        w.daemon = try w.startDaemon(["--max-indirect-segments", "0"])
+        usleep(500_000)
+        let (summary, failure) = load.finish()
+        #expect(failure == nil)
+        #expect(summary.errors == 0 && summary.mismatches == 0)
+        #expect(summary.reads + summary.writes > 50)
+        let before = fe.indirectRequestsSent
+        let (status, _) = try fe.read(sector: 0, count: fe.maxSectorsPerRequest)
+        #expect(status == BlkifStatus.okay)
+        #expect(fe.indirectRequestsSent == before + 1)
+        #expect(try dom0.read(fe.backendPath + "/feature-max-indirect-segments") == "128")
         #expect(dom0.readState(fe.backendPath) == .connected)
     }
 }

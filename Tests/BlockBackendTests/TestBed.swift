@@ -44,28 +44,36 @@ final class TestBed {
     let host: LoopbackHost
     private var disks: [TempDisk] = []
 
-    init() throws {
+    init(options: BlockBackendOptions = .init()) throws {
         var logger = Logger(label: "test")
         logger.logLevel = .error
-        host = try LoopbackHost(logger: logger)
+        host = try LoopbackHost(logger: logger, options: options)
     }
 
-    /// A guest with one connected disk.
-    func guestWithDisk(_ domid: DomID, megabytes: Int = 16, readOnly: Bool = false, ringPageOrder: Int = 0) throws
+    /// A guest with one connected disk. `indirectSegments`: the frontend's
+    /// max_indirect_segments (0: direct requests only).
+    func guestWithDisk(_ domid: DomID, megabytes: Int = 16, readOnly: Bool = false, ringPageOrder: Int = 0,
+                       indirectSegments: Int = 0, persistentGrants: Bool = true) throws
         -> (LoopbackBlockFrontend, TempDisk) {
-        let (fe, disk) = try guestWithAttachedDisk(domid, megabytes: megabytes) { $0.readOnly = readOnly }
+        let (fe, disk) = try guestWithAttachedDisk(domid, megabytes: megabytes, largeRequests: indirectSegments > 0) {
+            $0.readOnly = readOnly
+        }
+        fe.maxIndirectSegments = indirectSegments
+        fe.offerPersistentGrants = persistentGrants
         try fe.connect(ringPageOrder: ringPageOrder)
         return (fe, disk)
     }
 
     /// A guest whose vbd the toolstack has written, its frontend not yet
     /// connected. `configure` adjusts the toolstack's disk (params, script, keys).
-    func guestWithAttachedDisk(_ domid: DomID, megabytes: Int = 4,
+    /// `largeRequests`: memory and grants for indirect requests on every slot.
+    func guestWithAttachedDisk(_ domid: DomID, megabytes: Int = 4, largeRequests: Bool = false,
                                configure: (inout LoopbackToolstack.Disk) -> Void = { _ in }) throws
         -> (LoopbackBlockFrontend, TempDisk) {
         let disk = TempDisk(megabytes: megabytes)
         disks.append(disk)
-        let guest = try host.createGuest(domid)
+        let guest = largeRequests ? try host.createGuest(domid, memoryPages: 40960, grantEntries: 40960)
+                                  : try host.createGuest(domid)
         var spec = LoopbackToolstack.Disk(params: disk.path)
         configure(&spec)
         return (try host.attachDisk(to: guest, spec), disk)

@@ -32,6 +32,21 @@ struct LayoutTests {
     @Test func blkifRequestIndirect() { check(Claims.blkifIndirect) }
     @Test func blkifResponse() { check(Claims.blkifResponse) }
     @Test func blkifConstants() { check(Claims.blkifConstants) }
+
+    /// Pages of segment descriptors an indirect request needs: whole pages
+    /// of C's struct blkif_request_segment, at most the header's maximum.
+    @Test func blkifIndirectPages() {
+        let segment = Int(CReference.table["sizeof(struct blkif_request_segment)"] ?? 0)
+        let page = 1 << Int(CReference.table["XEN_PAGE_SHIFT"] ?? 0)
+        let maxPages = Int(CReference.table["BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST"] ?? 0)
+        #expect(segment > 0 && page > 1 && maxPages > 0)
+        for n in [1, 11, 12, 128, 256, 511, 512, 513, 1024, 4095, 4096] {
+            let pages: Int = (n * segment + page - 1) / page
+            #expect(Blkif.indirectPages(segments: n) == pages, "\(n) segments")
+        }
+        #expect(Blkif.indirectPages(segments: maxPages * Blkif.segmentsPerIndirectPage) == maxPages)
+    }
+
     @Test func netifTxRequest() { check(Claims.netifTxRequest) }
     @Test func netifExtraInfo() { check(Claims.netifExtraInfo) }
     @Test func netifTxResponse() { check(Claims.netifTxResponse) }
