@@ -82,6 +82,7 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
                 return
             }
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
+            try publishIndirectSegments()
             try setState(.initWait)
             let script = (try? store.read(backendPath + "/script")) ?? nil
             if let script, !script.isEmpty {
@@ -183,6 +184,8 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             // A frontend starting over (reconnect, kexec, migration): offer the device again.
             guard state == .closed && lastError == nil else { return }
             do { try openDisk() } catch let e as DeviceFailure { fail(e.message); return } catch { fail("\(error)"); return }
+            // What this daemon offers, which a predecessor's key may not say.
+            try? publishIndirectSegments()
             try? setState(.initWait)
         default:
             break
@@ -222,6 +225,19 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             fail(e.message)
         } catch {
             fail("connect failed: \(error)")
+        }
+    }
+
+    /// feature-max-indirect-segments, before InitWait as Linux blkback
+    /// writes it since 4.6 (some frontends read it before Connected):
+    /// absent, not 0, when not offered (blkif.h); a key an earlier run
+    /// wrote goes.
+    private func publishIndirectSegments() throws {
+        let key = backendPath + "/feature-max-indirect-segments"
+        if options.maxIndirectSegments > 0 {
+            try store.write(key, String(options.maxIndirectSegments))
+        } else if try store.read(key) != nil {
+            try store.remove(key)
         }
     }
 
@@ -269,7 +285,6 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// Everything the frontend reads at connect, and state=Connected, in one transaction.
     private func publishConnected(geometry g: StorageGeometry, limits: DiskLimits) throws {
         let path = backendPath
-        let staleIndirectKey = ((try? store.read(path + "/feature-max-indirect-segments")) ?? nil) != nil
         try store.withTransaction { t throws(XenStoreError) in
             try store.write(path + "/sectors", String(g.sizeBytes / UInt64(Blkif.sectorSize)), transaction: t)
             try store.write(path + "/info", String(limits.readOnly ? Blkif.vdiskReadOnly : 0), transaction: t)
@@ -279,12 +294,6 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             try store.write(path + "/feature-barrier", limits.barrier ? "1" : "0", transaction: t)
             try store.write(path + "/feature-discard", limits.discard ? "1" : "0", transaction: t)
             try store.write(path + "/feature-persistent", options.persistentGrants ? "1" : "0", transaction: t)
-            // Absent, not 0, when not offered (blkif.h); a key an earlier run wrote goes.
-            if limits.maxIndirectSegments > 0 {
-                try store.write(path + "/feature-max-indirect-segments", String(limits.maxIndirectSegments), transaction: t)
-            } else if staleIndirectKey {
-                try store.remove(path + "/feature-max-indirect-segments", transaction: t)
-            }
             if limits.discard, let d = g.discard {
                 try store.write(path + "/discard-granularity", String(d.granularity), transaction: t)
                 try store.write(path + "/discard-alignment", String(d.alignment), transaction: t)

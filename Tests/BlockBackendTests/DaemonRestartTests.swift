@@ -180,7 +180,7 @@ struct DaemonRestartTests {
     /// The guest agreed on indirect requests with the daemon that went
     /// away; the next one resumes the ring without a handshake, so it must
     /// keep serving them whatever its own option says.
-    @Test("a daemon restarted with --max-indirect-segments 0 still serves the indirect requests its predecessor offered")
+    @Test("a daemon restarted with --max-indirect-segments 0 still serves the indirect requests its predecessor offered, and offers none at the next handshake")
     func restartKeepsIndirectOffer() throws {
         let w = try World()
         defer { w.close() }
@@ -202,5 +202,14 @@ struct DaemonRestartTests {
         #expect(fe.indirectRequestsSent == before + 1)
         #expect(try dom0.read(fe.backendPath + "/feature-max-indirect-segments") == "128")
         #expect(dom0.readState(fe.backendPath) == .connected)
+        // A new handshake with this daemon: its own offer (none), direct requests.
+        try fe.disconnect()
+        try fe.connect(ringPageOrder: 1)
+        #expect(try dom0.read(fe.backendPath + "/feature-max-indirect-segments") == nil)
+        #expect(fe.segmentsPerRequest == Blkif.maxSegmentsPerRequest)
+        var workload = VerifiedWorkload(sectors: fe.info.sectors, seed: 3, queueDepth: 8, canDiscard: true, canFlush: true)
+        let s = try workload.run(on: fe, seconds: 10, operations: 300)
+        #expect(s.errors == 0 && s.mismatches == 0 && s.sectorsVerified > 0)
+        #expect(fe.indirectRequestsSent == 0)
     }
 }

@@ -121,8 +121,15 @@ struct IndirectRequestTests {
     func publishedKey(offered: Int) throws {
         let bed = try TestBed(options: .init(maxIndirectSegments: offered))
         defer { bed.close() }
-        let (fe, _) = try bed.guestWithDisk(1, megabytes: 16, indirectSegments: 256)
-        let key = try bed.host.toolstack.store.read(fe.backendPath + "/feature-max-indirect-segments")
+        let (fe, _) = try bed.guestWithAttachedDisk(1, megabytes: 16, largeRequests: true)
+        let store = bed.host.toolstack.store
+        let backend = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)
+        // Written before InitWait, as Linux blkback does: frontends may read it then.
+        try waitUntil("InitWait") { store.readState(backend) == .initWait }
+        #expect(try store.read(backend + "/feature-max-indirect-segments") == (offered > 0 ? String(offered) : nil))
+        fe.maxIndirectSegments = 256
+        try fe.connect()
+        let key = try store.read(fe.backendPath + "/feature-max-indirect-segments")
         #expect(key == (offered > 0 ? String(offered) : nil))
         #expect(fe.backendMaxIndirectSegments == offered)
         #expect(fe.segmentsPerRequest == max(Blkif.maxSegmentsPerRequest, offered))
