@@ -12,7 +12,8 @@ usage: bench-table.py bench.tsv
 import json
 import sys
 
-BACKENDS = ["xenbackd", "kernel", "qdisk"]
+BACKENDS = ["xenbackd", "xenbackd-nopoll", "kernel", "qdisk"]
+HEADER = ["xenbackd", "xenbackd --poll-us 0", "kernel", "qdisk"]
 ORDER = ["randread-4k", "randwrite-4k", "seqread-1m", "seqwrite-1m",
          "tcp-from-guest", "tcp-to-guest", "udp64-from-guest", "udp64-to-guest"]
 LABEL = {
@@ -75,16 +76,16 @@ def main():
         return f"{a['value'] / b['value']:.2f}"
 
     workloads = [w for w in ORDER if any((b, w) in rows for b in BACKENDS)]
-    print("| workload | unit | xenbackd | kernel | qdisk | xenbackd / kernel | xenbackd / qdisk |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | unit | " + " | ".join(HEADER) + " | xenbackd / kernel | xenbackd / qdisk |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in workloads:
         unit = next(rows[(b, w)]["unit"] for b in BACKENDS if (b, w) in rows)
         fmt = "{:.0f}" if unit == "IOPS" else "{:.2f}" if unit == "Gbit/s" else "{:.1f}"
         print(f"| {LABEL.get(w, w)} | {unit} | " + " | ".join(cell(b, w, fmt=fmt) for b in BACKENDS)
               + f" | {ratio(w, 'kernel')} | {ratio(w, 'qdisk')} |")
     print()
-    print("| workload | p50 / p99 latency, µs (xenbackd · kernel · qdisk) "
-          "| dom0 CPU % (xenbackd · kernel · qdisk) | backend's own CPU % (xenbackd · kernel · qdisk) |")
+    order = " · ".join(HEADER)
+    print(f"| workload | p50 / p99 latency, µs ({order}) | dom0 CPU % ({order}) | backend's own CPU % ({order}) |")
     print("|---|---|---|---|")
     for w in workloads:
         lat = " · ".join(f"{cell(b, w, 'p50', '{:.0f}')}/{cell(b, w, 'p99', '{:.0f}')}" for b in BACKENDS)
