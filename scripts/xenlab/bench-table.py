@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
 """The side-by-side table of `scripts/test-xen --bench` (docs/PERFORMANCE.md).
 
-Reads dom0-bench's bench.tsv: one line per backend and workload with
-backend, workload, tool (fio|iperf3), elapsed, dom0 busy and backend CPU
-(all in 1/100 s), and the tool's JSON on one line with its whitespace
-removed. Prints two Markdown tables: the figures with the ratios of
-xenbackd to the kernel's backends and to QEMU's qdisk, then latency and CPU.
+Reads dom0-bench's bench.tsv: one line per run with its cycle, backend,
+workload, tool (fio|iperf3), elapsed, dom0 busy and backend CPU (all in
+1/100 s), and the tool's JSON on one line with its whitespace removed.
+Prints two Markdown tables, each cell with one figure per cycle: the
+figures with the ratios of xenbackd to the kernel's backends and to QEMU's
+qdisk (within each cycle), then latency and CPU.
 
 usage: bench-table.py bench.tsv
 """
 import json
 import sys
 
-BACKENDS = ["xenbackd", "xenbackd-nopoll", "kernel", "qdisk"]
-HEADER = ["xenbackd", "xenbackd --poll-us 0", "kernel", "qdisk"]
+BACKENDS = ["xenbackd", "kernel", "qdisk"]
 ORDER = ["randread-4k", "randwrite-4k", "seqread-1m", "seqwrite-1m",
          "tcp-from-guest", "tcp-to-guest", "udp64-from-guest", "udp64-to-guest"]
 LABEL = {
@@ -48,52 +48,59 @@ def figures(tool, doc):
 
 
 def main():
-    rows = {}
+    rows = {}  # (cycle, backend, workload) -> figures
     for line in open(sys.argv[1]):
         parts = line.rstrip("\n").split("\t")
-        if len(parts) != 7:
+        if len(parts) != 8:
             continue
-        backend, workload, tool, elapsed, dom0, own, blob = parts
+        cycle, backend, workload, tool, elapsed, dom0, own, blob = parts
         try:
             value, unit, p50, p99 = figures(tool, json.loads(blob))
         except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
             print(f"bench-table: {backend} {workload}: unreadable result ({e})", file=sys.stderr)
             continue
         elapsed = max(int(elapsed), 1)
-        rows[(backend, workload)] = dict(value=value, unit=unit, p50=p50, p99=p99,
-                                         dom0=100 * int(dom0) / elapsed, own=100 * int(own) / elapsed)
+        rows[(cycle, backend, workload)] = dict(value=value, unit=unit, p50=p50, p99=p99,
+                                                dom0=100 * int(dom0) / elapsed, own=100 * int(own) / elapsed)
+    cycles = sorted({c for c, _, _ in rows}, key=int)
 
-    def cell(backend, workload, key="value", fmt="{:.1f}"):
-        r = rows.get((backend, workload))
-        if r is None or r[key] is None:
-            return "–"
-        return fmt.format(r[key])
+    def cells(backend, workload, key, fmt):
+        """The figure of each cycle, "a / b"; – where missing."""
+        out = []
+        for c in cycles:
+            r = rows.get((c, backend, workload))
+            out.append("–" if r is None or r[key] is None else fmt.format(r[key]))
+        return " / ".join(out)
 
-    def ratio(workload, other):
-        a, b = rows.get(("xenbackd", workload)), rows.get((other, workload))
-        if not a or not b or not b["value"]:
-            return "–"
-        return f"{a['value'] / b['value']:.2f}"
+    def ratios(workload, other):
+        out = []
+        for c in cycles:
+            a, b = rows.get((c, "xenbackd", workload)), rows.get((c, other, workload))
+            out.append(f"{a['value'] / b['value']:.2f}" if a and b and b["value"] else "–")
+        return " / ".join(out)
 
-    workloads = [w for w in ORDER if any((b, w) in rows for b in BACKENDS)]
-    print("| workload | unit | " + " | ".join(HEADER) + " | xenbackd / kernel | xenbackd / qdisk |")
-    print("|---|---|---|---|---|---|---|---|")
-    for w in workloads:
-        unit = next(rows[(b, w)]["unit"] for b in BACKENDS if (b, w) in rows)
-        fmt = "{:.0f}" if unit == "IOPS" else "{:.2f}" if unit == "Gbit/s" else "{:.1f}"
-        print(f"| {LABEL.get(w, w)} | {unit} | " + " | ".join(cell(b, w, fmt=fmt) for b in BACKENDS)
-              + f" | {ratio(w, 'kernel')} | {ratio(w, 'qdisk')} |")
+    workloads = [w for w in ORDER if any(k[1] in BACKENDS and k[2] == w for k in rows)]
+    runs = " / ".join(f"cycle {c}" for c in cycles)
+    print(f"Each cell: {runs}.")
     print()
-    order = " · ".join(HEADER)
-    print(f"| workload | p50 / p99 latency, µs ({order}) | dom0 CPU % ({order}) | backend's own CPU % ({order}) |")
-    print("|---|---|---|---|")
+    print("| workload | unit | " + " | ".join(BACKENDS) + " | xenbackd / kernel | xenbackd / qdisk |")
+    print("|---|---|" + "---|" * (len(BACKENDS) + 2))
     for w in workloads:
-        lat = " · ".join(f"{cell(b, w, 'p50', '{:.0f}')}/{cell(b, w, 'p99', '{:.0f}')}" for b in BACKENDS)
-        if all(rows.get((b, w), {}).get("p50") is None for b in BACKENDS):
-            lat = "–"
-        dom0 = " · ".join(cell(b, w, "dom0", "{:.0f}") for b in BACKENDS)
-        own = " · ".join(cell(b, w, "own", "{:.0f}") for b in BACKENDS)
-        print(f"| {LABEL.get(w, w)} | {lat} | {dom0} | {own} |")
+        unit = next(r["unit"] for k, r in rows.items() if k[2] == w)
+        fmt = "{:.0f}" if unit in ("IOPS", "MB/s") else "{:.2f}" if unit == "Gbit/s" else "{:.1f}"
+        print(f"| {LABEL.get(w, w)} | {unit} | " + " | ".join(cells(b, w, "value", fmt) for b in BACKENDS)
+              + f" | {ratios(w, 'kernel')} | {ratios(w, 'qdisk')} |")
+    print()
+    print("| workload | backend | p50 / p99 latency, µs | dom0 CPU % | backend's own CPU % |")
+    print("|---|---|---|---|---|")
+    for w in workloads:
+        for b in BACKENDS:
+            if not any(k[1] == b and k[2] == w for k in rows):
+                continue
+            has_latency = any(r["p50"] is not None for k, r in rows.items() if k[1] == b and k[2] == w)
+            lat = " · ".join(f"{cells(b, w, 'p50', '{:.0f}').split(' / ')[i]}/{cells(b, w, 'p99', '{:.0f}').split(' / ')[i]}"
+                             for i in range(len(cycles))) if has_latency else "–"
+            print(f"| {LABEL.get(w, w)} | {b} | {lat} | {cells(b, w, 'dom0', '{:.0f}')} | {cells(b, w, 'own', '{:.0f}')} |")
 
 
 if __name__ == "__main__":
