@@ -30,18 +30,6 @@ struct HostileFrontendTests {
         #expect(summary.reads + summary.writes > 0)
     }
 
-    /// Places one raw request and returns the single response to it.
-    func raw(_ fe: LoopbackBlockFrontend, _ encode: (UnsafeMutableRawPointer) -> Void) throws -> BlkifResponse {
-        try fe.submitRaw(encode)
-        fe.kick()
-        var got: [BlkifResponse] = []
-        while got.isEmpty {
-            let n = try fe.collect(timeout: 5) { got.append($0) }
-            if n == 0 { throw FrontendError("no response") }
-        }
-        return got[0]
-    }
-
     func segments(_ fe: LoopbackBlockFrontend, count: Int, first: UInt8 = 0, last: UInt8 = 7) -> InlineArray<11, BlkifSegment> {
         InlineArray { i in BlkifSegment(gref: i < count ? fe.grantRef(slot: 0, segment: i) : 0, firstSect: first, lastSect: last) }
     }
@@ -201,10 +189,7 @@ struct HostileFrontendTests {
             try fe.submitRaw(req)
             try fe.submitRaw(req)
             fe.kick()
-            var got: [BlkifResponse] = []
-            while got.count < 2 {
-                if try fe.collect(timeout: 5, { got.append($0) }) == 0 { break }
-            }
+            let got = try fe.collectResponses(2)
             #expect(got.count == 2)
             #expect(got.filter { $0.status == BlkifStatus.error }.count == 1)
             #expect(got.filter { $0.status == BlkifStatus.okay }.count == 1)

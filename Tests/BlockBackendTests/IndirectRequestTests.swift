@@ -7,17 +7,6 @@ import Testing
 import XenABI
 import XenBus
 
-/// Places one raw request and returns the single response to it.
-private func raw(_ fe: LoopbackBlockFrontend, _ encode: (UnsafeMutableRawPointer) -> Void) throws -> BlkifResponse {
-    try fe.submitRaw(encode)
-    fe.kick()
-    var got: [BlkifResponse] = []
-    while got.isEmpty {
-        if try fe.collect(timeout: 5, { got.append($0) }) == 0 { throw FrontendError("no response") }
-    }
-    return got[0]
-}
-
 /// A raw BLKIF_OP_INDIRECT request on slot 0's pages: its first
 /// min(nseg, 512) descriptors are written into slot 0's indirect page first.
 /// `grefs` nil: that page's grant alone.
@@ -458,10 +447,7 @@ struct HostileIndirectRequestTests {
             try fe.submitRaw(request)
             try fe.submitRaw(request)
             fe.kick()
-            var got: [BlkifResponse] = []
-            while got.count < 2 {
-                if try fe.collect(timeout: 5, { got.append($0) }) == 0 { break }
-            }
+            let got = try fe.collectResponses(2)
             #expect(got.count == 2)
             #expect(got.filter { $0 == error(210, BlkifOperation.read) }.count == 1)
             #expect(got.filter { $0 == okay(210, BlkifOperation.read) }.count == 1)

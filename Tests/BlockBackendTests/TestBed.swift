@@ -136,6 +136,26 @@ final class UncheckedBox<T>: @unchecked Sendable {   // handed to exactly one th
     init(_ v: T) { value = v }
 }
 
+extension LoopbackBlockFrontend {
+    /// Up to `count` responses, each waited for at most `timeout` seconds:
+    /// fewer only when the backend stopped answering.
+    func collectResponses(_ count: Int, timeout: Double = 5) throws -> [BlkifResponse] {
+        var got: [BlkifResponse] = []
+        while got.count < count {
+            if try collect(timeout: timeout, { got.append($0) }) == 0 { break }
+        }
+        return got
+    }
+}
+
+/// Places one raw request and returns the single response to it.
+func raw(_ fe: LoopbackBlockFrontend, _ encode: (UnsafeMutableRawPointer) -> Void) throws -> BlkifResponse {
+    try fe.submitRaw(encode)
+    fe.kick()
+    guard let response = try fe.collectResponses(1).first else { throw FrontendError("no response") }
+    return response
+}
+
 /// Runs a program to its end: its exit status and standard output.
 @discardableResult
 func runProgram(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
