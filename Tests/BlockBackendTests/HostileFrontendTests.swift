@@ -16,18 +16,7 @@ struct HostileFrontendTests {
         defer { bed.close() }
         let (bad, _) = try bed.guestWithDisk(1, megabytes: 16, readOnly: readOnly)
         let (good, _) = try bed.guestWithDisk(2, megabytes: 16)
-        let bystander = BystanderGuest(frontend: good)
-        var finished = false
-        defer { if !finished { _ = bystander.finish() } }
-        usleep(50_000)
-        try body(bad, bed)
-        usleep(50_000)
-        finished = true
-        let (summary, failure) = bystander.finish()
-        #expect(failure == nil)
-        #expect(summary.errors == 0)
-        #expect(summary.mismatches == 0)
-        #expect(summary.reads + summary.writes > 0)
+        try alongsideVerifiedGuest(good) { try body(bad, bed) }
     }
 
     func segments(_ fe: LoopbackBlockFrontend, count: Int, first: UInt8 = 0, last: UInt8 = 7) -> InlineArray<11, BlkifSegment> {

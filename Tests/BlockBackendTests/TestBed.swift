@@ -37,6 +37,20 @@ struct TempDisk {
         _ = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, Blkif.sectorSize, off_t(s) * 512) }
         return b
     }
+
+    /// Expects every `stride`-th of the first `sectors` sectors that the
+    /// workload's model knows to hold, in the file itself, what the model
+    /// says; returns how many were checked.
+    func expectHolds(_ w: VerifiedWorkload, sectors: UInt64, every stride: Int) -> Int {
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: Blkif.sectorSize, alignment: 16)
+        defer { expected.deallocate() }
+        var checked = 0
+        for sector in Swift.stride(from: UInt64(0), to: sectors, by: stride) where w.expectedSector(sector, into: expected) {
+            #expect(self.sector(sector).withUnsafeBytes { memcmp($0.baseAddress!, expected, Blkif.sectorSize) } == 0, "sector \(sector)")
+            checked += 1
+        }
+        return checked
+    }
 }
 
 /// A loopback host with guests and disks, torn down by `close()`.
@@ -123,6 +137,23 @@ final class BystanderGuest: Sendable {
         thread.join()
         return (state.summary, state.failure)
     }
+}
+
+/// Runs `body` while `good` does verified I/O beside it, then expects that
+/// guest to have seen no error, no mismatch, and some I/O done.
+func alongsideVerifiedGuest(_ good: LoopbackBlockFrontend, _ body: () throws -> Void) throws {
+    let bystander = BystanderGuest(frontend: good)
+    var finished = false
+    defer { if !finished { _ = bystander.finish() } }
+    usleep(50_000)
+    try body()
+    usleep(50_000)
+    finished = true
+    let (summary, failure) = bystander.finish()
+    #expect(failure == nil)
+    #expect(summary.errors == 0)
+    #expect(summary.mismatches == 0)
+    #expect(summary.reads + summary.writes > 0)
 }
 
 final class BystanderState: @unchecked Sendable {   // summary/failure written by the thread before join, read after
