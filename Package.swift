@@ -78,6 +78,9 @@ let package = Package(
         ], swiftSettings: dataPlane),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
+        // Test doubles for the thread-free engines: guest memory and grants in
+        // plain memory, a storage that completes when told (tests, fuzzers).
+        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "BlockStorage"], swiftSettings: strict),
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
