@@ -33,13 +33,12 @@ public enum RequestRejection: Error, Equatable, Sendable {
     case beyondEndOfDisk
     case readOnlyDisk
     case unsupportedOperation
-    case unsupportedSecureDiscard
     /// An indirect request whose indirect_op is not READ or WRITE.
     case badIndirectOperation(UInt8)
 
     public var status: Int16 {
         switch self {
-        case .unsupportedOperation, .unsupportedSecureDiscard: BlkifStatus.notSupported
+        case .unsupportedOperation: BlkifStatus.notSupported
         default: BlkifStatus.error
         }
     }
@@ -52,6 +51,9 @@ public struct DiskLimits: Sendable {
     public var flush: Bool
     public var barrier: Bool
     public var discard: Bool
+    /// discard-secure: what a BLKIF_DISCARD_SECURE discard gets. Without it
+    /// the flag is ignored (blkif.h: "ignored if discard-secure=0") and the
+    /// discard is a plain one, as Linux blkback does.
     public var secureDiscard: Bool
     /// feature-max-indirect-segments: the most segments of a
     /// BLKIF_OP_INDIRECT request (0: not offered, the operation is unknown).
@@ -186,7 +188,6 @@ func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<Validate
 func validateDiscard(_ r: BlkifDiscardRequest, limits: DiskLimits) -> Result<ValidatedRequest, RequestRejection> {
     if limits.readOnly { return .failure(.readOnlyDisk) }
     guard limits.discard else { return .failure(.unsupportedOperation) }
-    if r.flag & Blkif.discardSecure != 0 && !limits.secureDiscard { return .failure(.unsupportedSecureDiscard) }
     guard r.sectorNumber <= limits.sectors, r.nrSectors <= limits.sectors - r.sectorNumber else {
         return .failure(.beyondEndOfDisk)
     }

@@ -74,8 +74,11 @@ struct DataPathTests {
         #expect(st2 == BlkifStatus.okay && hole == [UInt8](repeating: 0, count: 88 * 512))
         let (st3, after) = try fe.read(sector: 1264, count: 88)
         #expect(st3 == BlkifStatus.okay && after == [UInt8](repeating: 0xA5, count: 88 * 512))
-        // Secure discard is not offered, so it is refused as unsupported.
-        #expect(try fe.run(.discard(sector: 0, count: 8, secure: true)) == BlkifStatus.notSupported)
+        // discard-secure=0: the secure flag is ignored (blkif.h), a plain discard.
+        #expect(try fe.write(sector: 0, data: [UInt8](repeating: 0x5A, count: 4096)) == BlkifStatus.okay)
+        #expect(try fe.run(.discard(sector: 0, count: 8, secure: true)) == BlkifStatus.okay)
+        let (st4, secure) = try fe.read(sector: 0, count: 8)
+        #expect(st4 == BlkifStatus.okay && secure == [UInt8](repeating: 0, count: 4096))
     }
 
     @Test("a read-only disk serves reads and refuses writes, barriers and discards")
