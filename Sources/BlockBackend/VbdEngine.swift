@@ -36,6 +36,7 @@ public struct VbdEngineStep: Equatable, Sendable {
     /// Responses were pushed and the frontend asked to be notified.
     public var notify: Bool
     public var wait: Wait
+    public init(notify: Bool, wait: Wait) { self.notify = notify; self.wait = wait }
 }
 
 /// blkback's request path for one ring, top to bottom, with no thread, fd,

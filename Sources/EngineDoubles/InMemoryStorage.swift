@@ -1,0 +1,147 @@
+import BlockStorage
+import Glibc
+
+/// A disk in memory that completes operations when, in the order and with
+/// the result the test says. It keeps two views: `written` (what a read
+/// returns: every completed write and discard) and `durable` (what would
+/// survive a power cut: the writes that completed before a flush that has
+/// completed was submitted), so flush and barrier ordering can be checked.
+public final class InMemoryStorage: BlockStorage {
+    public let geometry: StorageGeometry
+    public let queueDepth: Int
+    /// No descriptor: the test reports readiness by stepping with .storageReady.
+    public var completionFileDescriptor: Int32 { -1 }
+    public let written: UnsafeMutableRawPointer
+    public let durable: UnsafeMutableRawPointer
+    public var sizeBytes: Int { Int(geometry.sizeBytes) }
+
+    /// A submitted operation, until the test completes it.
+    public struct Pending {
+        public var tag: UInt64
+        public var kind: StorageOperationKind
+        public var offset: UInt64
+        public var length: UInt64
+        public var iovecs: UnsafeMutablePointer<iovec>?
+        public var iovecCount: Int32
+        /// For a flush: the completed writes it covers (those logged before its submission).
+        var coveredWrites: Int
+    }
+    public private(set) var pending: [Pending] = []
+    private var finished: [StorageCompletion] = []
+    /// Completed writes not yet durable, in completion order.
+    private var writeLog: [(offset: Int, bytes: [UInt8])] = []
+    private var writeLogBase = 0
+    /// Complete each operation as soon as it is submitted (tests that do
+    /// not care about timing).
+    public var completesAtOnce = false
+    public private(set) var submittedOperations = 0
+    public private(set) var closed = false
+
+    public init(sizeBytes: Int, queueDepth: Int = 64, readOnly: Bool = false, discard: Bool = true) {
+        geometry = StorageGeometry(sizeBytes: UInt64(sizeBytes), logicalSectorSize: 512, physicalSectorSize: 4096,
+                                   readOnly: readOnly, supportsFlush: true,
+                                   discard: discard ? DiscardSupport(granularity: 4096, alignment: 0, zeroesData: true) : nil)
+        self.queueDepth = queueDepth
+        written = .allocate(byteCount: sizeBytes, alignment: 4096)
+        durable = .allocate(byteCount: sizeBytes, alignment: 4096)
+        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        pending.reserveCapacity(queueDepth)
+        finished.reserveCapacity(queueDepth)
+    }
+
+    deinit {
+        written.deallocate()
+        durable.deallocate()
+    }
+
+    /// Forgets everything (a fuzzer reusing the disk).
+    public func reset() {
+        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        pending.removeAll(keepingCapacity: true)
+        finished.removeAll(keepingCapacity: true)
+        writeLog.removeAll(keepingCapacity: true)
+        writeLogBase = 0
+        completesAtOnce = false
+        submittedOperations = 0
+        closed = false
+    }
+
+    public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
+        let room = max(0, queueDepth - pending.count - finished.count)
+        let n = min(room, operations.count)
+        for op in operations.prefix(n) {
+            pending.append(Pending(tag: op.tag, kind: op.kind, offset: op.offset, length: op.length,
+                                   iovecs: op.iovecs, iovecCount: op.iovecCount,
+                                   coveredWrites: writeLogBase + writeLog.count))
+            submittedOperations += 1
+        }
+        if completesAtOnce { while !pending.isEmpty { complete(0) } }
+        return n
+    }
+
+    public func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int {
+        let n = finished.count
+        for c in finished { body(c) }
+        finished.removeAll(keepingCapacity: true)
+        return n
+    }
+
+    public func close() { closed = true }
+
+    /// Completes pending operation `index`: its effect happens now, or it
+    /// fails with `-errno` and has none.
+    public func complete(_ index: Int, errno failure: Int32 = 0) {
+        let p = pending.remove(at: index)
+        finished.append(StorageCompletion(tag: p.tag, result: failure != 0 ? -Int64(failure) : perform(p)))
+    }
+
+    public func completeAll() { while !pending.isEmpty { complete(0) } }
+
+    /// Drops every pending operation with no effect and no completion (the
+    /// process that submitted them was killed before the disk did them).
+    public func dropPending() {
+        pending.removeAll(keepingCapacity: true)
+        finished.removeAll(keepingCapacity: true)
+    }
+
+    private func perform(_ p: Pending) -> Int64 {
+        let size = UInt64(sizeBytes)
+        switch p.kind {
+        case .read, .write:
+            var offset = p.offset
+            var moved: Int64 = 0
+            for i in 0..<Int(p.iovecCount) {
+                let v = p.iovecs![i]
+                guard offset <= size, UInt64(v.iov_len) <= size - offset else { return -Int64(EINVAL) }
+                if p.kind == .read {
+                    memcpy(v.iov_base, written + Int(offset), v.iov_len)
+                } else {
+                    memcpy(written + Int(offset), v.iov_base, v.iov_len)
+                    writeLog.append((Int(offset), [UInt8](UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len))))
+                }
+                offset += UInt64(v.iov_len)
+                moved += Int64(v.iov_len)
+            }
+            return moved
+        case .discard:
+            guard p.offset <= size, p.length <= size - p.offset else { return -Int64(EINVAL) }
+            let zeros = [UInt8](repeating: 0, count: Int(p.length))
+            memset(written + Int(p.offset), 0, Int(p.length))
+            writeLog.append((Int(p.offset), zeros))
+            return 0
+        case .flush:
+            // What completed before the flush was submitted is now durable.
+            let covered = p.coveredWrites - writeLogBase
+            if covered > 0 {
+                for e in writeLog.prefix(covered) where !e.bytes.isEmpty {
+                    e.bytes.withUnsafeBytes { memcpy(durable + e.offset, $0.baseAddress!, $0.count) }
+                }
+                writeLog.removeFirst(covered)
+                writeLogBase += covered
+            }
+            return 0
+        }
+    }
+}
