@@ -81,6 +81,10 @@ let package = Package(
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
         .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage"], swiftSettings: strict),
+        // Fuzz targets: programs of frontend actions against the engines on the doubles, with invariants.
+        .target(name: "FuzzTargets", dependencies: [
+            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor",
+        ], swiftSettings: strict),
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
@@ -122,7 +126,7 @@ let package = Package(
         ], swiftSettings: strict),
         // blkback's engine stepped by hand on in-memory doubles: exact responses, no threads or files.
         .testTarget(name: "BlockEngineTests", dependencies: [
-            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor",
+            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor", "FuzzTargets",
         ], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [

@@ -46,6 +46,7 @@ public final class InMemoryStorage: BlockStorage {
         durable = .allocate(byteCount: sizeBytes, alignment: 4096)
         written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
         durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        dirtyChunks = [Bool](repeating: false, count: (sizeBytes + Self.chunk - 1) / Self.chunk)
         pending.reserveCapacity(queueDepth)
         finished.reserveCapacity(queueDepth)
     }
@@ -55,10 +56,19 @@ public final class InMemoryStorage: BlockStorage {
         durable.deallocate()
     }
 
-    /// Forgets everything (a fuzzer reusing the disk).
+    /// 4 KiB chunks that may differ from zeros in either view (what `reset` clears).
+    private var dirtyChunks: [Bool] = []
+    private static let chunk = 4096
+
+    /// Forgets everything (a fuzzer reusing the disk): zeroes only the
+    /// chunks writes and discards reached, so a small program resets quickly.
     public func reset() {
-        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
-        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        for c in dirtyChunks.indices where dirtyChunks[c] {
+            let n = min(Self.chunk, sizeBytes - c * Self.chunk)
+            (written + c * Self.chunk).initializeMemory(as: UInt8.self, repeating: 0, count: n)
+            (durable + c * Self.chunk).initializeMemory(as: UInt8.self, repeating: 0, count: n)
+            dirtyChunks[c] = false
+        }
         pending.removeAll(keepingCapacity: true)
         finished.removeAll(keepingCapacity: true)
         writeLog.removeAll(keepingCapacity: true)
@@ -106,6 +116,11 @@ public final class InMemoryStorage: BlockStorage {
         finished.removeAll(keepingCapacity: true)
     }
 
+    private func markDirty(_ offset: Int, _ count: Int) {
+        guard count > 0 else { return }
+        for c in offset / Self.chunk...(offset + count - 1) / Self.chunk { dirtyChunks[c] = true }
+    }
+
     private func perform(_ p: Pending) -> Int64 {
         let size = UInt64(sizeBytes)
         switch p.kind {
@@ -119,6 +134,7 @@ public final class InMemoryStorage: BlockStorage {
                     memcpy(v.iov_base, written + Int(offset), v.iov_len)
                 } else {
                     memcpy(written + Int(offset), v.iov_base, v.iov_len)
+                    markDirty(Int(offset), v.iov_len)
                     writeLog.append((Int(offset), [UInt8](UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len))))
                 }
                 offset += UInt64(v.iov_len)
@@ -129,6 +145,7 @@ public final class InMemoryStorage: BlockStorage {
             guard p.offset <= size, p.length <= size - p.offset else { return -Int64(EINVAL) }
             let zeros = [UInt8](repeating: 0, count: Int(p.length))
             memset(written + Int(p.offset), 0, Int(p.length))
+            markDirty(Int(p.offset), Int(p.length))
             writeLog.append((Int(p.offset), zeros))
             return 0
         case .flush:

@@ -1,0 +1,318 @@
+import BlockBackend
+import BlockStorage
+import EngineDoubles
+import Hypervisor
+import XenABI
+
+/// One blkif ring in a fuzz program: a guest (its memory, grants and the
+/// frontend's half of the ring, played by the checker), a disk, the engine
+/// under test, and what the checker knows (the requests written, a model
+/// of the disk, the pages the backend may touch). Ring A is driven by the
+/// hostile program; ring B, the bystander, only by a correct frontend.
+/// Guest, disk and buffers live across runs; `begin` resets them and
+/// builds a fresh engine.
+final class BlkifFuzzRing {
+    let name: String
+    let guest: InMemoryGuest
+    let grants: InMemoryGrantTable
+    let disk: InMemoryStorage
+    let findings: FuzzFindings
+    static let diskSectors = 256
+    static let requestCapacity = 768
+    static let segmentCapacity = 8192
+    static let offerCapacity = 256
+
+    private(set) var configuration: BlkifFuzzConfiguration
+    private(set) var limits: DiskLimits
+    private(set) var engine: VbdEngine!
+    let model = SectorModel(sectors: diskSectors)
+
+    // The frontend's indices (requests it wrote, responses it took).
+    private(set) var size: UInt32 = 32
+    private(set) var startIndex: UInt32 = 0
+    var requestProducerPrivate: UInt32 = 0
+    var responseConsumer: UInt32 = 0
+    var epoch: UInt32 = 1
+
+    let requests: UnsafeMutablePointer<FuzzRequest>
+    var requestCount = 0
+    let segments: UnsafeMutablePointer<FuzzSegment>
+    var segmentCount = 0
+    let offers: UnsafeMutablePointer<FuzzOffer>
+    var offerCount = 0
+    /// The well-formed request occupying each ring index (mod size), or -1.
+    let requestAtSlot: UnsafeMutablePointer<Int32>
+
+    /// Per frame: used by a request in flight; may be written by a hostile
+    /// request in flight (its users' data is not vouched for); ever granted
+    /// writable (else it must keep the checker's bytes); hash of those bytes.
+    let busy: UnsafeMutablePointer<Bool>
+    let tainted: UnsafeMutablePointer<Bool>
+    let everWritable: UnsafeMutablePointer<Bool>
+    let frameHash: UnsafeMutablePointer<UInt64>
+    /// Wildcard writes of hostile requests, open until a quiet point.
+    var hostileSerials: [UInt32] = []
+
+    /// The frontend never moved req_prod other than to req_prod_pvt, so
+    /// "every published request is answered" can be checked exactly.
+    var lawful = true
+    var stopped = false
+    var drained = false
+    /// A response slot the guest itself overwrote during a step: one answer
+    /// was lost to the checker, so exactly-once cannot be settled at the end.
+    var clobberedIndex: UInt32?
+    var lostResponse = false
+    var lastWait: VbdEngineStep.Wait = .idle
+    /// The engine is inside `step` (a rewrite now races it).
+    var inStep = false
+    /// Print responses as they are taken (BLKIF_FUZZ_TRACE).
+    var trace = false
+    let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+
+    init(name: String, domain: DomID, grants: InMemoryGrantTable, guest: InMemoryGuest, queueDepth: Int,
+         findings: FuzzFindings) {
+        self.name = name
+        self.guest = guest
+        self.grants = grants
+        self.findings = findings
+        disk = InMemoryStorage(sizeBytes: Self.diskSectors * Blkif.sectorSize, queueDepth: queueDepth)
+        configuration = BlkifFuzzConfiguration(ringPages: 1, persistentGrants: false, maxIndirectSegments: 0,
+                                                secureDiscard: false, queueDepth: queueDepth, startIndex: 0)
+        limits = DiskLimits(sectors: UInt64(Self.diskSectors), readOnly: false, flush: true, barrier: true, discard: true)
+        requests = .allocate(capacity: Self.requestCapacity)
+        segments = .allocate(capacity: Self.segmentCapacity)
+        offers = .allocate(capacity: Self.offerCapacity)
+        requestAtSlot = .allocate(capacity: 128)
+        busy = .allocate(capacity: FuzzGuestLayout.pages)
+        tainted = .allocate(capacity: FuzzGuestLayout.pages)
+        everWritable = .allocate(capacity: FuzzGuestLayout.pages)
+        frameHash = .allocate(capacity: FuzzGuestLayout.pages)
+        hostileSerials.reserveCapacity(SectorModel.writeCapacity)
+        model.oldestOpenEpoch = { [unowned self] in self.oldestOpenCheck() }
+    }
+
+    deinit {
+        requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
+        busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); frameHash.deallocate()
+        scratch.deallocate()
+    }
+
+    var ringBase: UnsafeMutableRawPointer { guest.page(0) }
+
+    @inline(__always)
+    func header(_ offset: Int) -> UInt32 { ringBase.load(fromByteOffset: offset, as: UInt32.self) }
+
+    @inline(__always)
+    func setHeader(_ offset: Int, _ value: UInt32) { ringBase.storeBytes(of: value, toByteOffset: offset, as: UInt32.self) }
+
+    @inline(__always)
+    func slot(_ index: UInt32) -> UnsafeMutableRawPointer {
+        ringBase + SharedRingLayout.Offset.ring + Int(index & (size - 1)) * Blkif.slotSize
+    }
+
+    // MARK: a run
+
+    /// Resets guest, disk and checker and attaches a new engine.
+    func begin(_ c: BlkifFuzzConfiguration) {
+        configuration = c
+        limits = DiskLimits(sectors: UInt64(Self.diskSectors), readOnly: false, flush: true, barrier: true, discard: true,
+                            secureDiscard: c.secureDiscard, maxIndirectSegments: c.maxIndirectSegments)
+        // Data pages are not cleared: the checker fills each before a
+        // well-formed request uses it, and what else reads them (raw and
+        // rewritten requests) only moves bytes the checker never judges.
+        guest.reset(zeroing: 0..<FuzzGuestLayout.indirectFrames.upperBound)
+        disk.reset()
+        model.reset()
+        let front = InMemoryBlkfront(guest: guest, ringPages: c.ringPages, backendDomain: grants.ownDomain,
+                                     startIndex: c.startIndex)
+        size = front.ring.size
+        for p in 0..<c.ringPages { guest.revoke(GrantRef(p)) }
+        startIndex = c.startIndex
+        requestProducerPrivate = c.startIndex
+        responseConsumer = c.startIndex
+        epoch = 1
+        requestCount = 0
+        segmentCount = 0
+        offerCount = 0
+        requestAtSlot.update(repeating: -1, count: 128)
+        busy.update(repeating: false, count: FuzzGuestLayout.pages)
+        tainted.update(repeating: false, count: FuzzGuestLayout.pages)
+        everWritable.update(repeating: false, count: FuzzGuestLayout.pages)
+        hostileSerials.removeAll(keepingCapacity: true)
+        for f in FuzzGuestLayout.requestFrames {
+            let readOnly = FuzzGuestLayout.readOnlyFrames.contains(f)
+            guest.grant(GrantRef(FuzzGuestLayout.ref(f)), frame: f, to: grants.ownDomain, readOnly: readOnly)
+            everWritable[f] = !readOnly
+        }
+        for f in FuzzGuestLayout.sentinelFrames {
+            guest.page(f).initializeMemory(as: UInt8.self, repeating: FuzzGuestLayout.sentinelByte, count: XenPage.size)
+        }
+        for f in FuzzGuestLayout.readOnlyFrames { frameHash[f] = hashFrame(f) }
+        lawful = true
+        stopped = false
+        drained = false
+        clobberedIndex = nil
+        lostResponse = false
+        lastWait = .idle
+        engine = makeEngine()
+    }
+
+    private func makeEngine() -> VbdEngine {
+        VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
+                  storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
+                  indirectBouncePages: 64)
+    }
+
+    /// Ends the run: the engine goes (its persistent mappings with it).
+    func end() {
+        engine?.releaseMappings()
+        engine = nil
+    }
+
+    /// kill -9 of the daemon and a restart over the same ring memory: the
+    /// storage finishes what the kernel had (`completing` pending operations,
+    /// chosen by the program), the rest is dropped; the process's mappings
+    /// go with it; a new engine attaches. With the ring journal (issue 12)
+    /// the new engine is given the journal that survived the process here.
+    func restartEngine(completing: (InMemoryStorage) -> Void) {
+        completing(disk)
+        disk.dropPending()
+        engine.releaseMappings()
+        engine = nil
+        engine = makeEngine()
+        stopped = false
+        drained = false
+    }
+
+    func hashFrame(_ f: Int) -> UInt64 {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        let p = guest.page(f)
+        for i in 0..<(XenPage.size / 8) { h = (h ^ p.load(fromByteOffset: i * 8, as: UInt64.self)) &* 0x100_0000_01B3 }
+        return h
+    }
+
+    // MARK: bookkeeping
+
+    func tick() -> UInt32 {
+        epoch &+= 1
+        return epoch
+    }
+
+    /// The oldest epoch a read or flush in flight may ask the model about.
+    func oldestOpenCheck() -> UInt32 {
+        var oldest = epoch
+        for i in 0..<requestCount where !requests[i].answered && !requests[i].tampered {
+            oldest = min(oldest, requests[i].published)
+        }
+        return oldest
+    }
+
+    func addOffer(id: UInt64, operation: UInt8) {
+        guard offerCount < Self.offerCapacity else { return }
+        offers[offerCount] = FuzzOffer(id: id, operation: operation)
+        offerCount += 1
+    }
+
+    /// The request's data can no longer be vouched for; a write of it may
+    /// have put anything anywhere in its conservative range.
+    func makeUnreliable(_ r: Int, descriptorsChanged: Bool) {
+        requests[r].unreliable = true
+        if requests[r].serial != 0 { model.markWildcard(requests[r].serial) }
+        if descriptorsChanged {
+            requests[r].tampered = true
+            if requests[r].kind == .indirectWrite {
+                hostileWrite(sector: requests[r].sector, count: UInt64(configuration.maxIndirectSegments) * 8, zeros: false)
+            }
+            if requests[r].kind == .indirectRead { taintAllFrames() }
+        }
+    }
+
+    /// A hostile request may write guest frame `f` (a read into it).
+    func taint(frame f: Int) {
+        tainted[f] = true
+        for r in 0..<requestCount where !requests[r].answered && !requests[r].unreliable && uses(r, frame: f) {
+            makeUnreliable(r, descriptorsChanged: Int(requests[r].indirectFrame) == f)
+        }
+    }
+
+    func taintAllFrames() {
+        for f in FuzzGuestLayout.requestFrames where !tainted[f] {
+            taint(frame: f)
+        }
+    }
+
+    func uses(_ r: Int, frame f: Int) -> Bool {
+        if Int(requests[r].indirectFrame) == f { return true }
+        let start = Int(requests[r].segmentStart)
+        for i in start..<start + Int(requests[r].segmentCount) where Int(segments[i].frame) == f { return true }
+        return false
+    }
+
+    /// A hostile write (raw bytes, a rewritten slot or descriptor page) may
+    /// land anywhere in its range until the next quiet point.
+    func hostileWrite(sector: UInt64, count: UInt64, zeros: Bool) {
+        guard sector < UInt64(Self.diskSectors), let serial = model.newWrite(at: tick(), wildcard: !zeros, zeros: zeros) else {
+            return
+        }
+        model.mayLand(serial, sector: sector, count: count)
+        hostileSerials.append(serial)
+    }
+
+    /// What bytes in a slot may do when the engine takes them: answer
+    /// their id once, write guest frames (a read) or disk sectors (a write).
+    func offerRaw(_ p: UnsafeRawPointer) {
+        let operation = p.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
+        let id = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+        addOffer(id: id, operation: responseOperation(p, limits: limits))
+        let sector = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self)
+        switch operation {
+        case BlkifOperation.read:
+            for i in 0..<Blkif.maxSegmentsPerRequest {
+                let ref = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.seg + i * BlkifSegment.size, as: UInt32.self)
+                if let f = FuzzGuestLayout.frame(ref) { taint(frame: f) }
+            }
+        case BlkifOperation.write, BlkifOperation.writeBarrier:
+            hostileWrite(sector: sector, count: UInt64(Blkif.maxSegmentsPerRequest * Blkif.sectorsPerPage), zeros: false)
+        case BlkifOperation.discard:
+            let count = p.loadUnaligned(fromByteOffset: BlkifDiscardRequest.Offset.nrSectors, as: UInt64.self)
+            hostileWrite(sector: sector, count: count, zeros: true)
+        case BlkifOperation.indirect where configuration.maxIndirectSegments > 0:
+            let indirectOp = p.load(fromByteOffset: BlkifIndirectRequest.Offset.indirectOp, as: UInt8.self)
+            if indirectOp == BlkifOperation.read { taintAllFrames() }
+            if indirectOp == BlkifOperation.write {
+                hostileWrite(sector: sector, count: UInt64(configuration.maxIndirectSegments) * 8, zeros: false)
+            }
+        default:
+            break
+        }
+    }
+
+    /// Everything written has been published and answered and the engine
+    /// holds nothing: hostile requests are over, their effects settled.
+    func settleIfQuiet() {
+        guard lawful, !hostileSerials.isEmpty || anyTainted(),
+              header(SharedRingLayout.Offset.reqProd) == requestProducerPrivate,
+              responseConsumer == requestProducerPrivate, engine.outstanding == 0, disk.pending.isEmpty else { return }
+        let now = tick()
+        for s in hostileSerials { model.answered(s, at: now) }
+        hostileSerials.removeAll(keepingCapacity: true)
+        tainted.update(repeating: false, count: FuzzGuestLayout.pages)
+        for r in 0..<requestCount where !requests[r].answered {
+            requests[r].answered = true   // a tampered version was answered instead
+            release(r)
+        }
+    }
+
+    private func anyTainted() -> Bool {
+        for f in FuzzGuestLayout.requestFrames where tainted[f] {
+            return true
+        }
+        return false
+    }
+
+    func release(_ r: Int) {
+        let start = Int(requests[r].segmentStart)
+        for i in start..<start + Int(requests[r].segmentCount) { busy[Int(segments[i].frame)] = false }
+        if requests[r].indirectFrame >= 0 { busy[Int(requests[r].indirectFrame)] = false }
+    }
+}
