@@ -120,6 +120,8 @@ public final class VbdEngine {
     private let iovecsPerMerge: Int
     static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
+    /// Where `pages` and `descriptors` come from when the caller keeps them.
+    private let pageStore: VbdEnginePageStore?
 
     private var stopping = false
     /// The storage's completion descriptor was reported readable since the last reap.
@@ -149,7 +151,7 @@ public final class VbdEngine {
     /// initialised) and allocates every buffer the ring will ever need.
     public init(ring base: UnsafeMutableRawPointer, pages ringPages: Int, frontendDomain: DomID, grants: any GrantTableHandle,
                 storage: any BlockStorage, limits: DiskLimits, persistentGrants: Bool,
-                indirectBouncePages: Int = VbdEngine.indirectBouncePages) {
+                indirectBouncePages: Int = VbdEngine.indirectBouncePages, pageStore: VbdEnginePageStore? = nil) {
         precondition((0...Self.indirectSegmentsLimit).contains(limits.maxIndirectSegments),
                      "max indirect segments \(limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
         self.storage = storage
@@ -166,7 +168,13 @@ public final class VbdEngine {
 
         slots = .allocate(capacity: slotCount)
         slots.initialize(repeating: RequestSlot(), count: slotCount)
-        pages = allocatePages(placeCount, what: "bounce pages")
+        self.pageStore = pageStore
+        let descriptorPages = max(1, areaCount * descriptorPagesPerArea)
+        if let pageStore {
+            pages = pageStore.pages(placeCount + descriptorPages)
+        } else {
+            pages = allocatePages(placeCount, what: "bounce pages")
+        }
         iovecs = .allocate(capacity: placeCount)
         iovecs.initialize(repeating: iovec(), count: placeCount)
         segments = .allocate(capacity: placeCount)
@@ -176,7 +184,8 @@ public final class VbdEngine {
         freeSlots = .allocate(capacity: slotCount)
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount
-        descriptors = allocatePages(max(1, areaCount * descriptorPagesPerArea), what: "indirect descriptor pages")
+        descriptors = pageStore != nil ? pages + placeCount * XenPage.size
+                                       : allocatePages(descriptorPages, what: "indirect descriptor pages")
         freeAreas = .allocate(capacity: max(1, areaCount))
         for i in 0..<areaCount { freeAreas[i] = Int32(areaCount - 1 - i) }
         freeAreaCount = areaCount
@@ -197,11 +206,11 @@ public final class VbdEngine {
 
     deinit {
         slots.deallocate()
-        free(pages)
+        if pageStore == nil { free(pages) }
         iovecs.deallocate()
         segments.deallocate()
         bounced.deallocate()
-        free(descriptors)
+        if pageStore == nil { free(descriptors) }
         freeAreas.deallocate()
         pendingIndirect.deallocate()
         freeSlots.deallocate()
@@ -642,6 +651,30 @@ public final class VbdEngine {
         if status != BlkifStatus.okay { statistics.errors &+= 1 }
         BlkifResponse(id: id, operation: operation, status: status).encode(to: ring.nextResponseSlot())
         ring.commitResponse()
+    }
+}
+
+/// Bounce and descriptor pages kept by a caller that creates engine after
+/// engine on one thread (a fuzzer: one per run) and hands each the same
+/// store: under AddressSanitizer, mapping, poisoning and faulting in a fresh
+/// multi-megabyte block per engine took most of a run. The pages keep the
+/// last engine's bytes (an engine writes a bounce page before reading it).
+/// One engine at a time: the next may be created once the last is gone.
+public final class VbdEnginePageStore {
+    private var block: UnsafeMutableRawPointer?
+    private var capacity = 0
+
+    public init() {}
+
+    deinit { free(block) }
+
+    func pages(_ count: Int) -> UnsafeMutableRawPointer {
+        if count > capacity {
+            free(block)
+            block = allocatePages(count, what: "bounce pages")
+            capacity = count
+        }
+        return block!
     }
 }
 

@@ -65,8 +65,8 @@ public final class InMemoryStorage: BlockStorage {
     public func reset() {
         for c in dirtyChunks.indices where dirtyChunks[c] {
             let n = min(Self.chunk, sizeBytes - c * Self.chunk)
-            (written + c * Self.chunk).initializeMemory(as: UInt8.self, repeating: 0, count: n)
-            (durable + c * Self.chunk).initializeMemory(as: UInt8.self, repeating: 0, count: n)
+            memset(written + c * Self.chunk, 0, n)
+            memset(durable + c * Self.chunk, 0, n)
             dirtyChunks[c] = false
         }
         pending.removeAll(keepingCapacity: true)

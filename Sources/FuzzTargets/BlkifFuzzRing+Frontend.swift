@@ -146,7 +146,7 @@ extension BlkifFuzzRing {
                     sector += 1
                 }
             }
-            if !everWritable[Int(s.frame)] { frameHash[Int(s.frame)] = hashFrame(Int(s.frame)) }
+            keep(Int(s.frame))
         }
     }
 

@@ -1,4 +1,5 @@
 import BlockBackend
+import Glibc
 import BlockStorage
 import EngineDoubles
 import Hypervisor
@@ -26,6 +27,8 @@ final class BlkifFuzzRing {
     private(set) var limits: DiskLimits
     private(set) var engine: VbdEngine!
     let model = SectorModel(sectors: diskSectors)
+    /// The engines' bounce pages, kept across runs (one engine at a time).
+    private let pageStore = VbdEnginePageStore()
 
     // The frontend's indices (requests it wrote, responses it took).
     private(set) var size: UInt32 = 32
@@ -49,7 +52,9 @@ final class BlkifFuzzRing {
     let busy: UnsafeMutablePointer<Bool>
     let tainted: UnsafeMutablePointer<Bool>
     let everWritable: UnsafeMutablePointer<Bool>
-    let frameHash: UnsafeMutablePointer<UInt64>
+    /// What the checker last wrote into the read-only frames, and the sentinel pattern.
+    private let keptPages: UnsafeMutableRawPointer
+    let sentinelPage: UnsafeMutableRawPointer
     /// Wildcard writes of hostile requests, open until a quiet point.
     var hostileSerials: [UInt32] = []
 
@@ -86,15 +91,17 @@ final class BlkifFuzzRing {
         busy = .allocate(capacity: FuzzGuestLayout.pages)
         tainted = .allocate(capacity: FuzzGuestLayout.pages)
         everWritable = .allocate(capacity: FuzzGuestLayout.pages)
-        frameHash = .allocate(capacity: FuzzGuestLayout.pages)
+        keptPages = .allocate(byteCount: FuzzGuestLayout.readOnlyFrames.count * XenPage.size, alignment: XenPage.size)
+        sentinelPage = .allocate(byteCount: XenPage.size, alignment: XenPage.size)
+        memset(sentinelPage, Int32(FuzzGuestLayout.sentinelByte), XenPage.size)
         hostileSerials.reserveCapacity(SectorModel.writeCapacity)
         model.oldestOpenEpoch = { [unowned self] in self.oldestOpenCheck() }
     }
 
     deinit {
         requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
-        busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); frameHash.deallocate()
-        scratch.deallocate()
+        busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); keptPages.deallocate()
+        sentinelPage.deallocate(); scratch.deallocate()
     }
 
     var ringBase: UnsafeMutableRawPointer { guest.page(0) }
@@ -145,9 +152,9 @@ final class BlkifFuzzRing {
             everWritable[f] = !readOnly
         }
         for f in FuzzGuestLayout.sentinelFrames {
-            guest.page(f).initializeMemory(as: UInt8.self, repeating: FuzzGuestLayout.sentinelByte, count: XenPage.size)
+            memset(guest.page(f), Int32(FuzzGuestLayout.sentinelByte), XenPage.size)
         }
-        for f in FuzzGuestLayout.readOnlyFrames { frameHash[f] = hashFrame(f) }
+        for f in FuzzGuestLayout.readOnlyFrames { keep(f) }
         lawful = true
         stopped = false
         drained = false
@@ -160,7 +167,7 @@ final class BlkifFuzzRing {
     private func makeEngine() -> VbdEngine {
         VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
                   storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
-                  indirectBouncePages: 64)
+                  indirectBouncePages: 64, pageStore: pageStore)
     }
 
     /// Ends the run: the engine goes (its persistent mappings with it).
@@ -184,11 +191,15 @@ final class BlkifFuzzRing {
         drained = false
     }
 
-    func hashFrame(_ f: Int) -> UInt64 {
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
-        let p = guest.page(f)
-        for i in 0..<(XenPage.size / 8) { h = (h ^ p.load(fromByteOffset: i * 8, as: UInt64.self)) &* 0x100_0000_01B3 }
-        return h
+    /// Where the checker's own bytes of read-only frame `f` are kept.
+    func keptCopy(_ f: Int) -> UnsafeMutableRawPointer {
+        keptPages + (f - FuzzGuestLayout.readOnlyFrames.lowerBound) * XenPage.size
+    }
+
+    /// Remembers what the checker wrote into `f`, if it is a frame that must keep it.
+    func keep(_ f: Int) {
+        guard FuzzGuestLayout.readOnlyFrames.contains(f), !everWritable[f] else { return }
+        memcpy(keptCopy(f), guest.page(f), XenPage.size)
     }
 
     // MARK: bookkeeping

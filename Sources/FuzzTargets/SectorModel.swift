@@ -38,6 +38,9 @@ final class SectorModel {
     private let saturated: UnsafeMutablePointer<Bool>
     /// Some write or discard may have touched the sector.
     let touched: UnsafeMutablePointer<Bool>
+    /// The touched sectors, in the order they were first touched.
+    let touchedList: UnsafeMutablePointer<Int32>
+    private(set) var touchedCount = 0
     /// The oldest epoch a check still in flight may ask about (for compaction).
     var oldestOpenEpoch: () -> UInt32 = { 0 }
 
@@ -48,12 +51,13 @@ final class SectorModel {
         counts = .allocate(capacity: sectors)
         saturated = .allocate(capacity: sectors)
         touched = .allocate(capacity: sectors)
+        touchedList = .allocate(capacity: sectors)
         reset()
     }
 
     deinit {
         writes.deallocate(); candidates.deallocate(); counts.deallocate()
-        saturated.deallocate(); touched.deallocate()
+        saturated.deallocate(); touched.deallocate(); touchedList.deallocate()
     }
 
     func reset() {
@@ -63,6 +67,7 @@ final class SectorModel {
         counts.update(repeating: 1, count: sectors)
         saturated.update(repeating: false, count: sectors)
         touched.update(repeating: false, count: sectors)
+        touchedCount = 0
     }
 
     /// A new write (or discard, or wildcard) slot-written at `epoch`; nil when the table is full.
@@ -81,7 +86,11 @@ final class SectorModel {
     }
 
     private func add(_ serial: UInt32, to s: Int) {
-        touched[s] = true
+        if !touched[s] {
+            touched[s] = true
+            touchedList[touchedCount] = Int32(s)
+            touchedCount += 1
+        }
         guard !saturated[s] else { return }
         let base = s * Self.perSector
         var n = Int(counts[s])

@@ -17,19 +17,25 @@ enum SectorStamp {
         for i in 0..<words { p.storeBytes(of: word(serial, sector, i), toByteOffset: i * 8, as: UInt64.self) }
     }
 
+    // Differences are OR-ed and compared once: a fuzzer build traces every
+    // comparison, and one per word made these loops most of a run.
     static func matches(_ p: UnsafeRawPointer, serial: UInt32, sector: UInt32) -> Bool {
-        for i in 0..<words where p.load(fromByteOffset: i * 8, as: UInt64.self) != word(serial, sector, i) { return false }
-        return true
+        var difference: UInt64 = 0
+        for i in 0..<words { difference |= p.load(fromByteOffset: i * 8, as: UInt64.self) ^ word(serial, sector, i) }
+        return difference == 0
+    }
+
+    static func isZero(_ p: UnsafeRawPointer, bytes: Int) -> Bool {
+        var bits: UInt64 = 0
+        for i in 0..<bytes / 8 { bits |= p.load(fromByteOffset: i * 8, as: UInt64.self) }
+        return bits == 0
     }
 
     /// The serial the bytes of disk sector `sector` carry: 0 for zeros, nil
     /// for anything that is neither zeros nor a whole stamp of this sector.
     static func serial(of p: UnsafeRawPointer, sector: UInt32) -> UInt32? {
         let first = p.load(as: UInt64.self)
-        if first == 0 {
-            for i in 1..<words where p.load(fromByteOffset: i * 8, as: UInt64.self) != 0 { return nil }
-            return 0
-        }
+        if first == 0 { return isZero(p, bytes: 512) ? 0 : nil }
         let serial = UInt32(truncatingIfNeeded: first >> 32)
         guard UInt32(truncatingIfNeeded: first) == sector, serial != 0, matches(p, serial: serial, sector: sector) else {
             return nil
