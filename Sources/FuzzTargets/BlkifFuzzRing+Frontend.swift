@@ -127,6 +127,10 @@ extension BlkifFuzzRing {
             break
         }
         if indirectFrame >= 0 && tainted[indirectFrame] { makeUnreliable(r, descriptorsChanged: true) }
+        for o in 0..<offerCount where !offers[o].answered && offers[o].id == id {
+            makeUnreliable(r, descriptorsChanged: true)   // raw bytes already offered this id
+            break
+        }
         return true
     }
 

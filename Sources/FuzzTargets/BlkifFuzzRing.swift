@@ -55,6 +55,7 @@ final class BlkifFuzzRing {
     /// What the checker last wrote into the read-only frames, and the sentinel pattern.
     private let keptPages: UnsafeMutableRawPointer
     let sentinelPage: UnsafeMutableRawPointer
+    let zeroPage: UnsafeMutableRawPointer
     /// Wildcard writes of hostile requests, open until a quiet point.
     var hostileSerials: [UInt32] = []
 
@@ -94,6 +95,8 @@ final class BlkifFuzzRing {
         keptPages = .allocate(byteCount: FuzzGuestLayout.readOnlyFrames.count * XenPage.size, alignment: XenPage.size)
         sentinelPage = .allocate(byteCount: XenPage.size, alignment: XenPage.size)
         memset(sentinelPage, Int32(FuzzGuestLayout.sentinelByte), XenPage.size)
+        zeroPage = .allocate(byteCount: XenPage.size, alignment: XenPage.size)
+        memset(zeroPage, 0, XenPage.size)
         hostileSerials.reserveCapacity(SectorModel.writeCapacity)
         model.oldestOpenEpoch = { [unowned self] in self.oldestOpenCheck() }
     }
@@ -101,7 +104,7 @@ final class BlkifFuzzRing {
     deinit {
         requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
         busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); keptPages.deallocate()
-        sentinelPage.deallocate(); scratch.deallocate()
+        sentinelPage.deallocate(); zeroPage.deallocate(); scratch.deallocate()
     }
 
     var ringBase: UnsafeMutableRawPointer { guest.page(0) }
@@ -275,6 +278,10 @@ final class BlkifFuzzRing {
         let operation = p.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
         let id = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
         addOffer(id: id, operation: responseOperation(p, limits: limits))
+        // The id of a well-formed request in flight: which of the two an answer is for cannot be told.
+        if id & ~0xFFFF_FFFF == Self.idPrefix, Int(id & 0xFFFF_FFFF) < requestCount, !requests[Int(id & 0xFFFF_FFFF)].answered {
+            makeUnreliable(Int(id & 0xFFFF_FFFF), descriptorsChanged: true)
+        }
         let sector = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self)
         switch operation {
         case BlkifOperation.read:

@@ -41,10 +41,15 @@ final class SectorModel {
     /// The touched sectors, in the order they were first touched.
     let touchedList: UnsafeMutablePointer<Int32>
     private(set) var touchedCount = 0
+    /// Bit p: a sector of 4 KiB page p is touched (disks of up to 64 pages).
+    private(set) var touchedPages: UInt64 = 0
+    /// A hostile write found the write table full: every value is allowed.
+    private(set) var overflowed = false
     /// The oldest epoch a check still in flight may ask about (for compaction).
     var oldestOpenEpoch: () -> UInt32 = { 0 }
 
     init(sectors: Int) {
+        precondition(sectors <= 64 * 8, "touchedPages holds 64 pages")
         self.sectors = sectors
         writes = .allocate(capacity: Self.writeCapacity)
         candidates = .allocate(capacity: sectors * Self.perSector)
@@ -63,16 +68,22 @@ final class SectorModel {
     func reset() {
         writes[0] = Write(published: 0, answered: 0, wildcard: false, zeros: true)
         writeCount = 1
+        overflowed = false
         for s in 0..<sectors { candidates[s * Self.perSector] = Candidate(serial: 0, removed: .max) }
         counts.update(repeating: 1, count: sectors)
         saturated.update(repeating: false, count: sectors)
         touched.update(repeating: false, count: sectors)
         touchedCount = 0
+        touchedPages = 0
     }
 
     /// A new write (or discard, or wildcard) slot-written at `epoch`; nil when the table is full.
     func newWrite(at epoch: UInt32, wildcard: Bool, zeros: Bool) -> UInt32? {
-        guard writeCount < Self.writeCapacity else { return nil }
+        guard writeCount < Self.writeCapacity else {
+            // A hostile write the model cannot hold: nothing can be vouched for any more.
+            if wildcard || zeros { overflowed = true }
+            return nil
+        }
         writes[writeCount] = Write(published: epoch, answered: .max, wildcard: wildcard, zeros: zeros)
         writeCount += 1
         return UInt32(writeCount - 1)
@@ -90,6 +101,7 @@ final class SectorModel {
             touched[s] = true
             touchedList[touchedCount] = Int32(s)
             touchedCount += 1
+            touchedPages |= 1 << UInt64(s / 8)
         }
         guard !saturated[s] else { return }
         let base = s * Self.perSector
@@ -139,7 +151,7 @@ final class SectorModel {
 
     /// Whether `bytes` may be what sector `s` held at some time after `epoch`.
     func allows(_ bytes: UnsafeRawPointer, sector s: Int, since epoch: UInt32) -> Bool {
-        if saturated[s] { return true }
+        if saturated[s] || overflowed { return true }
         let base = s * Self.perSector
         // Wildcards first: bytes a hostile request may have put there are not even looked at.
         for i in 0..<Int(counts[s]) where candidates[base + i].removed > epoch {
