@@ -84,7 +84,7 @@ final class BlkifFuzzWorld {
         switch op {
         case 0..<48:
             let k = bytes.u8()
-            let kind = FuzzRequest.Kind(rawValue: k % 7)!
+            let kind = FuzzRequest.Kind(rawValue: (k & 7) % 7)!
             a.writeRequest(kind, &bytes, valid: k & 0xF0 != 0xF0, avoidOverlap: false)
             if k & 0x08 != 0 {
                 a.publish()

@@ -36,7 +36,7 @@ enum BlkifSeedPrograms {
 
     static let barrierAfterRevokedGrant = program(
         [0x00, 0x03],
-        [140, 0, 0],
+        [140, 4, 0],   // revoke frame 8, the first data frame
         request(1, count: 0, frame: 0, sector: 0, segments: 1, publish: false),
         request(2, count: 1, frame: 1, sector: 8, segments: 1), completeAllA, completeAllA,
         request(0, count: 1, frame: 2, sector: 0, segments: 2), completeAllA)
