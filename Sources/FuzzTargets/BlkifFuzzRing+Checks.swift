@@ -45,7 +45,8 @@ extension BlkifFuzzRing {
         while responseConsumer != produced {
             let index = responseConsumer
             responseConsumer &+= 1
-            if index == clobberedIndex {
+            // Same slot, whatever the lap (a frontend that moved req_prod anywhere has rsp_cons past its own slots).
+            if let c = clobberedIndex, (index ^ c) & (size - 1) == 0 {
                 lostResponse = true   // the guest overwrote this slot during the step
                 continue
             }
