@@ -21,6 +21,11 @@ public struct VbdRingConfiguration: Sendable {
     public var pollMicroseconds: Int
     /// Both ends agreed on feature-persistent: keep data pages mapped.
     public var persistentGrants: Bool
+    /// The ring's journal file (nil: none).
+    public var journalPath: String?
+    /// A restarted daemon takes over a connected ring: recover from the
+    /// journal. Otherwise the journal starts empty.
+    public var resuming = false
     public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits,
                 pollMicroseconds: Int = 0, persistentGrants: Bool = false) {
         self.frontendDomain = frontendDomain; self.ringRefs = ringRefs
@@ -114,8 +119,29 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             grants.unmap(mapping)
             throw HypervisorError("epoll_create", errno: e)
         }
+        var journal: VbdRingJournal?
+        if let path = c.journalPath {
+            do {
+                try makeDirectories(String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)]), mode: 0o700)
+                journal = try VbdRingJournal.open(file: path, ringSlots: SharedRingLayout.slots(pages: pageCount,
+                                                                                                entrySize: Blkif.slotSize))
+            } catch {
+                // Served without: only a kill -9 of this daemon could then
+                // repeat or lose an answer.
+                logger.error("no ring journal: a restart after a kill may repeat or miss answers",
+                             metadata: ["reason": "\(error)"])
+            }
+        }
         engine = VbdEngine(ring: mapping.address, pages: pageCount, frontendDomain: c.frontendDomain, grants: grants,
-                           storage: storage, limits: c.limits, persistentGrants: c.persistentGrants)
+                           storage: storage, limits: c.limits, persistentGrants: c.persistentGrants,
+                           journal: journal, identity: Self.identity(c), recover: c.resuming)
+        if c.resuming, journal != nil {
+            if engine.recovered {
+                logger.notice("ring resumed from its journal", metadata: ["requestsToRunAgain": "\(engine.requestsToReplay)"])
+            } else {
+                logger.warning("ring journal missing or not this ring's: resuming at rsp_prod")
+            }
+        }
         stopFlag.initialize(to: 0)
         _ = xb_epoll_add(epoll, events.fileDescriptor, xb_EPOLLIN, Token.eventChannel.rawValue)
         _ = xb_epoll_add(epoll, storage.completionFileDescriptor, xb_EPOLLIN, Token.storage.rawValue)
@@ -127,6 +153,17 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         readBytesCounter = Counter(label: "xenbackd_vbd_read_bytes_total", dimensions: dims)
         writeBytesCounter = Counter(label: "xenbackd_vbd_written_bytes_total", dimensions: dims)
         engine.beforePush = { [unowned self] in self.publishStatistics($0, force: false) }
+    }
+
+    /// Names this ring (domain, grant references, port): a journal written
+    /// for another ring is never replayed on this one.
+    static func identity(_ c: VbdRingConfiguration) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ v: UInt64) { h = (h ^ v) &* 0x0000_0100_0000_01b3 }
+        mix(UInt64(c.frontendDomain))
+        mix(UInt64(c.remotePort))
+        for r in c.ringRefs { mix(UInt64(r)) }
+        return h
     }
 
     deinit {

@@ -201,10 +201,12 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
                                     flush: g.supportsFlush, barrier: g.supportsFlush,
                                     discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
                                     maxIndirectSegments: resuming ? publishedIndirectSegments() : options.maxIndirectSegments)
-            let config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
+            var config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
                                               remotePort: ring.port, limits: limits,
                                               pollMicroseconds: options.pollMicroseconds,
                                               persistentGrants: ring.persistent)
+            config.journalPath = journalPath
+            config.resuming = resuming
             let name = "\(address.frontendDomain).\(address.devid)"
             let plane: VbdDataPlane
             do {
@@ -323,7 +325,14 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
         releaseDisk()
     }
 
+    /// This vbd's ring journal (see VbdRingJournal), if the daemon keeps them.
+    private var journalPath: String? {
+        options.ringJournalDirectory.map { "\($0)/vbd-\(address.frontendDomain)-\(address.devid).journal" }
+    }
+
     private func releaseDisk(flushing: Bool = false) {
+        // The ring is gone for good (not a daemon restart): so is its journal.
+        if let journalPath { unlink(journalPath) }
         guard let s = storage else { return }
         if flushing && s.geometry.supportsFlush {
             let result = s.flushAndWait()

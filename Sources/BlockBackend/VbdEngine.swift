@@ -121,6 +121,18 @@ public final class VbdEngine {
     static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
 
+    // The journal (nil: restart resumes at rsp_prod, as without one).
+    private let journal: VbdRingJournal?
+    private let freeRecords: UnsafeMutablePointer<Int32>
+    private var freeRecordCount = 0
+    /// Records answered in this pass, released once their responses are published.
+    private let unpublished: UnsafeMutablePointer<Int32>
+    private var unpublishedCount = 0
+    /// Requests a killed predecessor took and never answered, oldest first:
+    /// taken again (from the journal's copy) before the ring.
+    private var replay: [Int32] = []
+    private var replayNext = 0
+
     private var stopping = false
     /// The storage's completion descriptor was reported readable since the last reap.
     private var storageSignalled = false
@@ -147,9 +159,16 @@ public final class VbdEngine {
 
     /// Attaches to the ring at `ring` (`pages` mapped pages the frontend
     /// initialised) and allocates every buffer the ring will ever need.
+    ///
+    /// With a `journal`: `recover` reads what a killed predecessor left in
+    /// it (requests to run again, answers to publish again) if it holds this
+    /// ring (`identity`); otherwise, or without `recover`, it is formatted
+    /// afresh. Recovery that finds the journal inconsistent with the ring
+    /// falls back to resuming at rsp_prod (`recovered` says which happened).
     public init(ring base: UnsafeMutableRawPointer, pages ringPages: Int, frontendDomain: DomID, grants: any GrantTableHandle,
                 storage: any BlockStorage, limits: DiskLimits, persistentGrants: Bool,
-                indirectBouncePages: Int = VbdEngine.indirectBouncePages) {
+                indirectBouncePages: Int = VbdEngine.indirectBouncePages,
+                journal: VbdRingJournal? = nil, identity: UInt64 = 0, recover: Bool = false) {
         precondition((0...Self.indirectSegmentsLimit).contains(limits.maxIndirectSegments),
                      "max indirect segments \(limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
         self.storage = storage
@@ -157,8 +176,30 @@ public final class VbdEngine {
         self.frontendDomain = frontendDomain
         self.limits = limits
         self.usePersistentGrants = persistentGrants
-        ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+        var plan: JournalRecovery?
+        if let journal, recover, journal.holdsRing(identity: identity) {
+            let probe = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            plan = journal.recover(published: probe.publishedResponses, ringSize: probe.size)
+        }
+        if let plan {
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize, requestConsumer: plan.consumed)
+        } else {
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            journal?.format(identity: identity, consumed: ring.requestConsumer)
+        }
         slotCount = Int(ring.size)
+        self.journal = journal
+        recovered = plan != nil
+        let records = journal?.recordCount ?? 0
+        freeRecords = .allocate(capacity: max(1, records))
+        unpublished = .allocate(capacity: max(1, records))
+        if let plan {
+            for r in plan.free { freeRecords[freeRecordCount] = r; freeRecordCount += 1 }
+            replay = plan.replay
+        } else {
+            for r in 0..<records { freeRecords[r] = Int32(records - 1 - r) }
+            freeRecordCount = records
+        }
         indirectSegments = limits.maxIndirectSegments
         areaCount = indirectSegments == 0 ? 0 : min(slotCount, max(1, indirectBouncePages / indirectSegments))
         descriptorPagesPerArea = Blkif.indirectPages(segments: indirectSegments)
@@ -193,7 +234,22 @@ public final class VbdEngine {
         iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        // Answers written but never published before the kill go out first,
+        // in their order, with the statuses they had.
+        if let journal, let plan {
+            for r in plan.reanswer {
+                let request = journal.request(Int(r))
+                let id = request.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+                let (operation, status) = journal.response(Int(r))
+                respond(id: id, operation: operation, status: status, record: r)
+            }
+        }
     }
+
+    /// The journal held this ring and the engine resumed from it.
+    public let recovered: Bool
+    /// Requests of a killed predecessor still to be run again.
+    public var requestsToReplay: Int { replay.count - replayNext }
 
     deinit {
         slots.deallocate()
@@ -211,6 +267,8 @@ public final class VbdEngine {
         submissions.deallocate()
         mergedIovecs.deallocate()
         scratch.deallocate()
+        freeRecords.deallocate()
+        unpublished.deallocate()
     }
 
     public var ringSlots: Int { slotCount }
@@ -244,6 +302,7 @@ public final class VbdEngine {
                 lastPushedStatistics = statistics
             }
             let notify = ring.pushResponses()
+            releasePublishedRecords()
             if stopping || breach != nil {
                 return VbdEngineStep(notify: notify, wait: outstanding == 0 ? .drained : .storage)
             }
@@ -297,6 +356,18 @@ public final class VbdEngine {
         } while progressed
     }
 
+    /// Every response written so far is published: forget their requests.
+    @inline(__always)
+    private func releasePublishedRecords() {
+        guard let journal else { return }
+        for i in 0..<unpublishedCount {
+            journal.release(Int(unpublished[i]))
+            freeRecords[freeRecordCount] = unpublished[i]
+            freeRecordCount += 1
+        }
+        unpublishedCount = 0
+    }
+
     private func declareBroken(_ overflow: RingOverflow) {
         guard breach == nil else { return }
         breach = "frontend dom\(frontendDomain) broke the ring protocol: \(overflow)"
@@ -310,6 +381,20 @@ public final class VbdEngine {
     private var areasExhausted: Bool { areaCount > 0 && freeAreaCount == 0 }
 
     private func takeRequests() {
+        // What a killed predecessor took and never answered runs first, in
+        // the order it was taken, from the journal's private copies; the
+        // ring waits until it has all been taken (a barrier among it holds
+        // the rest as it would have).
+        if replayNext < replay.count, let journal {
+            while replayNext < replay.count && barrierSlot < 0 && !areasExhausted {
+                let r = replay[replayNext]
+                replayNext += 1
+                scratch.copyMemory(from: journal.request(Int(r)), byteCount: Blkif.slotSize)
+                handleTaken(record: r)
+            }
+            if replayNext < replay.count { return }
+            replay = []
+        }
         let available: UInt32
         do { available = try ring.unconsumedRequests() } catch {
             declareBroken(error)
@@ -317,31 +402,50 @@ public final class VbdEngine {
         }
         var taken: UInt32 = 0
         while taken < available && barrierSlot < 0 && !areasExhausted {
-            ring.takeRequest(into: scratch)
-            taken += 1
-            statistics.requests &+= 1
-            switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
-            case .failure(let rejection):
-                let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
-                respond(id: id, operation: responseOperation(UnsafeRawPointer(scratch), limits: limits),
-                        status: rejection.status)
-            case .success(let request):
-                accept(request)
+            var record: Int32 = -1
+            if let journal {
+                // Records come back when this pass's answers are published.
+                guard freeRecordCount > 0 else { break }
+                freeRecordCount -= 1
+                record = freeRecords[freeRecordCount]
+                let index = ring.requestConsumer
+                ring.takeRequest(into: scratch)
+                journal.recordTaken(Int(record), ringIndex: index, slot: UnsafeRawPointer(scratch))
+            } else {
+                ring.takeRequest(into: scratch)
             }
+            taken += 1
+            handleTaken(record: record)
         }
         if pendingIndirectCount > 0 { startIndirectRequests() }
     }
 
-    private func accept(_ r: ValidatedRequest) {
-        guard inFlight.insert(r.id) else {
+    /// The request in `scratch` (journal record `record`, or -1): refused at
+    /// once, or accepted.
+    @inline(__always)
+    private func handleTaken(record: Int32) {
+        statistics.requests &+= 1
+        switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
+        case .failure(let rejection):
+            let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+            respond(id: id, operation: responseOperation(UnsafeRawPointer(scratch), limits: limits),
+                    status: rejection.status, record: record)
+        case .success(let request):
+            accept(request, record: record)
+        }
+    }
+
+    private func accept(_ r: ValidatedRequest, record: Int32) {
+        guard freeSlotCount > 0, inFlight.insert(r.id) else {
             // A second request with an id already in flight: refuse it alone.
-            respond(id: r.id, operation: r.operation, status: BlkifStatus.error)
+            respond(id: r.id, operation: r.operation, status: BlkifStatus.error, record: record)
             return
         }
         freeSlotCount -= 1
         let s = Int(freeSlots[freeSlotCount])
         outstanding += 1
         slots[s] = RequestSlot(request: r)
+        slots[s].record = record
         if r.indirectPageCount > 0 {
             // takeRequests took this request only because an area was free.
             freeAreaCount -= 1
@@ -625,7 +729,7 @@ public final class VbdEngine {
         case BlkifOperation.flushDiskCache: statistics.flushes &+= 1
         default: statistics.discards &+= 1
         }
-        respond(id: slot.id, operation: slot.operation, status: status)
+        respond(id: slot.id, operation: slot.operation, status: status, record: slot.record)
         inFlight.remove(slot.id)
         if slot.area >= 0 {
             freeAreas[freeAreaCount] = slot.area
@@ -638,8 +742,14 @@ public final class VbdEngine {
     }
 
     @inline(__always)
-    private func respond(id: UInt64, operation: UInt8, status: Int16) {
+    private func respond(id: UInt64, operation: UInt8, status: Int16, record: Int32) {
         if status != BlkifStatus.okay { statistics.errors &+= 1 }
+        if record >= 0, let journal {
+            journal.recordAnswered(Int(record), responseIndex: ring.responseProducerPrivate, operation: operation,
+                                   status: status)
+            unpublished[unpublishedCount] = record
+            unpublishedCount += 1
+        }
         BlkifResponse(id: id, operation: operation, status: status).encode(to: ring.nextResponseSlot())
         ring.commitResponse()
     }
@@ -672,6 +782,8 @@ struct RequestSlot {
     var anyBounced = false
     /// The next slot served by the same merged storage operation, or -1.
     var nextInGroup: Int32 = -1
+    /// The request's journal record, or -1 (no journal).
+    var record: Int32 = -1
 
     init() {}
 

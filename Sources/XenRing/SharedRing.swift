@@ -74,6 +74,18 @@ public struct BackRing: ~Copyable {
         responseProducerPrivate = published
     }
 
+    /// Attaches to a ring this backend served before (its journal says
+    /// which requests it took): responses resume at the published rsp_prod,
+    /// requests at `requestConsumer`.
+    public init(attachingTo base: UnsafeMutableRawPointer, pages: Int, entrySize: Int, requestConsumer: UInt32) {
+        shared = SharedRingMemory(base: base, pages: pages, entrySize: entrySize)
+        self.requestConsumer = requestConsumer
+        responseProducerPrivate = shared.load(SharedRingLayout.Offset.rspProd)
+    }
+
+    /// The rsp_prod both ends see (published responses).
+    public var publishedResponses: UInt32 { shared.load(SharedRingLayout.Offset.rspProd) }
+
     /// RING_UNCONSUMED_REQUESTS after a RING_REQUEST_PROD_OVERFLOW check:
     /// how many requests may be taken now. Reads req_prod, then a read
     /// barrier, so the slots below it are safe to copy.
