@@ -41,6 +41,7 @@ public struct VbdRingConfiguration: Sendable {
 /// the thread, the poll window, stopping, and publishing the counters.
 public final class VbdDataPlane: @unchecked Sendable {   // thread-confined after start(); control touches only stop flag + stats box
     private let name: String
+    private let logger: Logger
     private let storage: any BlockStorage
     private let grants: any GrantTableHandle
     private let events: any EventChannelHandle
@@ -51,6 +52,15 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let epoll: Int32
     private let wakeup: Wakeup
     private let onFatal: @Sendable (String) -> Void
+
+    // Refused requests: the first few logged one by one, then a count at
+    // most every `rejectionSummarySeconds` (a hostile guest must not flood
+    // the log); every one is counted by reason in the statistics.
+    static let rejectionsLoggedInFull = 10
+    static let rejectionSummarySeconds = 10
+    private var rejectionsLogged = 0
+    private var rejectionsNotLogged: UInt64 = 0
+    private var lastRejectionSummary = 0
 
     private let stopFlag = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private var thread: NativeThread?
@@ -77,6 +87,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 configuration c: VbdRingConfiguration, logger: Logger,
                 onFatal: @escaping @Sendable (String) -> Void) throws(HypervisorError) {
         self.name = name
+        self.logger = logger
         self.storage = storage
         self.pollNanoseconds = c.pollMicroseconds * 1000
         self.onFatal = onFatal
@@ -228,6 +239,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             }
             let s = engine.step(input, armIfIdle: pollNanoseconds == 0)
             if s.notify { notifyFrontend() }
+            if engine.hasRejections { logRejections() }
             if !reported, let breach = engine.breach {
                 reported = true
                 onFatal(breach)
@@ -236,6 +248,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             switch s.wait {
             case .drained:
                 publishStatistics(engine.statistics, force: true)
+                logRejections(final: true)
                 return
             case .busy:
                 continue
@@ -257,6 +270,29 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 }
             }
         }
+    }
+
+    private func logRejections(final: Bool = false) {
+        let unkept = engine.takeRejections { r in
+            guard rejectionsLogged < Self.rejectionsLoggedInFull else {
+                rejectionsNotLogged &+= 1
+                return
+            }
+            rejectionsLogged += 1
+            logger.warning("refused a request", metadata: [
+                "reason": "\(r.reason)", "id": "\(r.id)", "operation": "\(r.operation)", "sector": "\(r.sector)",
+            ])
+        }
+        rejectionsNotLogged &+= unkept
+        guard rejectionsNotLogged > 0 else { return }
+        let now = Int(MonotonicClock.nanoseconds() / 1_000_000_000)
+        guard final || now - lastRejectionSummary >= Self.rejectionSummarySeconds else { return }
+        lastRejectionSummary = now
+        logger.warning("refused more requests", metadata: [
+            "count": "\(rejectionsNotLogged)",
+            "byReasonSinceStart": "\(engine.statistics.rejected.named.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
+        ])
+        rejectionsNotLogged = 0
     }
 
     private func drainEventChannel() {

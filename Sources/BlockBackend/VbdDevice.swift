@@ -383,6 +383,7 @@ extension VbdStatistics {
         s.requests &+= o.requests; s.reads &+= o.reads; s.writes &+= o.writes
         s.flushes &+= o.flushes; s.discards &+= o.discards
         s.bytesRead &+= o.bytesRead; s.bytesWritten &+= o.bytesWritten; s.errors &+= o.errors
+        s.rejected = s.rejected.adding(o.rejected)
         return s
     }
 }

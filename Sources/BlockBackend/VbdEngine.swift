@@ -141,6 +141,14 @@ public final class VbdEngine {
     /// A pass answered or submitted something: look again before waiting.
     private var progressed = false
 
+    /// The latest refused requests, for the loop to log (oldest dropped
+    /// when it does not keep up; the counters see every one).
+    public static let rejectionLogCapacity = 16
+    private let rejectionLog: UnsafeMutablePointer<VbdRejectedRequest>
+    private var rejectionLogCount = 0
+    /// Refused requests the log had no room for since the loop last drained it.
+    private var rejectionsUnlogged: UInt64 = 0
+
     /// Counters, updated as requests are taken and answered.
     public private(set) var statistics = VbdStatistics()
     /// Called before responses are pushed whenever the counters changed, so
@@ -234,6 +242,7 @@ public final class VbdEngine {
         iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        rejectionLog = .allocate(capacity: Self.rejectionLogCapacity)
         // Answers written but never published before the kill go out first,
         // in their order, with the statuses they had.
         if let journal, let plan {
@@ -269,6 +278,35 @@ public final class VbdEngine {
         scratch.deallocate()
         freeRecords.deallocate()
         unpublished.deallocate()
+        rejectionLog.deallocate()
+    }
+
+    /// Refused requests wait to be taken by `takeRejections`.
+    public var hasRejections: Bool { rejectionLogCount > 0 || rejectionsUnlogged > 0 }
+
+    /// Hands the refused requests kept since the last call to `body`, and
+    /// returns how many more were refused that there was no room to keep.
+    public func takeRejections(_ body: (VbdRejectedRequest) -> Void) -> UInt64 {
+        for i in 0..<rejectionLogCount { body(rejectionLog[i]) }
+        rejectionLogCount = 0
+        defer { rejectionsUnlogged = 0 }
+        return rejectionsUnlogged
+    }
+
+    private func reject(_ reason: VbdRejectionReason, id: UInt64, operation: UInt8, sector: UInt64) {
+        statistics.rejected[reason] &+= 1
+        if rejectionLogCount < Self.rejectionLogCapacity {
+            rejectionLog[rejectionLogCount] = VbdRejectedRequest(reason: reason, id: id, operation: operation, sector: sector)
+            rejectionLogCount += 1
+        } else {
+            rejectionsUnlogged &+= 1
+        }
+    }
+
+    /// Refuses a request holding a slot.
+    private func reject(slot s: Int, _ reason: VbdRejectionReason) {
+        reject(reason, id: slots[s].id, operation: slots[s].operation, sector: slots[s].sector)
+        finish(slot: s, status: BlkifStatus.error)
     }
 
     public var ringSlots: Int { slotCount }
@@ -428,8 +466,10 @@ public final class VbdEngine {
         switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
         case .failure(let rejection):
             let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
-            respond(id: id, operation: responseOperation(UnsafeRawPointer(scratch), limits: limits),
-                    status: rejection.status, record: record)
+            let operation = responseOperation(UnsafeRawPointer(scratch), limits: limits)
+            reject(VbdRejectionReason(rejection), id: id, operation: operation,
+                   sector: scratch.load(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self))
+            respond(id: id, operation: operation, status: rejection.status, record: record)
         case .success(let request):
             accept(request, record: record)
         }
@@ -438,6 +478,7 @@ public final class VbdEngine {
     private func accept(_ r: ValidatedRequest, record: Int32) {
         guard freeSlotCount > 0, inFlight.insert(r.id) else {
             // A second request with an id already in flight: refuse it alone.
+            reject(.duplicateID, id: r.id, operation: r.operation, sector: r.sector)
             respond(id: r.id, operation: r.operation, status: BlkifStatus.error, record: record)
             return
         }
@@ -511,14 +552,14 @@ public final class VbdEngine {
         for k in 0..<pendingIndirectCount {
             let s = Int(pendingIndirect[k])
             guard !slots[s].copyFailed else {
-                finish(slot: s, status: BlkifStatus.error)
+                reject(slot: s, .badGrant)
                 continue
             }
             let area = descriptors + Int(slots[s].area) * descriptorPagesPerArea * XenPage.size
             switch validateIndirectSegments(area, count: slots[s].segmentCount, sector: slots[s].sector, limits: limits,
                                             into: segments + Int(slots[s].base)) {
-            case .failure:
-                finish(slot: s, status: BlkifStatus.error)
+            case .failure(let rejection):
+                reject(slot: s, VbdRejectionReason(rejection))
             case .success(let bytes):
                 slots[s].byteCount = bytes
                 queueStorage(slot: s, kind: slots[s].phase == .read ? .read : .write)
@@ -601,7 +642,7 @@ public final class VbdEngine {
             let op = submissions[i]
             let s = Int(op.tag)
             if slots[s].copyFailed {
-                finish(slot: s, status: BlkifStatus.error)
+                reject(slot: s, .badGrant)
             } else if kept > backlogCount && merge(op, into: kept - 1) {
                 continue
             } else {
@@ -659,7 +700,7 @@ public final class VbdEngine {
         runCopies()
         for i in 0..<copyOutCount {
             let s = Int(copyOutSlots[i])
-            finish(slot: s, status: slots[s].copyFailed ? BlkifStatus.error : BlkifStatus.okay)
+            if slots[s].copyFailed { reject(slot: s, .badGrant) } else { finish(slot: s, status: BlkifStatus.okay) }
         }
         copyOutCount = 0
         return reaped
