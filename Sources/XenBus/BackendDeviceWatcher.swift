@@ -40,9 +40,9 @@ public final class BackendDeviceWatcher: @unchecked Sendable {   // confined to 
     private func rescan() {
         var present: Set<BackendDeviceAddress> = []
         for domain in (try? loop.store.directory(root)) ?? nil ?? [] {
-            guard let d = DomID(domain) else { continue }
+            guard let d = XenStoreNumber.parse(domain, as: DomID.self) else { continue }
             for dev in (try? loop.store.directory(root + "/\(domain)")) ?? nil ?? [] {
-                guard let v = UInt32(dev) else { continue }
+                guard let v = XenStoreNumber.parse(dev, as: UInt32.self) else { continue }
                 present.insert(BackendDeviceAddress(type: type, frontendDomain: d, devid: v))
             }
         }

@@ -26,10 +26,11 @@ public extension XenStore {
         }
         let expectedPrefix = XenbusPaths.domainPath(address.frontendDomain) + "/device/"
         guard fe.hasPrefix(expectedPrefix), !fe.contains("..") else {
-            throw DeviceFailure("frontend path \(fe) is not under \(expectedPrefix)")
+            throw DeviceFailure("frontend path \(GuestText.quoted(fe)) is not under \(expectedPrefix)")
         }
-        if let fid = try read(backendPath + "/frontend-id"), DomID(fid) != address.frontendDomain {
-            throw DeviceFailure("frontend-id \(fid) does not match the device path")
+        if let fid = try read(backendPath + "/frontend-id"),
+           XenStoreNumber.parse(fid, as: DomID.self) != address.frontendDomain {
+            throw DeviceFailure("frontend-id \(GuestText.quoted(fid)) does not match the device path")
         }
         return fe
     }
