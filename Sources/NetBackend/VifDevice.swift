@@ -49,6 +49,9 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     private var split = false
     private(set) var state: XenbusState = .initialising
     private var lastError: String?
+    /// False once the device failed for a reason a frontend cannot fix (the
+    /// toolstack's keys, the interface): it stays Closed.
+    private var mayOfferAgain = true
     private var watches: [(path: String, token: String)] = []
     private var retiredStatistics = NetStatistics()
 
@@ -78,7 +81,8 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// features and goes to InitWait: libxl runs the vif script only then,
     /// and the script expects vifD.N to exist already.
     func probe() {
-        do {
+        // What fails here is the toolstack's or the host's: final.
+        failing("probe", permanent: true) {
             try readToolstackKeys()
             let resuming = isRunningConnection()
             try createInterface(plumb: !hasScript || resuming)
@@ -92,10 +96,6 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             try publishFeatures()
             try setState(.initWait)
             try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
-        } catch let e as DeviceFailure {
-            fail(e.message)
-        } catch {
-            fail("probe failed: \(error)")
         }
     }
 
@@ -111,24 +111,33 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
         } else {
             interfaceName = "vif\(address.frontendDomain).\(address.devid)"
         }
-        do { try InterfaceName.validate(interfaceName) } catch {
-            throw DeviceFailure("interface name \"\(interfaceName)\": \(error)")
-        }
+        try validate(interfaceName, as: "interface name")
         if let b = try store.read(backendPath + "/bridge"), !b.isEmpty {
-            do { try InterfaceName.validate(b) } catch { throw DeviceFailure("bridge \"\(b)\": \(error)") }
+            try validate(b, as: "bridge")
             bridge = b
         }
         if let m = try store.read(backendPath + "/mtu"), !m.isEmpty {
-            guard let v = Int(m), (68...65535).contains(v) else { throw DeviceFailure("mtu \"\(m)\" is not 68...65535") }
-            mtu = v
+            guard let v = XenStoreNumber.parse(m, as: UInt32.self), (68...65535).contains(v) else {
+                throw DeviceFailure("mtu \(GuestText.quoted(m)) is not 68...65535")
+            }
+            mtu = Int(v)
         }
         if let r = try store.read(backendPath + "/rate"), !r.isEmpty {
             guard let parsed = CreditScheduler.parseRate(r) else {
-                throw DeviceFailure("rate \"\(r)\" is not BYTES,USEC")
+                throw DeviceFailure("rate \(GuestText.quoted(r)) is not BYTES,USEC")
             }
             rate = parsed
         }
         if let s = try store.read(backendPath + "/script"), !s.isEmpty { hasScript = true }
+    }
+
+    /// Refuses a name the kernel would not take, showing it escaped (the
+    /// validator's own message holds the raw bytes).
+    private func validate(_ name: String, as what: String) throws {
+        do { try InterfaceName.validate(name) } catch {
+            guard case .invalidName(_, let reason) = error else { throw DeviceFailure("\(what) \(GuestText.quoted(name)): \(error)") }
+            throw DeviceFailure("\(what) \(GuestText.quoted(name)): \(reason)")
+        }
     }
 
     /// Creates vifD.N with Xen's backend MAC and the MTU, carrier off until
@@ -182,21 +191,30 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     // MARK: frontend transitions
 
     func frontendStateChanged() {
-        let fe = store.readState(frontendPath) ?? .closed
-        switch fe {
-        case .initialised, .connected:
-            // Linux netfront goes from Initialising straight to Connected.
-            if state == .initWait { connect() }
-        case .closing, .closed:
-            guard state != .closed else { return }
-            disconnect()
-            try? setState(.closed)
-        case .initialising, .initWait, .unknown:
-            // A frontend starting over (reconnect, kexec, migration).
-            guard state == .closed && lastError == nil else { return }
-            try? setState(.initWait)
-        default:
+        // nil (the node gone or malformed) counts as Closed.
+        let fe = store.readState(frontendPath)
+        switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain) {
+        case .none:
             break
+        case .connect:
+            connect()
+        case .close(let next):
+            disconnect()   // carrier off, every queue stopped
+            try? setState(next)
+        case .offerAgain:
+            offerAgain()
+        }
+    }
+
+    /// A frontend starting over (reconnect, kexec, after an error it
+    /// caused): the interface is still there; offer the features again and
+    /// go InitWait. The `error` node goes: the device is no longer Closed.
+    private func offerAgain() {
+        failing("offering the device again") {
+            try publishFeatures()
+            try store.removeIfPresent(backendPath + "/error")
+            try setState(.initWait)
+            logger.info("offered again")
         }
     }
 
@@ -255,18 +273,9 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// ports at the top (one queue) or under `queue-N/` (several).
     private func readFrontendKeys() throws -> [NetQueueConfiguration] {
         func flag(_ key: String, default value: Bool) throws -> Bool {
-            guard let v = try store.read(frontendPath + "/" + key) else { return value }
-            switch v {
-            case "1": return true
-            case "0": return false
-            default: throw DeviceFailure("\(key) \"\(v)\" is neither 0 nor 1")
-            }
+            try store.readFlag(frontendPath, key, default: value)
         }
-        func number(_ key: String) throws -> UInt32? {
-            guard let v = try store.read(frontendPath + "/" + key) else { return nil }
-            guard let n = UInt32(v) else { throw DeviceFailure("malformed \(key) \"\(v)\"") }
-            return n
-        }
+        func number(_ key: String) throws -> UInt32? { try store.readNumber(frontendPath, key, as: UInt32.self) }
         let queues = Int(try number("multi-queue-num-queues") ?? 1)
         guard queues >= 1, queues <= options.maxQueues else {
             throw DeviceFailure("multi-queue-num-queues \(queues) is not 1...\(options.maxQueues)")
@@ -333,9 +342,13 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// Daemon shutdown: stop serving, leave xenstore as it is.
     func quiesce() { disconnect() }
 
-    func fail(_ message: String) {
-        logger.error("device failed", metadata: ["reason": "\(message)"])
+    /// Records why the device cannot work and closes it. `message` holds
+    /// guest bytes only escaped (`GuestText`). A frontend starting over
+    /// gets the device again unless the failure is `permanent`.
+    func fail(_ message: String, permanent: Bool = false) {
+        logger.error("device failed", metadata: ["reason": "\(message)", "final": "\(permanent)"])
         lastError = message
+        if permanent { mayOfferAgain = false }
         disconnect()
         try? store.write(backendPath + "/error", message)
         try? setState(.closed)

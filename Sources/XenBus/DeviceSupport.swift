@@ -36,6 +36,30 @@ public extension XenStore {
     }
 }
 
+public extension XenStore {
+    /// A number key (`ring-ref`, `event-channel`, `mtu`...): nil when
+    /// absent; anything but plain decimal digits in the type's range
+    /// (`XenStoreNumber`) refuses the device, the value escaped in the reason.
+    func readNumber<T: FixedWidthInteger & UnsignedInteger>(_ directory: String, _ key: String, as type: T.Type = T.self) throws -> T? {
+        guard let text = try read(directory + "/" + key) else { return nil }
+        guard let n = XenStoreNumber.parse(text, as: T.self) else {
+            throw DeviceFailure("malformed \(key) \(GuestText.quoted(text))")
+        }
+        return n
+    }
+
+    /// A feature flag (`feature-sg`, `request-rx-copy`...): `default` when
+    /// absent; "0" or "1", anything else refuses the device.
+    func readFlag(_ directory: String, _ key: String, default value: Bool) throws -> Bool {
+        guard let text = try read(directory + "/" + key) else { return value }
+        switch text {
+        case "1": return true
+        case "0": return false
+        default: throw DeviceFailure("\(key) \(GuestText.quoted(text)) is neither 0 nor 1")
+        }
+    }
+}
+
 /// What a backend service runs for each device it finds.
 public protocol BackendDevice: AnyObject {
     var address: BackendDeviceAddress { get }
@@ -45,6 +69,28 @@ public protocol BackendDevice: AnyObject {
     func teardown()
     /// The daemon stops: stop serving, leave xenstore as it is.
     func quiesce()
+    /// The device cannot work: log, `error` node, Closed. Not `permanent`:
+    /// the frontend starting over gets the device again.
+    func fail(_ message: String, permanent: Bool)
+}
+
+public extension BackendDevice {
+    /// Runs one step of the handshake; what it throws closes the device
+    /// (a `DeviceFailure`'s message as it is, anything else after `what`).
+    func failing(_ what: String, permanent: Bool = false, _ step: () throws -> Void) {
+        do { try step() } catch let e as DeviceFailure {
+            fail(e.message, permanent: permanent)
+        } catch {
+            fail("\(what) failed: \(error)", permanent: permanent)
+        }
+    }
+}
+
+public extension XenStore {
+    /// Removes `path` if it exists (xenstored answers ENOENT otherwise).
+    func removeIfPresent(_ path: String) throws(XenStoreError) {
+        if try read(path) != nil { try remove(path) }
+    }
 }
 
 /// The devices of one backend type: created and probed as the toolstack
