@@ -90,7 +90,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
                 state = .connected
                 try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
                 connect(resuming: true)
-                logger.notice("resumed a connected vif", metadata: ["interface": "\(interfaceName)"])
+                logger.notice("resumed a connected vif", metadata: ["interface": "\(shownName)"])
                 return
             }
             try publishFeatures()
@@ -131,6 +131,14 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
         if let s = try store.read(backendPath + "/script"), !s.isEmpty { hasScript = true }
     }
 
+    /// The interface's name in a message or a log line: the toolstack's
+    /// `vifname` may hold control bytes the kernel takes (only white space,
+    /// '/' and ':' are refused).
+    private var shownName: String { GuestText.escaped(interfaceName) }
+
+    /// A lower layer's error, which may quote the interface's name.
+    private func shown(_ error: any Error) -> String { GuestText.escaped("\(error)", limit: 256) }
+
     /// Refuses a name the kernel would not take, showing it escaped (the
     /// validator's own message holds the raw bytes).
     private func validate(_ name: String, as what: String) throws {
@@ -149,7 +157,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
         do {
             t = try TapDevice.create(name: interfaceName, queues: options.maxQueues, vnetHeader: true)
         } catch {
-            throw DeviceFailure("cannot create \(interfaceName): \(error)")
+            throw DeviceFailure("cannot create \(shownName): \(shown(error))")
         }
         tap = t
         attachedQueues = options.maxQueues
@@ -158,20 +166,20 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             if let mtu { try NetworkInterface.setMTU(mtu, name: interfaceName) }
             try t.setCarrier(false)
         } catch {
-            throw DeviceFailure("cannot configure \(interfaceName): \(error)")
+            throw DeviceFailure("cannot configure \(shownName): \(shown(error))")
         }
         guard plumb else { return }
         do {
             if let bridge { try NetworkInterface.addToBridge(interface: interfaceName, bridge: bridge) }
             try NetworkInterface.setUp(true, name: interfaceName)
         } catch {
-            let why = "cannot put \(interfaceName) on bridge \(bridge ?? "-"): \(error)"
+            let why = "cannot put \(shownName) on bridge \(GuestText.escaped(bridge ?? "-")): \(shown(error))"
             try? store.write(backendPath + "/hotplug-error", why)
             try? store.write(backendPath + "/hotplug-status", "error")
             throw DeviceFailure(why)
         }
         if !hasScript { try store.write(backendPath + "/hotplug-status", "connected") }
-        logger.info("interface up", metadata: ["interface": "\(interfaceName)", "bridge": "\(bridge ?? "-")"])
+        logger.info("interface up", metadata: ["interface": "\(shownName)", "bridge": "\(GuestText.escaped(bridge ?? "-"))"])
     }
 
     /// What this backend serves, as netback advertises it.
@@ -229,7 +237,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
                                     tso6: f.checksumOffload && f.scatterGather && f.gsoTCPv6)
                 try attachQueues(configs.count)
             } catch {
-                throw DeviceFailure("cannot set up \(interfaceName)'s queues: \(error)")
+                throw DeviceFailure("cannot set up \(shownName)'s queues: \(shown(error))")
             }
             let device = WeakDevice(self)
             for (i, config) in configs.enumerated() {
@@ -248,7 +256,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             split = configs[0].splitEventChannels
             do { try tap.setCarrier(true) } catch { logger.warning("carrier on failed", metadata: ["error": "\(error)"]) }
             if !resuming { try setState(.connected) }
-            logger.info("connected", metadata: ["interface": "\(interfaceName)", "queues": "\(configs.count)",
+            logger.info("connected", metadata: ["interface": "\(shownName)", "queues": "\(configs.count)",
                                                 "split": "\(split)", "sg": "\(f.scatterGather)",
                                                 "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
         } catch let e as DeviceFailure {
@@ -335,7 +343,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             // Closing the last queue deletes the interface (and its bridge port).
             tap.close()
             self.tap = nil
-            logger.info("interface removed", metadata: ["interface": "\(interfaceName)"])
+            logger.info("interface removed", metadata: ["interface": "\(shownName)"])
         }
     }
 

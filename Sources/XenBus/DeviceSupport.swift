@@ -110,7 +110,7 @@ public final class BackendDeviceTable<Device: BackendDevice>: @unchecked Sendabl
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
     public func start(loop: XenbusControlLoop, backendDomain: DomID, type: String) throws(XenStoreError) {
-        let w = BackendDeviceWatcher(loop: loop, backendDomain: backendDomain, type: type,
+        let w = BackendDeviceWatcher(loop: loop, backendDomain: backendDomain, type: type, logger: logger,
                                      appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
         watcher = w
         try w.start()

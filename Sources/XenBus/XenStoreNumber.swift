@@ -20,4 +20,12 @@ public enum XenStoreNumber {
         }
         return digits > 0 ? value : nil
     }
+
+    /// A number that is a node's name (a domain id or devid in a device's
+    /// path): as `parse`, but without leading zeros, so that "007" cannot
+    /// stand for the node "7" when the path is built again.
+    public static func parseName<T: FixedWidthInteger & UnsignedInteger>(_ text: some StringProtocol, as type: T.Type = T.self) -> T? {
+        guard let n = parse(text, as: T.self), text.utf8.count == String(n).utf8.count else { return nil }
+        return n
+    }
 }

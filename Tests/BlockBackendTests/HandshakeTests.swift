@@ -67,6 +67,21 @@ struct HandshakeBadValueTests {
         try expectRefused(["ring-page-order": "0"], reason: "missing ring-ref0 (ring-page-order is 0)")
     }
 
+    @Test("a backend directory that names no device is ignored and logged; the others are served")
+    func malformedDeviceDirectory() throws {
+        let log = CapturedLog()
+        let bed = try TestBed(log: log)
+        defer { bed.close() }
+        let store = bed.host.toolstack.store
+        try store.write("/local/domain/0/backend/vbd/1-2/51712/frontend", "/local/domain/1/device/vbd/51712")
+        try store.write("/local/domain/0/backend/vbd/3/007/frontend", "/local/domain/3/device/vbd/7")
+        let (fe, _) = try bed.guestWithDisk(4)
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+        #expect(bed.host.blockStatus.map(\.address.frontendDomain) == [4])
+        let refused = log.lines.filter { $0.message == "ignoring a directory that names no device" }.compactMap { $0.metadata["directory"] }
+        #expect(Set(refused) == ["/local/domain/0/backend/vbd/1-2", "/local/domain/0/backend/vbd/3/007"])
+    }
+
     @Test("a protocol with control characters: escaped in the error node and in the log line")
     func escapedProtocol() throws {
         let log = CapturedLog()

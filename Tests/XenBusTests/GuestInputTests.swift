@@ -22,6 +22,18 @@ struct XenStoreNumberTests {
         #expect(XenStoreNumber.parse(text, as: UInt32.self) == nil)
     }
 
+    @Test("a node's name has no leading zero")
+    func names() {
+        #expect(XenStoreNumber.parseName("51712", as: UInt32.self) == 51712)
+        #expect(XenStoreNumber.parseName("0", as: UInt16.self) == 0)
+        #expect(XenStoreNumber.parseName("07", as: UInt16.self) == nil)
+        #expect(XenStoreNumber.parseName("00", as: UInt16.self) == nil)
+        #expect(XenStoreNumber.parseName("+7", as: UInt16.self) == nil)
+        #expect(BackendDeviceAddress.parse(path: "/r/007/51712/state", root: "/r", type: "vbd") == nil)
+        #expect(BackendDeviceAddress.parse(path: "/r/7/51712/state", root: "/r", type: "vbd")
+                == BackendDeviceAddress(type: "vbd", frontendDomain: 7, devid: 51712))
+    }
+
     @Test("the range is the type's")
     func range() {
         #expect(XenStoreNumber.parse("65536", as: UInt16.self) == nil)
