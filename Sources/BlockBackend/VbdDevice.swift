@@ -90,6 +90,7 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             }
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
             try publishIndirectSegments()
+            try store.removeIfPresent(backendPath + "/error")   // a predecessor's: Closed no more
             try setState(.initWait)
             if hasScript {
                 // The hotplug script prepares the disk; open it once it says so.
@@ -176,8 +177,7 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     // MARK: frontend transitions
 
     func frontendStateChanged() {
-        // nil (the node gone or malformed) counts as Closed.
-        let fe = store.readState(frontendPath)
+        let fe = store.readFrontendState(frontendPath, logger: logger)   // nil counts as Closed
         switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain) {
         case .none:
             break

@@ -94,6 +94,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
                 return
             }
             try publishFeatures()
+            try store.removeIfPresent(backendPath + "/error")   // a predecessor's: Closed no more
             try setState(.initWait)
             try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
         }
@@ -199,8 +200,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     // MARK: frontend transitions
 
     func frontendStateChanged() {
-        // nil (the node gone or malformed) counts as Closed.
-        let fe = store.readState(frontendPath)
+        let fe = store.readFrontendState(frontendPath, logger: logger)   // nil counts as Closed
         switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain) {
         case .none:
             break

@@ -1,4 +1,5 @@
 import Hypervisor
+import XenABI
 import Logging
 
 /// Why a backend device cannot work: the message goes to the log and to the
@@ -87,6 +88,19 @@ public extension BackendDevice {
 }
 
 public extension XenStore {
+    /// The frontend's `state` for `FrontendStateReaction`: nil when the
+    /// node is gone; a value that is not a state in plain decimal is
+    /// logged and counts as gone (Closed), as Linux's xenbus takes it.
+    func readFrontendState(_ frontendPath: String, logger: Logger) -> XenbusState? {
+        guard let text = (try? read(frontendPath + "/state")) ?? nil else { return nil }
+        guard let n = XenStoreNumber.parse(text, as: UInt32.self), let state = XenbusState(rawValue: n) else {
+            logger.warning("frontend state refused, counted as Closed", metadata: [
+                "state": "\(GuestText.quoted(text))", "reason": "not a xenbus state in decimal"])
+            return nil
+        }
+        return state
+    }
+
     /// Removes `path` if it exists (xenstored answers ENOENT otherwise).
     func removeIfPresent(_ path: String) throws(XenStoreError) {
         if try read(path) != nil { try remove(path) }

@@ -293,6 +293,19 @@ struct HandshakeRestartTests {
         try expectServes(fe, seed: 31)
     }
 
+    @Test("a malformed frontend state is logged with the device and counts as Closed")
+    func malformedFrontendState() throws {
+        let log = CapturedLog()
+        let bed = try TestBed(log: log)
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        try fe.store.write(fe.frontendPath + "/state", "4 ")
+        try waitForBackend(bed, fe, .closed)
+        let refused = log.lines.filter { $0.message == "frontend state refused, counted as Closed" }
+        #expect(!refused.isEmpty)   // once per watch firing that reads it
+        #expect(refused.allSatisfy { $0.metadata["state"] == #""4 ""# && $0.metadata["device"] == "vbd-1-\(fe.devid)" })
+    }
+
     @Test("a frontend that vanishes while Closing counts as Closed")
     func vanishedWhileClosing() throws {
         let bed = try TestBed()
