@@ -47,7 +47,8 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     private(set) var state: XenbusState = .initialising
     private var lastError: String?
     /// False once the device failed for a reason a frontend cannot fix (the
-    /// toolstack's keys, the disk, the hotplug script): it stays Closed.
+    /// toolstack's keys, a disk that cannot be opened at probe, the hotplug
+    /// script): it stays Closed.
     private var mayOfferAgain = true
     /// The toolstack gave a hotplug `script`: the disk is opened once it
     /// reports `hotplug-status` = connected.
