@@ -107,6 +107,7 @@ let package = Package(
         ], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
+        .testTarget(name: "XenBusTests", dependencies: ["XenBus", "XenABI"], swiftSettings: strict),
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
