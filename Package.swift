@@ -76,17 +76,20 @@ let package = Package(
         .target(name: "BlockFrontend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: dataPlane),
+        // Fuzz programs: the fuzzer's bytes as actions of a hostile frontend or
+        // guest, invariants checked after every step (docs/FUZZING.md).
+        .target(name: "FuzzTargets", dependencies: [
+            "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "SystemSupport",
+            "XenABI", "XenBus", "XenRing",
+            .product(name: "Logging", package: "swift-log"),
+        // Optimized in debug builds too: unspecialized generics in the blkif
+        // target's page stamping and checks made its 20,000-program test ten times slower.
+        ], swiftSettings: strict + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
-        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage"], swiftSettings: strict),
-        // Fuzz targets: programs of frontend actions against the engines on the doubles, with invariants.
-        // Optimized in debug builds too: unspecialized generics in its page
-        // stamping and checks made the 20,000-program test ten times slower.
-        .target(name: "FuzzTargets", dependencies: [
-            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor",
-        ], swiftSettings: strict + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
+        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage", "SystemSupport"], swiftSettings: strict),
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
@@ -113,6 +116,7 @@ let package = Package(
         ], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
+        .testTarget(name: "XenBusTests", dependencies: ["XenBus", "XenABI"], swiftSettings: strict),
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
@@ -128,8 +132,10 @@ let package = Package(
         ], swiftSettings: strict),
         // blkback's engine stepped by hand on in-memory doubles: exact responses, no threads or files.
         .testTarget(name: "BlockEngineTests", dependencies: [
-            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor", "FuzzTargets",
+            "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor",
         ], swiftSettings: strict),
+        // The fuzz programs run on fixed inputs, without the fuzzer.
+        .testTarget(name: "FuzzTargetTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
             "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",

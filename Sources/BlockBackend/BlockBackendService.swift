@@ -20,13 +20,20 @@ public struct BlockBackendOptions: Sendable {
     /// pages (address space; touched only by grant copies). Linux blkfront
     /// uses min(this, its max_indirect_segments, 32 by default).
     public static let defaultMaxIndirectSegments = 128
+    /// Where each ring's journal lives (`VbdRingJournal`: what a restarted
+    /// daemon needs to answer every request exactly once after a kill -9).
+    /// A tmpfs, such as /run: it must outlive the process, not the host.
+    /// Nil: no journal, a restart resumes at rsp_prod.
+    public var ringJournalDirectory: String?
     public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true,
-                maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments) {
+                maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments,
+                ringJournalDirectory: String? = nil) {
         precondition((0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments),
                      "max indirect segments \(maxIndirectSegments) is outside 0...\(VbdDataPlane.indirectSegmentsLimit)")
         self.pollMicroseconds = pollMicroseconds
         self.persistentGrants = persistentGrants
         self.maxIndirectSegments = maxIndirectSegments
+        self.ringJournalDirectory = ringJournalDirectory
     }
 }
 

@@ -21,6 +21,11 @@ public struct VbdRingConfiguration: Sendable {
     public var pollMicroseconds: Int
     /// Both ends agreed on feature-persistent: keep data pages mapped.
     public var persistentGrants: Bool
+    /// The ring's journal file (nil: none).
+    public var journalPath: String?
+    /// A restarted daemon takes over a connected ring: recover from the
+    /// journal. Otherwise the journal starts empty.
+    public var resuming = false
     public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits,
                 pollMicroseconds: Int = 0, persistentGrants: Bool = false) {
         self.frontendDomain = frontendDomain; self.ringRefs = ringRefs
@@ -36,6 +41,7 @@ public struct VbdRingConfiguration: Sendable {
 /// the thread, the poll window, stopping, and publishing the counters.
 public final class VbdDataPlane: @unchecked Sendable {   // thread-confined after start(); control touches only stop flag + stats box
     private let name: String
+    private let logger: Logger
     private let storage: any BlockStorage
     private let grants: any GrantTableHandle
     private let events: any EventChannelHandle
@@ -46,6 +52,15 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let epoll: Int32
     private let wakeup: Wakeup
     private let onFatal: @Sendable (String) -> Void
+
+    // Refused requests: the first few logged one by one, then a count at
+    // most every `rejectionSummarySeconds` (a hostile guest must not flood
+    // the log); every one is counted by reason in the statistics.
+    static let rejectionsLoggedInFull = 10
+    static let rejectionSummarySeconds = 10
+    private var rejectionsLogged = 0
+    private var rejectionsNotLogged: UInt64 = 0
+    private var lastRejectionSummary = 0
 
     private let stopFlag = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private var thread: NativeThread?
@@ -72,6 +87,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 configuration c: VbdRingConfiguration, logger: Logger,
                 onFatal: @escaping @Sendable (String) -> Void) throws(HypervisorError) {
         self.name = name
+        self.logger = logger
         self.storage = storage
         self.pollNanoseconds = c.pollMicroseconds * 1000
         self.onFatal = onFatal
@@ -114,8 +130,29 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             grants.unmap(mapping)
             throw HypervisorError("epoll_create", errno: e)
         }
+        var journal: VbdRingJournal?
+        if let path = c.journalPath {
+            do {
+                try makeDirectories(String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)]), mode: 0o700)
+                journal = try VbdRingJournal.open(file: path, ringSlots: SharedRingLayout.slots(pages: pageCount,
+                                                                                                entrySize: Blkif.slotSize))
+            } catch {
+                // Served without: only a kill -9 of this daemon could then
+                // repeat or lose an answer.
+                logger.error("no ring journal: a restart after a kill may repeat or miss answers",
+                             metadata: ["reason": "\(error)"])
+            }
+        }
         engine = VbdEngine(ring: mapping.address, pages: pageCount, frontendDomain: c.frontendDomain, grants: grants,
-                           storage: storage, limits: c.limits, persistentGrants: c.persistentGrants)
+                           storage: storage, limits: c.limits, persistentGrants: c.persistentGrants,
+                           journal: journal, identity: Self.identity(c), recover: c.resuming)
+        if c.resuming, journal != nil {
+            if engine.recovered {
+                logger.notice("ring resumed from its journal", metadata: ["requestsToRunAgain": "\(engine.requestsToReplay)"])
+            } else {
+                logger.warning("ring journal missing or not this ring's: resuming at rsp_prod")
+            }
+        }
         stopFlag.initialize(to: 0)
         _ = xb_epoll_add(epoll, events.fileDescriptor, xb_EPOLLIN, Token.eventChannel.rawValue)
         _ = xb_epoll_add(epoll, storage.completionFileDescriptor, xb_EPOLLIN, Token.storage.rawValue)
@@ -127,6 +164,17 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         readBytesCounter = Counter(label: "xenbackd_vbd_read_bytes_total", dimensions: dims)
         writeBytesCounter = Counter(label: "xenbackd_vbd_written_bytes_total", dimensions: dims)
         engine.beforePush = { [unowned self] in self.publishStatistics($0, force: false) }
+    }
+
+    /// Names this ring (domain, grant references, port): a journal written
+    /// for another ring is never replayed on this one.
+    static func identity(_ c: VbdRingConfiguration) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ v: UInt64) { h = (h ^ v) &* 0x0000_0100_0000_01b3 }
+        mix(UInt64(c.frontendDomain))
+        mix(UInt64(c.remotePort))
+        for r in c.ringRefs { mix(UInt64(r)) }
+        return h
     }
 
     deinit {
@@ -191,6 +239,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             }
             let s = engine.step(input, armIfIdle: pollNanoseconds == 0)
             if s.notify { notifyFrontend() }
+            if engine.hasRejections { logRejections() }
             if !reported, let breach = engine.breach {
                 reported = true
                 onFatal(breach)
@@ -199,6 +248,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             switch s.wait {
             case .drained:
                 publishStatistics(engine.statistics, force: true)
+                logRejections(final: true)
                 return
             case .busy:
                 continue
@@ -220,6 +270,29 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 }
             }
         }
+    }
+
+    private func logRejections(final: Bool = false) {
+        let unkept = engine.takeRejections { r in
+            guard rejectionsLogged < Self.rejectionsLoggedInFull else {
+                rejectionsNotLogged &+= 1
+                return
+            }
+            rejectionsLogged += 1
+            logger.warning("refused a request", metadata: [
+                "reason": "\(r.reason)", "id": "\(r.id)", "operation": "\(r.operation)", "sector": "\(r.sector)",
+            ])
+        }
+        rejectionsNotLogged &+= unkept
+        guard rejectionsNotLogged > 0 else { return }
+        let now = Int(MonotonicClock.nanoseconds() / 1_000_000_000)
+        guard final || now - lastRejectionSummary >= Self.rejectionSummarySeconds else { return }
+        lastRejectionSummary = now
+        logger.warning("refused more requests", metadata: [
+            "count": "\(rejectionsNotLogged)",
+            "byReasonSinceStart": "\(engine.statistics.rejected.named.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
+        ])
+        rejectionsNotLogged = 0
     }
 
     private func drainEventChannel() {

@@ -123,6 +123,18 @@ public final class VbdEngine {
     /// Where `pages` and `descriptors` come from when the caller keeps them.
     private let pageStore: VbdEnginePageStore?
 
+    // The journal (nil: restart resumes at rsp_prod, as without one).
+    private let journal: VbdRingJournal?
+    private let freeRecords: UnsafeMutablePointer<Int32>
+    private var freeRecordCount = 0
+    /// Records answered in this pass, released once their responses are published.
+    private let unpublished: UnsafeMutablePointer<Int32>
+    private var unpublishedCount = 0
+    /// Requests a killed predecessor took and never answered, oldest first:
+    /// taken again (from the journal's copy) before the ring.
+    private var replay: [Int32] = []
+    private var replayNext = 0
+
     private var stopping = false
     /// The storage's completion descriptor was reported readable since the last reap.
     private var storageSignalled = false
@@ -130,6 +142,14 @@ public final class VbdEngine {
     public private(set) var breach: String?
     /// A pass answered or submitted something: look again before waiting.
     private var progressed = false
+
+    /// The latest refused requests, for the loop to log (oldest dropped
+    /// when it does not keep up; the counters see every one).
+    public static let rejectionLogCapacity = 16
+    private let rejectionLog: UnsafeMutablePointer<VbdRejectedRequest>
+    private var rejectionLogCount = 0
+    /// Refused requests the log had no room for since the loop last drained it.
+    private var rejectionsUnlogged: UInt64 = 0
 
     /// Counters, updated as requests are taken and answered.
     public private(set) var statistics = VbdStatistics()
@@ -149,9 +169,16 @@ public final class VbdEngine {
 
     /// Attaches to the ring at `ring` (`pages` mapped pages the frontend
     /// initialised) and allocates every buffer the ring will ever need.
+    ///
+    /// With a `journal`: `recover` reads what a killed predecessor left in
+    /// it (requests to run again, answers to publish again) if it holds this
+    /// ring (`identity`); otherwise, or without `recover`, it is formatted
+    /// afresh. Recovery that finds the journal inconsistent with the ring
+    /// falls back to resuming at rsp_prod (`recovered` says which happened).
     public init(ring base: UnsafeMutableRawPointer, pages ringPages: Int, frontendDomain: DomID, grants: any GrantTableHandle,
                 storage: any BlockStorage, limits: DiskLimits, persistentGrants: Bool,
-                indirectBouncePages: Int = VbdEngine.indirectBouncePages, pageStore: VbdEnginePageStore? = nil) {
+                indirectBouncePages: Int = VbdEngine.indirectBouncePages,
+                journal: VbdRingJournal? = nil, identity: UInt64 = 0, recover: Bool = false, pageStore: VbdEnginePageStore? = nil) {
         precondition((0...Self.indirectSegmentsLimit).contains(limits.maxIndirectSegments),
                      "max indirect segments \(limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
         self.storage = storage
@@ -159,8 +186,30 @@ public final class VbdEngine {
         self.frontendDomain = frontendDomain
         self.limits = limits
         self.usePersistentGrants = persistentGrants
-        ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+        var plan: JournalRecovery?
+        if let journal, recover, journal.holdsRing(identity: identity) {
+            let probe = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            plan = journal.recover(published: probe.publishedResponses, ringSize: probe.size)
+        }
+        if let plan {
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize, requestConsumer: plan.consumed)
+        } else {
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            journal?.format(identity: identity, consumed: ring.requestConsumer)
+        }
         slotCount = Int(ring.size)
+        self.journal = journal
+        recovered = plan != nil
+        let records = journal?.recordCount ?? 0
+        freeRecords = .allocate(capacity: max(1, records))
+        unpublished = .allocate(capacity: max(1, records))
+        if let plan {
+            for r in plan.free { freeRecords[freeRecordCount] = r; freeRecordCount += 1 }
+            replay = plan.replay
+        } else {
+            for r in 0..<records { freeRecords[r] = Int32(records - 1 - r) }
+            freeRecordCount = records
+        }
         indirectSegments = limits.maxIndirectSegments
         areaCount = indirectSegments == 0 ? 0 : min(slotCount, max(1, indirectBouncePages / indirectSegments))
         descriptorPagesPerArea = Blkif.indirectPages(segments: indirectSegments)
@@ -202,7 +251,23 @@ public final class VbdEngine {
         iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        rejectionLog = .allocate(capacity: Self.rejectionLogCapacity)
+        // Answers written but never published before the kill go out first,
+        // in their order, with the statuses they had.
+        if let journal, let plan {
+            for r in plan.reanswer {
+                let request = journal.request(Int(r))
+                let id = request.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+                let (operation, status) = journal.response(Int(r))
+                respond(id: id, operation: operation, status: status, record: r)
+            }
+        }
     }
+
+    /// The journal held this ring and the engine resumed from it.
+    public let recovered: Bool
+    /// Requests of a killed predecessor still to be run again.
+    public var requestsToReplay: Int { replay.count - replayNext }
 
     deinit {
         slots.deallocate()
@@ -220,6 +285,37 @@ public final class VbdEngine {
         submissions.deallocate()
         mergedIovecs.deallocate()
         scratch.deallocate()
+        freeRecords.deallocate()
+        unpublished.deallocate()
+        rejectionLog.deallocate()
+    }
+
+    /// Refused requests wait to be taken by `takeRejections`.
+    public var hasRejections: Bool { rejectionLogCount > 0 || rejectionsUnlogged > 0 }
+
+    /// Hands the refused requests kept since the last call to `body`, and
+    /// returns how many more were refused that there was no room to keep.
+    public func takeRejections(_ body: (VbdRejectedRequest) -> Void) -> UInt64 {
+        for i in 0..<rejectionLogCount { body(rejectionLog[i]) }
+        rejectionLogCount = 0
+        defer { rejectionsUnlogged = 0 }
+        return rejectionsUnlogged
+    }
+
+    private func reject(_ reason: VbdRejectionReason, id: UInt64, operation: UInt8, sector: UInt64) {
+        statistics.rejected[reason] &+= 1
+        if rejectionLogCount < Self.rejectionLogCapacity {
+            rejectionLog[rejectionLogCount] = VbdRejectedRequest(reason: reason, id: id, operation: operation, sector: sector)
+            rejectionLogCount += 1
+        } else {
+            rejectionsUnlogged &+= 1
+        }
+    }
+
+    /// Refuses a request holding a slot.
+    private func reject(slot s: Int, _ reason: VbdRejectionReason) {
+        reject(reason, id: slots[s].id, operation: slots[s].operation, sector: slots[s].sector)
+        finish(slot: s, status: BlkifStatus.error)
     }
 
     public var ringSlots: Int { slotCount }
@@ -253,6 +349,7 @@ public final class VbdEngine {
                 lastPushedStatistics = statistics
             }
             let notify = ring.pushResponses()
+            releasePublishedRecords()
             if stopping || breach != nil {
                 return VbdEngineStep(notify: notify, wait: outstanding == 0 ? .drained : .storage)
             }
@@ -306,6 +403,18 @@ public final class VbdEngine {
         } while progressed
     }
 
+    /// Every response written so far is published: forget their requests.
+    @inline(__always)
+    private func releasePublishedRecords() {
+        guard let journal else { return }
+        for i in 0..<unpublishedCount {
+            journal.release(Int(unpublished[i]))
+            freeRecords[freeRecordCount] = unpublished[i]
+            freeRecordCount += 1
+        }
+        unpublishedCount = 0
+    }
+
     private func declareBroken(_ overflow: RingOverflow) {
         guard breach == nil else { return }
         breach = "frontend dom\(frontendDomain) broke the ring protocol: \(overflow)"
@@ -319,6 +428,20 @@ public final class VbdEngine {
     private var areasExhausted: Bool { areaCount > 0 && freeAreaCount == 0 }
 
     private func takeRequests() {
+        // What a killed predecessor took and never answered runs first, in
+        // the order it was taken, from the journal's private copies; the
+        // ring waits until it has all been taken (a barrier among it holds
+        // the rest as it would have).
+        if replayNext < replay.count, let journal {
+            while replayNext < replay.count && barrierSlot < 0 && !areasExhausted {
+                let r = replay[replayNext]
+                replayNext += 1
+                scratch.copyMemory(from: journal.request(Int(r)), byteCount: Blkif.slotSize)
+                handleTaken(record: r)
+            }
+            if replayNext < replay.count { return }
+            replay = []
+        }
         let available: UInt32
         do { available = try ring.unconsumedRequests() } catch {
             declareBroken(error)
@@ -326,31 +449,53 @@ public final class VbdEngine {
         }
         var taken: UInt32 = 0
         while taken < available && barrierSlot < 0 && !areasExhausted {
-            ring.takeRequest(into: scratch)
-            taken += 1
-            statistics.requests &+= 1
-            switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
-            case .failure(let rejection):
-                let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
-                respond(id: id, operation: responseOperation(UnsafeRawPointer(scratch), limits: limits),
-                        status: rejection.status)
-            case .success(let request):
-                accept(request)
+            var record: Int32 = -1
+            if let journal {
+                // Records come back when this pass's answers are published.
+                guard freeRecordCount > 0 else { break }
+                freeRecordCount -= 1
+                record = freeRecords[freeRecordCount]
+                let index = ring.requestConsumer
+                ring.takeRequest(into: scratch)
+                journal.recordTaken(Int(record), ringIndex: index, slot: UnsafeRawPointer(scratch))
+            } else {
+                ring.takeRequest(into: scratch)
             }
+            taken += 1
+            handleTaken(record: record)
         }
         if pendingIndirectCount > 0 { startIndirectRequests() }
     }
 
-    private func accept(_ r: ValidatedRequest) {
-        guard inFlight.insert(r.id) else {
+    /// The request in `scratch` (journal record `record`, or -1): refused at
+    /// once, or accepted.
+    @inline(__always)
+    private func handleTaken(record: Int32) {
+        statistics.requests &+= 1
+        switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
+        case .failure(let rejection):
+            let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
+            let operation = responseOperation(UnsafeRawPointer(scratch), limits: limits)
+            reject(VbdRejectionReason(rejection), id: id, operation: operation,
+                   sector: scratch.load(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self))
+            respond(id: id, operation: operation, status: rejection.status, record: record)
+        case .success(let request):
+            accept(request, record: record)
+        }
+    }
+
+    private func accept(_ r: ValidatedRequest, record: Int32) {
+        guard freeSlotCount > 0, inFlight.insert(r.id) else {
             // A second request with an id already in flight: refuse it alone.
-            respond(id: r.id, operation: r.operation, status: BlkifStatus.error)
+            reject(.duplicateID, id: r.id, operation: r.operation, sector: r.sector)
+            respond(id: r.id, operation: r.operation, status: BlkifStatus.error, record: record)
             return
         }
         freeSlotCount -= 1
         let s = Int(freeSlots[freeSlotCount])
         outstanding += 1
         slots[s] = RequestSlot(request: r)
+        slots[s].record = record
         if r.indirectPageCount > 0 {
             // takeRequests took this request only because an area was free.
             freeAreaCount -= 1
@@ -416,14 +561,14 @@ public final class VbdEngine {
         for k in 0..<pendingIndirectCount {
             let s = Int(pendingIndirect[k])
             guard !slots[s].copyFailed else {
-                finish(slot: s, status: BlkifStatus.error)
+                reject(slot: s, .badGrant)
                 continue
             }
             let area = descriptors + Int(slots[s].area) * descriptorPagesPerArea * XenPage.size
             switch validateIndirectSegments(area, count: slots[s].segmentCount, sector: slots[s].sector, limits: limits,
                                             into: segments + Int(slots[s].base)) {
-            case .failure:
-                finish(slot: s, status: BlkifStatus.error)
+            case .failure(let rejection):
+                reject(slot: s, VbdRejectionReason(rejection))
             case .success(let bytes):
                 slots[s].byteCount = bytes
                 queueStorage(slot: s, kind: slots[s].phase == .read ? .read : .write)
@@ -506,7 +651,7 @@ public final class VbdEngine {
             let op = submissions[i]
             let s = Int(op.tag)
             if slots[s].copyFailed {
-                finish(slot: s, status: BlkifStatus.error)
+                reject(slot: s, .badGrant)
             } else if kept > backlogCount && merge(op, into: kept - 1) {
                 continue
             } else {
@@ -564,7 +709,7 @@ public final class VbdEngine {
         runCopies()
         for i in 0..<copyOutCount {
             let s = Int(copyOutSlots[i])
-            finish(slot: s, status: slots[s].copyFailed ? BlkifStatus.error : BlkifStatus.okay)
+            if slots[s].copyFailed { reject(slot: s, .badGrant) } else { finish(slot: s, status: BlkifStatus.okay) }
         }
         copyOutCount = 0
         return reaped
@@ -634,7 +779,7 @@ public final class VbdEngine {
         case BlkifOperation.flushDiskCache: statistics.flushes &+= 1
         default: statistics.discards &+= 1
         }
-        respond(id: slot.id, operation: slot.operation, status: status)
+        respond(id: slot.id, operation: slot.operation, status: status, record: slot.record)
         inFlight.remove(slot.id)
         if slot.area >= 0 {
             freeAreas[freeAreaCount] = slot.area
@@ -647,8 +792,14 @@ public final class VbdEngine {
     }
 
     @inline(__always)
-    private func respond(id: UInt64, operation: UInt8, status: Int16) {
+    private func respond(id: UInt64, operation: UInt8, status: Int16, record: Int32) {
         if status != BlkifStatus.okay { statistics.errors &+= 1 }
+        if record >= 0, let journal {
+            journal.recordAnswered(Int(record), responseIndex: ring.responseProducerPrivate, operation: operation,
+                                   status: status)
+            unpublished[unpublishedCount] = record
+            unpublishedCount += 1
+        }
         BlkifResponse(id: id, operation: operation, status: status).encode(to: ring.nextResponseSlot())
         ring.commitResponse()
     }
@@ -705,6 +856,8 @@ struct RequestSlot {
     var anyBounced = false
     /// The next slot served by the same merged storage operation, or -1.
     var nextInGroup: Int32 = -1
+    /// The request's journal record, or -1 (no journal).
+    var record: Int32 = -1
 
     init() {}
 

@@ -12,6 +12,8 @@ public struct VbdStatistics: Equatable, Sendable {
     public var bytesWritten: UInt64 = 0
     /// Requests answered BLKIF_RSP_ERROR or EOPNOTSUPP.
     public var errors: UInt64 = 0
+    /// Of those, the ones refused without being done, by reason.
+    public var rejected = VbdRejections()
     public init() {}
 }
 
@@ -19,7 +21,7 @@ public struct VbdStatistics: Equatable, Sendable {
 /// stores each counter atomically (no lock on its path); a reader may see
 /// counters from two neighbouring publications, which is fine for status.
 final class StatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 8
+    private static let fields = 8 + VbdRejections.count
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -34,6 +36,7 @@ final class StatisticsBox: @unchecked Sendable {   // every field accessed atomi
         xb_store_release_u64(counters + 5, s.bytesRead)
         xb_store_release_u64(counters + 6, s.bytesWritten)
         xb_store_release_u64(counters + 7, s.errors)
+        for r in VbdRejectionReason.allCases { xb_store_release_u64(counters + 8 + r.rawValue, s.rejected[r]) }
     }
 
     func read() -> VbdStatistics {
@@ -46,6 +49,7 @@ final class StatisticsBox: @unchecked Sendable {   // every field accessed atomi
         s.bytesRead = xb_load_acquire_u64(counters + 5)
         s.bytesWritten = xb_load_acquire_u64(counters + 6)
         s.errors = xb_load_acquire_u64(counters + 7)
+        for r in VbdRejectionReason.allCases { s.rejected[r] = xb_load_acquire_u64(counters + 8 + r.rawValue) }
         return s
     }
 }

@@ -44,8 +44,8 @@ public final class InMemoryStorage: BlockStorage {
         self.queueDepth = queueDepth
         written = .allocate(byteCount: sizeBytes, alignment: 4096)
         durable = .allocate(byteCount: sizeBytes, alignment: 4096)
-        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
-        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        memset(written, 0, sizeBytes)
+        memset(durable, 0, sizeBytes)
         dirtyChunks = [Bool](repeating: false, count: (sizeBytes + Self.chunk - 1) / Self.chunk)
         pending.reserveCapacity(queueDepth)
         finished.reserveCapacity(queueDepth)

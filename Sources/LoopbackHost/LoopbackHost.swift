@@ -62,6 +62,8 @@ public final class LoopbackHost: @unchecked Sendable {   // mutable state touche
         platform = try LoopbackPlatform(root: dir, xenStoreSocket: xenStoreSocket)
         let store = try platform.openXenStore()
         control = XenbusControlLoop(store: store, logger: logger)
+        var options = options
+        if options.ringJournalDirectory == nil { options.ringJournalDirectory = dir + "/rings" }
         blockService = BlockBackendService(platform: platform, loop: control, openStorage: openStorage,
                                            options: options, logger: logger)
         try blockService.start()

@@ -5,13 +5,20 @@ import XenABI
 /// requests than the ring can hold. Its device is disconnected, never trusted.
 public struct RingOverflow: Error, Equatable, CustomStringConvertible, Sendable {
     public var producer: UInt32
+    /// rsp_prod_pvt: responses written.
     public var consumer: UInt32
+    /// req_cons: requests taken.
+    public var requestConsumer: UInt32
     public var size: UInt32
-    public init(producer: UInt32, consumer: UInt32, size: UInt32) {
-        self.producer = producer; self.consumer = consumer; self.size = size
+    public init(producer: UInt32, consumer: UInt32, requestConsumer: UInt32, size: UInt32) {
+        self.producer = producer; self.consumer = consumer; self.requestConsumer = requestConsumer; self.size = size
     }
+    /// req_prod went back below requests already taken (within half the index space).
+    public var movedBackwards: Bool { requestConsumer &- producer > 0 && requestConsumer &- producer < 1 << 31 }
     public var description: String {
-        "req_prod \(producer) is more than \(size) slots ahead of rsp_prod_pvt \(consumer)"
+        movedBackwards
+            ? "req_prod \(producer) moved backwards, below the \(requestConsumer) requests already taken"
+            : "req_prod \(producer) is more than \(size) slots ahead of rsp_prod_pvt \(consumer)"
     }
 }
 
@@ -74,6 +81,18 @@ public struct BackRing: ~Copyable {
         responseProducerPrivate = published
     }
 
+    /// Attaches to a ring this backend served before (its journal says
+    /// which requests it took): responses resume at the published rsp_prod,
+    /// requests at `requestConsumer`.
+    public init(attachingTo base: UnsafeMutableRawPointer, pages: Int, entrySize: Int, requestConsumer: UInt32) {
+        shared = SharedRingMemory(base: base, pages: pages, entrySize: entrySize)
+        self.requestConsumer = requestConsumer
+        responseProducerPrivate = shared.load(SharedRingLayout.Offset.rspProd)
+    }
+
+    /// The rsp_prod both ends see (published responses).
+    public var publishedResponses: UInt32 { shared.load(SharedRingLayout.Offset.rspProd) }
+
     /// RING_UNCONSUMED_REQUESTS after a RING_REQUEST_PROD_OVERFLOW check:
     /// how many requests may be taken now. Reads req_prod, then a read
     /// barrier, so the slots below it are safe to copy.
@@ -81,9 +100,16 @@ public struct BackRing: ~Copyable {
     public func unconsumedRequests() throws(RingOverflow) -> UInt32 {
         let producer = shared.load(SharedRingLayout.Offset.reqProd)   // acquire = read barrier
         if producer &- responseProducerPrivate > shared.size {
-            throw RingOverflow(producer: producer, consumer: responseProducerPrivate, size: shared.size)
+            throw RingOverflow(producer: producer, consumer: responseProducerPrivate, requestConsumer: requestConsumer,
+                               size: shared.size)
         }
         let requests = producer &- requestConsumer
+        // Behind requests already taken (yet within a ring of rsp_prod_pvt):
+        // moved backwards. Taken as it is, it would read response slots.
+        if requests > shared.size {
+            throw RingOverflow(producer: producer, consumer: responseProducerPrivate, requestConsumer: requestConsumer,
+                               size: shared.size)
+        }
         // Never take more than we have room to answer (RING_REQUEST_CONS_OVERFLOW).
         let room = shared.size &- (requestConsumer &- responseProducerPrivate)
         return min(requests, room)

@@ -26,6 +26,8 @@ struct DeviceReport: Codable {
     var rxPackets: UInt64?
     var dropped: UInt64?
     var malformed: UInt64?
+    /// vbds: requests refused without being done, by reason (only those seen).
+    var rejected: [String: UInt64]?
 
     init(_ s: VbdStatus) {
         device = s.address.description
@@ -39,6 +41,7 @@ struct DeviceReport: Codable {
         bytesRead = s.statistics.bytesRead
         bytesWritten = s.statistics.bytesWritten
         errors = s.statistics.errors
+        rejected = s.statistics.rejected.total > 0 ? s.statistics.rejected.named : nil
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
     }

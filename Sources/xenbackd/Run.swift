@@ -30,6 +30,9 @@ struct Run: ParsableCommand {
     @Option(help: "Segments per indirect request offered to blkfronts (feature-max-indirect-segments, at most \(VbdDataPlane.indirectSegmentsLimit); 0: no indirect requests).")
     var maxIndirectSegments = BlockBackendOptions.defaultMaxIndirectSegments
 
+    @Option(help: "Where each ring's journal lives, so that a daemon restarted after a kill answers every request exactly once: a tmpfs that outlives the daemon (default: /run/xenbackd/rings on Xen, ROOT/rings on the loopback hypervisor).")
+    var ringJournalDir: String?
+
     @Option(help: "Control socket for `xenbackd status`.")
     var controlSocket: String = ControlServer.defaultPath
 
@@ -74,7 +77,9 @@ struct Run: ParsableCommand {
                                           openStorage: DiskParameters.fileStorageOpener,
                                           options: .init(pollMicroseconds: pollMicroseconds,
                                                          persistentGrants: !noPersistentGrants,
-                                                         maxIndirectSegments: maxIndirectSegments),
+                                                         maxIndirectSegments: maxIndirectSegments,
+                                                         ringJournalDirectory: ringJournalDir
+                                                             ?? (hypervisor.name == "xen" ? "/run/xenbackd/rings" : root + "/rings")),
                                           logger: logger)
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)

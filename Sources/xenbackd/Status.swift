@@ -32,6 +32,9 @@ struct Status: ParsableCommand {
             line += pad("\(d.errors)", 8, right: true) + "  " + d.params
             if let e = d.lastError { line += "  (error: \(e))" }
             if let e = d.storageEvent { line += "  (storage: \(e))" }
+            if let r = d.rejected, !r.isEmpty {
+                line += "  (refused: " + r.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ") + ")"
+            }
             if let tx = d.txPackets, let rx = d.rxPackets {
                 line += "  (frames: \(tx) from guest, \(rx) to guest, \(d.dropped ?? 0) dropped, \(d.malformed ?? 0) malformed)"
             }

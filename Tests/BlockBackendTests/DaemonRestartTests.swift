@@ -159,6 +159,62 @@ struct DaemonRestartTests {
         #expect(blocks.checked >= 250)
     }
 
+    /// Responses go out in completion order: a slow discard in flight while
+    /// later writes are answered leaves rsp_prod past requests that are not
+    /// answered. Resuming at rsp_prod ran the last answered write again
+    /// (with the page the guest had reused) and never answered the discard;
+    /// the ring's journal must say exactly what was answered.
+    @Test("SIGKILL with a slow discard in flight and later writes answered: after the restart the discard is answered once, no write runs again, every acknowledged write holds")
+    func killWithAnswersOutOfOrder() throws {
+        let server = try NBDTestServer.nbdkit(["--filter=delay", "memory", "16M", "delay-trim=2"])
+        defer { server.stop() }
+        let w = try World()
+        defer { w.close() }
+        let (fe, _) = try connectGuest(w, params: server.params)
+        #expect(fe.info.discard)
+        let slow = try fe.submit(.discard(sector: 4096, count: 8))
+        fe.kick()
+        var writes: [(ticket: LoopbackBlockFrontend.Ticket, sector: UInt64, byte: UInt8)] = []
+        for i in 0..<8 {
+            let slot = try #require(fe.nextFreeSlot)
+            let byte = UInt8(0x10 + i)
+            fe.dataPage(slot: slot, segment: 0).initializeMemory(as: UInt8.self, repeating: byte, count: 4096)
+            writes.append((try fe.submit(.write(sector: UInt64(i * 64), count: 8)), UInt64(i * 64), byte))
+        }
+        fe.kick()
+        var answers: [UInt64: Int] = [:]
+        var statuses: [UInt64: Int16] = [:]
+        func note(_ r: BlkifResponse) { answers[r.id, default: 0] += 1; statuses[r.id] = r.status }
+        for (ticket, _, _) in writes where answers[ticket.id] == nil {
+            _ = try fe.wait(for: ticket, timeout: 10, other: note)
+            answers[ticket.id, default: 0] += 1
+            statuses[ticket.id] = BlkifStatus.okay
+        }
+        #expect(answers[slow.id] == nil, "the discard is still in flight at the server")
+        #expect(writes.allSatisfy { statuses[$0.ticket.id] == BlkifStatus.okay })
+        // The guest reuses the answered writes' pages, as it may.
+        for (ticket, _, _) in writes {
+            fe.dataPage(slot: ticket.slot, segment: 0).initializeMemory(as: UInt8.self, repeating: 0xEE, count: 4096)
+        }
+        kill(w.daemon!.processIdentifier, SIGKILL)
+        _ = w.waitExit(w.daemon!, seconds: 5)
+        w.daemon = try w.startDaemon()
+        let answer = try fe.wait(for: slow, timeout: 20, other: note)
+        note(answer)
+        #expect(answer.status == BlkifStatus.okay)
+        _ = try fe.collect(timeout: 1, note)
+        #expect(answers.filter { $0.value != 1 }.isEmpty, "answered more than once: \(answers.filter { $0.value != 1 })")
+        #expect(answers.count == writes.count + 1)
+        let reader = try NBDReader(uri: server.uri)
+        defer { reader.close() }
+        for (_, sector, byte) in writes {
+            #expect(try reader.read(offset: sector * 512, length: 4096) == [UInt8](repeating: byte, count: 4096),
+                    "sector \(sector) does not hold its acknowledged write")
+        }
+        // The ring goes on.
+        #expect(try fe.read(sector: 0, count: 8).data == [UInt8](repeating: 0x10, count: 4096))
+    }
+
     @Test("SIGKILL of an idle daemon: the next one takes the ring and the event channel over")
     func restartAfterKill() throws {
         let w = try World()

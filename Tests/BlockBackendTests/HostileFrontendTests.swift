@@ -108,7 +108,7 @@ struct HostileFrontendTests {
 
     @Test("a grant that was never granted is an error, in range or beyond the table")
     func neverGranted() throws {
-        try withHostileGuest { fe, _ in
+        try withHostileGuest { fe, bed in
             for (id, ref) in [(UInt64(19), GrantRef(8000)), (20, GrantRef(1_000_000))] {
                 let segs = InlineArray<11, BlkifSegment> { _ in BlkifSegment(gref: ref, firstSect: 0, lastSect: 7) }
                 let w = try raw(fe, request(BlkifOperation.write, id: id, nseg: 1, segs: segs))
@@ -117,6 +117,10 @@ struct HostileFrontendTests {
                 #expect(r == BlkifResponse(id: id + 100, operation: BlkifOperation.read, status: BlkifStatus.error))
             }
             try expectStillServing(fe)
+            // Counted by reason for status (the guest's own device only).
+            let refused = bed.host.blockStatus.first { $0.address.frontendDomain == 1 }?.statistics.rejected
+            #expect(refused?[.badGrant] == 4 && refused?.total == 4)
+            #expect(bed.host.blockStatus.first { $0.address.frontendDomain == 2 }?.statistics.rejected.total == 0)
         }
     }
 

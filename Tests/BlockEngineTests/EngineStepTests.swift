@@ -193,3 +193,46 @@ struct EngineStepTests {
         #expect(bed.disk.submittedOperations == 1)
     }
 }
+
+@Suite("blkback's engine: refused requests")
+struct EngineRejectionTests {
+    @Test("each refusal is counted by reason and kept for the log, with its id, operation and sector")
+    func rejectionsCountedAndKept() {
+        let bed = EngineBed()
+        bed.guest.revoke(bed.ref(9))
+        bed.front.queue(BlkifRequest(operation: BlkifOperation.read, nrSegments: 12, id: 1, sectorNumber: 3))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 2048, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 3, sector: 16, frame: 9))
+        bed.front.queue(BlkifRequest(operation: 77, id: 4, sectorNumber: 0))
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        #expect(bed.front.responses() == [failed(1, BlkifOperation.read), failed(2, BlkifOperation.write),
+                                          BlkifResponse(id: 4, operation: 77, status: BlkifStatus.notSupported),
+                                          failed(3, BlkifOperation.write)])
+        let r = bed.engine.statistics.rejected
+        #expect(r[.badSegmentCount] == 1 && r[.beyondEndOfDisk] == 1 && r[.badGrant] == 1 && r[.unsupportedOperation] == 1)
+        #expect(r.total == 4 && bed.engine.statistics.errors == 4)
+        var kept: [VbdRejectedRequest] = []
+        #expect(bed.engine.hasRejections)
+        #expect(bed.engine.takeRejections { kept.append($0) } == 0)
+        #expect(kept == [
+            VbdRejectedRequest(reason: .badSegmentCount, id: 1, operation: BlkifOperation.read, sector: 3),
+            VbdRejectedRequest(reason: .beyondEndOfDisk, id: 2, operation: BlkifOperation.write, sector: 2048),
+            VbdRejectedRequest(reason: .unsupportedOperation, id: 4, operation: 77, sector: 0),
+            VbdRejectedRequest(reason: .badGrant, id: 3, operation: BlkifOperation.write, sector: 16),
+        ])
+        #expect(!bed.engine.hasRejections)
+    }
+
+    @Test("a flood of refusals keeps the latest few and counts the rest")
+    func rejectionLogIsBounded() {
+        let bed = EngineBed()
+        for id in 0..<30 { bed.front.queue(BlkifRequest(operation: 99, id: UInt64(id), sectorNumber: 0)) }
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        #expect(bed.front.responses().count == 30)
+        var kept = 0
+        let unkept = bed.engine.takeRejections { _ in kept += 1 }
+        #expect(kept == VbdEngine.rejectionLogCapacity && unkept == UInt64(30 - kept))
+    }
+}

@@ -50,17 +50,22 @@ struct OverflowTests {
             m.setHeader(h)
             let cOverflow = xar_back_request_prod_overflow(c.b, prod) != 0
             #expect(cOverflow == (offset > size), "ring.h's own check at +\(offset)")
+            // Stricter than ring.h: a req_prod behind requests already taken
+            // moved backwards (ring.h would take `room` stale slots).
+            let behind = offset < swift.requestsInFlight
             do {
                 let n = try swift.unconsumedRequests()
-                #expect(!cOverflow, "req_prod +\(offset) (ring size \(size)) should throw RingOverflow")
+                #expect(!cOverflow && !behind, "req_prod +\(offset) (ring size \(size)) should throw RingOverflow")
                 #expect(n == (try? c.unconsumedRequests()), "unconsumed at +\(offset): Swift \(n)")
                 #expect(n <= size - swift.requestsInFlight,
                         "unconsumed \(n) exceeds the room \(size - swift.requestsInFlight) at +\(offset)")
                 #expect((try? swift.finalCheck()) != nil)
             } catch {
-                #expect(cOverflow, "req_prod +\(offset) (ring size \(size)) threw \(error)")
+                #expect(cOverflow || behind, "req_prod +\(offset) (ring size \(size)) threw \(error)")
                 let e = error as? RingOverflow
                 #expect(e?.producer == prod && e?.consumer == base && e?.size == size, "\(error)")
+                let distanceBehind = swift.ring.requestConsumer &- prod
+                #expect(e?.movedBackwards == (distanceBehind > 0 && distanceBehind < 1 << 31), "\(error)")
                 #expect(throws: RingOverflow.self, "finalCheckForRequests at +\(offset)") {
                     try swift.finalCheck()
                 }
@@ -93,6 +98,22 @@ struct OverflowTests {
         h.reqProd = start &- 1
         m.setHeader(h)
         #expect(throws: RingOverflow.self) { try back.unconsumedRequests() }
+
+        // Behind requests already taken, though within a ring of the
+        // responses: it moved backwards, and is said so.
+        h.reqProd = start &+ 2
+        m.setHeader(h)
+        #expect(try back.unconsumedRequests() == 2)
+        back.ring.takeRequest(into: back.scratch)
+        back.ring.takeRequest(into: back.scratch)
+        h.reqProd = start &+ 1
+        m.setHeader(h)
+        #expect {
+            try back.unconsumedRequests()
+        } throws: { error in
+            guard let e = error as? RingOverflow else { return false }
+            return e.movedBackwards && e.description.contains("moved backwards")
+        }
 
         // FrontRing.publishRawRequestProducer is the same attack from the front.
         let m2 = RingMemory(pages: pages)

@@ -74,19 +74,6 @@ enum BlkifSeedPrograms {
     ]
 }
 
-/// SplitMix64: the same inputs on every run.
-struct SeededBytes {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
-}
-
 @Suite("the blkif fuzz target, without libFuzzer")
 struct BlkifFuzzProgramTests {
     static func run(_ input: [UInt8]) -> [String] {
@@ -118,7 +105,7 @@ struct BlkifFuzzProgramTests {
 
     @Test("20,000 pseudo-random programs run clean")
     func randomPrograms() {
-        var g = SeededBytes(state: 0x626C_6B69_6600)
+        var g = SplitMix64(state: 0x626C_6B69_6600)
         var failures = 0
         for i in 0..<20_000 {
             let input = g.bytes(Int(g.next() % 600))
@@ -133,7 +120,7 @@ struct BlkifFuzzProgramTests {
 
     @Test("a program is deterministic")
     func deterministic() {
-        var g = SeededBytes(state: 7)
+        var g = SplitMix64(state: 7)
         for _ in 0..<200 {
             let input = g.bytes(300)
             #expect(Self.run(input) == Self.run(input))

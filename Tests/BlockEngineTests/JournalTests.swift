@@ -1,0 +1,128 @@
+import BlockBackend
+import BlockStorage
+import EngineDoubles
+import Hypervisor
+import Testing
+import XenABI
+
+/// A journal in plain memory that outlives the engines made over it, as
+/// the daemon's file in /run outlives a killed process.
+final class JournalMemory {
+    let bytes = VbdRingJournal.byteCount(ringSlots: 32)
+    let memory: UnsafeMutableRawPointer
+    init() {
+        memory = .allocate(byteCount: bytes, alignment: 64)
+        memory.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+    }
+    deinit { memory.deallocate() }
+    func journal() -> VbdRingJournal { VbdRingJournal(memory: memory, byteCount: bytes, ringSlots: 32) }
+}
+
+extension EngineBed {
+    /// An engine over the same ring, disk and grants, as a restarted daemon makes it.
+    func engine(journal: VbdRingJournal, identity: UInt64 = 42, recover: Bool) -> VbdEngine {
+        VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
+                  limits: engine.limits, persistentGrants: false, indirectBouncePages: 256,
+                  journal: journal, identity: identity, recover: recover)
+    }
+}
+
+@Suite("the ring journal: a restart after kill -9 never changes an answer")
+struct JournalTests {
+    @Test("answered out of order, then killed: the answered write is not run again, the one in flight is answered once")
+    func outOfOrderKill() {
+        let bed = EngineBed()
+        let memory = JournalMemory()
+        let first = bed.engine(journal: memory.journal(), recover: false)
+        bed.fill(frame: 8, with: 0x01)
+        bed.fill(frame: 9, with: 0x02)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 64, frame: 9))
+        bed.front.push()
+        _ = first.step(.kicked)
+        bed.disk.complete(1)
+        _ = first.step(.storageReady)
+        #expect(bed.front.responses() == [ok(2, BlkifOperation.write)])
+        // kill -9: the slow write never reached the disk.
+        bed.disk.dropPending()
+        // The guest, rightly, reuses the answered write's page.
+        bed.fill(frame: 9, with: 0xEE)
+
+        let second = bed.engine(journal: memory.journal(), recover: true)
+        #expect(second.recovered && second.requestsToReplay == 1)
+        _ = second.step(.kicked)
+        #expect(bed.disk.pending.map(\.offset) == [0])
+        bed.disk.completeAll()
+        _ = second.step(.storageReady)
+        #expect(bed.front.responses() == [ok(1, BlkifOperation.write)])
+        #expect(bed.diskBytes(bed.disk.written, sector: 0, count: 8) == [UInt8](repeating: 1, count: 4096))
+        #expect(bed.diskBytes(bed.disk.written, sector: 64, count: 8) == [UInt8](repeating: 2, count: 4096))
+        // The ring goes on from where the guest is.
+        bed.disk.completesAtOnce = true
+        bed.front.queue(bed.request(BlkifOperation.read, id: 3, sector: 64, frame: 10))
+        bed.front.push()
+        _ = second.step(.kicked)
+        #expect(bed.front.responses() == [ok(3, BlkifOperation.read)])
+        #expect(bed.pageBytes(frame: 10) == [UInt8](repeating: 2, count: 4096))
+    }
+
+    @Test("killed with a barrier waiting behind a write: both run again in order and are answered once")
+    func barrierInFlightKill() {
+        let bed = EngineBed()
+        let memory = JournalMemory()
+        let first = bed.engine(journal: memory.journal(), recover: false)
+        bed.fill(frame: 8, with: 0x01)
+        bed.fill(frame: 9, with: 0x02)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.writeBarrier, id: 2, sector: 8, frame: 9))
+        bed.front.queue(bed.request(BlkifOperation.read, id: 3, sector: 8, frame: 10))
+        bed.front.push()
+        #expect(first.step(.kicked).wait == .storage)
+        bed.disk.dropPending()
+
+        let second = bed.engine(journal: memory.journal(), recover: true)
+        #expect(second.requestsToReplay == 2)
+        bed.disk.completesAtOnce = true
+        let s = second.step(.kicked)
+        #expect(s.wait == .idle)
+        #expect(bed.front.responses() == [ok(1, BlkifOperation.write), ok(2, BlkifOperation.writeBarrier),
+                                          ok(3, BlkifOperation.read)])
+        #expect(bed.pageBytes(frame: 10) == [UInt8](repeating: 2, count: 4096))
+        #expect(bed.diskBytes(bed.disk.durable, sector: 0, count: 8) == [UInt8](repeating: 1, count: 4096))
+    }
+
+    @Test("a journal written for another ring is not replayed: the engine starts at rsp_prod with an empty journal")
+    func foreignJournal() {
+        let bed = EngineBed()
+        let memory = JournalMemory()
+        let first = bed.engine(journal: memory.journal(), identity: 1, recover: false)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
+        bed.front.push()
+        _ = first.step(.kicked)
+        bed.disk.dropPending()
+        let second = bed.engine(journal: memory.journal(), identity: 2, recover: true)
+        #expect(!second.recovered && second.requestsToReplay == 0)
+        // Resuming at rsp_prod takes the unanswered request from the ring again.
+        bed.disk.completesAtOnce = true
+        _ = second.step(.kicked)
+        #expect(bed.front.responses() == [ok(1, BlkifOperation.write)])
+    }
+
+    @Test("a clean stop leaves nothing to replay")
+    func cleanStop() {
+        let bed = EngineBed()
+        let memory = JournalMemory()
+        let first = bed.engine(journal: memory.journal(), recover: false)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
+        bed.front.push()
+        _ = first.step(.kicked)
+        _ = first.step(.stop)
+        bed.disk.completeAll()
+        #expect(first.step(.storageReady).wait == .drained)
+        #expect(bed.front.responses() == [ok(1, BlkifOperation.write)])
+        let second = bed.engine(journal: memory.journal(), recover: true)
+        #expect(second.recovered && second.requestsToReplay == 0)
+        #expect(second.step(.kicked).wait == .idle)
+        #expect(bed.front.responses().isEmpty && bed.disk.submittedOperations == 1)
+    }
+}
