@@ -428,6 +428,10 @@ public final class VbdEngine {
     private var areasExhausted: Bool { areaCount > 0 && freeAreaCount == 0 }
 
     private func takeRequests() {
+        // Indirect requests taken here (replayed ones too) start even when
+        // the ring then turns out broken or taking stops early: else they
+        // hold their slots with no I/O, and the ring never drains.
+        defer { if pendingIndirectCount > 0 { startIndirectRequests() } }
         // What a killed predecessor took and never answered runs first, in
         // the order it was taken, from the journal's private copies; the
         // ring waits until it has all been taken (a barrier among it holds
@@ -464,7 +468,6 @@ public final class VbdEngine {
             taken += 1
             handleTaken(record: record)
         }
-        if pendingIndirectCount > 0 { startIndirectRequests() }
     }
 
     /// The request in `scratch` (journal record `record`, or -1): refused at
