@@ -227,7 +227,7 @@ extension BlkifFuzzRing {
         if lastWait != .drained { report("stop drains", "wait \(lastWait), pending \(disk.pending.count)") }
         guard findings.items.isEmpty else { return }
         let taken = header(SharedRingLayout.Offset.rspProd) &- startIndex
-        if lawful && !lostResponse {
+        if lawful && !lostResponse && !leftInJournal {
             for r in 0..<requestCount where !requests[r].answered && !requests[r].tampered
                 && requests[r].index &- startIndex < taken {
                 report("every request taken is answered", "request \(r) (\(requests[r].kind)) at index \(requests[r].index)")

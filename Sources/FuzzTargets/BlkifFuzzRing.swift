@@ -29,6 +29,12 @@ final class BlkifFuzzRing {
     let model = SectorModel(sectors: diskSectors)
     /// The engines' bounce pages, kept across runs (one engine at a time).
     private let pageStore = VbdEnginePageStore()
+    /// The ring journal's memory: what survives a kill -9 of the daemon
+    /// (on a host, a file in a tmpfs), sized for the largest ring.
+    private let journalBytes = VbdRingJournal.byteCount(ringSlots: 128)
+    private let journalMemory: UnsafeMutableRawPointer
+    private var journal: VbdRingJournal?
+    private var journalIdentity: UInt64 { 0xB1C0_0000 | UInt64(guest.domain) }
 
     // The frontend's indices (requests it wrote, responses it took).
     private(set) var size: UInt32 = 32
@@ -68,6 +74,9 @@ final class BlkifFuzzRing {
     /// was lost to the checker, so exactly-once cannot be settled at the end.
     var clobberedIndex: UInt32?
     var lostResponse = false
+    /// Stopped right after a restart, before the journal's requests ran:
+    /// they stay in the journal for the next engine, unanswered by this one.
+    var leftInJournal = false
     var lastWait: VbdEngineStep.Wait = .idle
     /// The engine is inside `step` (a rewrite now races it).
     var inStep = false
@@ -89,6 +98,8 @@ final class BlkifFuzzRing {
         segments = .allocate(capacity: Self.segmentCapacity)
         offers = .allocate(capacity: Self.offerCapacity)
         requestAtSlot = .allocate(capacity: 128)
+        journalMemory = .allocate(byteCount: journalBytes, alignment: XenPage.size)
+        memset(journalMemory, 0, journalBytes)
         busy = .allocate(capacity: FuzzGuestLayout.pages)
         tainted = .allocate(capacity: FuzzGuestLayout.pages)
         everWritable = .allocate(capacity: FuzzGuestLayout.pages)
@@ -102,6 +113,7 @@ final class BlkifFuzzRing {
     }
 
     deinit {
+        journalMemory.deallocate()
         requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
         busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); keptPages.deallocate()
         sentinelPage.deallocate(); zeroPage.deallocate(); scratch.deallocate()
@@ -163,14 +175,20 @@ final class BlkifFuzzRing {
         drained = false
         clobberedIndex = nil
         lostResponse = false
+        leftInJournal = false
         lastWait = .idle
-        engine = makeEngine()
+        engine = makeEngine(recover: false)
     }
 
-    private func makeEngine() -> VbdEngine {
-        VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
-                  storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
-                  indirectBouncePages: 64, pageStore: pageStore)
+    /// A new engine with the ring's journal: formatted afresh (a new ring),
+    /// or, after a kill, recovered from what the killed engine left in it.
+    private func makeEngine(recover: Bool) -> VbdEngine {
+        let slots = SharedRingLayout.slots(pages: configuration.ringPages, entrySize: Blkif.slotSize)
+        journal = VbdRingJournal(memory: journalMemory, byteCount: journalBytes, ringSlots: slots)
+        return VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
+                         storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
+                         indirectBouncePages: 64, journal: journal, identity: journalIdentity, recover: recover,
+                         pageStore: pageStore)
     }
 
     /// Ends the run: the engine goes (its persistent mappings with it).
@@ -183,14 +201,15 @@ final class BlkifFuzzRing {
     /// kill -9 of the daemon and a restart over the same ring memory: the
     /// storage finishes what the kernel had (`completing` pending operations,
     /// chosen by the program), the rest is dropped; the process's mappings
-    /// go with it; a new engine attaches. With the ring journal (issue 12)
-    /// the new engine is given the journal that survived the process here.
+    /// go with it; a new engine recovers from the ring journal the killed
+    /// one left (only its memory survives, as the file does on a host).
     func restartEngine(completing: (InMemoryStorage) -> Void) {
         completing(disk)
         disk.dropPending()
         engine.releaseMappings()
         engine = nil
-        engine = makeEngine()
+        journal = nil
+        engine = makeEngine(recover: true)
         stopped = false
         drained = false
     }

@@ -9,11 +9,11 @@ import XenABI
 /// guest and disk. Kept between runs (per storage queue depth) and reset
 /// by `begin`; the engines are new in every run.
 final class BlkifFuzzWorld {
-    /// kill -9 and restart (issue 12) resumes at the shared rsp_prod, which
-    /// is known to answer a request twice when responses went out of order.
-    /// Off until the ring journal (VbdRingJournal) is on main; then
-    /// `BlkifFuzzRing.restartEngine` passes it and this turns on.
-    static let killRestartEnabled = false
+    /// kill -9 and restart (issue 12): the new engine recovers from the
+    /// ring journal (`BlkifFuzzRing.restartEngine`). Without a journal it
+    /// resumed at rsp_prod and answered requests twice or never (the
+    /// programs in Tests/FuzzCorpus/blkif/findings/kill-restart-*).
+    static let killRestartEnabled = true
 
     let findings = FuzzFindings()
     let grants: InMemoryGrantTable
@@ -121,6 +121,7 @@ final class BlkifFuzzWorld {
             stepA(.storageReady, armIfIdle: true)
         case 175..<178:
             a.stopped = true
+            if a.engine.requestsToReplay > 0 { a.leftInJournal = true }
             stepA(.stop, armIfIdle: true)
         case 178..<180:
             if Self.killRestartEnabled {
