@@ -104,7 +104,10 @@ extension BlkifFuzzRing {
             if q.isRead && !q.unreliable { checkRead(r) }
             if (q.kind == .flush || q.kind == .barrier) && !q.tampered { checkDurable(since: q.published, request: r) }
         }
-        release(r)
+        // A rewritten request's answer may be its other version's: its
+        // pages stay taken until the ring is quiet (else the guest reuses
+        // a page the request still reads into).
+        if !q.tampered { release(r) }
     }
 
     /// Every sector a read returned is one the disk may have held while it

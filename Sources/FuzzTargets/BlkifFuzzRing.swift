@@ -62,6 +62,8 @@ final class BlkifFuzzRing {
     private let keptPages: UnsafeMutableRawPointer
     let sentinelPage: UnsafeMutableRawPointer
     let zeroPage: UnsafeMutableRawPointer
+    /// Pages of rewritten requests are held until a quiet point.
+    var heldByRewritten = false
     /// Wildcard writes of hostile requests, open until a quiet point.
     var hostileSerials: [UInt32] = []
 
@@ -176,6 +178,7 @@ final class BlkifFuzzRing {
         clobberedIndex = nil
         lostResponse = false
         leftInJournal = false
+        heldByRewritten = false
         lastWait = .idle
         engine = makeEngine(recover: false)
     }
@@ -254,6 +257,7 @@ final class BlkifFuzzRing {
         if requests[r].serial != 0 { model.markWildcard(requests[r].serial) }
         if descriptorsChanged {
             requests[r].tampered = true
+            heldByRewritten = true
             if requests[r].kind == .indirectWrite {
                 hostileWrite(sector: requests[r].sector, count: UInt64(configuration.maxIndirectSegments) * 8, zeros: false)
             }
@@ -328,16 +332,18 @@ final class BlkifFuzzRing {
     /// Everything written has been published and answered and the engine
     /// holds nothing: hostile requests are over, their effects settled.
     func settleIfQuiet() {
-        guard lawful, !hostileSerials.isEmpty || anyTainted(),
+        guard lawful, !hostileSerials.isEmpty || anyTainted() || heldByRewritten,
               header(SharedRingLayout.Offset.reqProd) == requestProducerPrivate,
               responseConsumer == requestProducerPrivate, engine.outstanding == 0, disk.pending.isEmpty else { return }
         let now = tick()
         for s in hostileSerials { model.answered(s, at: now) }
         hostileSerials.removeAll(keepingCapacity: true)
         tainted.update(repeating: false, count: FuzzGuestLayout.pages)
+        // Nothing is in flight: every page is free again, rewritten requests' too.
+        busy.update(repeating: false, count: FuzzGuestLayout.pages)
+        heldByRewritten = false
         for r in 0..<requestCount where !requests[r].answered {
             requests[r].answered = true   // a tampered version was answered instead
-            release(r)
         }
     }
 
