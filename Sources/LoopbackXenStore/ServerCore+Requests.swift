@@ -177,11 +177,16 @@ extension ServerCore {
         if connection.watches.contains(where: { $0.absolutePath == watch.absolutePath && $0.token == watch.token }) {
             throw XenStoreError(errno: XenStoreError.exists)
         }
-        if !connection.requester.isPrivileged && connection.watches.count >= ClientConnection.maximumGuestWatches {
-            throw XenStoreError(errno: 7)  // E2BIG, as xenstored's watch quota
+        if !connection.requester.isPrivileged && watchCount(of: connection.requester) >= GuestQuota.watches {
+            throw XenStoreError(errno: GuestQuota.tooBig)
         }
         connection.watches.append(watch)
         return RequestReply(payload: XenStorePayload.ok, newWatch: watch)
+    }
+
+    /// Watches held by all of `requester`'s connections (the quota is per domain).
+    func watchCount(of requester: Requester) -> Int {
+        connections.values.reduce(0) { $0 + ($1.requester == requester ? $1.watches.count : 0) }
     }
 
     // MARK: Watch firing

@@ -35,6 +35,8 @@ struct AccessLog {
 /// in place by its requests, and what they touched.
 struct OpenTransaction {
     var owner: UInt64
+    /// Who started it (GuestQuota counts a domain's transactions and nodes).
+    var requester: Requester
     var startSequence: UInt64
     var tree: NodeTree
     var log = AccessLog()
@@ -52,9 +54,6 @@ struct XenStoreDatabase {
     private var changedAt: [String: UInt64] = [:]
     private var transactions: [UInt32: OpenTransaction] = [:]
     private var lastTransactionID: UInt32 = 0
-
-    /// Open transactions an unprivileged connection may hold (xenstored has a quota too).
-    static let transactionsPerGuestConnection = 64
 
     init() {
         tree = NodeTree(rootPermissions: [XenStorePermission(domain: 0, access: .none)])
@@ -86,6 +85,9 @@ struct XenStoreDatabase {
         try change(transaction) { (tree, generation, log) throws(XenStoreError) in
             if let node = tree[path] {
                 guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+                if !requester.isPrivileged && node.recordSize - node.value.count + value.count > GuestQuota.nodeBytes {
+                    throw XenStoreError(errno: GuestQuota.noSpace)
+                }
                 tree.setValue(path, value, generation: generation)
                 log.written.insert(path)
             } else {
@@ -150,11 +152,11 @@ struct XenStoreDatabase {
 
     mutating func startTransaction(owner: UInt64, by requester: Requester) throws(XenStoreError) -> UInt32 {
         if !requester.isPrivileged
-            && transactions.values.count(where: { $0.owner == owner }) >= Self.transactionsPerGuestConnection {
-            throw XenStoreError(errno: 28)  // ENOSPC, as xenstored's transaction quota
+            && transactions.values.count(where: { $0.requester == requester }) >= GuestQuota.transactions {
+            throw XenStoreError(errno: GuestQuota.noSpace)
         }
         repeat { lastTransactionID &+= 1 } while lastTransactionID == 0 || transactions[lastTransactionID] != nil
-        transactions[lastTransactionID] = OpenTransaction(owner: owner, startSequence: sequence, tree: tree)
+        transactions[lastTransactionID] = OpenTransaction(owner: owner, requester: requester, startSequence: sequence, tree: tree)
         return lastTransactionID
     }
 
@@ -172,6 +174,7 @@ struct XenStoreDatabase {
         if touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
             throw XenStoreError(errno: XenStoreError.again)
         }
+        try checkNodeQuota(committing: transaction)
         sequence += 1
         for path in transaction.log.written {
             var node = transaction.tree[path]
@@ -194,7 +197,33 @@ struct XenStoreDatabase {
 
     var openTransactionCount: Int { transactions.count }
 
+    /// Nodes a domain owns, live and in each of its open transactions (for
+    /// checks of the quota from outside, e.g. the fuzz target).
+    func ownedNodeCounts(of domain: UInt32) -> [Int] {
+        [tree.ownedNodeCount(of: domain)] + transactions.values.map { $0.tree.ownedNodeCount(of: domain) }
+    }
+
+    func openTransactionCount(of requester: Requester) -> Int {
+        transactions.values.count { $0.requester == requester }
+    }
+
     // MARK: Internals
+
+    /// A guest's commit may not take it past GuestQuota.nodes, whatever it
+    /// created meanwhile outside the transaction (each was checked alone).
+    private func checkNodeQuota(committing transaction: OpenTransaction) throws(XenStoreError) {
+        let requester = transaction.requester
+        guard !requester.isPrivileged else { return }
+        let domain = UInt32(requester.domain)
+        var added = 0
+        for path in transaction.log.written {
+            if transaction.tree[path]?.owner == domain { added += 1 }
+            if tree[path]?.owner == domain { added -= 1 }
+        }
+        if added > 0 && tree.ownedNodeCount(of: domain) + added > GuestQuota.nodes {
+            throw XenStoreError(errno: GuestQuota.noSpace)
+        }
+    }
 
     /// A node for a read-only request, recorded as read when inside a transaction.
     private mutating func lookup(_ path: String, _ requester: Requester, _ need: Requester.Need,
@@ -262,11 +291,36 @@ struct XenStoreDatabase {
         return XenStoreError(errno: requester.may(need, ancestor.node.permissions) ? XenStoreError.noEntry : XenStoreError.accessDenied)
     }
 
+    /// A guest's new nodes must keep it within GuestQuota.nodes, and every
+    /// record they make or grow within GuestQuota.nodeBytes: the existing
+    /// ancestor gains a child name, each new node but the last holds one, the
+    /// last holds the value.
+    private static func checkQuota(creating path: String, _ value: [UInt8], below ancestor: (path: String, node: XenStoreNode),
+                                   in tree: NodeTree, by requester: Requester) throws(XenStoreError) {
+        let noSpace = XenStoreError(errno: GuestQuota.noSpace)
+        if tree.ownedNodeCount(of: UInt32(requester.domain)) + tree.missingNodeCount(creating: path) > GuestQuota.nodes {
+            throw noSpace
+        }
+        guard value.count <= GuestQuota.nodeBytes else { throw noSpace }
+        var child = path
+        while let parent = XenStorePath.parent(of: child) {
+            let entry = XenStorePath.lastComponent(of: child).utf8.count + 1
+            let parentRecord = parent == ancestor.path ? ancestor.node.recordSize : 0
+            if parentRecord + entry > GuestQuota.nodeBytes { throw noSpace }
+            if parent == ancestor.path { break }
+            child = parent
+        }
+    }
+
     /// Creates a missing node after checking write access on its nearest existing ancestor.
     private static func create(_ path: String, _ value: [UInt8], in tree: inout NodeTree, by requester: Requester,
                                generation: UInt64, log: inout AccessLog) throws(XenStoreError) {
         let ancestor = tree.nearestExistingAncestor(of: path)
         guard requester.may(.write, ancestor.node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+        if !requester.isPrivileged {
+            // Checked before anything changes: the live tree is changed in place.
+            try checkQuota(creating: path, value, below: ancestor, in: tree, by: requester)
+        }
         let owner: DomID? = requester.isPrivileged ? nil : requester.domain
         for changed in tree.create(path, value: value, owner: owner, generation: generation) {
             log.written.insert(changed)
