@@ -6,6 +6,7 @@ import PackageDescription
 //   Hypervisor (protocols) <- LoopbackHypervisor, LibXenStore, XenStoreClient
 //   XenStoreWire <- LoopbackXenStore, XenStoreClient
 //   BlockStorage <- BlockBackend <- xenbackd
+//   LoopbackXenStore <- FuzzTargets <- xenbackd-fuzz (the lab side; docs/FUZZING.md)
 let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 // Data-plane modules: their classes are confined to one thread by design, so
 // the runtime's dynamic exclusivity checks (a TLS lookup on every property
@@ -93,6 +94,14 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
 
+        // Fuzz targets: programs of hostile-guest actions, checked against invariants after
+        // every step. xenbackd-fuzz is libFuzzer's binary when built with -DXENBACKD_FUZZ
+        // (scripts/fuzz), and the replayer of saved inputs otherwise.
+        .target(name: "FuzzTargets", dependencies: [
+            "LoopbackXenStore", "XenStoreWire", "Hypervisor", "XenABI",
+        ], swiftSettings: strict),
+        .executableTarget(name: "xenbackd-fuzz", dependencies: ["FuzzTargets"], swiftSettings: strict),
+
         // Compiled against Xen's own headers; the ABI tests compare it with XenABI.
         .target(name: "XenABIReference", path: "Tests/XenABIReference"),
         // A blkfront in C written from docs/loopback-hypervisor.md alone (CFrontendTests runs it).
@@ -102,6 +111,8 @@ let package = Package(
         .testTarget(name: "XenStoreTests", dependencies: [
             "LoopbackXenStore", "SystemSupport", "XenStoreClient", "LibXenStore", "Hypervisor", "XenStoreWire",
         ], swiftSettings: strict),
+        // Every seed and minimised finding under Tests/FuzzCorpus, replayed without the fuzzer.
+        .testTarget(name: "FuzzReplayTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
