@@ -32,12 +32,17 @@ package final class InProcessXenStoreServer {
     package func isOpen(_ id: UInt64) -> Bool { core.connections[id] != nil }
 
     /// Bytes arriving on the connection: every complete request is answered
-    /// (and watch events fired) before this returns.
+    /// (and watch events fired) before this returns. They are taken in reads
+    /// of at most 16 KiB, each answered before the next, as the event loop does.
     package func send(_ bytes: [UInt8], on id: UInt64) {
-        guard let connection = core.connections[id] else { return }
-        connection.decoder.append(contentsOf: bytes)
-        core.answerBufferedRequests(from: connection)
-        core.flushPendingOutput()
+        var from = 0
+        while from < bytes.count, let connection = core.connections[id] {
+            let to = min(bytes.count, from + ServerCore.readSize)
+            connection.decoder.append(contentsOf: bytes[from..<to])
+            core.answerBufferedRequests(from: connection)
+            core.flushPendingOutput()
+            from = to
+        }
     }
 
     /// What the peer reads: the replies and events delivered so far. Taking

@@ -235,14 +235,17 @@ extension ServerCore {
     /// The request's transaction id, which must be one this connection opened
     /// (0: none). Requests that take no transaction ignore the field.
     private func transaction(_ message: XenStoreMessage, _ connection: ClientConnection) throws(XenStoreError) -> UInt32 {
-        let usesTransaction: Set<XenStoreMessageType> = [.read, .write, .mkdir, .rm, .directory, .directoryPart, .getPerms, .setPerms]
-        guard let type = message.type, usesTransaction.contains(type) else { return 0 }
+        guard let type = message.type, Self.typesTakingTransaction.contains(type) else { return 0 }
         let id = message.transactionID
         guard id == 0 || database.transactionExists(id, owner: connection.id) else {
             throw XenStoreError(errno: XenStoreError.noEntry)
         }
         return id
     }
+
+    private static let typesTakingTransaction: Set<XenStoreMessageType> = [
+        .read, .write, .mkdir, .rm, .directory, .directoryPart, .getPerms, .setPerms,
+    ]
 
     private func requirePrivilege(_ requester: Requester) throws(XenStoreError) {
         guard requester.isPrivileged else { throw XenStoreError(errno: XenStoreError.accessDenied) }

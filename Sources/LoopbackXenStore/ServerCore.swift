@@ -35,7 +35,9 @@ final class ServerCore {
     /// Connections with output queued since the last flush.
     private var needsFlush: Set<UInt64> = []
     private var lastToken: UInt64 = 1
-    private var readBuffer = [UInt8](repeating: 0, count: 16 * 1024)
+    /// One recv's most (and an in-process connection's: the same chunks).
+    static let readSize = 16 * 1024
+    private var readBuffer = [UInt8](repeating: 0, count: readSize)
 
     init(epollFD: Int32, domainSocketDirectory: String, logger: Logger) {
         self.epollFD = epollFD

@@ -13,7 +13,7 @@ P = {p: i for i, p in enumerate(PATHS)}
 T = dict(control=0, directory=1, read=2, getPerms=3, watch=4, unwatch=5, transactionStart=6, transactionEnd=7,
          introduce=8, release=9, getDomainPath=10, write=11, mkdir=12, rm=13, setPerms=14, watchEvent=15,
          error=16, isDomainIntroduced=17, resume=18, setTarget=19, resetWatches=21, directoryPart=22)
-REPEAT = {1: 0, 2: 2, 16: 3, 200: 4, 1100: 5}
+REPEAT = {1: 0, 2: 4, 16: 5, 200: 6, 1100: 7}
 TX = {"none": 0, "last": 1, "next": 3}
 DOM0_PATHS = ["/protected/k", "/protected/new", "/local/domain/5/x", "/local/domain/5/dom0-owned",
               "/local/domain/5/data/deep/er", "/local/domain/5", "/shared/s", "/readable/k",

@@ -73,7 +73,7 @@ enum XenStoreWireRequestBuilder {
     ]
     static let permissionStrings = ["n5", "r5", "w5", "b5", "n0", "b0", "r7", "n7", "b7", "x5", "", "n65535", "n70000", "r-1"]
     static let domainStrings = ["5", "7", "0", "65535", "70000", "-1", "x", ""]
-    static let repeatCounts = [1, 1, 2, 16, 200, 1100]
+    static let repeatCounts = [1, 1, 1, 1, 2, 16, 200, 1100]
     static let valueSizes = [0, 1, 8, 100, 2047, 2048, 2049, 4000]
 
     static func decode(_ input: inout FuzzInput, lastTransactionID: UInt32) -> [XenStoreMessage] {
@@ -89,10 +89,16 @@ enum XenStoreWireRequestBuilder {
         let count = repeatCounts[input.choice(repeatCounts.count)]
         // The fields are decoded once; a repetition differs only in a "/n<i>" suffix.
         let fields = PayloadFields.decode(&input, rawType: rawType)
-        return (0..<count).map { index in
-            XenStoreMessage(rawType: rawType, requestID: requestID &+ UInt32(index), transactionID: transactionID,
-                            payload: fields.payload(index: index))
+        // Repetitions stop at 256 KiB, what the server reads from a socket in one wake-up.
+        var messages: [XenStoreMessage] = []
+        var size = 0
+        for index in 0..<count where size < 256 * 1024 {
+            let message = XenStoreMessage(rawType: rawType, requestID: requestID &+ UInt32(index), transactionID: transactionID,
+                                          payload: fields.payload(index: index))
+            size += XenStoreMessageHeader.size + message.payload.count
+            messages.append(message)
         }
+        return messages
     }
 
     /// The decoded choices of one payload.

@@ -15,8 +15,10 @@ final class XenStoreWireSession {
     /// The guest's input as the server should frame it, and its output.
     private var guestRequests = XenStoreFrameDecoder()
     private var guestReplies = XenStoreFrameDecoder()
-    /// Requests sent that have had no reply yet, oldest first.
-    private var unanswered: [XenStoreMessage] = []
+    /// Requests sent, oldest first; those before `answered` have had their reply.
+    private var requests: [XenStoreMessage] = []
+    private var answered = 0
+    private var unansweredCount: Int { requests.count - answered }
     /// Watches just set whose initial event (path as requested, token) is still to come.
     private var initialFirings: [[String]] = []
     /// The guest sent a stream that cannot be framed: the server must close the connection.
@@ -85,7 +87,7 @@ final class XenStoreWireSession {
         if !framingBroken {
             guestRequests.append(contentsOf: bytes)
             do {
-                while let message = try guestRequests.nextMessage() { unanswered.append(message) }
+                while let message = try guestRequests.nextMessage() { requests.append(message) }
             } catch {
                 framingBroken = true
             }
@@ -115,7 +117,8 @@ final class XenStoreWireSession {
         guestConnection = server.connect(as: Self.guest)
         guestRequests = XenStoreFrameDecoder()
         guestReplies = XenStoreFrameDecoder()
-        unanswered.removeAll()
+        requests.removeAll()
+        answered = 0
         initialFirings.removeAll()
         framingBroken = false
         guestReads = true
@@ -170,8 +173,12 @@ final class XenStoreWireSession {
             } catch {
                 finding("the guest's reply stream cannot be framed: \(error)")
             }
-            if open && guestReads && !framingBroken && !unanswered.isEmpty {
-                finding("\(unanswered.count) requests unanswered, first \(Self.describe(unanswered[0]))")
+            if open && guestReads && !framingBroken && unansweredCount > 0 {
+                finding("\(unansweredCount) requests unanswered, first \(Self.describe(requests[answered]))")
+            }
+            if answered == requests.count {
+                requests.removeAll(keepingCapacity: true)
+                answered = 0
             }
         }
         if framingBroken && open {
@@ -184,6 +191,9 @@ final class XenStoreWireSession {
             connectGuestAgain()
         }
     }
+
+    private static let privilegedTypes: Set<XenStoreMessageType> = [.introduce, .release, .setTarget, .resume, .control, .isDomainIntroduced]
+    private static let readTypes: Set<XenStoreMessageType> = [.read, .directory, .directoryPart, .getPerms]
 
     private func check(_ message: XenStoreMessage, before: [String: XenStoreNode], after: [String: XenStoreNode]) {
         if message.type == .watchEvent {
@@ -198,8 +208,9 @@ final class XenStoreWireSession {
             }
             return
         }
-        guard !unanswered.isEmpty else { return finding("reply \(Self.describe(message)) to no request") }
-        let request = unanswered.removeFirst()
+        guard unansweredCount > 0 else { return finding("reply \(Self.describe(message)) to no request") }
+        let request = requests[answered]
+        answered += 1
         guard message.requestID == request.requestID, message.transactionID == request.transactionID,
               message.rawType == request.rawType || message.type == .error else {
             return finding("reply \(Self.describe(message)) does not match request \(Self.describe(request))")
@@ -209,12 +220,10 @@ final class XenStoreWireSession {
                 return finding("error reply \(Self.describe(message)) names no errno")
             }
         }
-        let privileged: Set<XenStoreMessageType> = [.introduce, .release, .setTarget, .resume, .control, .isDomainIntroduced]
-        if let type = request.type, privileged.contains(type), message.payload != XenStorePayload.errorReply(errno: XenStoreError.accessDenied) {
+        if let type = request.type, Self.privilegedTypes.contains(type), message.payload != XenStorePayload.errorReply(errno: XenStoreError.accessDenied) {
             finding("guest's \(type) answered \(Self.describe(message)), not EACCES")
         }
-        let reads: Set<XenStoreMessageType> = [.read, .directory, .directoryPart, .getPerms]
-        if let type = request.type, reads.contains(type), request.transactionID == 0, message.type != .error,
+        if let type = request.type, Self.readTypes.contains(type), request.transactionID == 0, message.type != .error,
            let raw = XenStorePayload.strings(request.payload).first,
            let path = XenStorePath.resolve(raw, domain: Self.guest), isSecret(path, before, after) {
             finding("guest's \(type) of \(path) (which it may not read) answered \(Self.describe(message))")
