@@ -167,7 +167,10 @@ final class XenStoreWireSession {
     private func collectGuestOutput(before: [String: XenStoreNode], after: [String: XenStoreNode]) {
         let open = server.isOpen(guestConnection)
         if guestReads || !open {
-            guestReplies.append(contentsOf: server.takeReplies(of: guestConnection))
+            // Like a client's read loop: taking replies makes room for more.
+            while case let replies = server.takeReplies(of: guestConnection), !replies.isEmpty {
+                guestReplies.append(contentsOf: replies)
+            }
             do {
                 while let message = try guestReplies.nextMessage() { check(message, before: before, after: after) }
             } catch {
