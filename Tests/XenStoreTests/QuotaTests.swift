@@ -128,6 +128,34 @@ struct QuotaTests {
         #expect(server.openTransactionCount(of: 5) == 5)
     }
 
+    @Test("a guest that stops reading its replies is cut off once 8 MiB are queued; dom0 is not")
+    func unreadRepliesAreBounded() {
+        let (server, dom0, guest) = serverWithGuestHome()
+        #expect(guest.write("v", [UInt8](repeating: 65, count: 2048)) == "OK")
+        // 4200 reads of 2048 bytes: 8.7 MiB of replies that nobody takes.
+        let read = XenStoreMessage(.read, requestID: 1, payload: XenStorePayload.terminated("v")).encoded()
+        server.send(Array([[UInt8]](repeating: read, count: 4200).joined()), on: guest.id)
+        #expect(!server.isOpen(guest.id))
+        #expect(dom0.request(.read, ["/local/domain/5/v"]).count == 2048)
+        // A guest that reads as it sends (100 requests ahead) gets all of them.
+        let reader = InProcessClient(server, domain: 5)
+        var replies = 0
+        var decoder = XenStoreFrameDecoder()
+        for _ in 0..<42 {
+            server.send(Array([[UInt8]](repeating: read, count: 100).joined()), on: reader.id)
+            while case let bytes = server.takeReplies(of: reader.id), !bytes.isEmpty {
+                decoder.append(contentsOf: bytes)
+                while let reply = try? decoder.nextMessage() {
+                    #expect(reply.payload.count == 2048)
+                    replies += 1
+                }
+            }
+        }
+        #expect(server.isOpen(reader.id))
+        #expect(replies == 4200)
+        #expect(server.queuedOutputCount(of: reader.id) == 0)
+    }
+
     @Test("a header announcing more than 4096 bytes closes that guest's connection only")
     func oversizedFrameClosesOnlyThatConnection() {
         let (server, dom0, guest) = serverWithGuestHome()
