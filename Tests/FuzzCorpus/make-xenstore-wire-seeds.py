@@ -62,7 +62,11 @@ seeds = {
         + dom0_rm("/protected/k") + req("watch", path("@introduceDomain") + bytes([0]), 3)
         + req("unwatch", path("") + bytes([0]), 4) + req("watch", path("data", "indexed") + bytes([3]), 5, repeat=200)
         + req("resetWatches", b"", 6),
-    "quotas": req("write", path("data", "indexed") + value(1), 1, repeat=1100) + req("write", path("data/x") + value(2049), 2)
+    # About 370 children fill a directory's 2048 bytes; three directories pass 1000 nodes.
+    "quotas": req("write", path("data", "indexed") + value(1), 1, repeat=1100)
+        + req("mkdir", path("data/x", "indexed"), 1200, repeat=1100)
+        + req("mkdir", path("device/vbd/51712/state", "indexed"), 2400, repeat=1100)
+        + req("write", path("data/x") + value(2049), 2)
         + req("write", path("data/x") + value(2048), 3) + req("mkdir", path("data", "abcdefgh"), 4),
     "privileged-and-unknown": req("introduce", bytes([0])) + req("release", bytes([0]), 2) + req("setTarget", bytes([0, 1]), 3)
         + req("resume", bytes([0]), 4) + req("control", bytes([0]), 5) + req("isDomainIntroduced", bytes([0]), 6)
