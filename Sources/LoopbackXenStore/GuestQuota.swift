@@ -11,6 +11,10 @@ package enum GuestQuota {
     package static let watches = 128
     /// Open transactions over all the domain's connections; ENOSPC beyond.
     package static let transactions = 10
+    /// Nodes one transaction may touch (read, find missing, or change): a
+    /// request to a transaction that has touched this many is ENOSPC (the
+    /// last one taken may pass it by the nodes it touches itself).
+    package static let transactionNodes = 1024
     /// Replies queued for a connection that does not read them; past this
     /// the connection is closed (the server does not grow without bound).
     package static let queuedOutputBytes = 8 * 1024 * 1024

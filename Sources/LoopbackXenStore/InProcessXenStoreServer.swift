@@ -78,6 +78,13 @@ package final class InProcessXenStoreServer {
 
     package func openTransactionCount(of domid: DomID) -> Int { core.database.openTransactionCount(of: .guest(domid)) }
 
+    /// Nodes each of `domid`'s open transactions has touched.
+    package func transactionTouchedCounts(of domid: DomID) -> [Int] { core.database.transactionTouchedCounts(of: .guest(domid)) }
+
+    /// Paths the store remembers for its open transactions' conflict checks, and their bound.
+    package var trackedChangeCount: Int { core.database.trackedChangeCount }
+    package static var trackedChangesLimit: Int { XenStoreDatabase.trackedChangesLimit }
+
     /// Replies queued on the connection that its pipe has not taken yet.
     package func queuedOutputCount(of id: UInt64) -> Int { core.connections[id]?.queuedOutputCount ?? 0 }
 

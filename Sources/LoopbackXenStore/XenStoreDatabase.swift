@@ -23,11 +23,28 @@ struct AccessLog {
     /// Nodes created, changed or removed (including parents whose child list changed).
     var written: Set<String> = []
     var triggers: [WatchTrigger] = []
+    /// Where each (path, exactOnly) is in `triggers`, once merged into a transaction's log.
+    private var triggerIndex: [String: Int] = [:]
 
+    /// Nodes read or written.
+    var touchedCount: Int { read.count + written.count(where: { !read.contains($0) }) }
+
+    /// Adds a request's log to a transaction's. A node changed again keeps
+    /// one trigger (xenstored fires once per node at commit) with the
+    /// permissions before its first change and after its last, so the log
+    /// grows with the nodes touched, not with the requests.
     mutating func merge(_ other: AccessLog) {
         read.formUnion(other.read)
         written.formUnion(other.written)
-        triggers.append(contentsOf: other.triggers)
+        for trigger in other.triggers {
+            let key = (trigger.exactOnly ? "=" : "+") + trigger.path
+            if let i = triggerIndex[key] {
+                triggers[i].permissionLists = [triggers[i].permissionLists.first, trigger.permissionLists.last].compactMap { $0 }
+            } else {
+                triggerIndex[key] = triggers.count
+                triggers.append(trigger)
+            }
+        }
     }
 }
 
@@ -40,6 +57,9 @@ struct OpenTransaction {
     var startSequence: UInt64
     var tree: NodeTree
     var log = AccessLog()
+    /// Set when the changes it must be checked against were no longer all
+    /// remembered (XenStoreDatabase.trackedChangesLimit): its commit is EAGAIN.
+    var mustRetry = false
 }
 
 /// The store's contents and its transactions, with xenstored's access rules.
@@ -52,6 +72,11 @@ struct XenStoreDatabase {
     /// Sequence at which each path last changed outside a transaction's own
     /// snapshot; kept only while transactions are open (for conflict checks).
     private var changedAt: [String: UInt64] = [:]
+    /// At most this many paths in `changedAt`: a guest holding a transaction
+    /// open while it changes ever new paths would grow it without bound. Past
+    /// it, every open transaction will fail its commit with EAGAIN (clients
+    /// retry) and the record starts afresh.
+    static let trackedChangesLimit = 16384
     private var transactions: [UInt32: OpenTransaction] = [:]
     private var lastTransactionID: UInt32 = 0
 
@@ -171,7 +196,7 @@ struct XenStoreDatabase {
         defer { forgetChangesNoTransactionNeeds() }
         guard commit else { return [] }
         let touched = transaction.log.read.union(transaction.log.written)
-        if touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
+        if transaction.mustRetry || touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
             throw XenStoreError(errno: XenStoreError.again)
         }
         try checkNodeQuota(committing: transaction)
@@ -229,8 +254,11 @@ struct XenStoreDatabase {
     private mutating func lookup(_ path: String, _ requester: Requester, _ need: Requester.Need,
                                  _ transaction: UInt32) throws(XenStoreError) -> XenStoreNode {
         guard transaction != 0 else { return try Self.checked(tree, path, requester, need) }
-        guard transactions[transaction] != nil else { throw XenStoreError(errno: XenStoreError.noEntry) }
-        transactions[transaction]!.log.read.insert(path)
+        guard let open = transactions[transaction] else { throw XenStoreError(errno: XenStoreError.noEntry) }
+        if !open.log.read.contains(path) {
+            try Self.checkTransactionQuota(open, adding: 1)
+            transactions[transaction]!.log.read.insert(path)
+        }
         return try Self.checked(transactions[transaction]!.tree, path, requester, need)
     }
 
@@ -252,6 +280,8 @@ struct XenStoreDatabase {
             throw XenStoreError(errno: XenStoreError.noEntry)
         }
         defer { transactions[transaction] = open }  // put back whether or not the body throws
+        // A full transaction takes no more changes (one may pass the quota by its own nodes).
+        try Self.checkTransactionQuota(open, adding: 1)
         do throws(XenStoreError) {
             try body(&open.tree, sequence, &log)
         } catch {
@@ -262,8 +292,28 @@ struct XenStoreDatabase {
         return []
     }
 
+    /// A guest's transaction touches at most GuestQuota.transactionNodes nodes.
+    private static func checkTransactionQuota(_ open: OpenTransaction, adding count: Int) throws(XenStoreError) {
+        if !open.requester.isPrivileged && open.log.touchedCount + count > GuestQuota.transactionNodes {
+            throw XenStoreError(errno: GuestQuota.noSpace)
+        }
+    }
+
     private mutating func recordChange(_ path: String) {
-        if !transactions.isEmpty { changedAt[path] = sequence }
+        guard !transactions.isEmpty else { return }
+        if changedAt.count >= Self.trackedChangesLimit && changedAt[path] == nil {
+            for id in transactions.keys { transactions[id]!.mustRetry = true }
+            changedAt.removeAll()
+        }
+        changedAt[path] = sequence
+    }
+
+    /// Paths remembered for the open transactions' conflict checks.
+    var trackedChangeCount: Int { changedAt.count }
+
+    /// Nodes each of the requester's open transactions has touched.
+    func transactionTouchedCounts(of requester: Requester) -> [Int] {
+        transactions.values.filter { $0.requester == requester }.map(\.log.touchedCount)
     }
 
     private mutating func forgetChangesNoTransactionNeeds() {

@@ -128,6 +128,51 @@ struct QuotaTests {
         #expect(server.openTransactionCount(of: 5) == 5)
     }
 
+    @Test("a guest's transaction touches at most 1024 nodes; the next request in it is ENOSPC")
+    func transactionNodeQuota() {
+        let (server, _, guest) = serverWithGuestHome()
+        let tx = UInt32(guest.request(.transactionStart, [""]))!
+        #expect(guest.request(.mkdir, ["kept"], tx: tx) == "OK")  // the home and "kept": two nodes
+        for i in 0..<1022 { #expect(guest.request(.read, ["missing\(i)"], tx: tx) == "ENOENT") }
+        #expect(server.transactionTouchedCounts(of: 5) == [1024])
+        #expect(guest.request(.read, ["one-more"], tx: tx) == "ENOSPC")
+        #expect(guest.request(.write, ["kept", "v"], tx: tx) == "ENOSPC")
+        #expect(guest.request(.read, ["missing0"], tx: tx) == "ENOENT")  // touched already
+        #expect(guest.request(.transactionEnd, ["T"], tx: tx) == "OK")
+        #expect(guest.request(.read, ["kept"]) == "")
+    }
+
+    @Test("a transaction that changes one node 300 times fires one event at commit (its log does not grow)")
+    func repeatedChangesInATransactionFireOnce() {
+        let (server, _, guest) = serverWithGuestHome()
+        let watcher = InProcessClient(server, domain: nil)
+        #expect(watcher.request(.watch, ["/local/domain/5/x", "t"]) == "OK")
+        _ = server.takeReplies(of: watcher.id)  // the watch's first event
+        let tx = UInt32(guest.request(.transactionStart, [""]))!
+        for i in 0..<300 { #expect(guest.request(.write, ["x", "\(i)"], tx: tx) == "OK") }
+        #expect(guest.request(.transactionEnd, ["T"], tx: tx) == "OK")
+        var decoder = XenStoreFrameDecoder()
+        decoder.append(contentsOf: server.takeReplies(of: watcher.id))
+        var events: [[String]] = []
+        while let message = try? decoder.nextMessage() { events.append(XenStorePayload.strings(message.payload)) }
+        #expect(events == [["/local/domain/5/x", "t"]])
+    }
+
+    @Test("changes remembered for open transactions are bounded; past the bound their commits are EAGAIN")
+    func trackedChangesAreBounded() {
+        let (server, dom0, guest) = serverWithGuestHome()
+        let tx = UInt32(guest.request(.transactionStart, [""]))!
+        #expect(guest.request(.write, ["x", "v"], tx: tx) == "OK")
+        // Ever new paths changed while the transaction is open.
+        for i in 0...InProcessXenStoreServer.trackedChangesLimit {
+            dom0.request(.mkdir, ["/churn/\(i)"])
+            dom0.request(.rm, ["/churn/\(i)"])
+        }
+        #expect(server.trackedChangeCount <= InProcessXenStoreServer.trackedChangesLimit)
+        #expect(guest.request(.transactionEnd, ["T"], tx: tx) == "EAGAIN")
+        #expect(server.trackedChangeCount == 0)
+    }
+
     @Test("a guest that stops reading its replies is cut off once 8 MiB are queued; dom0 is not")
     func unreadRepliesAreBounded() {
         let (server, dom0, guest) = serverWithGuestHome()
