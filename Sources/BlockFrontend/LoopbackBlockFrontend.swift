@@ -350,6 +350,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         r.ring.commitRequest()
     }
 
+    /// The slot the next request goes into (a hostile frontend keeps a copy
+    /// of a request it placed, to place it again).
+    public var nextRequestSlot: UnsafeRawPointer? { rings.map { UnsafeRawPointer($0.ring.nextRequestSlot()) } }
+
+    /// req_prod as this frontend has written it (published or not).
+    public var requestProducer: UInt32 { rings?.ring.requestProducerPrivate ?? 0 }
+
     /// Publishes queued requests and notifies the backend if it asked.
     public func kick() {
         guard let r = rings else { return }
@@ -366,6 +373,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     /// the first; each response's slot returns to the free list after `body`.
     @discardableResult
     public func collect(timeout: Double = 10, _ body: (BlkifResponse) -> Void) throws -> Int {
+        try collectRaw(timeout: timeout) { response, _ in body(response) }
+    }
+
+    /// `collect`, with each response's whole 16 bytes as the ring held
+    /// them (a hostile-frontend check looks at the padding too).
+    @discardableResult
+    public func collectRaw(timeout: Double = 10, _ body: (BlkifResponse, UnsafeRawPointer) -> Void) throws -> Int {
         guard let r = rings, let events else { throw FrontendError("not connected") }
         let deadline = MonotonicClock.seconds() + timeout
         var got = 0
@@ -373,7 +387,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             while r.ring.unconsumedResponses() > 0 {
                 r.ring.takeResponse(into: responseScratch)
                 let rsp = BlkifResponse(decoding: responseScratch)
-                body(rsp)
+                body(rsp, responseScratch)
                 let slot = Int(rsp.id & 0xffff)
                 if slot < slotOwner.count, slotOwner[slot] == rsp.id {
                     slotOwner[slot] = nil
