@@ -277,7 +277,14 @@ public final class HostileBlkfront {
             try recreateDevice()
             counters.recreated += 1
         }
-        try connectRing()
+        do { try connectRing() } catch {
+            // Reported, then once more on a device made anew; a second failure ends the run.
+            fail("connecting again failed: \(error)")
+            fe.releaseResources()
+            try recreateDevice()
+            counters.recreated += 1
+            try connectRing()
+        }
     }
 
     /// Waits (on a watch) until the backend's state satisfies `condition`.

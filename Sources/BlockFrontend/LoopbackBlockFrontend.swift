@@ -187,9 +187,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     private func publishRing() throws {
         let fe = frontendPath
         try store.withTransaction { t throws(XenStoreError) in
+            // The other layout's keys, left by an earlier connection, go: a
+            // backend reads ring-page-order first and would map stale refs.
             if ringPageOrder == 0 {
+                try store.remove(fe + "/ring-page-order", transaction: t)
                 try store.write(fe + "/ring-ref", String(ringGrants[0]), transaction: t)
             } else {
+                try store.remove(fe + "/ring-ref", transaction: t)
                 try store.write(fe + "/ring-page-order", String(ringPageOrder), transaction: t)
                 for (i, g) in ringGrants.enumerated() { try store.write(fe + "/ring-ref\(i)", String(g), transaction: t) }
             }
