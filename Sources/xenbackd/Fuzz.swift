@@ -92,6 +92,9 @@ struct Fuzz: ParsableCommand {
             + "flush=\(hostile.fe.info.flush) barrier=\(hostile.fe.info.barrier) discard=\(hostile.fe.info.discard); "
             + "bystander verifying \(quiet.info.sectors) sectors")
 
+        let daemonPID = try DaemonFootprint.daemonPID(socket: controlSocket)
+        let baseline = DaemonFootprint(pid: daemonPID)
+        say("fuzz: daemon (pid \(daemonPID)) holds \(baseline.map(\.description) ?? "?") with both guests connected")
         var watch = Watch(daemon: daemon, bystander: bystander, bystanderDevice: "vbd-\(bystanderDomid)-\(Self.devid)")
         let start = MonotonicClock.seconds()
         var nextProgress = start + progressSeconds
@@ -111,12 +114,21 @@ struct Fuzz: ParsableCommand {
                 nextProgress = now + progressSeconds
                 say("fuzz \(fixed(now - start, 0))/\(fixed(seconds, 0)) s: " + report(hostile.counters, now - start)
                     + "; bystander: " + bystanderLine(bystander.progress.summary)
+                    + "; daemon: " + (DaemonFootprint(pid: daemonPID)?.description ?? "?")
                     + "; \(hostile.failures.count + watch.failures.count) failures")
             }
         }
         let elapsed = MonotonicClock.seconds() - start
 
         var endFailures: [String] = []
+        if fatal == nil, let before = baseline, let after = DaemonFootprint(pid: daemonPID) {
+            // The same two devices connected as at the start: nothing may have piled up.
+            say("fuzz: daemon holds \(after) (at the start: \(before))")
+            if after.descriptors > before.descriptors + 8 || after.threads > before.threads + 2 {
+                endFailures.append("the daemon holds \(after.descriptors) descriptors and \(after.threads) threads, "
+                                   + "\(before.descriptors) and \(before.threads) at the start with the same devices connected")
+            }
+        }
         if fatal == nil {
             do { try hostile.verifyDisk() } catch { endFailures.append("final check of the hostile disk: \(error)") }
             if let f = watch.check(round: hostile.counters.rounds, seed: seed) { fatal = f }
