@@ -152,13 +152,13 @@ public final class HostileBlkfront {
         let value = backwards ? prod &- 1 &- UInt32(rng.next() % UInt64(size))
                               : prod &+ size &+ 1 &+ UInt32(rng.next() % (1 << 31 - UInt64(size) - 1))
         fe.publishRawRequestProducer(value)
-        let closed = waitForBackend(seconds: 5) { $0 == .closed }
+        let closed = waitForBackend(seconds: 5, \.isClosingOrClosed)
         _ = collect(&r, until: MonotonicClock.seconds() + 0.05, stopWhenClosed: false)
         counters.unansweredAtClose += r.unanswered
         finish(&r, ringEnded: true)
         if !closed {
             fail("req_prod moved \(backwards ? "backwards" : "far ahead") (\(prod) to \(value), ring of \(size)) "
-                 + "and the backend did not close the device within 5 s")
+                 + "and the backend did not close the device (Closing or Closed) within 5 s")
         } else if ((try? fe.store.read(fe.backendPath + "/error")) ?? nil) == nil {
             fail("the backend closed the device after a ring breach but wrote no error node")
         }
@@ -174,11 +174,11 @@ public final class HostileBlkfront {
             _ = collect(&r, until: MonotonicClock.seconds() + 0.001 * Double(rng.next() % 5), stopWhenClosed: false)
         }
         try fe.store.writeState(fe.frontendPath, rng.next() % 3 == 0 ? .closed : .closing)
-        let closed = waitForBackend(seconds: 5) { $0 == .closed }
+        let closed = waitForBackend(seconds: 5, \.isClosingOrClosed)
         _ = collect(&r, until: MonotonicClock.seconds() + 0.05, stopWhenClosed: false)
         counters.unansweredAtClose += r.unanswered
         finish(&r, ringEnded: true)
-        if !closed { fail("the frontend closed and the backend did not reach Closed within 5 s") }
+        if !closed { fail("the frontend closed and the backend did not go Closing or Closed within 5 s") }
         try reconnect(afterBreach: false)
     }
 
@@ -222,7 +222,7 @@ public final class HostileBlkfront {
             }) ?? 0
             if got > 0 { quietSince = MonotonicClock.seconds() }
             if stopWhenClosed && got == 0 && MonotonicClock.seconds() - quietSince > 0.5
-                && fe.store.readState(fe.backendPath) == .closed {
+                && fe.store.readState(fe.backendPath).isClosingOrClosed {
                 return true
             }
         }
@@ -261,10 +261,7 @@ public final class HostileBlkfront {
     /// creates the device again (a failure after a clean close, or after a
     /// breach with `expectReconnect`).
     private func reconnect(afterBreach: Bool) throws {
-        do { try fe.disconnect(timeout: 5) } catch {
-            fail("the backend did not reach Closed after the frontend's Closing: \(error)")
-            fe.releaseResources()
-        }
+        close()
         try fe.store.writeState(fe.frontendPath, .initialising)
         if waitForBackend(seconds: options.reconnectTimeout, { $0 == .initWait }) {
             counters.reconnects += 1
@@ -285,6 +282,21 @@ public final class HostileBlkfront {
             counters.recreated += 1
             try connectRing()
         }
+    }
+
+    /// Closes the device as Linux's blkfront does: Closing; once the backend
+    /// is Closing (or already Closed), Closed; once it is Closed, the grants
+    /// and the port go.
+    public func close() {
+        try? fe.store.writeState(fe.frontendPath, .closing)
+        if !waitForBackend(seconds: 5, \.isClosingOrClosed) {
+            fail("the backend went neither Closing nor Closed within 5 s of the frontend's Closing")
+        }
+        try? fe.store.writeState(fe.frontendPath, .closed)
+        if !waitForBackend(seconds: 5, { $0 == .closed || $0 == nil }) {
+            fail("the backend did not go Closed within 5 s of the frontend's Closed")
+        }
+        fe.releaseResources()
     }
 
     /// Waits (on a watch) until the backend's state satisfies `condition`.
@@ -322,4 +334,10 @@ public final class HostileBlkfront {
 
     /// Sectors whose content the model knows.
     public var knownSectors: Int { model.knownSectors }
+}
+
+extension Optional where Wrapped == XenbusState {
+    /// The backend has let the device go or is doing so (Linux's backends
+    /// answer a frontend's Closing with Closing and go Closed after it).
+    var isClosingOrClosed: Bool { self == .closing || self == .closed }
 }

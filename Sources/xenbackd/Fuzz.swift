@@ -150,7 +150,7 @@ struct Fuzz: ParsableCommand {
         } else {
             bystanderJoined = true   // stuck in a wait that will not end: left to the exit
         }
-        if fatal == nil { try? hostile.fe.disconnect(timeout: 5) }
+        if fatal == nil { hostile.close() }
         if let devices = try? daemon.devices() {
             for d in devices where d.device == hostileName || d.device == "vbd-\(bystanderDomid)-\(Self.devid)" {
                 say("fuzz: daemon's view of \(d.device): \(d.state), \(d.requests) requests, \(d.errors) errors"
