@@ -73,7 +73,6 @@ public final class HostileBlkfront {
         fe = frontend
         self.options = options
         self.recreateDevice = recreateDevice
-        fe.maxIndirectSegments = options.indirectSegments
         palette = try HostilePalette(guest: fe.guest, backend: 0)
         rng = Xorshift(seed: options.seed)
         slots = HostileSlots(palette: palette, sectors: 1, indirectOffer: 0)
@@ -88,7 +87,11 @@ public final class HostileBlkfront {
         model = HostileDiskModel(sectors: fe.info.sectors)
     }
 
+    /// A new connection: ring size, persistent grants (the backend maps our
+    /// pages, or copies every time) and indirect requests drawn anew.
     private func connectRing() throws {
+        fe.offerPersistentGrants = rng.next() % 3 != 0
+        fe.maxIndirectSegments = rng.next() % 4 == 0 ? 0 : options.indirectSegments
         try fe.connect(ringPageOrder: Int(rng.next() % UInt64(options.maxRingPageOrder + 1)))
         slots = HostileSlots(palette: palette, sectors: fe.info.sectors, indirectOffer: fe.backendMaxIndirectSegments)
     }

@@ -89,6 +89,7 @@ struct Fuzz: ParsableCommand {
         }
         try hostile.connect()
         say("fuzz: hostile ring \(hostile.fe.ringSlots) slots, requests up to \(hostile.fe.segmentsPerRequest) pages, "
+            + "persistent grants \(hostile.fe.persistentGrants), "
             + "flush=\(hostile.fe.info.flush) barrier=\(hostile.fe.info.barrier) discard=\(hostile.fe.info.discard); "
             + "bystander verifying \(quiet.info.sectors) sectors")
 
