@@ -46,7 +46,6 @@ struct HostileRound {
     /// Sector ranges of well-formed requests in flight (kept apart, so the model stays exact).
     private var busy: [Range<UInt64>] = []
 
-    var isEmpty: Bool { placed.isEmpty }
     var ids: [UInt64] { placed.map(\.id) }
 
     mutating func place(id: UInt64, _ role: Role) {
@@ -81,8 +80,8 @@ struct HostileRound {
         return failure
     }
 
-    /// Which requests under one id: its first (the one blkif.h's order makes
-    /// the original) and whether any answer under that id meets `want`.
+    /// The requests placed under request i's id, in ring order: the first
+    /// is the original, the backend refuses the others while it is in flight.
     private func group(of i: Int) -> [Int] { byID[placed[i].id] ?? [i] }
 
     /// After the round: what each answer means for the model, and what
