@@ -19,8 +19,9 @@ extension HostileBlkfront {
         var r = HostileRound()
         var placed: [Placed] = []
         var afterKick: [() -> Void] = []
+        // At most a ring of requests: each is answered before the next round.
         let n = 1 + Int(rng.next() % UInt64(min(fe.ringSlots, 48)))
-        for _ in 0..<n {
+        for _ in 0..<n where r.placed.count < n {
             let pick = rng.next() % 100
             switch pick {
             case 0..<50:
@@ -33,7 +34,9 @@ extension HostileBlkfront {
             case 85..<89: afterKick.append(try placeRevokedGrant(&r))
             case 89..<93:
                 if let rewrite = try placeRewrittenIndirect(&r) { afterKick.append(rewrite) }
-            case 93..<97:
+            case 93..<95:
+                if n - r.placed.count >= Self.longestStream, let p = try placeStream(&r) { placed.append(contentsOf: p) }
+            case 95..<97:
                 // The very slot of a well-formed request again: its id twice in flight.
                 if let p = placed.randomElement(using: &rng) {
                     try fe.submitRaw { $0.copyMemory(from: p.bytes, byteCount: Blkif.slotSize) }
@@ -74,9 +77,7 @@ extension HostileBlkfront {
 
     /// Well-formed by our blkfront: every operation, indirect when large.
     private func placeWellFormed(_ r: inout HostileRound) throws -> Placed? {
-        guard let slot = fe.nextFreeSlot, let p = fe.nextRequestSlot else { return nil }
-        let info = fe.info
-        let sectors = info.sectors
+        let sectors = fe.info.sectors
         typealias Kind = HostileRound.WellFormed.Kind
         let pick = rng.next() % 100
         let kind: Kind = pick < 40 ? .read : pick < 80 ? .write : pick < 86 ? .barrier : pick < 91 ? .flush : .discard
@@ -106,6 +107,15 @@ extension HostileBlkfront {
         } else if kind == .barrier {
             sector = rng.next() % 2 == 0 ? UInt64.max : rng.next() % sectors   // Linux sends -1 for empty ones
         }
+        return try placeWellFormed(kind, sector: sector, count: count, first: first, &r)
+    }
+
+    /// Places one well-formed request of `kind` (data for writes and barriers
+    /// written first) and registers what the guest expects of it.
+    private func placeWellFormed(_ kind: HostileRound.WellFormed.Kind, sector: UInt64, count: Int, first: Int,
+                                 _ r: inout HostileRound) throws -> Placed? {
+        guard let slot = fe.nextFreeSlot, let p = fe.nextRequestSlot else { return nil }
+        let info = fe.info
         var w = HostileRound.WellFormed(kind: kind, slot: slot, sector: sector, count: count, first: first, version: 0,
                                         expected: BlkifStatus.okay, operation: BlkifOperation.read)
         let op: LoopbackBlockFrontend.Operation
@@ -143,12 +153,43 @@ extension HostileBlkfront {
         return Placed(bytes: Array(UnsafeRawBufferPointer(start: p, count: Blkif.slotSize)), id: t.id, request: w)
     }
 
+    /// Reads or writes of whole pages that continue each other on the disk
+    /// (the backend merges such a batch into one operation), now and then
+    /// with a request whose grant it must refuse in the middle of the chain.
+    static let longestStream = 6
+
+    private func placeStream(_ r: inout HostileRound) throws -> [Placed]? {
+        let write = rng.next() % 2 == 0
+        let pieces = (0..<(2 + Int(rng.next() % UInt64(Self.longestStream - 1)))).map { _ in
+            (pages: 1 + Int(rng.next() % UInt64(Blkif.maxSegmentsPerRequest)), refused: rng.next() % 6 == 0)
+        }
+        let length = UInt64(pieces.reduce(0) { $0 + $1.pages } * Blkif.sectorsPerPage)
+        guard length <= fe.info.sectors, fe.freeSlotCount >= pieces.count else { return nil }
+        var sector = rng.next() % (fe.info.sectors - length + 1)
+        guard !r.overlapsBusy(sector..<sector + length) else { return nil }
+        var placed: [Placed] = []
+        for piece in pieces {
+            let count = piece.pages * Blkif.sectorsPerPage
+            if piece.refused {
+                try placeRefusedGrant(write: write, sector: sector, pages: piece.pages, &r)
+            } else if let p = try placeWellFormed(write ? .write : .read, sector: sector, count: count, first: 0, &r) {
+                placed.append(p)
+            }
+            sector += UInt64(count)
+        }
+        return placed
+    }
+
     /// A direct read or write, right but for a grant the backend may not use
     /// for it (never granted, granted to another domain, read-only for a read).
     private func placeRefusedGrant(_ r: inout HostileRound) throws {
         let write = rng.next() % 2 == 0
         let n = 1 + Int(rng.next() % UInt64(Blkif.maxSegmentsPerRequest))
         let sector = rng.next() % (fe.info.sectors - UInt64(n * Blkif.sectorsPerPage) + 1)
+        try placeRefusedGrant(write: write, sector: sector, pages: n, &r)
+    }
+
+    private func placeRefusedGrant(write: Bool, sector: UInt64, pages n: Int, _ r: inout HostileRound) throws {
         let bad = Int(rng.next() % UInt64(n))
         let refused = write ? palette.refusedForAll(&rng) : palette.refusedForRead(&rng)
         let segments = InlineArray<11, BlkifSegment> { i in
