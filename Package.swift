@@ -76,11 +76,18 @@ let package = Package(
         .target(name: "BlockFrontend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: dataPlane),
+        // Fuzz programs: the fuzzer's bytes as actions of a hostile frontend or
+        // guest, invariants checked after every step (docs/FUZZING.md).
+        .target(name: "FuzzTargets", dependencies: [
+            "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "SystemSupport",
+            "XenABI", "XenBus", "XenRing",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
-        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage"], swiftSettings: strict),
+        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage", "SystemSupport"], swiftSettings: strict),
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
@@ -107,6 +114,7 @@ let package = Package(
         ], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
+        .testTarget(name: "XenBusTests", dependencies: ["XenBus", "XenABI"], swiftSettings: strict),
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
@@ -124,6 +132,8 @@ let package = Package(
         .testTarget(name: "BlockEngineTests", dependencies: [
             "BlockBackend", "EngineDoubles", "BlockStorage", "XenRing", "XenABI", "Hypervisor",
         ], swiftSettings: strict),
+        // The fuzz programs run on fixed inputs, without the fuzzer.
+        .testTarget(name: "FuzzTargetTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
             "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",

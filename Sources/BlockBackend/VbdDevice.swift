@@ -46,6 +46,13 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     private var dataPlane: VbdDataPlane?
     private(set) var state: XenbusState = .initialising
     private var lastError: String?
+    /// False once the device failed for a reason a frontend cannot fix (the
+    /// toolstack's keys, a disk that cannot be opened at probe, the hotplug
+    /// script): it stays Closed.
+    private var mayOfferAgain = true
+    /// The toolstack gave a hotplug `script`: the disk is opened once it
+    /// reports `hotplug-status` = connected.
+    private var hasScript = false
     private var watches: [(path: String, token: String)] = []
     private var retiredStatistics = VbdStatistics()
 
@@ -75,7 +82,8 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
 
     /// Reads the toolstack's keys, publishes our limits and goes to InitWait.
     func probe() {
-        do {
+        // What fails here is the toolstack's or the host's: final.
+        failing("probe", permanent: true) {
             try readToolstackKeys()
             if isRunningConnection() {
                 try resume()
@@ -83,19 +91,15 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
             }
             try store.write(backendPath + "/max-ring-page-order", String(SharedRingLayout.maxPageOrder))
             try publishIndirectSegments()
+            try store.removeIfPresent(backendPath + "/error")   // a predecessor's: Closed no more
             try setState(.initWait)
-            let script = (try? store.read(backendPath + "/script")) ?? nil
-            if let script, !script.isEmpty {
+            if hasScript {
                 // The hotplug script prepares the disk; open it once it says so.
                 try watchNode(backendPath + "/hotplug-status") { [weak self] _ in self?.hotplugStatusChanged() }
             } else {
                 try openDisk()
             }
             try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
-        } catch let e as DeviceFailure {
-            fail(e.message)
-        } catch {
-            fail("probe failed: \(error)")
         }
     }
 
@@ -129,27 +133,32 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
         switch mode {
         case "r", "ro": readOnly = true
         case "w", "rw", "w!": readOnly = false
-        default: throw DeviceFailure("mode \"\(mode)\" is neither r nor w")
+        default: throw DeviceFailure("mode \(GuestText.quoted(mode)) is neither r nor w")
         }
         // libxl writes type=phy for every disk on a blkback-style backend.
         let type = (try store.read(backendPath + "/type")) ?? "phy"
         guard type == "phy" || type == "file" else {
-            throw DeviceFailure("type \"\(type)\" is not served here (phy or file)")
+            throw DeviceFailure("type \(GuestText.quoted(type)) is not served here (phy or file)")
         }
-        switch (try store.read(backendPath + "/discard-enable")) ?? "1" {
-        case "1": discardEnabled = true
-        case "0": discardEnabled = false
-        case let other: throw DeviceFailure("discard-enable \"\(other)\" is neither 0 nor 1")
-        }
+        discardEnabled = try store.readFlag(backendPath, "discard-enable", default: true)
+        hasScript = !(((try store.read(backendPath + "/script")) ?? "").isEmpty)
     }
+
+    /// `params` in a message or log line: the toolstack's bytes, escaped
+    /// (a path may be long: more of it is shown than of a guest's value).
+    private var shownParams: String { GuestText.escaped(params, limit: 256) }
 
     private func hotplugStatusChanged() {
         guard storage == nil, let s = try? store.read(backendPath + "/hotplug-status") else { return }
         if s == "connected" {
-            do { try openDisk(); frontendStateChanged() } catch let e as DeviceFailure { fail(e.message) } catch { fail("\(error)") }
+            failing("opening the disk", permanent: true) {
+                try openDisk()
+                frontendStateChanged()
+            }
         } else if s == "error" {
             let why = (try? store.read(backendPath + "/hotplug-error")) ?? nil
-            fail("hotplug script failed: \(why ?? "no hotplug-error given")")
+            fail("hotplug script failed: \(why.map { GuestText.escaped($0, limit: 256) } ?? "no hotplug-error given")",
+                 permanent: true)
         }
     }
 
@@ -158,37 +167,46 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
         do {
             storage = try openStorage(params, readOnly, Self.queueDepth)
         } catch {
-            throw DeviceFailure("cannot open disk \(params): \(error)")
+            throw DeviceFailure("cannot open disk \(shownParams): \(GuestText.escaped("\(error)", limit: 256))")
         }
         // Connection trouble (an NBD server) is logged and shown by status.
         let device = WeakDevice(self)
         storage?.setEventHandler { [loop] message in loop.post { device.value?.storageEvent(message) } }
-        logger.info("disk open", metadata: ["params": "\(params)", "readOnly": "\(readOnly)"])
+        logger.info("disk open", metadata: ["params": "\(shownParams)", "readOnly": "\(readOnly)"])
     }
 
     // MARK: frontend transitions
 
     func frontendStateChanged() {
-        let fe = store.readState(frontendPath) ?? .closed   // a vanished frontend counts as closed
-        switch fe {
-        case .initialised, .connected:
-            if state == .initWait && storage != nil { connect() }
-        case .closing, .closed:
-            guard state != .closed else { return }
+        let fe = store.readFrontendState(frontendPath, logger: logger)   // nil counts as Closed
+        switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain) {
+        case .none:
+            break
+        case .connect:
+            if storage != nil { connect() }   // else once the hotplug script is done
+        case .close(let next):
             disconnect()
             // What the guest wrote reaches the disk, and the disk is let go,
-            // before Closed: a migrating guest's destination opens it next.
+            // before Closing: a migrating guest's destination opens it next.
             releaseDisk(flushing: true)
-            try? setState(.closed)
-        case .initialising, .initWait, .unknown:
-            // A frontend starting over (reconnect, kexec, migration): offer the device again.
-            guard state == .closed && lastError == nil else { return }
-            do { try openDisk() } catch let e as DeviceFailure { fail(e.message); return } catch { fail("\(error)"); return }
+            try? setState(next)
+        case .offerAgain:
+            offerAgain()
+        }
+    }
+
+    /// A frontend starting over (reconnect, kexec, after an error it
+    /// caused): open the disk again and go InitWait. The `error` node goes:
+    /// it says why the device is Closed, and it no longer is.
+    private func offerAgain() {
+        failing("offering the device again") {
+            let hotplugDone = try !hasScript || store.read(backendPath + "/hotplug-status") == "connected"
+            if hotplugDone { try openDisk() }   // else once the script says so
             // What this daemon offers, which a predecessor's key may not say.
-            try? publishIndirectSegments()
-            try? setState(.initWait)
-        default:
-            break
+            try publishIndirectSegments()
+            try store.removeIfPresent(backendPath + "/error")
+            try setState(.initWait)
+            logger.info("offered again")
         }
     }
 
@@ -238,8 +256,8 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
         let key = backendPath + "/feature-max-indirect-segments"
         if options.maxIndirectSegments > 0 {
             try store.write(key, String(options.maxIndirectSegments))
-        } else if try store.read(key) != nil {
-            try store.remove(key)
+        } else {
+            try store.removeIfPresent(key)
         }
     }
 
@@ -247,40 +265,43 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// requests that large: a resumed ring keeps that promise, whatever this
     /// daemon's option (within what the data plane can take).
     private func publishedIndirectSegments() -> Int {
-        guard let v = ((try? store.read(backendPath + "/feature-max-indirect-segments")) ?? nil).flatMap(Int.init) else { return 0 }
-        return min(max(v, 0), VbdDataPlane.indirectSegmentsLimit)
+        guard let v = (try? store.readNumber(backendPath, "feature-max-indirect-segments", as: UInt32.self)) ?? nil else {
+            return 0
+        }
+        return min(Int(v), VbdDataPlane.indirectSegmentsLimit)
     }
 
+    /// The frontend's ring keys, as Linux blkback reads them: without
+    /// `ring-page-order`, one page named by `ring-ref`; with it (0
+    /// included), 2^order pages named by `ring-ref0`... (`ring-ref` is
+    /// then ignored).
     private func readRingKeys() throws -> (refs: [GrantRef], port: EventChannelPort, persistent: Bool) {
-        let protocolName = (try store.read(frontendPath + "/protocol")) ?? "x86_64-abi"
+        let fe = frontendPath
+        let protocolName = (try store.read(fe + "/protocol")) ?? "x86_64-abi"
         guard protocolName == "x86_64-abi" else {
-            throw DeviceFailure("unsupported protocol \(protocolName)")
-        }
-        var order = 0
-        if let o = try store.read(frontendPath + "/ring-page-order") {
-            guard let v = Int(o), v >= 0 else { throw DeviceFailure("malformed ring-page-order \"\(o)\"") }
-            guard v <= SharedRingLayout.maxPageOrder else {
-                throw DeviceFailure("ring-page-order \(v) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
-            }
-            order = v
+            throw DeviceFailure("unsupported protocol \(GuestText.quoted(protocolName))")
         }
         var refs: [GrantRef] = []
-        if order == 0, let single = try store.read(frontendPath + "/ring-ref") {
-            guard let r = GrantRef(single) else { throw DeviceFailure("malformed ring-ref \"\(single)\"") }
-            refs = [r]
-        } else {
+        if let order = try store.readNumber(fe, "ring-page-order", as: UInt32.self) {
+            guard order <= SharedRingLayout.maxPageOrder else {
+                throw DeviceFailure("ring-page-order \(order) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
+            }
             for i in 0..<(1 << order) {
-                guard let s = try store.read(frontendPath + "/ring-ref\(i)") else {
-                    throw DeviceFailure("missing ring-ref\(i)")
+                guard let r = try store.readNumber(fe, "ring-ref\(i)", as: GrantRef.self) else {
+                    throw DeviceFailure("missing ring-ref\(i) (ring-page-order is \(order))")
                 }
-                guard let r = GrantRef(s) else { throw DeviceFailure("malformed ring-ref\(i) \"\(s)\"") }
                 refs.append(r)
             }
+        } else {
+            guard let r = try store.readNumber(fe, "ring-ref", as: GrantRef.self) else {
+                throw DeviceFailure("missing ring-ref (no ring-page-order)")
+            }
+            refs = [r]
         }
-        guard let e = try store.read(frontendPath + "/event-channel") else { throw DeviceFailure("missing event-channel") }
-        guard let port = EventChannelPort(e) else { throw DeviceFailure("malformed event-channel \"\(e)\"") }
-        let frontendPersistent = try store.read(frontendPath + "/feature-persistent")
-        let persistent = options.persistentGrants && frontendPersistent == "1"
+        guard let port = try store.readNumber(fe, "event-channel", as: EventChannelPort.self) else {
+            throw DeviceFailure("missing event-channel")
+        }
+        let persistent = try store.readFlag(fe, "feature-persistent", default: false) && options.persistentGrants
         return (refs, port, persistent)
     }
 
@@ -353,14 +374,19 @@ final class VbdDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// A storage's report (on the control thread, posted by the data plane).
     func storageEvent(_ message: String) {
         lastStorageEvent = message
-        logger.warning("storage", metadata: ["params": "\(params)", "event": "\(message)"])
+        logger.warning("storage", metadata: ["params": "\(shownParams)", "event": "\(GuestText.escaped(message, limit: 256))"])
     }
 
-    /// Records why the device cannot work, for the operator and the toolstack.
-    func fail(_ message: String) {
-        logger.error("device failed", metadata: ["reason": "\(message)"])
+    /// Records why the device cannot work, for the operator and the
+    /// toolstack, and closes it (the disk flushed and let go). `message`
+    /// holds guest bytes only escaped (`GuestText`). A frontend starting
+    /// over gets the device again unless the failure is `permanent`.
+    func fail(_ message: String, permanent: Bool = false) {
+        logger.error("device failed", metadata: ["reason": "\(message)", "final": "\(permanent)"])
         lastError = message
+        if permanent { mayOfferAgain = false }
         disconnect()
+        releaseDisk(flushing: true)
         try? store.write(backendPath + "/error", message)
         try? setState(.closed)
     }

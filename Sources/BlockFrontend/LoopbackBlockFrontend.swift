@@ -72,6 +72,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     /// Keys to publish instead of ours at Initialised (nil removes the key):
     /// how tests play a frontend with bad values.
     public var publishOverrides: [String: String?] = [:]
+    /// Publish `ring-page-order` and `ring-ref0..` even for a one-page ring
+    /// (order 0), as some frontends do, instead of `ring-ref` alone.
+    public var ringPageOrderAlways = false
+    /// The backend's `error` when it last refused this frontend: still
+    /// there when `connect` starts over, it is stale (the backend removes
+    /// it when it offers the device again), not a new refusal.
+    private var refusal: String?
     public private(set) var persistentGrants = false
     public var ringSlots: Int { Int(rings?.ring.size ?? 0) }
     /// The most segments this frontend puts in an indirect request, as
@@ -108,15 +115,14 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         let offered = !waitForInitWait ? true : try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> Bool? in
             switch store.readState(backendPath) {
             case .initWait, .connected: return true
-            // Closed with a reason: the backend gave up on this device.
-            case .closed where ((try? store.read(backendPath + "/error")) ?? nil) != nil: return false
+            // Closed with a (new) reason: the backend gave up on this device.
+            case .closed:
+                let why = (try? store.read(backendPath + "/error")) ?? nil
+                return why != nil && why != refusal ? false : nil
             default: return nil
             }
         }
-        guard offered else {
-            let why = ((try? store.read(backendPath + "/error")) ?? nil) ?? ""
-            throw FrontendError("backend closed the device: \(why)")
-        }
+        guard offered else { throw refused() }
         let maxOrder = Int((try? store.read(backendPath + "/max-ring-page-order")) ?? nil ?? "0") ?? 0
         ringPageOrder = min(requested, maxOrder)
         try setUpRing()
@@ -128,13 +134,18 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             default: nil
             }
         }
-        guard connected else {
-            let why = ((try? store.read(backendPath + "/error")) ?? nil) ?? "no error given"
-            throw FrontendError("backend closed the device: \(why)")
-        }
+        guard connected else { throw refused() }
+        refusal = nil
         try readDiskInfo()
         try setUpSlots()
         try store.writeState(frontendPath, .connected)
+    }
+
+    /// The backend closed the device: remembers its reason (see `refusal`).
+    private func refused() -> FrontendError {
+        let why = (try? store.read(backendPath + "/error")) ?? nil
+        refusal = why
+        return FrontendError("backend closed the device: \(why ?? "no error given")")
     }
 
     private func setUpRing() throws {
@@ -187,9 +198,9 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     private func publishRing() throws {
         let fe = frontendPath
         try store.withTransaction { t throws(XenStoreError) in
-            // The other layout's keys, left by an earlier connection, go: a
+            // The other layout's key, left by an earlier connection, goes: a
             // backend reads ring-page-order first and would map stale refs.
-            if ringPageOrder == 0 {
+            if ringPageOrder == 0 && !ringPageOrderAlways {
                 try store.remove(fe + "/ring-page-order", transaction: t)
                 try store.write(fe + "/ring-ref", String(ringGrants[0]), transaction: t)
             } else {
@@ -228,16 +239,22 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         segmentsPerRequest = max(Blkif.maxSegmentsPerRequest, indirect)
     }
 
-    /// Closes the device as blkfront does on unplug: Closing, wait for the
-    /// backend to close, Closed; then revokes every grant.
+    /// Closes the device as blkfront does on unplug: Closing; wait for the
+    /// backend's Closing (or Closed, or gone), by which time it has
+    /// answered every request and unmapped the ring; Closed; wait for the
+    /// backend's Closed (or gone); then revokes every grant.
     public func disconnect(timeout: Double = 10) throws {
         guard rings != nil else { return }
         try store.writeState(frontendPath, .closing)
+        _ = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend Closing") { () -> Bool? in
+            let s = store.readState(backendPath)
+            return s == .closing || s == .closed || s == nil ? true : nil
+        }
+        try store.writeState(frontendPath, .closed)
         _ = try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend Closed") { () -> Bool? in
             let s = store.readState(backendPath)
             return s == .closed || s == nil ? true : nil
         }
-        try store.writeState(frontendPath, .closed)
         releaseResources()
     }
 

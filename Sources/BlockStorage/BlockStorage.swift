@@ -126,6 +126,8 @@ public extension BlockStorage {
         }
         var result: Int64?
         var waited: Int32 = 0
+        // A storage that finished at once (or in memory, with no descriptor) is not waited for.
+        _ = reapCompletions { if $0.tag == tag { result = $0.result } }
         while result == nil && waited <= timeoutMilliseconds {
             var pfd = pollfd(fd: completionFileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&pfd, 1, 100)

@@ -30,7 +30,7 @@ public final class InMemoryGuest {
         var raw: UnsafeMutableRawPointer?
         precondition(posix_memalign(&raw, XenPage.size, pages * XenPage.size) == 0, "out of memory")
         memory = raw!
-        memory.initializeMemory(as: UInt8.self, repeating: 0, count: pages * XenPage.size)
+        memset(memory, 0, pages * XenPage.size)
         entries = .allocate(capacity: grants)
         entries.initialize(repeating: Entry(), count: grants)
     }
@@ -63,7 +63,7 @@ public final class InMemoryGuest {
 
     /// Forgets every grant and zeroes the memory (a fuzzer reusing the guest).
     public func reset() {
-        memory.initializeMemory(as: UInt8.self, repeating: 0, count: pageCount * XenPage.size)
+        memset(memory, 0, pageCount * XenPage.size)
         entries.update(repeating: Entry(), count: grantCount)
     }
 

@@ -44,8 +44,8 @@ public final class InMemoryStorage: BlockStorage {
         self.queueDepth = queueDepth
         written = .allocate(byteCount: sizeBytes, alignment: 4096)
         durable = .allocate(byteCount: sizeBytes, alignment: 4096)
-        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
-        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        memset(written, 0, sizeBytes)
+        memset(durable, 0, sizeBytes)
         pending.reserveCapacity(queueDepth)
         finished.reserveCapacity(queueDepth)
     }
@@ -57,8 +57,8 @@ public final class InMemoryStorage: BlockStorage {
 
     /// Forgets everything (a fuzzer reusing the disk).
     public func reset() {
-        written.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
-        durable.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        memset(written, 0, sizeBytes)
+        memset(durable, 0, sizeBytes)
         pending.removeAll(keepingCapacity: true)
         finished.removeAll(keepingCapacity: true)
         writeLog.removeAll(keepingCapacity: true)

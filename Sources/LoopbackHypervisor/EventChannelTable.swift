@@ -30,15 +30,28 @@ final class EventChannelTable: @unchecked Sendable {   // shared memory; all acc
         let base = file.base
         var expected: UInt32 = 0
         if xb_cas_u32(base, &expected, Self.magic) != 0 {
-            xb_store_release_u32(base + 4, Self.version)
-            xb_store_release_u32(base + 8, Self.defaultPortCount)
-            xb_store_release_u32(base + 12, 1)
+            Self.formatHeader(base)
         } else if expected != Self.magic {
             throw HypervisorError("open event channel table", errno: EINVAL, detail: "\(path): bad magic")
         }
         // Another process may have just won the race to format it.
         while xb_load_acquire_u32(base + 8) == 0 { sched_yield() }
         portCount = min(xb_load_acquire_u32(base + 8), UInt32((file.length - Self.headerSize) / Self.entrySize))
+    }
+
+    /// Fills in a header whose magic the caller has just claimed. The
+    /// number of ports goes last, with a release store: another opener
+    /// waits for it (acquire) and then finds the version and the
+    /// next-handle counter stored, so its first handle cannot be 0 (a
+    /// fetch-add on a counter not yet stored, then overwritten by it).
+    /// `stored` runs after each store (tests look at the header there).
+    static func formatHeader(_ base: UnsafeMutableRawPointer, stored: () -> Void = {}) {
+        xb_store_release_u32(base + 4, version)
+        stored()
+        xb_store_release_u32(base + 12, 1)   // the next handle id; 0 is never given
+        stored()
+        xb_store_release_u32(base + 8, defaultPortCount)
+        stored()
     }
 
     @inline(__always)

@@ -1,3 +1,4 @@
+import XenBus
 /// The guest's transmit rate limit (the vif's `rate` key, "BYTES,USEC":
 /// at most BYTES every USEC microseconds), as netback's credit scheduler
 /// does it: a budget refilled once per period, with unused credit carried
@@ -23,7 +24,8 @@ public struct CreditScheduler: Equatable, Sendable {
     /// Parses libxl's `rate` value "BYTES,USEC" (both positive integers).
     public static func parseRate(_ text: String) -> (bytes: UInt64, microseconds: UInt64)? {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false)
-        guard parts.count == 2, let b = UInt64(parts[0]), let u = UInt64(parts[1]), b > 0, u > 0, u <= 3_600_000_000 else {
+        guard parts.count == 2, let b = XenStoreNumber.parse(parts[0], as: UInt64.self),
+              let u = XenStoreNumber.parse(parts[1], as: UInt64.self), b > 0, u > 0, u <= 3_600_000_000 else {
             return nil
         }
         return (b, u)

@@ -49,6 +49,9 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     private var split = false
     private(set) var state: XenbusState = .initialising
     private var lastError: String?
+    /// False once the device failed for a reason a frontend cannot fix (the
+    /// toolstack's keys, the interface): it stays Closed.
+    private var mayOfferAgain = true
     private var watches: [(path: String, token: String)] = []
     private var retiredStatistics = NetStatistics()
 
@@ -78,7 +81,8 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// features and goes to InitWait: libxl runs the vif script only then,
     /// and the script expects vifD.N to exist already.
     func probe() {
-        do {
+        // What fails here is the toolstack's or the host's: final.
+        failing("probe", permanent: true) {
             try readToolstackKeys()
             let resuming = isRunningConnection()
             try createInterface(plumb: !hasScript || resuming)
@@ -86,16 +90,13 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
                 state = .connected
                 try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
                 connect(resuming: true)
-                logger.notice("resumed a connected vif", metadata: ["interface": "\(interfaceName)"])
+                logger.notice("resumed a connected vif", metadata: ["interface": "\(shownName)"])
                 return
             }
             try publishFeatures()
+            try store.removeIfPresent(backendPath + "/error")   // a predecessor's: Closed no more
             try setState(.initWait)
             try watchNode(frontendPath + "/state") { [weak self] _ in self?.frontendStateChanged() }
-        } catch let e as DeviceFailure {
-            fail(e.message)
-        } catch {
-            fail("probe failed: \(error)")
         }
     }
 
@@ -111,24 +112,41 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
         } else {
             interfaceName = "vif\(address.frontendDomain).\(address.devid)"
         }
-        do { try InterfaceName.validate(interfaceName) } catch {
-            throw DeviceFailure("interface name \"\(interfaceName)\": \(error)")
-        }
+        try validate(interfaceName, as: "interface name")
         if let b = try store.read(backendPath + "/bridge"), !b.isEmpty {
-            do { try InterfaceName.validate(b) } catch { throw DeviceFailure("bridge \"\(b)\": \(error)") }
+            try validate(b, as: "bridge")
             bridge = b
         }
         if let m = try store.read(backendPath + "/mtu"), !m.isEmpty {
-            guard let v = Int(m), (68...65535).contains(v) else { throw DeviceFailure("mtu \"\(m)\" is not 68...65535") }
-            mtu = v
+            guard let v = XenStoreNumber.parse(m, as: UInt32.self), (68...65535).contains(v) else {
+                throw DeviceFailure("mtu \(GuestText.quoted(m)) is not 68...65535")
+            }
+            mtu = Int(v)
         }
         if let r = try store.read(backendPath + "/rate"), !r.isEmpty {
             guard let parsed = CreditScheduler.parseRate(r) else {
-                throw DeviceFailure("rate \"\(r)\" is not BYTES,USEC")
+                throw DeviceFailure("rate \(GuestText.quoted(r)) is not BYTES,USEC")
             }
             rate = parsed
         }
         if let s = try store.read(backendPath + "/script"), !s.isEmpty { hasScript = true }
+    }
+
+    /// The interface's name in a message or a log line: the toolstack's
+    /// `vifname` may hold control bytes the kernel takes (only white space,
+    /// '/' and ':' are refused).
+    private var shownName: String { GuestText.escaped(interfaceName) }
+
+    /// A lower layer's error, which may quote the interface's name.
+    private func shown(_ error: any Error) -> String { GuestText.escaped("\(error)", limit: 256) }
+
+    /// Refuses a name the kernel would not take, showing it escaped (the
+    /// validator's own message holds the raw bytes).
+    private func validate(_ name: String, as what: String) throws {
+        do { try InterfaceName.validate(name) } catch {
+            guard case .invalidName(_, let reason) = error else { throw DeviceFailure("\(what) \(GuestText.quoted(name)): \(error)") }
+            throw DeviceFailure("\(what) \(GuestText.quoted(name)): \(reason)")
+        }
     }
 
     /// Creates vifD.N with Xen's backend MAC and the MTU, carrier off until
@@ -140,7 +158,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
         do {
             t = try TapDevice.create(name: interfaceName, queues: options.maxQueues, vnetHeader: true)
         } catch {
-            throw DeviceFailure("cannot create \(interfaceName): \(error)")
+            throw DeviceFailure("cannot create \(shownName): \(shown(error))")
         }
         tap = t
         attachedQueues = options.maxQueues
@@ -149,20 +167,20 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             if let mtu { try NetworkInterface.setMTU(mtu, name: interfaceName) }
             try t.setCarrier(false)
         } catch {
-            throw DeviceFailure("cannot configure \(interfaceName): \(error)")
+            throw DeviceFailure("cannot configure \(shownName): \(shown(error))")
         }
         guard plumb else { return }
         do {
             if let bridge { try NetworkInterface.addToBridge(interface: interfaceName, bridge: bridge) }
             try NetworkInterface.setUp(true, name: interfaceName)
         } catch {
-            let why = "cannot put \(interfaceName) on bridge \(bridge ?? "-"): \(error)"
+            let why = "cannot put \(shownName) on bridge \(GuestText.escaped(bridge ?? "-")): \(shown(error))"
             try? store.write(backendPath + "/hotplug-error", why)
             try? store.write(backendPath + "/hotplug-status", "error")
             throw DeviceFailure(why)
         }
         if !hasScript { try store.write(backendPath + "/hotplug-status", "connected") }
-        logger.info("interface up", metadata: ["interface": "\(interfaceName)", "bridge": "\(bridge ?? "-")"])
+        logger.info("interface up", metadata: ["interface": "\(shownName)", "bridge": "\(GuestText.escaped(bridge ?? "-"))"])
     }
 
     /// What this backend serves, as netback advertises it.
@@ -182,21 +200,29 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     // MARK: frontend transitions
 
     func frontendStateChanged() {
-        let fe = store.readState(frontendPath) ?? .closed
-        switch fe {
-        case .initialised, .connected:
-            // Linux netfront goes from Initialising straight to Connected.
-            if state == .initWait { connect() }
-        case .closing, .closed:
-            guard state != .closed else { return }
-            disconnect()
-            try? setState(.closed)
-        case .initialising, .initWait, .unknown:
-            // A frontend starting over (reconnect, kexec, migration).
-            guard state == .closed && lastError == nil else { return }
-            try? setState(.initWait)
-        default:
+        let fe = store.readFrontendState(frontendPath, logger: logger)   // nil counts as Closed
+        switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain) {
+        case .none:
             break
+        case .connect:
+            connect()
+        case .close(let next):
+            disconnect()   // carrier off, every queue stopped
+            try? setState(next)
+        case .offerAgain:
+            offerAgain()
+        }
+    }
+
+    /// A frontend starting over (reconnect, kexec, after an error it
+    /// caused): the interface is still there; offer the features again and
+    /// go InitWait. The `error` node goes: the device is no longer Closed.
+    private func offerAgain() {
+        failing("offering the device again") {
+            try publishFeatures()
+            try store.removeIfPresent(backendPath + "/error")
+            try setState(.initWait)
+            logger.info("offered again")
         }
     }
 
@@ -211,7 +237,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
                                     tso6: f.checksumOffload && f.scatterGather && f.gsoTCPv6)
                 try attachQueues(configs.count)
             } catch {
-                throw DeviceFailure("cannot set up \(interfaceName)'s queues: \(error)")
+                throw DeviceFailure("cannot set up \(shownName)'s queues: \(shown(error))")
             }
             let device = WeakDevice(self)
             for (i, config) in configs.enumerated() {
@@ -230,7 +256,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             split = configs[0].splitEventChannels
             do { try tap.setCarrier(true) } catch { logger.warning("carrier on failed", metadata: ["error": "\(error)"]) }
             if !resuming { try setState(.connected) }
-            logger.info("connected", metadata: ["interface": "\(interfaceName)", "queues": "\(configs.count)",
+            logger.info("connected", metadata: ["interface": "\(shownName)", "queues": "\(configs.count)",
                                                 "split": "\(split)", "sg": "\(f.scatterGather)",
                                                 "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
         } catch let e as DeviceFailure {
@@ -255,18 +281,9 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// ports at the top (one queue) or under `queue-N/` (several).
     private func readFrontendKeys() throws -> [NetQueueConfiguration] {
         func flag(_ key: String, default value: Bool) throws -> Bool {
-            guard let v = try store.read(frontendPath + "/" + key) else { return value }
-            switch v {
-            case "1": return true
-            case "0": return false
-            default: throw DeviceFailure("\(key) \"\(v)\" is neither 0 nor 1")
-            }
+            try store.readFlag(frontendPath, key, default: value)
         }
-        func number(_ key: String) throws -> UInt32? {
-            guard let v = try store.read(frontendPath + "/" + key) else { return nil }
-            guard let n = UInt32(v) else { throw DeviceFailure("malformed \(key) \"\(v)\"") }
-            return n
-        }
+        func number(_ key: String) throws -> UInt32? { try store.readNumber(frontendPath, key, as: UInt32.self) }
         let queues = Int(try number("multi-queue-num-queues") ?? 1)
         guard queues >= 1, queues <= options.maxQueues else {
             throw DeviceFailure("multi-queue-num-queues \(queues) is not 1...\(options.maxQueues)")
@@ -326,16 +343,20 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
             // Closing the last queue deletes the interface (and its bridge port).
             tap.close()
             self.tap = nil
-            logger.info("interface removed", metadata: ["interface": "\(interfaceName)"])
+            logger.info("interface removed", metadata: ["interface": "\(shownName)"])
         }
     }
 
     /// Daemon shutdown: stop serving, leave xenstore as it is.
     func quiesce() { disconnect() }
 
-    func fail(_ message: String) {
-        logger.error("device failed", metadata: ["reason": "\(message)"])
+    /// Records why the device cannot work and closes it. `message` holds
+    /// guest bytes only escaped (`GuestText`). A frontend starting over
+    /// gets the device again unless the failure is `permanent`.
+    func fail(_ message: String, permanent: Bool = false) {
+        logger.error("device failed", metadata: ["reason": "\(message)", "final": "\(permanent)"])
         lastError = message
+        if permanent { mayOfferAgain = false }
         disconnect()
         try? store.write(backendPath + "/error", message)
         try? setState(.closed)

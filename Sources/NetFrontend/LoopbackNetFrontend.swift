@@ -42,6 +42,10 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     /// Keys to publish instead of ours (nil removes the key), written last
     /// in the same transaction: how tests play a frontend with bad values.
     public var publishOverrides: [String: String?] = [:]
+    /// The backend's `error` when it last refused this frontend: still
+    /// there when `connect` starts over, it is stale (the backend removes
+    /// it when it offers the device again), not a new refusal.
+    private var refusal: String?
     public private(set) var isConnected = false
 
     /// The ring pairs, queue 0 first (empty when not connected).
@@ -131,7 +135,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             case .initWait, .connected: return true
             // Closed with a reason: the backend gave up on this device.
             case .closed:
-                if let why = backendKey("error") { throw NetFrontendError.backendClosed(reason: why) }
+                if let why = backendKey("error"), why != refusal { throw refused(why) }
                 return nil
             default: return nil
             }
@@ -156,7 +160,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
                 switch state {
                 case .connected: return true
                 case .closing, .closed:
-                    throw NetFrontendError.backendClosed(reason: backendKey("error") ?? "backend went \(state!)")
+                    throw refused(backendKey("error") ?? "backend went \(state!)")
                 default: return nil
                 }
             }
@@ -176,6 +180,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             throw error
         }
         isConnected = true
+        refusal = nil
     }
 
     /// One queue: its own event channel handle (so its pump sleeps on its
@@ -193,6 +198,12 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         }
         q.trackTxIDs = tap != nil
         return q
+    }
+
+    /// The backend closed the device: remembers its reason (see `refusal`).
+    private func refused(_ why: String) -> NetFrontendError {
+        refusal = why
+        return .backendClosed(reason: why)
     }
 
     private func backendKey(_ key: String) -> String? { (try? store.read(backendPath + "/" + key)) ?? nil }

@@ -1,4 +1,5 @@
 import Hypervisor
+import Logging
 
 /// Finds the devices of one type under /local/domain/<backend>/backend/<type>
 /// as the toolstack creates and removes them: a device exists while its
@@ -11,11 +12,15 @@ public final class BackendDeviceWatcher: @unchecked Sendable {   // confined to 
     private let appeared: (BackendDeviceAddress) -> Void
     private let removed: (BackendDeviceAddress) -> Void
     private var known: Set<BackendDeviceAddress> = []
+    private let logger: Logger
+    /// Directory names refused once (logged once, not at every rescan).
+    private var refusedNames: Set<String> = []
     private var token: String?
 
-    public init(loop: XenbusControlLoop, backendDomain: DomID, type: String,
+    public init(loop: XenbusControlLoop, backendDomain: DomID, type: String, logger: Logger,
                 appeared: @escaping (BackendDeviceAddress) -> Void, removed: @escaping (BackendDeviceAddress) -> Void) {
         self.loop = loop
+        self.logger = logger
         self.type = type
         self.root = XenbusPaths.backendRoot(backendDomain: backendDomain, type: type)
         self.appeared = appeared
@@ -40,14 +45,23 @@ public final class BackendDeviceWatcher: @unchecked Sendable {   // confined to 
     private func rescan() {
         var present: Set<BackendDeviceAddress> = []
         for domain in (try? loop.store.directory(root)) ?? nil ?? [] {
-            guard let d = DomID(domain) else { continue }
+            guard let d = XenStoreNumber.parseName(domain, as: DomID.self) else { refuse(domain); continue }
             for dev in (try? loop.store.directory(root + "/\(domain)")) ?? nil ?? [] {
-                guard let v = UInt32(dev) else { continue }
+                guard let v = XenStoreNumber.parseName(dev, as: UInt32.self) else { refuse(domain + "/" + dev); continue }
                 present.insert(BackendDeviceAddress(type: type, frontendDomain: d, devid: v))
             }
         }
         for a in present { reconcile(a) }
         for a in known where !present.contains(a) { reconcile(a) }
+    }
+
+    /// A directory that names no device (not a decimal domain id or devid):
+    /// ignored, and said so once.
+    private func refuse(_ name: String) {
+        guard refusedNames.insert(name).inserted else { return }
+        logger.warning("ignoring a directory that names no device", metadata: [
+            "directory": "\(root)/\(GuestText.escaped(name))",
+            "reason": "not <domain id>/<devid> in decimal"])
     }
 
     private func reconcile(_ address: BackendDeviceAddress) {

@@ -88,6 +88,14 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
         }
     }
 
+    /// Runs what is ready now (posted tasks, then queued watch events) and
+    /// returns: for a test or fuzzer that steps the control plane on its
+    /// own thread instead of `run()`.
+    public func runPending() {
+        runTasks()
+        dispatchWatchEvents()
+    }
+
     private func runTasks() {
         let pending: [() -> Void] = locked {
             let t = tasks

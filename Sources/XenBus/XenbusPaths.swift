@@ -22,7 +22,8 @@ public struct BackendDeviceAddress: Hashable, Sendable, CustomStringConvertible 
     public static func parse(path: String, root: String, type: String) -> BackendDeviceAddress? {
         guard path.hasPrefix(root + "/") else { return nil }
         let rest = path.dropFirst(root.count + 1).split(separator: "/", omittingEmptySubsequences: false)
-        guard rest.count >= 2, let d = DomID(rest[0]), let v = UInt32(rest[1]) else { return nil }
+        guard rest.count >= 2, let d = XenStoreNumber.parseName(rest[0], as: DomID.self),
+              let v = XenStoreNumber.parseName(rest[1], as: UInt32.self) else { return nil }
         return BackendDeviceAddress(type: type, frontendDomain: d, devid: v)
     }
 }
@@ -35,10 +36,11 @@ public enum XenbusPaths {
 }
 
 public extension XenStore {
-    /// Reads a xenbus `state` node; nil when missing or malformed.
+    /// Reads a xenbus `state` node; nil when missing or malformed (strictly
+    /// decimal: " 4" or "4\n" is malformed).
     func readState(_ directory: String) -> XenbusState? {
-        guard let s = try? read(directory + "/state") else { return nil }
-        return XenbusState(xenstoreValue: s)
+        guard let s = try? read(directory + "/state"), let n = XenStoreNumber.parseName(s, as: UInt32.self) else { return nil }
+        return XenbusState(rawValue: n)
     }
 
     func writeState(_ directory: String, _ state: XenbusState, transaction: XenStoreTransaction = .none) throws(XenStoreError) {

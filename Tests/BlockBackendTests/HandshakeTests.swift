@@ -52,6 +52,55 @@ struct HandshakeBadValueTests {
         try expectRefused(["event-channel": nil], reason: "missing event-channel")
     }
 
+    @Test("numbers with a sign, a space or trailing bytes", arguments: ["+8", " 8", "8 ", "8\n", "0x8", "-1", ""])
+    func laxNumbers(ringRef: String) throws {
+        try expectRefused(["ring-ref": ringRef], reason: "malformed ring-ref")
+    }
+
+    @Test("without ring-page-order, ring-ref0 does not stand for ring-ref (as Linux blkback)")
+    func ringRef0WithoutOrder() throws {
+        try expectRefused(["ring-ref0": "8", "ring-ref": nil], reason: "missing ring-ref (no ring-page-order)")
+    }
+
+    @Test("with ring-page-order 0, ring-ref0 is read and ring-ref is not (as Linux blkback)")
+    func ringRefWithOrderZero() throws {
+        try expectRefused(["ring-page-order": "0"], reason: "missing ring-ref0 (ring-page-order is 0)")
+    }
+
+    @Test("a backend directory that names no device is ignored and logged; the others are served")
+    func malformedDeviceDirectory() throws {
+        let log = CapturedLog()
+        let bed = try TestBed(log: log)
+        defer { bed.close() }
+        let store = bed.host.toolstack.store
+        try store.write("/local/domain/0/backend/vbd/1-2/51712/frontend", "/local/domain/1/device/vbd/51712")
+        try store.write("/local/domain/0/backend/vbd/3/007/frontend", "/local/domain/3/device/vbd/7")
+        let (fe, _) = try bed.guestWithDisk(4)
+        #expect(try fe.read(sector: 0, count: 8).status == BlkifStatus.okay)
+        #expect(bed.host.blockStatus.map(\.address.frontendDomain) == [4])
+        let refused = log.lines.filter { $0.message == "ignoring a directory that names no device" }.compactMap { $0.metadata["directory"] }
+        #expect(Set(refused) == ["/local/domain/0/backend/vbd/1-2", "/local/domain/0/backend/vbd/3/007"])
+    }
+
+    @Test("a protocol with control characters: escaped in the error node and in the log line")
+    func escapedProtocol() throws {
+        let log = CapturedLog()
+        let bed = try TestBed(log: log)
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
+        fe.publishOverrides = ["protocol": "x86_64-abi\n\u{1b}[31m"]
+        #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
+        let expected = #"unsupported protocol "x86_64-abi\n\x1b[31m""#
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error") == expected)
+        let failed = log.lines.filter { $0.message == "device failed" }
+        #expect(failed.count == 1)
+        #expect(failed.first?.metadata["reason"] == expected)
+        #expect(failed.first?.metadata["device"] == "vbd-1-\(fe.devid)")
+        #expect(!log.lines.contains { line in
+            (line.message + line.metadata.values.joined()).unicodeScalars.contains { $0.value < 0x20 || $0 == "\u{7f}" }
+        })
+    }
+
     @Test("a device type other than phy or file")
     func unknownType() throws {
         let bed = try TestBed()
@@ -196,6 +245,144 @@ struct HandshakeLifecycleTests {
             return condition(status)
         }
         return status
+    }
+}
+
+/// Linux's state table: a frontend's Closing is answered with Closing and
+/// Closed follows the frontend's Closed; a frontend starting over gets
+/// InitWait again after a clean close or an error it caused.
+@Suite("xenbus handshake: closing and starting over")
+struct HandshakeRestartTests {
+    func setFrontendState(_ fe: LoopbackBlockFrontend, _ state: XenbusState) throws {
+        try fe.store.writeState(fe.frontendPath, state)
+    }
+
+    func waitForBackend(_ bed: TestBed, _ fe: LoopbackBlockFrontend, _ state: XenbusState) throws {
+        try waitUntil("backend \(state)") { bed.backendState(fe) == state }
+    }
+
+    /// Connected, then verified reads and writes on the frontend's disk.
+    func expectServes(_ fe: LoopbackBlockFrontend, seed: UInt64) throws {
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: seed, queueDepth: 8, canDiscard: true, canFlush: true)
+        let s = try w.run(on: fe, seconds: 30, operations: 200)
+        #expect(s.errors == 0 && s.mismatches == 0 && s.sectorsVerified > 0)
+    }
+
+    @Test("Closing is answered with Closing (data plane stopped, disk flushed and let go); Closed follows the frontend's Closed")
+    func closingThenClosed() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, disk) = try bed.guestWithDisk(1)
+        let data = [UInt8](repeating: 0x5a, count: 4096)
+        #expect(try fe.write(sector: 40, data: data) == BlkifStatus.okay)
+        try setFrontendState(fe, .closing)
+        try waitForBackend(bed, fe, .closing)
+        #expect(bed.host.blockStatus.first?.diskOpen == false)
+        #expect(bed.host.blockStatus.first?.ringPages == 0)
+        #expect(disk.sector(40) == Array(data[0..<512]))
+        usleep(200_000)
+        #expect(bed.backendState(fe) == .closing, "Closed before the frontend was")
+        try setFrontendState(fe, .closed)
+        try waitForBackend(bed, fe, .closed)
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error") == nil)
+        // A clean close, then a reconnect: InitWait again, and served.
+        fe.releaseResources()
+        try fe.connect()
+        #expect(bed.backendState(fe) == .connected)
+        #expect(try fe.read(sector: 40, count: 8).data == data)
+        try expectServes(fe, seed: 31)
+    }
+
+    @Test("a malformed frontend state is logged with the device and counts as Closed")
+    func malformedFrontendState() throws {
+        let log = CapturedLog()
+        let bed = try TestBed(log: log)
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        try fe.store.write(fe.frontendPath + "/state", "4 ")
+        try waitForBackend(bed, fe, .closed)
+        let refused = log.lines.filter { $0.message == "frontend state refused, counted as Closed" }
+        #expect(!refused.isEmpty)   // once per watch firing that reads it
+        #expect(refused.allSatisfy { $0.metadata["state"] == #""4 ""# && $0.metadata["device"] == "vbd-1-\(fe.devid)" })
+    }
+
+    @Test("a frontend that vanishes while Closing counts as Closed")
+    func vanishedWhileClosing() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1)
+        try setFrontendState(fe, .closing)
+        try waitForBackend(bed, fe, .closing)
+        try bed.host.toolstack.store.remove(fe.frontendPath + "/state")
+        try waitForBackend(bed, fe, .closed)
+    }
+
+    @Test("failed on a frontend's bad key, then Initialising (after Closing and Closed, or straight away): InitWait, reconnect, verified I/O",
+          arguments: [true, false])
+    func failedThenInitialising(closesFirst: Bool) throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithAttachedDisk(1, megabytes: 8)
+        fe.publishOverrides = ["ring-ref": "+8"]
+        #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
+        #expect(bed.backendState(fe) == .closed)
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error") == #"malformed ring-ref "+8""#)
+        #expect(bed.host.blockStatus.first?.diskOpen == false)
+        if closesFirst {
+            // Linux blkfront's answer to a backend Closed with an error.
+            try setFrontendState(fe, .closing)
+            try setFrontendState(fe, .closed)
+            usleep(100_000)
+            #expect(bed.backendState(fe) == .closed)
+        }
+        fe.releaseResources()
+        fe.publishOverrides = [:]
+        try fe.connect(timeout: 5)
+        #expect(bed.backendState(fe) == .connected)
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error") == nil)
+        #expect(bed.host.blockStatus.first?.diskOpen == true)
+        try expectServes(fe, seed: closesFirst ? 41 : 42)
+    }
+
+    @Test("a data-plane failure (a ring the guest revoked) is also cured by starting over")
+    func ringFailureThenInitialising() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
+        fe.publishOverrides = ["ring-ref": "7000"]   // not granted: the map fails
+        #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
+        #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error")?.contains("cannot map ring") == true)
+        fe.releaseResources()
+        fe.publishOverrides = [:]
+        try fe.connect(timeout: 5)
+        try expectServes(fe, seed: 43)
+    }
+
+    @Test("bad toolstack keys: the device stays Closed whatever the frontend does")
+    func toolstackFailureStays() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithAttachedDisk(1) { $0.type = "vbd3" }
+        let store = bed.host.toolstack.store
+        let be = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)   // fe.backendPath is set by connect
+        try waitUntil("backend Closed") { store.readState(be) == .closed }
+        for state in [XenbusState.closing, .closed, .initialising] { try setFrontendState(fe, state) }
+        usleep(200_000)
+        #expect(store.readState(be) == .closed)
+        #expect(try store.read(be + "/error") == #"type "vbd3" is not served here (phy or file)"#)
+    }
+
+    @Test("a one-page ring named by ring-page-order 0 and ring-ref0 is served")
+    func ringPageOrderZero() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithAttachedDisk(1)
+        fe.ringPageOrderAlways = true
+        try fe.connect()
+        #expect(try fe.store.read(fe.frontendPath + "/ring-page-order") == "0")
+        #expect(try fe.store.read(fe.frontendPath + "/ring-ref") == nil)
+        #expect(bed.host.blockStatus.first?.ringPages == 1)
+        try expectServes(fe, seed: 44)
     }
 }
 

@@ -147,14 +147,14 @@ struct StampedWrites {
 }
 
 /// Closes a frontend the way a suspending guest's does, but with requests
-/// still on the ring: Closing, wait until the backend is Closed (it answers
+/// still on the ring: Closing, wait until the backend is Closing (it answers
 /// what it had taken, takes nothing more, flushes and lets the disk go),
 /// take the responses it left on the ring, Closed, release the ring.
 func closeWithRequestsInFlight(_ fe: LoopbackBlockFrontend, writes: inout StampedWrites) throws {
     try fe.store.writeState(fe.frontendPath, .closing)
     try waitUntil("the backend to close") {
         let state = fe.store.readState(fe.backendPath)
-        return state == .closed || state == nil
+        return state == .closing || state == .closed || state == nil
     }
     while try writes.collect(fe, timeout: 0.05) > 0 {}
     try fe.store.writeState(fe.frontendPath, .closed)

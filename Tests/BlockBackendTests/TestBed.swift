@@ -57,9 +57,10 @@ final class TestBed {
     let host: LoopbackHost
     private var disks: [TempDisk] = []
 
-    init(options: BlockBackendOptions = .init()) throws {
-        var logger = Logger(label: "test")
-        logger.logLevel = .error
+    /// `log`: keep the backend's log lines (info and above) there.
+    init(options: BlockBackendOptions = .init(), log: CapturedLog? = nil) throws {
+        var logger = log.map { log in Logger(label: "test") { _ in CapturingLogHandler(log: log) } } ?? Logger(label: "test")
+        logger.logLevel = log == nil ? .error : .info
         host = try LoopbackHost(logger: logger, options: options)
     }
 
@@ -162,4 +163,27 @@ func waitUntil(_ what: String, _ condition: () -> Bool) throws {
         usleep(50_000)
     }
     throw FrontendError("\(what) never happened")
+}
+
+/// The log lines a backend wrote: the message and its metadata, as text.
+final class CapturedLog: @unchecked Sendable {   // lines guarded by `lock`
+    private let lock = NSLock()
+    private var stored: [(message: String, metadata: [String: String])] = []
+    var lines: [(message: String, metadata: [String: String])] { lock.withLock { stored } }
+    func append(_ message: String, _ metadata: [String: String]) { lock.withLock { stored.append((message, metadata)) } }
+}
+
+struct CapturingLogHandler: LogHandler {
+    let log: CapturedLog
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
+             file: String, function: String, line: UInt) {
+        let all = metadata.merging(extra ?? [:]) { $1 }
+        log.append(message.description, all.mapValues { "\($0)" })
+    }
 }

@@ -183,16 +183,19 @@ int blkfront_collect(struct blkfront *f, blkif_response_t *out, unsigned n)
     return 0;
 }
 
-/* Step 7: Closing, wait for the backend's Closed, Closed; then the ring's
- * grant and port can go (the backend no longer maps or binds them). */
+/* Step 7: Closing, wait for the backend's Closing (or Closed), Closed, wait
+ * for the backend's Closed; then the ring's grant and port can go (the
+ * backend no longer maps or binds them). */
 int blkfront_close(struct blkfront *f)
 {
     if (!write_key(f, XBT_NULL, "state", "%d", XenbusStateClosing))
         return fail(f, "writing state 5");
-    if (wait_backend(f, XenbusStateClosed) != 0)
+    if (wait_backend(f, XenbusStateClosing) != 0)
         return -1;
     if (!write_key(f, XBT_NULL, "state", "%d", XenbusStateClosed))
         return fail(f, "writing state 6");
+    if (wait_backend(f, XenbusStateClosed) != 0)
+        return -1;
     drain_events(f);
     grant_revoke(f->dom, f->ring_page.gref);
     evtchn_unbind(f->ev, f->port);

@@ -113,7 +113,8 @@ int store_wait_state(struct xs_handle *h, const char *state_path, int want, int 
             free(ev);
         int s = (int)store_read_long(h, state_path, -1);
         *seen = s;
-        if (s == want) {
+        /* A backend already Closed has gone past Closing. */
+        if (s == want || (want == XenbusStateClosing && s == XenbusStateClosed)) {
             result = 0;
             break;
         }

@@ -72,7 +72,63 @@ import XenBus
         }
     }
 
-    @Test(arguments: [("mtu", "9x"), ("mtu", "20"), ("rate", "fast"), ("rate", "100,0"), ("bridge", "a/b"),
+    /// Netback's table: Closing is answered with Closing (carrier off,
+    /// queues stopped) and Closed follows the frontend's Closed; then a
+    /// clean reconnect is served.
+    @Test func closingIsAnsweredWithClosingAndClosedFollowsTheFrontend() throws {
+        try withNetTestBed { bed in
+            let a = try bed.addGuest(1)
+            let b = try bed.addGuest(2)
+            let store = bed.host.toolstack.store
+            let be = bed.backendPath(a)
+            try a.frontend.store.writeState(a.frontend.frontendPath, .closing)
+            #expect(bed.waitUntil(5) { store.readState(be) == .closing })
+            #expect(bed.vifStatus(a)?.queues == 0)
+            #expect(try #require(bed.dom0Link(a.vifName)).contains("NO-CARRIER"))
+            usleep(200_000)
+            #expect(store.readState(be) == .closing, "Closed before the frontend was")
+            try a.frontend.store.writeState(a.frontend.frontendPath, .closed)
+            #expect(bed.waitUntil(5) { store.readState(be) == .closed })
+            #expect(try store.read(be + "/error") == nil)
+
+            a.frontend.releaseResources()
+            try a.frontend.connect()
+            #expect(store.readState(be) == .connected)
+            let ping = try a.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", b.address], timeout: 30)
+            #expect(ping.contains("2 received"), "\(ping)")
+        }
+    }
+
+    /// A device closed by a frontend's bad key comes back when that
+    /// frontend starts over (after Closing and Closed, or straight away),
+    /// and then carries traffic.
+    @Test(arguments: [true, false])
+    func aDeviceFailedByItsFrontendComesBackWhenTheFrontendStartsOver(closesFirst: Bool) throws {
+        try withNetTestBed { bed in
+            let a = try bed.addGuest(1, connect: false)
+            let b = try bed.addGuest(2)
+            let store = bed.host.toolstack.store
+            a.frontend.publishOverrides = ["tx-ring-ref": "+9"]
+            #expect(throws: (any Error).self) { try a.frontend.connect(timeout: 5) }
+            let be = bed.backendPath(a)
+            #expect(bed.waitUntil(5) { store.readState(be) == .closed })
+            #expect(try store.read(be + "/error") == #"malformed tx-ring-ref "+9""#)
+            if closesFirst {
+                try a.frontend.store.writeState(a.frontend.frontendPath, .closing)
+                try a.frontend.store.writeState(a.frontend.frontendPath, .closed)
+                usleep(100_000)
+                #expect(store.readState(be) == .closed)
+            }
+            a.frontend.publishOverrides = [:]
+            try a.frontend.connect(timeout: 5)
+            #expect(store.readState(be) == .connected)
+            #expect(try store.read(be + "/error") == nil)
+            let ping = try a.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", b.address], timeout: 30)
+            #expect(ping.contains("2 received"), "\(ping)")
+        }
+    }
+
+    @Test(arguments: [("mtu", "9x"), ("mtu", "20"), ("mtu", "+1500"), ("mtu", " 1500"), ("rate", "fast"), ("rate", "100,0"), ("bridge", "a/b"),
                       ("vifname", "a-name-much-too-long")])
     func aBadToolstackKeyClosesTheDeviceWithAReason(key: String, value: String) throws {
         try withNetTestBed { bed in

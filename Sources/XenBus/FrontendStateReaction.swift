@@ -1,0 +1,42 @@
+import XenABI
+
+/// What a backend does when it reads its frontend's `state`: the xenbus
+/// state table of Linux's blkback and netback (design-anchors 4.2), shared
+/// by every device type so that vbd and vif cannot drift apart.
+public enum FrontendStateReaction: Equatable, Sendable {
+    /// Nothing to do in this pair of states.
+    case none
+    /// Read the frontend's keys, map and bind, go Connected.
+    case connect
+    /// Stop serving (every request answered, rings unmapped), then write
+    /// this state: Closing to answer a frontend's Closing, Closed once the
+    /// frontend is Closed (or gone).
+    case close(XenbusState)
+    /// The frontend starts over after a close or a failure: offer the
+    /// device again (InitWait).
+    case offerAgain
+
+    /// - frontend: nil when the `state` node is missing or malformed (a
+    ///   vanished frontend counts as Closed, and so does Unknown).
+    /// - mayOfferAgain: false for a device that cannot work whatever the
+    ///   frontend does (bad toolstack keys, a failed hotplug script).
+    public init(frontend: XenbusState?, backend: XenbusState, mayOfferAgain: Bool) {
+        switch frontend ?? .closed {
+        case .initialised, .connected:
+            // blkfront publishes its ring at Initialised; netfront goes
+            // from Initialising straight to Connected.
+            self = backend == .initWait ? .connect : .none
+        case .closing:
+            // A Closed backend (failed, say) has nothing left to close.
+            self = backend == .closing || backend == .closed ? .none : .close(.closing)
+        case .closed, .unknown:
+            self = backend == .closed ? .none : .close(.closed)
+        case .initialising:
+            // Linux blkback: Initialising while Closed gives InitWait. We
+            // also take a frontend that skipped Closed after our Closing.
+            self = (backend == .closed || backend == .closing) && mayOfferAgain ? .offerAgain : .none
+        case .initWait, .reconfiguring, .reconfigured:
+            self = .none
+        }
+    }
+}
