@@ -55,6 +55,7 @@ extension NetQueueEngine {
                 // guest posts buffers.
                 swap(&rxBuffers[rxCount], &rxBuffers[spare])
                 rxHeldLength = length
+                rxHeldSlots = needed
                 if rxStalledSince == nil { rxStalledSince = now }
                 break
             }
@@ -78,9 +79,10 @@ extension NetQueueEngine {
             setTapPolled(true)
             return !tapEmpty && rxCount == NetEngineBuffers.rxBatch
         }
-        // A frame is held: buffers may have come meanwhile (arm rx req_event first).
+        // A frame is held: enough buffers may have come meanwhile (arm rx
+        // req_event first). Fewer than it needs is no reason to run again.
         let posted: Bool
-        do { posted = try rxRing.finalCheckForRequests() } catch {
+        do { posted = try rxRing.finalCheckForRequests(atLeast: UInt32(rxHeldSlots)) } catch {
             declareBroken("rx ring: \(error)")
             return false
         }

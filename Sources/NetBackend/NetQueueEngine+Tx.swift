@@ -6,7 +6,7 @@ import XenRing
 
 // Tx: the guest's chains of requests become frames on the TAP.
 extension NetQueueEngine {
-    /// One pass over the tx ring. True if there may be more to do at once.
+    /// One pass over the tx ring. True if a full batch leaves more to do at once.
     func serviceTx(now: Int) -> Bool {
         if txBlockedUntil != 0 {
             guard now >= txBlockedUntil else { return false }
@@ -28,7 +28,8 @@ extension NetQueueEngine {
         if txCopyCount > 0 { grants.copy(UnsafeMutableBufferPointer(rebasing: buffers.txCopies[0..<txCopyCount])) }
         writeTxPackets(now: now)
         pushTxResponses()
-        return txBlockedUntil == 0
+        // A short batch took every request there was; the final check looks again.
+        return txCount == NetEngineBuffers.txBatch && txBlockedUntil == 0
     }
 
     /// Takes whole packets (request, extras, fragments) while the batch has

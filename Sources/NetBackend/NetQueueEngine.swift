@@ -38,6 +38,8 @@ public final class NetQueueEngine<Tap: TapPort> {
     var rxTakenCount = 0
     /// A frame (in the spare rx buffer) waiting for the guest to post buffers.
     var rxHeldLength = 0
+    /// The rx requests the held frame needs.
+    var rxHeldSlots = 0
     /// When rx started waiting for buffers (nil: not stalled).
     var rxStalledSince: Int?
     /// Stalled past the limit: drop frames until the guest posts buffers.
