@@ -80,7 +80,12 @@ let package = Package(
         // backend and simulated guests (tests, benchmark).
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
-        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "BlockStorage"], swiftSettings: strict),
+        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "BlockStorage", "NetworkPlumbing"], swiftSettings: strict),
+        // Fuzz programs: each reads bytes as a frontend's actions against a
+        // thread-free engine and its doubles, checking invariants per step.
+        .target(name: "FuzzTargets", dependencies: [
+            "NetBackend", "EngineDoubles", "NetworkPlumbing", "XenRing", "XenABI", "Hypervisor",
+        ], swiftSettings: dataPlane),
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
@@ -119,6 +124,10 @@ let package = Package(
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        // The vif queue engine stepped alone over an in-memory guest and TAP, and the netif fuzz program.
+        .testTarget(name: "NetEngineTests", dependencies: [
+            "NetBackend", "EngineDoubles", "FuzzTargets", "NetworkPlumbing", "XenRing", "XenABI", "Hypervisor",
         ], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
