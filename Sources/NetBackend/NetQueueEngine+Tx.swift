@@ -184,7 +184,9 @@ extension NetQueueEngine {
     /// Writes the batch's packets to the TAP from `txNext` on, answering
     /// each; stops early when the rate limit has no credit left.
     private func writeTxPackets(now: Int) {
-        while txNext < txCount {
+        // A breach found on the way (too many malformed in a row) ends the
+        // batch: nothing more is answered on a ring no longer trusted.
+        while txNext < txCount && brokenReason == nil {
             let i = txNext
             let p = buffers.txPackets[i]
             var status = p.status

@@ -157,3 +157,23 @@ import XenABI
         #expect(h.txResponses().isEmpty)
     }
 }
+
+/// Seen while writing the netif fuzz program's checks: a breach found while writing a batch
+/// (the 64th malformed packet in a row, an offload on a frame that is not
+/// TCP/UDP over IP) went on answering the rest of the batch.
+@Suite struct NetQueueEngineBreachTests {
+    @Test func aBreachWhileWritingEndsTheBatch() {
+        let h = EngineHarness()
+        var notIP = TestFrame.ipv4(length: 60)
+        notIP[12] = 0x88; notIP[13] = 0xb5   // a local experimental EtherType
+        h.grantPage(2, notIP)
+        var slots: [EngineHarness.TxSlot] = [.request(NetifTxRequest(gref: 2, offset: 0, flags: NetifTxFlags.csumBlank, id: 100, size: 60))]
+        for i in 0..<63 { slots.append(.request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: UInt16(i), size: 10))) }
+        h.pushTx(slots)
+        let s = h.step()
+        guard case .broken(let reason) = s.outcome else { Issue.record("\(s.outcome)"); return }
+        #expect(reason.contains("64 malformed packets in a row"))
+        #expect(h.txResponses() == [NetifTxResponse(id: 100, status: NetifStatus.error)])
+        #expect(h.tap.written.isEmpty)
+    }
+}
