@@ -18,7 +18,7 @@ public final class NetEngineBuffers {
     // Rx: frames read from the TAP, copied into the guest's posted buffers.
     static let rxBatch = 64
     /// A virtio header and the largest frame a TAP with TSO hands out.
-    static let rxBufferSize = VirtioNetHeader.size + 65_550
+    public static let rxBufferSize = VirtioNetHeader.size + 65_550
     /// Rx slots one frame may take: its data pages and a GSO extra.
     static let maxRxSlots = 1 + (65_550 + XenPage.size - 1) / XenPage.size
 
