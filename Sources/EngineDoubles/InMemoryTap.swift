@@ -22,6 +22,9 @@ public final class InMemoryTap: TapPort {
 
     /// Frames not read yet.
     public var pending: Int { toGuest.count - nextToGuest }
+    /// Frames read so far from `toGuest` (it restarts at 0 when a frame is
+    /// queued after all were read).
+    public var framesRead: Int { nextToGuest }
 
     /// Queues one frame for the guest: `header`'s 12 bytes, then `frame`.
     public func queue(_ frame: [UInt8], header: VirtioNetHeader = VirtioNetHeader()) {

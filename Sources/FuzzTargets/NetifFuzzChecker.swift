@@ -49,6 +49,13 @@ final class NetifFuzzChecker {
     private var writable = [Int](repeating: 0, count: NetifFuzzWorld.pageCount)
     /// Per frame: some grant points at it (its bytes are the granted pattern).
     private var frameGranted = [Bool](repeating: false, count: NetifFuzzWorld.pageCount)
+    /// Frames the engine read from the TAP and has not delivered (or dropped), oldest first.
+    private var fromTheBridge: [[UInt8]] = []
+    private var tapCursor = 0
+    /// One rx data response of this step: the frame its buffer is (if writable) and its status.
+    private struct RxSlot { var frame: Int?; var status: Int16; var flags: UInt16 }
+    private var rxSlots: [RxSlot] = []
+    private var rxExtras: [(size: UInt16, type: UInt8)?] = []
 
     init(world: NetifFuzzWorld, startIndex: UInt32) {
         self.world = world
@@ -113,7 +120,13 @@ final class NetifFuzzChecker {
         world.rxSlotsBefore.copyMemory(from: rxPage, byteCount: XenPage.size)
         let written = world.tap.written.count
         let reads = world.tap.reads
+        if world.tap.framesRead < tapCursor { tapCursor = 0 }
         let s = engine.step(input, now: now)
+        while tapCursor < world.tap.framesRead {
+            let f = world.tap.toGuest[tapCursor]
+            fromTheBridge.append(Array(f.prefix(NetEngineBuffers.rxBufferSize)))
+            tapCursor += 1
+        }
 
         if finished {
             // Broken or drained: the rings, the TAP and the guest's pages stay as they were.
@@ -254,6 +267,8 @@ final class NetifFuzzChecker {
         }
         rxConsumed = consumed
         var inChain = false
+        rxSlots.removeAll(keepingCapacity: true)
+        rxExtras.removeAll(keepingCapacity: true)
         while rxAnswered != published {
             let slot = Int(rxAnswered & 255) * NetifRxRequest.size
             let request = NetifRxRequest(decoding: world.rxConsumed + slot)
@@ -265,6 +280,7 @@ final class NetifFuzzChecker {
                     fail("rx extra \(rxAnswered): type \(e.type) flags \(e.flags) GSO \(e.gsoType)/\(e.gsoSize)")
                 }
                 rxExpectExtra = false
+                rxExtras[rxExtras.count - 1] = (e.gsoSize, e.gsoType)
             } else {
                 let r = NetifRxResponse(decoding: raw)
                 if r.id != request.id { fail("rx response \(rxAnswered) has id \(r.id), its request \(request.id)") }
@@ -279,13 +295,92 @@ final class NetifFuzzChecker {
                 }
                 rxExpectExtra = r.flags & NetifRxFlags.extraInfo != 0
                 inChain = r.flags & NetifRxFlags.moreData != 0
-                if let frame = writable(request.gref) {
+                let frame = writable(request.gref)
+                if let frame {
                     writable[frame] = max(writable[frame], r.status > 0 ? Int(r.status) : XenPage.size)
                 }
+                if rxSlots.count == 0 || !inChainBefore(r) { rxExtras.append(nil) }
+                rxSlots.append(RxSlot(frame: frame, status: r.status, flags: r.flags))
             }
             rxAnswered &+= 1
         }
-        if inChain || rxExpectExtra { fail("rx responses end inside a frame") }
+        if inChain || rxExpectExtra { return fail("rx responses end inside a frame") }
+        checkRxFrames()
+    }
+
+    private func inChainBefore(_ r: NetifRxResponse) -> Bool {
+        rxSlots[rxSlots.count - 1].flags & NetifRxFlags.moreData != 0
+    }
+
+    /// Each frame delivered this step is one the TAP gave (in order, some
+    /// dropped between): its size, flags, GSO extra and, where no other
+    /// buffer of the step shares its page, its bytes.
+    private func checkRxFrames() {
+        var uses = [Int](repeating: 0, count: NetifFuzzWorld.pageCount)
+        for slot in rxSlots { if let f = slot.frame { uses[f] += 1 } }
+        var start = 0
+        var packet = 0
+        while start < rxSlots.count {
+            var end = start
+            while rxSlots[end].flags & NetifRxFlags.moreData != 0 { end += 1 }
+            checkRxFrame(rxSlots[start...end], extra: rxExtras[packet], uses: uses)
+            start = end + 1
+            packet += 1
+        }
+    }
+
+    /// The frame delivered must be one the TAP gave after the last one
+    /// delivered (those between were dropped): the first that explains
+    /// it is taken, with all before it.
+    private func checkRxFrame(_ slots: ArraySlice<RxSlot>, extra: (size: UInt16, type: UInt8)?, uses: [Int]) {
+        var firstProblem: String?
+        for (i, frame) in fromTheBridge.enumerated() {
+            guard let problem = problem(with: slots, extra: extra, uses: uses, from: frame) else {
+                fromTheBridge.removeFirst(i + 1)
+                return
+            }
+            if firstProblem == nil && !problem.isEmpty { firstProblem = problem }
+        }
+        let total = slots.reduce(0) { $0 + max(0, Int($1.status)) }
+        fail("rx delivered \(slots.count) slots (\(total) bytes) that match no frame from the TAP: \(firstProblem ?? "no frame that long")")
+    }
+
+    /// Why `slots` cannot be `frame` ("" when its size alone differs), or nil.
+    private func problem(with slots: ArraySlice<RxSlot>, extra: (size: UInt16, type: UInt8)?, uses: [Int],
+                         from frame: [UInt8]) -> String? {
+        let failed = slots.contains { $0.status < 0 }
+        let total = slots.reduce(0) { $0 + max(0, Int($1.status)) }
+        let length = frame.count - VirtioNetHeader.size
+        guard failed ? (length + XenPage.size - 1) / XenPage.size == slots.count : length == total else { return "" }
+        let h = frame.withUnsafeBytes { VirtioNetHeader(bytes: $0)! }
+        let first = slots.first!.flags
+        let gso = h.gsoType & ~VirtioNetHeader.gsoECN
+        if gso != VirtioNetHeader.gsoNone {
+            let type = gso == VirtioNetHeader.gsoTCPv4 ? NetifGSOType.tcpv4 : NetifGSOType.tcpv6
+            if extra == nil || extra!.size != h.gsoSize || extra!.type != type { return "GSO extra \(String(describing: extra)) for \(h)" }
+        } else if extra != nil {
+            return "a GSO extra for a frame without GSO"
+        }
+        let validated = first & NetifRxFlags.dataValidated != 0
+        if h.flags & (VirtioNetHeader.flagNeedsChecksum | VirtioNetHeader.flagDataValid) != 0 ? !validated
+            : first & (NetifRxFlags.dataValidated | NetifRxFlags.csumBlank) != 0 {
+            return "flags \(first) for a frame with virtio flags \(h.flags)"
+        }
+        guard !failed else { return nil }
+        // The bytes, but for a checksum the engine may have completed.
+        let checksum = h.flags & VirtioNetHeader.flagNeedsChecksum != 0 ? Int(h.checksumStart) + Int(h.checksumOffset) : -10
+        var offset = 0
+        for slot in slots {
+            defer { offset += Int(slot.status) }
+            guard let f = slot.frame, uses[f] == 1 else { continue }
+            let page = world.guest.page(f)
+            for i in 0..<Int(slot.status) where offset + i != checksum && offset + i != checksum + 1 {
+                if page.load(fromByteOffset: i, as: UInt8.self) != frame[VirtioNetHeader.size + offset + i] {
+                    return "byte \(offset + i) of a \(total)-byte frame differs in the guest's buffer"
+                }
+            }
+        }
+        return nil
     }
 
     private func writable(_ ref: UInt32) -> Int? { grants.writableFrame(ref) }
