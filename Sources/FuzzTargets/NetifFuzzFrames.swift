@@ -4,6 +4,10 @@ import NetworkPlumbing
 /// Frame bytes for the netif fuzz program: header sets that reach the
 /// offload paths, and frames as a TAP with a virtio-net header hands them out.
 enum NetifFuzzFrames {
+    /// Bytes k * 13 for k in 0..<512 (period 256): byte j of a frame's body is
+    /// table[(j + seed) & 255], copied 256 at a time.
+    private static let bodyTable: [UInt8] = (0..<512).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+
     /// Ethernet + IP + TCP/UDP headers (no payload) of `kind`, announcing
     /// `length` bytes in all; kind 4 is raw bytes from the input.
     static func headers(kind: UInt8, length: Int, _ b: inout FuzzBytes) -> [UInt8] {
@@ -43,9 +47,23 @@ enum NetifFuzzFrames {
         let length = min(b.size(), NetEngineBuffers.rxBufferSize + 64)
         var frame = headers(kind: kind, length: length, &b)
         if frame.count > length { frame.removeLast(frame.count - length) }
-        let seed = b.u8()
-        frame.reserveCapacity(length + VirtioNetHeader.size)
-        for i in frame.count..<max(length, frame.count) { frame.append(UInt8(truncatingIfNeeded: i &* 13 &+ Int(seed))) }
+        let seed = Int(b.u8())
+        if length > frame.count {
+            // Copied from a table: a fuzz run makes many 64 KiB frames.
+            let start = frame.count
+            frame += [UInt8](unsafeUninitializedCapacity: length - start) { body, count in
+                var i = 0
+                while i < body.count {
+                    let n = min(256, body.count - i)
+                    let phase = (start + i + seed) & 255
+                    bodyTable.withUnsafeBufferPointer { table in
+                        body.baseAddress!.advanced(by: i).initialize(from: table.baseAddress!.advanced(by: phase), count: n)
+                    }
+                    i += n
+                }
+                count = body.count
+            }
+        }
         let layout = frame.withUnsafeBytes { FrameLayout.parse($0) }
         var h = VirtioNetHeader()
         let choice = b.u8()

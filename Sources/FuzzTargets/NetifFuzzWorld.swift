@@ -32,14 +32,13 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
     let buffers = NetEngineBuffers()
     /// The data pages as the checker last saw them.
     let shadow: UnsafeMutableRawPointer
-    /// Ring slots as they were before each step, to know what the engine read.
+    /// Ring pages as they were before each step: what the engine read, and
+    /// what a stopped or broken engine must leave as it is.
     let txSlotsBefore = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: 64)
     let rxSlotsBefore = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: 64)
     /// The slots as the engine consumed them, by ring index mod 256.
     let txConsumed = UnsafeMutableRawPointer.allocate(byteCount: 256 * NetifTxRequest.size, alignment: 16)
     let rxConsumed = UnsafeMutableRawPointer.allocate(byteCount: 256 * NetifRxRequest.size, alignment: 16)
-    /// Ring pages before a step, to prove a stopped or broken engine leaves them alone.
-    let ringsBefore = UnsafeMutableRawPointer.allocate(byteCount: 2 * XenPage.size, alignment: 64)
 
     init() {
         grants = InMemoryGrantTable(guests: [guest])
@@ -50,7 +49,7 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
         shadow.deallocate()
         txSlotsBefore.deallocate(); rxSlotsBefore.deallocate()
         txConsumed.deallocate(); rxConsumed.deallocate()
-        ringsBefore.deallocate()
+        patterns.deallocate()
     }
 
     /// The pattern byte of a grantable frame at `offset` (below 0x80).
@@ -58,9 +57,17 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
     static func pattern(frame: Int, offset: Int) -> UInt8 { UInt8(truncatingIfNeeded: (frame &* 29 &+ offset &* 7) & 0x7f) }
 
     func fillGranted(_ frame: Int) {
-        let p = guest.page(frame)
-        for i in 0..<XenPage.size { p.storeBytes(of: Self.pattern(frame: frame, offset: i), toByteOffset: i, as: UInt8.self) }
+        guest.page(frame).copyMemory(from: patterns + frame * XenPage.size, byteCount: XenPage.size)
     }
+
+    /// Each grantable frame's granted pattern, made once.
+    private let patterns: UnsafeMutableRawPointer = {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: NetifFuzzWorld.pageCount * XenPage.size, alignment: XenPage.size)
+        for f in 0..<NetifFuzzWorld.pageCount {
+            for i in 0..<XenPage.size { p.storeBytes(of: NetifFuzzWorld.pattern(frame: f, offset: i), toByteOffset: f * XenPage.size + i, as: UInt8.self) }
+        }
+        return p
+    }()
 
     func fillUngranted(_ frame: Int) {
         guest.page(frame).initializeMemory(as: UInt8.self, repeating: Self.ungrantedByte, count: XenPage.size)
