@@ -114,6 +114,14 @@ final class NetifFuzzProgram {
             step(.tick)
         case .stop:
             step(.stop)
+        case .revokeDuringCopy:
+            let ref = GrantRef(Int(b.u8()) % NetifFuzzWorld.grantCount)
+            world.grants.beforeCopy = { [checker, world] in
+                world.grants.beforeCopy = nil
+                checker.revoke(ref)
+            }
+            step(.kicked)
+            world.grants.beforeCopy = nil
         }
     }
 

@@ -21,6 +21,8 @@ public enum NetifFuzzTarget: FuzzTarget {
         case grant, revoke, readOnly, writePage, writeHeaders
         case tapFrame, tapFull, tapError
         case kick, tick, tapReadable, advanceTime, stop
+        /// The guest revokes a grant while the engine copies (after it took the slot).
+        case revokeDuringCopy
     }
 
     /// At most this many actions per run (longer inputs are cut).

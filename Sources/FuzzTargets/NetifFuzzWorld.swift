@@ -76,6 +76,7 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
     func reset() {
         guest.reset()
         tap.reset()
+        grants.beforeCopy = nil
         for f in Self.grantableFrames { fillUngranted(f) }
         for f in Self.secretFrames { guest.page(f).initializeMemory(as: UInt8.self, repeating: Self.secretByte, count: XenPage.size) }
         syncShadow()
