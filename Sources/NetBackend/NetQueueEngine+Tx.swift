@@ -13,6 +13,13 @@ extension NetQueueEngine {
             txBlockedUntil = 0
         }
         if txNext < txCount {
+            // Before answering what waited for credit: a guest that published
+            // past the ring meanwhile overwrote slots not yet answered, and
+            // these responses would overwrite its new requests in turn.
+            do { _ = try txRing.unconsumedRequests() } catch {
+                declareBroken("tx ring: \(error)")
+                return false
+            }
             writeTxPackets(now: now)
             pushTxResponses()
             if txNext < txCount { return false }   // still waiting for credit

@@ -177,3 +177,25 @@ import XenABI
         #expect(h.tap.written.isEmpty)
     }
 }
+
+/// Found by the netif fuzz program: while packets waited for credit, a
+/// guest published requests past the ring (over slots not yet answered);
+/// the engine answered the waiting packets first, which moved its own
+/// bound, then took its own responses as requests.
+@Suite struct NetQueueEngineOverrunTests {
+    @Test func aGuestThatOverrunsTheRingWhilePacketsWaitForCreditBreaksTheProtocol() {
+        let ms = 1_000_000
+        let h = EngineHarness(rate: (bytes: 100, microseconds: 1000))
+        h.grantPage(2, TestFrame.ipv4(length: 60))
+        h.pushTx([.request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: 1, size: 60)),
+                  .request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: 2, size: 60))])
+        h.step(now: 0)
+        #expect(h.txResponses() == [NetifTxResponse(id: 1, status: NetifStatus.okay)])
+        // One response published, so at most 256 requests past it; 257 is an overrun.
+        h.tx.publishRawRequestProducer(1 + 257)
+        let s = h.step(.tick, now: ms)
+        guard case .broken(let reason) = s.outcome else { Issue.record("\(s.outcome)"); return }
+        #expect(reason.contains("more than 256 slots ahead"))
+        #expect(h.txResponses().isEmpty && h.tap.written.count == 1)
+    }
+}
