@@ -79,7 +79,9 @@ let package = Package(
         ], swiftSettings: dataPlane),
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
-        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage", "SystemSupport"], swiftSettings: strict),
+        .target(name: "EngineDoubles", dependencies: [
+            "Hypervisor", "XenABI", "XenRing", "BlockStorage", "NetworkPlumbing", "SystemSupport",
+        ], swiftSettings: strict),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
         .target(name: "LoopbackHost", dependencies: [
@@ -102,9 +104,9 @@ let package = Package(
         // (scripts/fuzz), and the replayer of saved inputs otherwise.
         .target(name: "FuzzTargets", dependencies: [
             "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "LoopbackXenStore",
-            "SystemSupport", "XenABI", "XenBus", "XenRing", "XenStoreWire",
+            "NetBackend", "NetworkPlumbing", "SystemSupport", "XenABI", "XenBus", "XenRing", "XenStoreWire",
             .product(name: "Logging", package: "swift-log"),
-        ], swiftSettings: strict),
+        ], swiftSettings: dataPlane),
         .executableTarget(name: "xenbackd-fuzz", dependencies: ["FuzzTargets"], swiftSettings: strict),
 
         // Compiled against Xen's own headers; the ABI tests compare it with XenABI.
@@ -140,6 +142,10 @@ let package = Package(
         ], swiftSettings: strict),
         // The fuzz programs run on fixed inputs, without the fuzzer.
         .testTarget(name: "FuzzTargetTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
+        // The vif queue engine stepped alone over an in-memory guest and TAP, and the netif fuzz program.
+        .testTarget(name: "NetEngineTests", dependencies: [
+            "NetBackend", "EngineDoubles", "FuzzTargets", "NetworkPlumbing", "XenRing", "XenABI", "Hypervisor",
+        ], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
             "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",

@@ -15,6 +15,7 @@ public enum FuzzTargetRegistry {
     public static let all: [any FuzzTarget.Type] = [
         XenStoreWireTarget.self,
         XenbusFuzzTarget.self,
+        NetifFuzzTarget.self,
     ]
 
     public static func target(named name: String) -> (any FuzzTarget.Type)? {
