@@ -6,6 +6,7 @@ import PackageDescription
 //   Hypervisor (protocols) <- LoopbackHypervisor, LibXenStore, XenStoreClient
 //   XenStoreWire <- LoopbackXenStore, XenStoreClient
 //   BlockStorage <- BlockBackend <- xenbackd
+//   LoopbackXenStore <- FuzzTargets <- xenbackd-fuzz (the lab side; docs/FUZZING.md)
 let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 // Data-plane modules: their classes are confined to one thread by design, so
 // the runtime's dynamic exclusivity checks (a TLS lookup on every property
@@ -76,20 +77,13 @@ let package = Package(
         .target(name: "BlockFrontend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: dataPlane),
-        // Fuzz programs: the fuzzer's bytes as actions of a hostile frontend or
-        // guest, invariants checked after every step (docs/FUZZING.md).
-        .target(name: "FuzzTargets", dependencies: [
-            "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "SystemSupport",
-            "XenABI", "XenBus", "XenRing",
-            .product(name: "Logging", package: "swift-log"),
-        // Optimized in debug builds too: unspecialized generics in the blkif
-        // target's page stamping and checks made its 20,000-program test ten times slower.
-        ], swiftSettings: strict + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
-        // Everything of the loopback world in one process: xenstored, dom0's
-        // backend and simulated guests (tests, benchmark).
         // Test doubles for the thread-free engines: guest memory and grants in
         // plain memory, a storage that completes when told (tests, fuzzers).
-        .target(name: "EngineDoubles", dependencies: ["Hypervisor", "XenABI", "XenRing", "BlockStorage", "SystemSupport"], swiftSettings: strict),
+        .target(name: "EngineDoubles", dependencies: [
+            "Hypervisor", "XenABI", "XenRing", "BlockStorage", "NetworkPlumbing", "SystemSupport",
+        ], swiftSettings: strict),
+        // Everything of the loopback world in one process: xenstored, dom0's
+        // backend and simulated guests (tests, benchmark).
         .target(name: "LoopbackHost", dependencies: [
             "LoopbackXenStore", "LoopbackHypervisor", "XenStoreClient", "BlockBackend", "BlockStorage",
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
@@ -105,6 +99,18 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
 
+        // Fuzz targets: programs of hostile-guest actions, checked against invariants after
+        // every step. xenbackd-fuzz is libFuzzer's binary when built with -DXENBACKD_FUZZ
+        // (scripts/fuzz), and the replayer of saved inputs otherwise.
+        .target(name: "FuzzTargets", dependencies: [
+            "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "LoopbackXenStore",
+            "NetBackend", "NetworkPlumbing", "SystemSupport", "XenABI", "XenBus", "XenRing", "XenStoreWire",
+            .product(name: "Logging", package: "swift-log"),
+        // Optimized in debug builds too: unspecialized generics in the blkif
+        // target's page stamping and checks made its 20,000-program test ten times slower.
+        ], swiftSettings: dataPlane + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
+        .executableTarget(name: "xenbackd-fuzz", dependencies: ["FuzzTargets"], swiftSettings: strict),
+
         // Compiled against Xen's own headers; the ABI tests compare it with XenABI.
         .target(name: "XenABIReference", path: "Tests/XenABIReference"),
         // A blkfront in C written from docs/loopback-hypervisor.md alone (CFrontendTests runs it).
@@ -114,6 +120,8 @@ let package = Package(
         .testTarget(name: "XenStoreTests", dependencies: [
             "LoopbackXenStore", "SystemSupport", "XenStoreClient", "LibXenStore", "Hypervisor", "XenStoreWire",
         ], swiftSettings: strict),
+        // Every seed and minimised finding under Tests/FuzzCorpus, replayed without the fuzzer.
+        .testTarget(name: "FuzzReplayTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         .testTarget(name: "XenBusTests", dependencies: ["XenBus", "XenABI"], swiftSettings: strict),
@@ -136,6 +144,10 @@ let package = Package(
         ], swiftSettings: strict),
         // The fuzz programs run on fixed inputs, without the fuzzer.
         .testTarget(name: "FuzzTargetTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
+        // The vif queue engine stepped alone over an in-memory guest and TAP, and the netif fuzz program.
+        .testTarget(name: "NetEngineTests", dependencies: [
+            "NetBackend", "EngineDoubles", "FuzzTargets", "NetworkPlumbing", "XenRing", "XenABI", "Hypervisor",
+        ], swiftSettings: strict),
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
             "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",

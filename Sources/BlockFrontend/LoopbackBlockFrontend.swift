@@ -198,9 +198,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     private func publishRing() throws {
         let fe = frontendPath
         try store.withTransaction { t throws(XenStoreError) in
+            // The other layout's key, left by an earlier connection, goes: a
+            // backend reads ring-page-order first and would map stale refs.
             if ringPageOrder == 0 && !ringPageOrderAlways {
+                try store.remove(fe + "/ring-page-order", transaction: t)
                 try store.write(fe + "/ring-ref", String(ringGrants[0]), transaction: t)
             } else {
+                try store.remove(fe + "/ring-ref", transaction: t)
                 try store.write(fe + "/ring-page-order", String(ringPageOrder), transaction: t)
                 for (i, g) in ringGrants.enumerated() { try store.write(fe + "/ring-ref\(i)", String(g), transaction: t) }
             }
@@ -367,6 +371,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         r.ring.commitRequest()
     }
 
+    /// The slot the next request goes into (a hostile frontend keeps a copy
+    /// of a request it placed, to place it again).
+    public var nextRequestSlot: UnsafeRawPointer? { rings.map { UnsafeRawPointer($0.ring.nextRequestSlot()) } }
+
+    /// req_prod as this frontend has written it (published or not).
+    public var requestProducer: UInt32 { rings?.ring.requestProducerPrivate ?? 0 }
+
     /// Publishes queued requests and notifies the backend if it asked.
     public func kick() {
         guard let r = rings else { return }
@@ -383,6 +394,13 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     /// the first; each response's slot returns to the free list after `body`.
     @discardableResult
     public func collect(timeout: Double = 10, _ body: (BlkifResponse) -> Void) throws -> Int {
+        try collectRaw(timeout: timeout) { response, _ in body(response) }
+    }
+
+    /// `collect`, with each response's whole 16 bytes as the ring held
+    /// them (a hostile-frontend check looks at the padding too).
+    @discardableResult
+    public func collectRaw(timeout: Double = 10, _ body: (BlkifResponse, UnsafeRawPointer) -> Void) throws -> Int {
         guard let r = rings, let events else { throw FrontendError("not connected") }
         let deadline = MonotonicClock.seconds() + timeout
         var got = 0
@@ -390,7 +408,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
             while r.ring.unconsumedResponses() > 0 {
                 r.ring.takeResponse(into: responseScratch)
                 let rsp = BlkifResponse(decoding: responseScratch)
-                body(rsp)
+                body(rsp, responseScratch)
                 let slot = Int(rsp.id & 0xffff)
                 if slot < slotOwner.count, slotOwner[slot] == rsp.id {
                     slotOwner[slot] = nil

@@ -10,7 +10,7 @@ struct BlkifFuzzConfiguration: Equatable {
     /// Where the frontend starts its indices: near 0 or just below 2^32.
     var startIndex: UInt32
 
-    static func decode(_ bytes: inout FuzzBytes) -> Self {
+    static func decode(_ bytes: inout BlkifProgramBytes) -> Self {
         let a = bytes.u8(), b = bytes.u8()
         let nearWrap = a & 0x40 != 0
         let offset = UInt32(b >> 4) &* 5

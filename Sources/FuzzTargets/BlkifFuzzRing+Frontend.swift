@@ -16,7 +16,7 @@ extension BlkifFuzzRing {
     /// clip its range into the disk. `avoidOverlap`: a correct frontend
     /// never has two writes of one sector in flight.
     @discardableResult
-    func writeRequest(_ requested: FuzzRequest.Kind, _ bytes: inout FuzzBytes, valid: Bool, avoidOverlap: Bool) -> Bool {
+    func writeRequest(_ requested: FuzzRequest.Kind, _ bytes: inout BlkifProgramBytes, valid: Bool, avoidOverlap: Bool) -> Bool {
         var kind = requested
         if kind == .indirectRead && configuration.maxIndirectSegments == 0 { kind = .read }
         if kind == .indirectWrite && configuration.maxIndirectSegments == 0 { kind = .write }
@@ -163,7 +163,7 @@ extension BlkifFuzzRing {
     }
 
     /// 112 bytes of the program into the next slot.
-    func writeRaw(_ bytes: inout FuzzBytes) {
+    func writeRaw(_ bytes: inout BlkifProgramBytes) {
         guard hasFreeSlot else {
             bytes.copy(into: scratch, count: Blkif.slotSize)   // the program stays aligned
             return

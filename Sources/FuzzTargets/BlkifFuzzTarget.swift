@@ -9,7 +9,7 @@ public enum BlkifFuzzTarget: FuzzTarget {
     public static let name = "blkif"
 
     public static func run(_ input: UnsafeRawBufferPointer) -> [String] {
-        var bytes = FuzzBytes(input)
+        var bytes = BlkifProgramBytes(input)
         let configuration = BlkifFuzzConfiguration.decode(&bytes)
         let world = worlds.take(queueDepth: configuration.queueDepth)
         defer { worlds.put(world) }

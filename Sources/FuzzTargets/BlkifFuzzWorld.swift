@@ -47,7 +47,7 @@ final class BlkifFuzzWorld {
     }
 
     /// Runs the actions, then the end checks of both rings.
-    func run(_ bytes: inout FuzzBytes) {
+    func run(_ bytes: inout BlkifProgramBytes) {
         var action = 0
         while !bytes.isExhausted && findings.items.isEmpty && action < 2048 {
             findings.action = action
@@ -80,7 +80,7 @@ final class BlkifFuzzWorld {
 
     // MARK: actions
 
-    private func perform(_ op: UInt8, _ bytes: inout FuzzBytes) {
+    private func perform(_ op: UInt8, _ bytes: inout BlkifProgramBytes) {
         switch op {
         case 0..<48:
             let k = bytes.u8()
@@ -150,7 +150,7 @@ final class BlkifFuzzWorld {
     }
 
     /// Which slot or page, where, and the new bytes (into `armedBytes`).
-    private func rewriteParameters(_ bytes: inout FuzzBytes, within size: Int) -> (UInt8, Int, Int) {
+    private func rewriteParameters(_ bytes: inout BlkifProgramBytes, within size: Int) -> (UInt8, Int, Int) {
         let choice = bytes.u8()
         let offset = Int(bytes.u16()) % size
         let length = min(1 + Int(bytes.u8()) % 32, size - offset)
@@ -160,7 +160,7 @@ final class BlkifFuzzWorld {
 
     /// Completes one pending operation (any, in any order) or all, with
     /// success or (ring A) an errno.
-    private func complete(_ ring: BlkifFuzzRing, _ bytes: inout FuzzBytes, errors: Bool) {
+    private func complete(_ ring: BlkifFuzzRing, _ bytes: inout BlkifProgramBytes, errors: Bool) {
         let choice = bytes.u8(), e = bytes.u8()
         let disk = ring.disk
         guard !disk.pending.isEmpty else { return }

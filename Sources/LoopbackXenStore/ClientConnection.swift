@@ -18,11 +18,35 @@ struct Watch {
     }
 }
 
+/// Replies of an in-process connection (no socket): they land in `delivered`
+/// until it holds `window` bytes, as in a socket's buffer that the peer
+/// drains by taking them.
+final class InProcessPipe {
+    var delivered: [UInt8] = []
+    let window: Int
+
+    init(window: Int) { self.window = window }
+
+    /// What `send` would do: takes what fits, or fails with EAGAIN when full.
+    func accept(_ bytes: UnsafeRawBufferPointer) -> Int {
+        let n = min(bytes.count, window - delivered.count)
+        guard n > 0 else {
+            errno = EAGAIN
+            return -1
+        }
+        delivered.append(contentsOf: bytes[..<n])
+        return n
+    }
+}
+
 /// One client of the loopback xenstored: its socket, partial input, queued
 /// output and watches. Owned by the server core (used only under its lock).
 final class ClientConnection {
     let id: UInt64
+    /// -1 for an in-process connection.
     let fd: Int32
+    /// Set for an in-process connection (fuzzing, tests), nil for a socket.
+    let pipe: InProcessPipe?
     let requester: Requester
     var decoder = XenStoreFrameDecoder()
     var watches: [Watch] = []
@@ -32,17 +56,17 @@ final class ClientConnection {
     private(set) var output: [UInt8] = []
     private var outputSent = 0
 
-    /// A client that stops reading is cut off rather than grow the server without bound.
-    static let maximumQueuedOutput = 8 * 1024 * 1024
-    /// Watches an unprivileged connection may hold (xenstored also limits them).
-    static let maximumGuestWatches = 1024
 
     init(id: UInt64, fd: Int32, requester: Requester) {
-        self.id = id; self.fd = fd; self.requester = requester
+        self.id = id; self.fd = fd; self.pipe = nil; self.requester = requester
+    }
+
+    init(id: UInt64, pipe: InProcessPipe, requester: Requester) {
+        self.id = id; self.fd = -1; self.pipe = pipe; self.requester = requester
     }
 
     var queuedOutputCount: Int { output.count - outputSent }
-    var isOverflowing: Bool { queuedOutputCount > Self.maximumQueuedOutput }
+    var isOverflowing: Bool { queuedOutputCount > GuestQuota.queuedOutputBytes }
 
     func queue(_ message: XenStoreMessage) {
         output.append(contentsOf: message.encoded())
@@ -61,7 +85,8 @@ final class ClientConnection {
     func flush() -> FlushResult {
         while outputSent < output.count {
             let n = output.withUnsafeBytes { raw in
-                send(fd, raw.baseAddress! + outputSent, raw.count - outputSent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                let rest = UnsafeRawBufferPointer(rebasing: raw[outputSent...])
+                return pipe?.accept(rest) ?? send(fd, rest.baseAddress!, rest.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
             }
             if n > 0 {
                 outputSent += n

@@ -2,14 +2,19 @@ import Hypervisor
 import XenStoreWire
 
 /// One xenstore node: a value, a permission list and child names.
-struct XenStoreNode: Equatable {
-    var value: [UInt8]
+package struct XenStoreNode: Equatable {
+    package var value: [UInt8]
     /// First entry: owner and everyone else's access; later entries: per-domain grants.
-    var permissions: [XenStorePermission]
+    package var permissions: [XenStorePermission]
     /// Child names in creation order, as DIRECTORY lists them.
-    var children: [String]
+    package var children: [String]
     /// Changes whenever value, permissions or children change (DIRECTORY_PART's <gencnt>).
-    var generation: UInt64
+    package var generation: UInt64
+
+    package var owner: UInt32 { permissions[0].domain }
+
+    /// What GuestQuota.nodeBytes limits: the value and the child names with their NULs.
+    package var recordSize: Int { value.count + children.reduce(0) { $0 + $1.utf8.count + 1 } }
 }
 
 /// The whole store as a value: copying it is how a transaction takes its
@@ -17,14 +22,37 @@ struct XenStoreNode: Equatable {
 /// Keyed by absolute path; every node's ancestors exist.
 struct NodeTree {
     private(set) var nodes: [String: XenStoreNode]
+    /// Nodes per owning domain (for GuestQuota.nodes), kept by every mutation below.
+    private(set) var ownedNodeCounts: [UInt32: Int] = [:]
 
     init(rootPermissions: [XenStorePermission]) {
-        nodes = [XenStorePath.root: XenStoreNode(value: [], permissions: rootPermissions, children: [], generation: 0)]
+        nodes = [:]
+        put(XenStorePath.root, XenStoreNode(value: [], permissions: rootPermissions, children: [], generation: 0))
     }
 
     subscript(path: String) -> XenStoreNode? { nodes[path] }
 
     var count: Int { nodes.count }
+
+    func ownedNodeCount(of domain: UInt32) -> Int { ownedNodeCounts[domain, default: 0] }
+
+    /// The nodes creating `path` adds: it and its missing ancestors.
+    func missingNodeCount(creating path: String) -> Int {
+        var count = 0
+        var current: String? = path
+        while let p = current, nodes[p] == nil {
+            count += 1
+            current = XenStorePath.parent(of: p)
+        }
+        return count
+    }
+
+    /// Stores (or, with nil, removes) a node, keeping the owner counts.
+    private mutating func put(_ path: String, _ node: XenStoreNode?) {
+        if let old = nodes[path] { ownedNodeCounts[old.owner, default: 0] -= 1 }
+        if let node { ownedNodeCounts[node.owner, default: 0] += 1 }
+        nodes[path] = node
+    }
 
     /// The closest existing ancestor of a missing `path` (the root always exists).
     func nearestExistingAncestor(of path: String) -> (path: String, node: XenStoreNode) {
@@ -55,7 +83,7 @@ struct NodeTree {
             if let owner { permissions[0].domain = UInt32(owner) }
             nodes[parentPath]!.children.append(XenStorePath.lastComponent(of: newPath))
             nodes[parentPath]!.generation = generation
-            nodes[newPath] = XenStoreNode(value: [], permissions: permissions, children: [], generation: generation)
+            put(newPath, XenStoreNode(value: [], permissions: permissions, children: [], generation: generation))
             changed.append(newPath)
             parentPath = newPath
         }
@@ -69,8 +97,10 @@ struct NodeTree {
     }
 
     mutating func setPermissions(_ path: String, _ permissions: [XenStorePermission], generation: UInt64) {
-        nodes[path]!.permissions = permissions
-        nodes[path]!.generation = generation
+        var node = nodes[path]!
+        node.permissions = permissions
+        node.generation = generation
+        put(path, node)
     }
 
     /// Removes `path` (not the root) and everything below it. Returns the
@@ -78,7 +108,7 @@ struct NodeTree {
     mutating func removeSubtree(_ path: String, generation: UInt64) -> [(path: String, node: XenStoreNode)] {
         var removed: [(path: String, node: XenStoreNode)] = []
         collectSubtree(path, into: &removed)
-        for (p, _) in removed { nodes[p] = nil }
+        for (p, _) in removed { put(p, nil) }
         if let parent = XenStorePath.parent(of: path) {
             let name = XenStorePath.lastComponent(of: path)
             nodes[parent]!.children.removeAll { $0 == name }
@@ -95,6 +125,6 @@ struct NodeTree {
 
     /// Puts a node as a committed transaction left it (nil: it was removed).
     mutating func replace(_ path: String, with node: XenStoreNode?) {
-        nodes[path] = node
+        put(path, node)
     }
 }

@@ -177,11 +177,16 @@ extension ServerCore {
         if connection.watches.contains(where: { $0.absolutePath == watch.absolutePath && $0.token == watch.token }) {
             throw XenStoreError(errno: XenStoreError.exists)
         }
-        if !connection.requester.isPrivileged && connection.watches.count >= ClientConnection.maximumGuestWatches {
-            throw XenStoreError(errno: 7)  // E2BIG, as xenstored's watch quota
+        if !connection.requester.isPrivileged && watchCount(of: connection.requester) >= GuestQuota.watches {
+            throw XenStoreError(errno: GuestQuota.tooBig)
         }
         connection.watches.append(watch)
         return RequestReply(payload: XenStorePayload.ok, newWatch: watch)
+    }
+
+    /// Watches held by all of `requester`'s connections (the quota is per domain).
+    func watchCount(of requester: Requester) -> Int {
+        connections.values.reduce(0) { $0 + ($1.requester == requester ? $1.watches.count : 0) }
     }
 
     // MARK: Watch firing
@@ -230,14 +235,17 @@ extension ServerCore {
     /// The request's transaction id, which must be one this connection opened
     /// (0: none). Requests that take no transaction ignore the field.
     private func transaction(_ message: XenStoreMessage, _ connection: ClientConnection) throws(XenStoreError) -> UInt32 {
-        let usesTransaction: Set<XenStoreMessageType> = [.read, .write, .mkdir, .rm, .directory, .directoryPart, .getPerms, .setPerms]
-        guard let type = message.type, usesTransaction.contains(type) else { return 0 }
+        guard let type = message.type, Self.typesTakingTransaction.contains(type) else { return 0 }
         let id = message.transactionID
         guard id == 0 || database.transactionExists(id, owner: connection.id) else {
             throw XenStoreError(errno: XenStoreError.noEntry)
         }
         return id
     }
+
+    private static let typesTakingTransaction: Set<XenStoreMessageType> = [
+        .read, .write, .mkdir, .rm, .directory, .directoryPart, .getPerms, .setPerms,
+    ]
 
     private func requirePrivilege(_ requester: Requester) throws(XenStoreError) {
         guard requester.isPrivileged else { throw XenStoreError(errno: XenStoreError.accessDenied) }

@@ -35,7 +35,9 @@ final class ServerCore {
     /// Connections with output queued since the last flush.
     private var needsFlush: Set<UInt64> = []
     private var lastToken: UInt64 = 1
-    private var readBuffer = [UInt8](repeating: 0, count: 16 * 1024)
+    /// One recv's most (and an in-process connection's: the same chunks).
+    static let readSize = 16 * 1024
+    private var readBuffer = [UInt8](repeating: 0, count: readSize)
 
     init(epollFD: Int32, domainSocketDirectory: String, logger: Logger) {
         self.epollFD = epollFD
@@ -158,6 +160,13 @@ final class ServerCore {
                 break
             }
         }
+        answerBufferedRequests(from: connection)
+        if endOfStream { closeConnection(connection, reason: "closed by peer") }
+    }
+
+    /// Answers every complete request the connection's input holds; a stream
+    /// that cannot be framed any more closes the connection (only it).
+    func answerBufferedRequests(from connection: ClientConnection) {
         do {
             while connections[connection.id] != nil, let message = try connection.decoder.nextMessage() {
                 respond(to: message, from: connection)
@@ -165,16 +174,24 @@ final class ServerCore {
         } catch {
             logger.warning("xenstore: connection \(connection.id) (domain \(connection.requester.domain)) sent \(error); closing it")
             closeConnection(connection, reason: "malformed input")
-            return
         }
-        if endOfStream { closeConnection(connection, reason: "closed by peer") }
+    }
+
+    /// A connection without a socket (InProcessXenStoreServer): its input is
+    /// handed over by the caller and its replies land in `pipe`.
+    func openInProcessConnection(requester: Requester, pipe: InProcessPipe) -> ClientConnection {
+        let connection = ClientConnection(id: newToken(), pipe: pipe, requester: requester)
+        connections[connection.id] = connection
+        return connection
     }
 
     func closeConnection(_ connection: ClientConnection, reason: String) {
         guard connections.removeValue(forKey: connection.id) != nil else { return }
         needsFlush.remove(connection.id)
-        xb_epoll_del(epollFD, connection.fd)
-        close(connection.fd)
+        if connection.pipe == nil {
+            xb_epoll_del(epollFD, connection.fd)
+            close(connection.fd)
+        }
         database.abortTransactions(owner: connection.id)
         logger.debug("xenstore: connection \(connection.id) from domain \(connection.requester.domain) closed: \(reason)")
     }
@@ -201,7 +218,7 @@ final class ServerCore {
             case .done:
                 if connection.isWaitingForWritable {
                     connection.isWaitingForWritable = false
-                    xb_epoll_mod(epollFD, connection.fd, xb_EPOLLIN, connection.id)
+                    if connection.pipe == nil { xb_epoll_mod(epollFD, connection.fd, xb_EPOLLIN, connection.id) }
                 }
             case .wouldBlock:
                 if connection.isOverflowing {
@@ -209,7 +226,7 @@ final class ServerCore {
                     closeConnection(connection, reason: "output overflow")
                 } else if !connection.isWaitingForWritable {
                     connection.isWaitingForWritable = true
-                    xb_epoll_mod(epollFD, connection.fd, xb_EPOLLIN | xb_EPOLLOUT, connection.id)
+                    if connection.pipe == nil { xb_epoll_mod(epollFD, connection.fd, xb_EPOLLIN | xb_EPOLLOUT, connection.id) }
                 }
             case .failed:
                 closeConnection(connection, reason: "write failed, errno \(errno)")

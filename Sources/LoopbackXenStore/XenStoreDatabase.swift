@@ -23,11 +23,28 @@ struct AccessLog {
     /// Nodes created, changed or removed (including parents whose child list changed).
     var written: Set<String> = []
     var triggers: [WatchTrigger] = []
+    /// Where each (path, exactOnly) is in `triggers`, once merged into a transaction's log.
+    private var triggerIndex: [String: Int] = [:]
 
+    /// Nodes read or written.
+    var touchedCount: Int { read.count + written.count(where: { !read.contains($0) }) }
+
+    /// Adds a request's log to a transaction's. A node changed again keeps
+    /// one trigger (xenstored fires once per node at commit) with the
+    /// permissions before its first change and after its last, so the log
+    /// grows with the nodes touched, not with the requests.
     mutating func merge(_ other: AccessLog) {
         read.formUnion(other.read)
         written.formUnion(other.written)
-        triggers.append(contentsOf: other.triggers)
+        for trigger in other.triggers {
+            let key = (trigger.exactOnly ? "=" : "+") + trigger.path
+            if let i = triggerIndex[key] {
+                triggers[i].permissionLists = [triggers[i].permissionLists.first, trigger.permissionLists.last].compactMap { $0 }
+            } else {
+                triggerIndex[key] = triggers.count
+                triggers.append(trigger)
+            }
+        }
     }
 }
 
@@ -35,9 +52,14 @@ struct AccessLog {
 /// in place by its requests, and what they touched.
 struct OpenTransaction {
     var owner: UInt64
+    /// Who started it (GuestQuota counts a domain's transactions and nodes).
+    var requester: Requester
     var startSequence: UInt64
     var tree: NodeTree
     var log = AccessLog()
+    /// Set when the changes it must be checked against were no longer all
+    /// remembered (XenStoreDatabase.trackedChangesLimit): its commit is EAGAIN.
+    var mustRetry = false
 }
 
 /// The store's contents and its transactions, with xenstored's access rules.
@@ -50,11 +72,13 @@ struct XenStoreDatabase {
     /// Sequence at which each path last changed outside a transaction's own
     /// snapshot; kept only while transactions are open (for conflict checks).
     private var changedAt: [String: UInt64] = [:]
+    /// At most this many paths in `changedAt`: a guest holding a transaction
+    /// open while it changes ever new paths would grow it without bound. Past
+    /// it, every open transaction will fail its commit with EAGAIN (clients
+    /// retry) and the record starts afresh.
+    static let trackedChangesLimit = 16384
     private var transactions: [UInt32: OpenTransaction] = [:]
     private var lastTransactionID: UInt32 = 0
-
-    /// Open transactions an unprivileged connection may hold (xenstored has a quota too).
-    static let transactionsPerGuestConnection = 64
 
     init() {
         tree = NodeTree(rootPermissions: [XenStorePermission(domain: 0, access: .none)])
@@ -86,6 +110,9 @@ struct XenStoreDatabase {
         try change(transaction) { (tree, generation, log) throws(XenStoreError) in
             if let node = tree[path] {
                 guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+                if !requester.isPrivileged && node.recordSize - node.value.count + value.count > GuestQuota.nodeBytes {
+                    throw XenStoreError(errno: GuestQuota.noSpace)
+                }
                 tree.setValue(path, value, generation: generation)
                 log.written.insert(path)
             } else {
@@ -150,11 +177,11 @@ struct XenStoreDatabase {
 
     mutating func startTransaction(owner: UInt64, by requester: Requester) throws(XenStoreError) -> UInt32 {
         if !requester.isPrivileged
-            && transactions.values.count(where: { $0.owner == owner }) >= Self.transactionsPerGuestConnection {
-            throw XenStoreError(errno: 28)  // ENOSPC, as xenstored's transaction quota
+            && transactions.values.count(where: { $0.requester == requester }) >= GuestQuota.transactions {
+            throw XenStoreError(errno: GuestQuota.noSpace)
         }
         repeat { lastTransactionID &+= 1 } while lastTransactionID == 0 || transactions[lastTransactionID] != nil
-        transactions[lastTransactionID] = OpenTransaction(owner: owner, startSequence: sequence, tree: tree)
+        transactions[lastTransactionID] = OpenTransaction(owner: owner, requester: requester, startSequence: sequence, tree: tree)
         return lastTransactionID
     }
 
@@ -169,9 +196,10 @@ struct XenStoreDatabase {
         defer { forgetChangesNoTransactionNeeds() }
         guard commit else { return [] }
         let touched = transaction.log.read.union(transaction.log.written)
-        if touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
+        if transaction.mustRetry || touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
             throw XenStoreError(errno: XenStoreError.again)
         }
+        try checkNodeQuota(committing: transaction)
         sequence += 1
         for path in transaction.log.written {
             var node = transaction.tree[path]
@@ -194,14 +222,43 @@ struct XenStoreDatabase {
 
     var openTransactionCount: Int { transactions.count }
 
+    /// Nodes a domain owns, live and in each of its open transactions (for
+    /// checks of the quota from outside, e.g. the fuzz target).
+    func ownedNodeCounts(of domain: UInt32) -> [Int] {
+        [tree.ownedNodeCount(of: domain)] + transactions.values.map { $0.tree.ownedNodeCount(of: domain) }
+    }
+
+    func openTransactionCount(of requester: Requester) -> Int {
+        transactions.values.count { $0.requester == requester }
+    }
+
     // MARK: Internals
+
+    /// A guest's commit may not take it past GuestQuota.nodes, whatever it
+    /// created meanwhile outside the transaction (each was checked alone).
+    private func checkNodeQuota(committing transaction: OpenTransaction) throws(XenStoreError) {
+        let requester = transaction.requester
+        guard !requester.isPrivileged else { return }
+        let domain = UInt32(requester.domain)
+        var added = 0
+        for path in transaction.log.written {
+            if transaction.tree[path]?.owner == domain { added += 1 }
+            if tree[path]?.owner == domain { added -= 1 }
+        }
+        if added > 0 && tree.ownedNodeCount(of: domain) + added > GuestQuota.nodes {
+            throw XenStoreError(errno: GuestQuota.noSpace)
+        }
+    }
 
     /// A node for a read-only request, recorded as read when inside a transaction.
     private mutating func lookup(_ path: String, _ requester: Requester, _ need: Requester.Need,
                                  _ transaction: UInt32) throws(XenStoreError) -> XenStoreNode {
         guard transaction != 0 else { return try Self.checked(tree, path, requester, need) }
-        guard transactions[transaction] != nil else { throw XenStoreError(errno: XenStoreError.noEntry) }
-        transactions[transaction]!.log.read.insert(path)
+        guard let open = transactions[transaction] else { throw XenStoreError(errno: XenStoreError.noEntry) }
+        if !open.log.read.contains(path) {
+            try Self.checkTransactionQuota(open, adding: 1)
+            transactions[transaction]!.log.read.insert(path)
+        }
         return try Self.checked(transactions[transaction]!.tree, path, requester, need)
     }
 
@@ -223,6 +280,8 @@ struct XenStoreDatabase {
             throw XenStoreError(errno: XenStoreError.noEntry)
         }
         defer { transactions[transaction] = open }  // put back whether or not the body throws
+        // A full transaction takes no more changes (one may pass the quota by its own nodes).
+        try Self.checkTransactionQuota(open, adding: 1)
         do throws(XenStoreError) {
             try body(&open.tree, sequence, &log)
         } catch {
@@ -233,8 +292,28 @@ struct XenStoreDatabase {
         return []
     }
 
+    /// A guest's transaction touches at most GuestQuota.transactionNodes nodes.
+    private static func checkTransactionQuota(_ open: OpenTransaction, adding count: Int) throws(XenStoreError) {
+        if !open.requester.isPrivileged && open.log.touchedCount + count > GuestQuota.transactionNodes {
+            throw XenStoreError(errno: GuestQuota.noSpace)
+        }
+    }
+
     private mutating func recordChange(_ path: String) {
-        if !transactions.isEmpty { changedAt[path] = sequence }
+        guard !transactions.isEmpty else { return }
+        if changedAt.count >= Self.trackedChangesLimit && changedAt[path] == nil {
+            for id in transactions.keys { transactions[id]!.mustRetry = true }
+            changedAt.removeAll()
+        }
+        changedAt[path] = sequence
+    }
+
+    /// Paths remembered for the open transactions' conflict checks.
+    var trackedChangeCount: Int { changedAt.count }
+
+    /// Nodes each of the requester's open transactions has touched.
+    func transactionTouchedCounts(of requester: Requester) -> [Int] {
+        transactions.values.filter { $0.requester == requester }.map(\.log.touchedCount)
     }
 
     private mutating func forgetChangesNoTransactionNeeds() {
@@ -262,11 +341,36 @@ struct XenStoreDatabase {
         return XenStoreError(errno: requester.may(need, ancestor.node.permissions) ? XenStoreError.noEntry : XenStoreError.accessDenied)
     }
 
+    /// A guest's new nodes must keep it within GuestQuota.nodes, and every
+    /// record they make or grow within GuestQuota.nodeBytes: the existing
+    /// ancestor gains a child name, each new node but the last holds one, the
+    /// last holds the value.
+    private static func checkQuota(creating path: String, _ value: [UInt8], below ancestor: (path: String, node: XenStoreNode),
+                                   in tree: NodeTree, by requester: Requester) throws(XenStoreError) {
+        let noSpace = XenStoreError(errno: GuestQuota.noSpace)
+        if tree.ownedNodeCount(of: UInt32(requester.domain)) + tree.missingNodeCount(creating: path) > GuestQuota.nodes {
+            throw noSpace
+        }
+        guard value.count <= GuestQuota.nodeBytes else { throw noSpace }
+        var child = path
+        while let parent = XenStorePath.parent(of: child) {
+            let entry = XenStorePath.lastComponent(of: child).utf8.count + 1
+            let parentRecord = parent == ancestor.path ? ancestor.node.recordSize : 0
+            if parentRecord + entry > GuestQuota.nodeBytes { throw noSpace }
+            if parent == ancestor.path { break }
+            child = parent
+        }
+    }
+
     /// Creates a missing node after checking write access on its nearest existing ancestor.
     private static func create(_ path: String, _ value: [UInt8], in tree: inout NodeTree, by requester: Requester,
                                generation: UInt64, log: inout AccessLog) throws(XenStoreError) {
         let ancestor = tree.nearestExistingAncestor(of: path)
         guard requester.may(.write, ancestor.node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+        if !requester.isPrivileged {
+            // Checked before anything changes: the live tree is changed in place.
+            try checkQuota(creating: path, value, below: ancestor, in: tree, by: requester)
+        }
         let owner: DomID? = requester.isPrivileged ? nil : requester.domain
         for changed in tree.create(path, value: value, owner: owner, generation: generation) {
             log.written.insert(changed)

@@ -158,6 +158,18 @@ public struct BackRing: ~Copyable {
         return try unconsumedRequests() > 0
     }
 
+    /// The final check for a consumer that needs `count` requests at once
+    /// (an rx frame waiting for enough buffers): true if they are there;
+    /// else sets req_event to the next request the frontend will publish,
+    /// so every new one notifies (Linux's xenvif_rx_ring_slots_available),
+    /// and looks once more.
+    public func finalCheckForRequests(atLeast count: UInt32) throws(RingOverflow) -> Bool {
+        if try unconsumedRequests() >= count { return true }
+        shared.store(SharedRingLayout.Offset.reqEvent, shared.load(SharedRingLayout.Offset.reqProd) &+ 1)
+        xb_mb()
+        return try unconsumedRequests() >= count
+    }
+
     /// Requests taken but not yet answered.
     public var requestsInFlight: UInt32 { requestConsumer &- responseProducerPrivate }
 }

@@ -53,34 +53,30 @@ struct Guest: ParsableCommand {
     func run() throws {
         let layout = LoopbackLayout(root: root)
         let dom0 = try XenStoreSocketClient(socketPath: layout.xenStoreSocket)
-        let toolstack = LoopbackToolstack(store: dom0)
         let d = DomID(domid)
         // Every slot's data and descriptor pages, the ring, and room to spare.
         let slots = SharedRingLayout.slots(pages: 1 << min(max(ringPageOrder, 0), 4), entrySize: Blkif.slotSize)
         let pages = slots * (max(maxIndirectSegments, Blkif.maxSegmentsPerRequest) + 1) + 1024
-        let guest = try LoopbackGuestDomain(layout: layout, domain: d, memoryPages: max(16384, pages),
-                                            grantEntries: max(8192, pages))
-        defer { guest.destroy() }
-        try toolstack.createDomain(d, name: "demo-guest\(d)")
-        try dom0.introduceDomain(d)
-        defer { try? toolstack.destroyDomain(d); try? dom0.releaseDomain(d) }
-        try toolstack.addDisk(domain: d, .init(params: disk))
+        let domain = try SimulatedDomain(layout: layout, dom0: dom0, domid: d, name: "demo-guest\(d)",
+                                         memoryPages: max(16384, pages), grantEntries: max(8192, pages))
+        defer { domain.close() }
+        try domain.addDisk(disk)
         say("toolstack: dom\(d) created, vbd 51712 (xvda) -> \(disk)")
 
         var nic: (LoopbackNetFrontend, TapDevice)?
         if let nicAddress {
-            nic = try plugNIC(guest: guest, toolstack: toolstack, layout: layout, address: nicAddress)
+            nic = try plugNIC(guest: domain.guest, toolstack: domain.toolstack, layout: layout, address: nicAddress)
         }
         defer {
             if let (netfront, tap) = nic {
                 try? netfront.disconnect()
                 tap.close()
-                try? toolstack.removeNic(domain: d, devid: 0)
+                try? domain.toolstack.removeNic(domain: d, devid: 0)
             }
         }
         if let (netfront, _) = nic, let nicPeer { try exerciseNIC(netfront, peer: nicPeer) }
 
-        let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(d)))
+        let fe = try domain.blockFrontend()
         fe.maxIndirectSegments = maxIndirectSegments
         try fe.connect(ringPageOrder: ringPageOrder)
         let i = fe.info
@@ -104,7 +100,7 @@ struct Guest: ParsableCommand {
         progressLine("")
         say("full-disk check: \(full.verified) sectors compared with the model, \(full.mismatches) mismatches")
         try fe.disconnect()
-        try toolstack.removeDisk(domain: d, devid: fe.devid)
+        try domain.removeDisk(devid: fe.devid)
         say("blkfront: Closed, vbd removed")
         if summary.mismatches > 0 || summary.errors > 0 || full.mismatches > 0 {
             throw ExitCode.failure

@@ -9,7 +9,6 @@ import LoopbackHypervisor
 import Testing
 import XenABI
 import XenBus
-import Synchronization
 import SystemSupport
 
 /// A disk image in a temp folder, removed with the folder.
@@ -104,42 +103,6 @@ final class TestBed {
     }
 }
 
-/// Another guest doing verified I/O on its own disk on a thread of its own,
-/// to show that one frontend's misbehaviour does not reach other guests.
-final class BystanderGuest: Sendable {
-    private let thread: NativeThread
-    private let state: BystanderState
-
-    init(frontend fe: LoopbackBlockFrontend) {
-        let state = BystanderState()
-        let box = UncheckedBox(fe)
-        thread = try! NativeThread(name: "bystander") {
-            let fe = box.value
-            var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 5, queueDepth: 8,
-                                     canDiscard: fe.info.discard, canFlush: fe.info.flush)
-            var total = VerifiedWorkload.Summary()
-            do {
-                while !state.stop.load(ordering: .acquiring) {
-                    let s = try w.run(on: fe, seconds: 0.2)
-                    total.reads += s.reads; total.writes += s.writes; total.errors += s.errors
-                    total.mismatches += s.mismatches; total.sectorsVerified += s.sectorsVerified
-                }
-            } catch {
-                state.failure = "\(error)"
-            }
-            state.summary = total
-        }
-        self.state = state
-    }
-
-    /// Stops the workload and returns what it saw.
-    func finish() -> (summary: VerifiedWorkload.Summary, failure: String?) {
-        state.stop.store(true, ordering: .releasing)
-        thread.join()
-        return (state.summary, state.failure)
-    }
-}
-
 /// Runs `body` while `good` does verified I/O beside it, then expects that
 /// guest to have seen no error, no mismatch, and some I/O done.
 func alongsideVerifiedGuest(_ good: LoopbackBlockFrontend, _ body: () throws -> Void) throws {
@@ -155,17 +118,6 @@ func alongsideVerifiedGuest(_ good: LoopbackBlockFrontend, _ body: () throws -> 
     #expect(summary.errors == 0)
     #expect(summary.mismatches == 0)
     #expect(summary.reads + summary.writes > 0)
-}
-
-final class BystanderState: @unchecked Sendable {   // summary/failure written by the thread before join, read after
-    let stop = Atomic<Bool>(false)
-    var summary = VerifiedWorkload.Summary()
-    var failure: String?
-}
-
-final class UncheckedBox<T>: @unchecked Sendable {   // handed to exactly one thread
-    let value: T
-    init(_ v: T) { value = v }
 }
 
 extension LoopbackBlockFrontend {

@@ -182,7 +182,7 @@ func fileMode(_ path: String) -> mode_t? {
 @Suite struct ShellcheckTests {
     @Test func scriptsAreShellcheckClean() throws {
         guard commandExists("shellcheck") else { try Test.cancel("shellcheck is not installed (apt-get install shellcheck)") }
-        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "install", "uninstall"]
+        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "install", "uninstall", "fuzz"]
             .map(scriptPath)
         let result = try runProcess(["shellcheck", "--shell=bash"] + scripts, environment: ["PATH": basePath])
         #expect(result.status == 0, "\(result.stdout)")

@@ -210,6 +210,25 @@ struct NotificationTests {
         }
     }
 
+    /// The final check of a consumer that needs several requests at once
+    /// (netback's rx, a frame waiting for enough buffers): fewer is no work,
+    /// and req_event is set to the next request published, across the wrap too.
+    @Test func finalCheckForSeveralRequestsArmsAtTheNextOne() throws {
+        for start: UInt32 in [0, UInt32.max - 1] {
+            let m = RingMemory(pages: 1)
+            m.initShared(at: start)
+            let back = SwiftBack(m)
+            let front = CFront(attaching: m, at: start)
+            front.queue(id: 1)
+            _ = front.push()
+            #expect(try back.finalCheck(atLeast: 2) == false)
+            #expect(m.header.reqEvent == start &+ 2)
+            front.queue(id: 2)
+            #expect(front.push(), "the next request notifies")
+            #expect(try back.finalCheck(atLeast: 2) == true)
+        }
+    }
+
     /// RING_FINAL_CHECK_FOR_RESPONSES. (FrontRing always starts at index 0,
     /// so unlike the request side this cannot be placed at the wrap.)
     @Test func finalCheckForResponses() {

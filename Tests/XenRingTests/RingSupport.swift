@@ -208,6 +208,7 @@ final class SwiftBack: RingBack {
     }
     func push() -> Bool { ring.pushResponses() }
     func finalCheck() throws -> Bool { try ring.finalCheckForRequests() }
+    func finalCheck(atLeast count: UInt32) throws -> Bool { try ring.finalCheckForRequests(atLeast: count) }
 }
 
 final class CBack: RingBack {

@@ -1,6 +1,6 @@
 /// The fuzzer's bytes, read front to back. Past the end every read gives
 /// zeros: the action being decoded still runs, then the program ends.
-struct FuzzBytes {
+struct BlkifProgramBytes {
     private let bytes: UnsafeRawBufferPointer
     private(set) var offset = 0
 

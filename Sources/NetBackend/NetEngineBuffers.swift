@@ -1,0 +1,101 @@
+import Glibc
+import Hypervisor
+import NetworkPlumbing
+import XenABI
+
+/// Every buffer one vif queue's engine uses, allocated once (about 8.5 MiB,
+/// mostly two batches of 64 KiB frames). Separate from the engine so a
+/// fuzzer can hand the same buffers to a fresh engine on every run; one
+/// engine at a time uses them.
+public final class NetEngineBuffers {
+    // Tx: one batch of packets per pass, each gathered into its own buffer.
+    static let txBatch = 64
+    /// Per packet: a virtio header's room, then up to 64 KiB of frame.
+    static let frameOffset = 64
+    static let packetStride = frameOffset + 65_536
+    static let txCopyCapacity = txBatch * (TxChainRules.maxSlots + 1)
+
+    // Rx: frames read from the TAP, copied into the guest's posted buffers.
+    static let rxBatch = 64
+    /// A virtio header and the largest frame a TAP with TSO hands out.
+    public static let rxBufferSize = VirtioNetHeader.size + 65_550
+    /// Rx slots one frame may take: its data pages and a GSO extra.
+    static let maxRxSlots = 1 + (65_550 + XenPage.size - 1) / XenPage.size
+
+    let txFrames: UnsafeMutableRawPointer
+    let txPackets: UnsafeMutablePointer<TxPacket>
+    let txCopies: UnsafeMutableBufferPointer<GrantCopyOperation>
+    /// rxBatch buffers, plus one for a frame held while the guest has no buffers.
+    let rxBuffers: UnsafeMutablePointer<UnsafeMutableRawPointer>
+    let rxFrames: UnsafeMutablePointer<RxFrame>
+    let rxCopies: UnsafeMutableBufferPointer<GrantCopyOperation>
+    /// Request ids taken for one pass's frames, in ring order.
+    let rxTaken: UnsafeMutablePointer<UInt16>
+    let iov: UnsafeMutablePointer<iovec>
+    /// One ring slot, copied out of shared memory before it is decoded.
+    let scratch: UnsafeMutableRawPointer
+
+    public init() {
+        var raw: UnsafeMutableRawPointer?
+        precondition(posix_memalign(&raw, XenPage.size, Self.txBatch * Self.packetStride) == 0, "out of memory for tx buffers")
+        txFrames = raw!
+        txPackets = .allocate(capacity: Self.txBatch)
+        txPackets.initialize(repeating: TxPacket(), count: Self.txBatch)
+        txCopies = .allocate(capacity: Self.txCopyCapacity)
+        rxBuffers = .allocate(capacity: Self.rxBatch + 1)
+        for i in 0...Self.rxBatch {
+            var b: UnsafeMutableRawPointer?
+            precondition(posix_memalign(&b, 64, Self.rxBufferSize) == 0, "out of memory for rx buffers")
+            rxBuffers[i] = b!
+        }
+        rxFrames = .allocate(capacity: Self.rxBatch)
+        rxFrames.initialize(repeating: RxFrame(), count: Self.rxBatch)
+        rxCopies = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
+        rxTaken = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
+        iov = .allocate(capacity: 1)
+        scratch = .allocate(byteCount: 16, alignment: 16)
+    }
+
+    deinit {
+        free(txFrames)
+        txPackets.deallocate()
+        txCopies.deallocate()
+        for i in 0...Self.rxBatch { free(rxBuffers[i]) }
+        rxBuffers.deallocate()
+        rxFrames.deallocate()
+        rxCopies.deallocate()
+        rxTaken.deallocate()
+        iov.deallocate()
+        scratch.deallocate()
+    }
+
+    /// Where packet `i` of a tx batch is gathered.
+    @inline(__always)
+    func txFrame(_ i: Int) -> UnsafeMutableRawPointer { txFrames + i * Self.packetStride + Self.frameOffset }
+}
+
+/// A tx packet between taking its chain and answering it.
+struct TxPacket {
+    static let maxIDs = 32
+    var ids = InlineArray<32, UInt16>(repeating: 0)
+    /// Request slots (the first and its fragments), extras not included.
+    var requestCount = 0
+    var extraCount = 0
+    var flags: UInt16 = 0
+    var frameLength = 0
+    var gsoType: UInt8 = 0
+    var gsoSize: UInt16 = 0
+    /// NETIF_RSP_ERROR when the chain was refused on taking.
+    var status: Int16 = NetifStatus.okay
+    var copyStart: Int32 = 0
+    var copyCount: Int32 = 0
+}
+
+/// An rx frame between taking its buffers and answering them.
+struct RxFrame {
+    var takenStart: Int32 = 0
+    var slotCount: Int32 = 0
+    var copyStart: Int32 = 0
+    var length: Int32 = 0
+    var header = VirtioNetHeader()
+}
