@@ -106,9 +106,10 @@ let package = Package(
             "BlockBackend", "BlockStorage", "EngineDoubles", "Hypervisor", "LoopbackHypervisor", "LoopbackXenStore",
             "NetBackend", "NetworkPlumbing", "SystemSupport", "XenABI", "XenBus", "XenRing", "XenStoreWire",
             .product(name: "Logging", package: "swift-log"),
+        ],
         // Optimized in debug builds too: unspecialized generics in the blkif
         // target's page stamping and checks made its 20,000-program test ten times slower.
-        ], swiftSettings: dataPlane + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
+        swiftSettings: dataPlane + [.unsafeFlags(["-O"], .when(configuration: .debug))]),
         .executableTarget(name: "xenbackd-fuzz", dependencies: ["FuzzTargets"], swiftSettings: strict),
 
         // Compiled against Xen's own headers; the ABI tests compare it with XenABI.

@@ -153,7 +153,7 @@ public final class InMemoryStorage: BlockStorage {
             let covered = p.coveredWrites - writeLogBase
             if covered > 0 {
                 for e in writeLog.prefix(covered) where !e.bytes.isEmpty {
-                    e.bytes.withUnsafeBytes { memcpy(durable + e.offset, $0.baseAddress!, $0.count) }
+                    e.bytes.withUnsafeBytes { _ = memcpy(durable + e.offset, $0.baseAddress!, $0.count) }
                 }
                 writeLog.removeFirst(covered)
                 writeLogBase += covered
