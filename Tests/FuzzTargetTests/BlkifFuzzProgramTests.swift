@@ -96,7 +96,7 @@ struct BlkifFuzzProgramTests {
 
     @Test("20,000 pseudo-random programs run clean")
     func randomPrograms() {
-        var g = SplitMix64(state: 0x626C_6B69_6600)
+        var g = FuzzProgramGenerator(seed: 0x626C_6B69_6600)
         var failures = 0
         for i in 0..<20_000 {
             let input = g.bytes(Int(g.next() % 600))
@@ -111,7 +111,7 @@ struct BlkifFuzzProgramTests {
 
     @Test("a program is deterministic")
     func deterministic() {
-        var g = SplitMix64(state: 7)
+        var g = FuzzProgramGenerator(seed: 7)
         for _ in 0..<200 {
             let input = g.bytes(300)
             #expect(Self.run(input) == Self.run(input))
