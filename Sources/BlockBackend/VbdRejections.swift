@@ -39,6 +39,7 @@ public enum VbdRejectionReason: Int, CaseIterable, Sendable, CustomStringConvert
 public struct VbdRejections: Equatable, Sendable {
     public static let count = VbdRejectionReason.allCases.count
     private var counts: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+    // One counter per VbdRejectionReason, by raw value.
     public init() {}
 
     public subscript(_ r: VbdRejectionReason) -> UInt64 {
@@ -55,8 +56,10 @@ public struct VbdRejections: Equatable, Sendable {
         return out
     }
 
+    /// Field by field: compared on every pass (`allCases` would build an array each time).
     public static func == (a: VbdRejections, b: VbdRejections) -> Bool {
-        VbdRejectionReason.allCases.allSatisfy { a[$0] == b[$0] }
+        a.counts.0 == b.counts.0 && a.counts.1 == b.counts.1 && a.counts.2 == b.counts.2 && a.counts.3 == b.counts.3
+            && a.counts.4 == b.counts.4 && a.counts.5 == b.counts.5 && a.counts.6 == b.counts.6 && a.counts.7 == b.counts.7
     }
 
     func adding(_ o: VbdRejections) -> VbdRejections {

@@ -36,7 +36,7 @@ final class StatisticsBox: @unchecked Sendable {   // every field accessed atomi
         xb_store_release_u64(counters + 5, s.bytesRead)
         xb_store_release_u64(counters + 6, s.bytesWritten)
         xb_store_release_u64(counters + 7, s.errors)
-        for r in VbdRejectionReason.allCases { xb_store_release_u64(counters + 8 + r.rawValue, s.rejected[r]) }
+        for i in 0..<VbdRejections.count { xb_store_release_u64(counters + 8 + i, s.rejected[VbdRejectionReason(rawValue: i)!]) }
     }
 
     func read() -> VbdStatistics {
@@ -49,7 +49,7 @@ final class StatisticsBox: @unchecked Sendable {   // every field accessed atomi
         s.bytesRead = xb_load_acquire_u64(counters + 5)
         s.bytesWritten = xb_load_acquire_u64(counters + 6)
         s.errors = xb_load_acquire_u64(counters + 7)
-        for r in VbdRejectionReason.allCases { s.rejected[r] = xb_load_acquire_u64(counters + 8 + r.rawValue) }
+        for i in 0..<VbdRejections.count { s.rejected[VbdRejectionReason(rawValue: i)!] = xb_load_acquire_u64(counters + 8 + i) }
         return s
     }
 }
