@@ -81,6 +81,7 @@ let package = Package(
         // plain memory, a storage that completes when told (tests, fuzzers).
         .target(name: "EngineDoubles", dependencies: [
             "Hypervisor", "XenABI", "XenRing", "BlockStorage", "NetworkPlumbing", "SystemSupport",
+            .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         // Everything of the loopback world in one process: xenstored, dom0's
         // backend and simulated guests (tests, benchmark).
@@ -134,7 +135,7 @@ let package = Package(
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
         .testTarget(name: "HotplugScriptTests", dependencies: ["LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport"], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
-            "LoopbackHost", "SystemSupport", "NBDTestSupport",
+            "LoopbackHost", "SystemSupport", "NBDTestSupport", "EngineDoubles",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),

@@ -60,21 +60,6 @@ public enum XenbusFuzzTarget: FuzzTarget {
         var findings: [String] { lock.withLock { bad } }
     }
 
-    struct CheckingLogHandler: LogHandler {
-        let check: LogCheck
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .debug
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
-                 file: String, function: String, line: UInt) {
-            check.check(message.description)
-            for (_, v) in metadata.merging(extra ?? [:], uniquingKeysWith: { $1 }) { check.check("\(v)") }
-        }
-    }
-
     final class World {
         let store = InMemoryXenStore()
         let guests: [InMemoryGuest]
@@ -95,7 +80,12 @@ public enum XenbusFuzzTarget: FuzzTarget {
             }
             platform = InMemoryPlatform(store: store, guests: guests, openPorts: [hostile: [openPort], bystander: [openPort]])
             let check = logCheck
-            let logger = Logger(label: "fuzz") { _ in CheckingLogHandler(check: check) }
+            let logger = Logger(label: "fuzz") { _ in
+                LineLogHandler(level: .debug) { message, metadata in
+                    check.check(message)
+                    for v in metadata.values { check.check(v) }
+                }
+            }
             loop = XenbusControlLoop(store: store, logger: logger)
             service = BlockBackendService(platform: platform, loop: loop, openStorage: { params, _, depth in
                 guard params.hasPrefix("mem:") else { throw StorageError("open", errno: ENOENT, path: params) }

@@ -1,4 +1,5 @@
 import BlockBackend
+import EngineDoubles
 import BlockFrontend
 import Foundation
 import Glibc
@@ -59,7 +60,7 @@ final class TestBed {
 
     /// `log`: keep the backend's log lines (info and above) there.
     init(options: BlockBackendOptions = .init(), log: CapturedLog? = nil) throws {
-        var logger = log.map { log in Logger(label: "test") { _ in CapturingLogHandler(log: log) } } ?? Logger(label: "test")
+        var logger = log.map { log in Logger(label: "test") { _ in LineLogHandler { log.append($0, $1) } } } ?? Logger(label: "test")
         logger.logLevel = log == nil ? .error : .info
         host = try LoopbackHost(logger: logger, options: options)
     }
@@ -173,17 +174,3 @@ final class CapturedLog: @unchecked Sendable {   // lines guarded by `lock`
     func append(_ message: String, _ metadata: [String: String]) { lock.withLock { stored.append((message, metadata)) } }
 }
 
-struct CapturingLogHandler: LogHandler {
-    let log: CapturedLog
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .info
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
-             file: String, function: String, line: UInt) {
-        let all = metadata.merging(extra ?? [:]) { $1 }
-        log.append(message.description, all.mapValues { "\($0)" })
-    }
-}
