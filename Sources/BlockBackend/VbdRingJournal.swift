@@ -183,12 +183,18 @@ extension VbdRingJournal {
         var replay: [(UInt32, Int32)] = []
         var reanswer: [(UInt32, Int32)] = []
         for r in 0..<recordCount {
-            let distance = consumed &- ringIndex(r)   // 1...window: taken before `consumed`
+            // How long ago the request was taken: a request can stay in flight
+            // while any number of later ones are taken and answered, so this
+            // age is not bounded by the ring; only `consumed` itself marks a
+            // record whose take was not committed (killed between the stores).
+            let age = consumed &- ringIndex(r)
             switch state(r) {
-            case .taken where distance >= 1 && distance <= window:
-                replay.append((distance, Int32(r)))
-            case .answered where distance >= 1 && distance <= window:
-                let ahead = responseIndex(r) &- published   // 0..<window: written, not published
+            case .taken where age != 0:
+                replay.append((age, Int32(r)))
+            case .answered:
+                // Answered in the last pass: written at or after rsp_prod (not
+                // published, answer again) or just before it (published).
+                let ahead = responseIndex(r) &- published
                 if ahead < window { reanswer.append((ahead, Int32(r))) } else { release(r); out.free.append(Int32(r)) }
             default:
                 // Free, or taken but not committed (the request is still on the ring).
@@ -196,7 +202,7 @@ extension VbdRingJournal {
                 out.free.append(Int32(r))
             }
         }
-        out.replay = replay.sorted { $0.0 > $1.0 }.map(\.1)        // larger distance = taken earlier
+        out.replay = replay.sorted { $0.0 > $1.0 }.map(\.1)        // older first
         out.reanswer = reanswer.sorted { $0.0 < $1.0 }.map(\.1)
         return out
     }
