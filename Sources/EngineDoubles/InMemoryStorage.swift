@@ -17,14 +17,11 @@ public final class InMemoryStorage: BlockStorage {
 
     /// A submitted operation, until the test completes it.
     public struct Pending {
-        public var tag: UInt64
-        public var kind: StorageOperationKind
-        public var offset: UInt64
-        public var length: UInt64
-        public var iovecs: UnsafeMutablePointer<iovec>?
-        public var iovecCount: Int32
+        public var operation: StorageOperation
         /// For a flush: the completed writes it covers (those logged before its submission).
         var coveredWrites: Int
+        public var kind: StorageOperationKind { operation.kind }
+        public var offset: UInt64 { operation.offset }
     }
     public private(set) var pending: [Pending] = []
     private var finished: [StorageCompletion] = []
@@ -82,9 +79,7 @@ public final class InMemoryStorage: BlockStorage {
         let room = max(0, queueDepth - pending.count - finished.count)
         let n = min(room, operations.count)
         for op in operations.prefix(n) {
-            pending.append(Pending(tag: op.tag, kind: op.kind, offset: op.offset, length: op.length,
-                                   iovecs: op.iovecs, iovecCount: op.iovecCount,
-                                   coveredWrites: writeLogBase + writeLog.count))
+            pending.append(Pending(operation: op, coveredWrites: writeLogBase + writeLog.count))
             submittedOperations += 1
         }
         if completesAtOnce { while !pending.isEmpty { complete(0) } }
@@ -104,7 +99,7 @@ public final class InMemoryStorage: BlockStorage {
     /// fails with `-errno` and has none.
     public func complete(_ index: Int, errno failure: Int32 = 0) {
         let p = pending.remove(at: index)
-        finished.append(StorageCompletion(tag: p.tag, result: failure != 0 ? -Int64(failure) : perform(p)))
+        finished.append(StorageCompletion(tag: p.operation.tag, result: failure != 0 ? -Int64(failure) : perform(p)))
     }
 
     public func completeAll() { while !pending.isEmpty { complete(0) } }
@@ -122,15 +117,16 @@ public final class InMemoryStorage: BlockStorage {
     }
 
     private func perform(_ p: Pending) -> Int64 {
+        let op = p.operation
         let size = UInt64(sizeBytes)
-        switch p.kind {
+        switch op.kind {
         case .read, .write:
-            var offset = p.offset
+            var offset = op.offset
             var moved: Int64 = 0
-            for i in 0..<Int(p.iovecCount) {
-                let v = p.iovecs![i]
+            for i in 0..<Int(op.iovecCount) {
+                let v = op.iovecs![i]
                 guard offset <= size, UInt64(v.iov_len) <= size - offset else { return -Int64(EINVAL) }
-                if p.kind == .read {
+                if op.kind == .read {
                     memcpy(v.iov_base, written + Int(offset), v.iov_len)
                 } else {
                     memcpy(written + Int(offset), v.iov_base, v.iov_len)
@@ -142,11 +138,11 @@ public final class InMemoryStorage: BlockStorage {
             }
             return moved
         case .discard:
-            guard p.offset <= size, p.length <= size - p.offset else { return -Int64(EINVAL) }
-            let zeros = [UInt8](repeating: 0, count: Int(p.length))
-            memset(written + Int(p.offset), 0, Int(p.length))
-            markDirty(Int(p.offset), Int(p.length))
-            writeLog.append((Int(p.offset), zeros))
+            guard op.offset <= size, op.length <= size - op.offset else { return -Int64(EINVAL) }
+            let zeros = [UInt8](repeating: 0, count: Int(op.length))
+            memset(written + Int(op.offset), 0, Int(op.length))
+            markDirty(Int(op.offset), Int(op.length))
+            writeLog.append((Int(op.offset), zeros))
             return 0
         case .flush:
             // What completed before the flush was submitted is now durable.
