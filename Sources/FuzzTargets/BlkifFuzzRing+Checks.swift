@@ -201,8 +201,13 @@ extension BlkifFuzzRing {
     /// The end of the program: complete everything, check that no request
     /// was dropped, stop, drain, and compare disk and guest with the model.
     func finish() {
+        // Each round completes at least one storage operation while any is
+        // in flight, so every request the ring can hold (a barrier takes two
+        // rounds: its write, then its flush) is answered within this many;
+        // a fixed 64 was too few for a 128-slot ring on a queue depth of 2.
+        let roundLimit = 64 + 3 * engine.ringSlots
         if !stopped && engine.breach == nil {
-            for _ in 0..<64 where findings.items.isEmpty {
+            for _ in 0..<roundLimit where findings.items.isEmpty {
                 if disk.pending.isEmpty {
                     step(.kicked, armIfIdle: true)
                 } else {
@@ -222,12 +227,12 @@ extension BlkifFuzzRing {
         stopped = true
         step(.stop, armIfIdle: true)
         var rounds = 0
-        while lastWait != .drained && rounds < 64 && findings.items.isEmpty {
+        while lastWait != .drained && rounds < roundLimit && findings.items.isEmpty {
             disk.completeAll()
             step(.storageReady, armIfIdle: true)
             rounds += 1
         }
-        if lastWait != .drained { report("stop drains", "wait \(lastWait), pending \(disk.pending.count)") }
+        if lastWait != .drained { report("stop drains", "wait \(lastWait) after \(rounds) rounds, pending \(disk.pending.count)") }
         guard findings.items.isEmpty else { return }
         let taken = header(SharedRingLayout.Offset.rspProd) &- startIndex
         if lawful && !lostResponse && !leftInJournal {
