@@ -7,30 +7,40 @@ import XenABI
 /// the guest's page directly (no copy). A fixed-size table, filled on first
 /// use of each reference; when full, further references use grant copies.
 struct PersistentGrants: ~Copyable {
-    private var mappings: FixedHashMap<GrantMapping>
+    /// Reference to its place in `mapped`.
+    private var places: FixedHashMap<Int32>
+    /// The mappings in the order they were made: unmapping walks these, not the table.
+    private let mapped: UnsafeMutablePointer<GrantMapping>
+    private let capacity: Int
     private var request: [GrantRef] = [0]
 
     init(capacity: Int) {
-        mappings = FixedHashMap(capacity: capacity)
+        self.capacity = capacity
+        places = FixedHashMap(capacity: capacity)
+        mapped = .allocate(capacity: max(1, capacity))
     }
 
-    var count: Int { mappings.count }
+    deinit { mapped.deallocate() }
+
+    var count: Int { places.count }
 
     /// The mapped page of `ref`, mapping it writable on first use. Nil when
     /// the reference cannot be mapped writable (the caller falls back to a
     /// grant copy, which then reports the grant's error) or the table is full.
     @inline(__always)
     mutating func page(_ ref: GrantRef, domain: DomID, grants: any GrantTableHandle) -> UnsafeMutableRawPointer? {
-        if let m = mappings[UInt64(ref)] { return m.address }
-        guard mappings.count < mappings.capacity else { return nil }
+        if let p = places[UInt64(ref)] { return mapped[Int(p)].address }
+        guard places.count < capacity else { return nil }
         request[0] = ref
         guard let m = try? grants.map(domain: domain, refs: request, writable: true) else { return nil }
-        _ = mappings.insert(UInt64(ref), m)
+        mapped[places.count] = m
+        _ = places.insert(UInt64(ref), Int32(places.count))
         return m.address
     }
 
     /// Unmaps every page (the ring disconnects).
     mutating func unmapAll(_ grants: any GrantTableHandle) {
-        mappings.removeAll { grants.unmap($0) }
+        for i in 0..<places.count { grants.unmap(mapped[i]) }
+        places.removeAll()
     }
 }

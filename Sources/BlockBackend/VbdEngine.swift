@@ -224,12 +224,12 @@ public final class VbdEngine {
         } else {
             pages = allocatePages(placeCount, what: "bounce pages")
         }
+        // A place's segment, iovec and bounced flag are written when a
+        // request takes it, before anything reads them: left uninitialised
+        // (thousands of places on a large ring with indirect areas).
         iovecs = .allocate(capacity: placeCount)
-        iovecs.initialize(repeating: iovec(), count: placeCount)
         segments = .allocate(capacity: placeCount)
-        segments.initialize(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0), count: placeCount)
         bounced = .allocate(capacity: placeCount)
-        bounced.initialize(repeating: false, count: placeCount)
         freeSlots = .allocate(capacity: slotCount)
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount

@@ -196,8 +196,7 @@ final class BlkifFuzzRing {
 
     /// Ends the run: the engine goes (its persistent mappings with it).
     func end() {
-        // Unmapping walks the whole persistent-grant table: only when something is mapped.
-        if engine?.persistentlyMappedPages ?? 0 > 0 { engine?.releaseMappings() }
+        engine?.releaseMappings()
         engine = nil
     }
 
