@@ -18,8 +18,7 @@ public struct LineLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    public func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
-                    file: String, function: String, line: UInt) {
-        sink(message.description, metadata.merging(extra ?? [:]) { $1 }.mapValues { "\($0)" })
+    public func log(event: LogEvent) {
+        sink(event.message.description, metadata.merging(event.metadata ?? [:]) { $1 }.mapValues { "\($0)" })
     }
 }
