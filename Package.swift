@@ -78,7 +78,8 @@ let package = Package(
             "XenABI", "XenRing", "Hypervisor", "LoopbackHypervisor", "XenBus", "CXenBackSupport", "SystemSupport",
         ], swiftSettings: dataPlane),
         // Test doubles for the thread-free engines: guest memory and grants in
-        // plain memory, a storage that completes when told (tests, fuzzers).
+        // plain memory, a storage that completes when told, vif interfaces over
+        // socket pairs (tests, fuzzers).
         .target(name: "EngineDoubles", dependencies: [
             "Hypervisor", "XenABI", "XenRing", "BlockStorage", "NetworkPlumbing", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
@@ -146,7 +147,7 @@ let package = Package(
         ], swiftSettings: strict),
         // The fuzz programs run on fixed inputs, without the fuzzer.
         .testTarget(name: "FuzzTargetTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
-        // The vif queue engine stepped alone over an in-memory guest and TAP, and the netif fuzz program.
+        // The vif queue engine stepped alone over an in-memory guest and TAP, the netif fuzz program, InMemoryInterfaces.
         .testTarget(name: "NetEngineTests", dependencies: [
             "NetBackend", "EngineDoubles", "FuzzTargets", "NetworkPlumbing", "XenRing", "XenABI", "Hypervisor",
         ], swiftSettings: strict),

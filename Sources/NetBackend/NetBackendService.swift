@@ -1,6 +1,7 @@
 import Glibc
 import Hypervisor
 import Logging
+import NetworkPlumbing
 import XenBus
 
 /// Tunables of the net backend.
@@ -10,9 +11,13 @@ public struct NetBackendOptions: Sendable {
     /// `multi-queue-max-queues`: ring pairs (and threads) a vif may use.
     /// As netback: one per CPU, here at most 8.
     public var maxQueues: Int
-    public init(rxStallMilliseconds: Int = 1000, maxQueues: Int = NetBackendOptions.onlineCPUs) {
+    /// Where vifs' interfaces come from: real TAPs, or a double in tests.
+    public var interfaces: any VifInterfaceFactory
+    public init(rxStallMilliseconds: Int = 1000, maxQueues: Int = NetBackendOptions.onlineCPUs,
+                interfaces: any VifInterfaceFactory = TapInterfaceFactory()) {
         self.rxStallMilliseconds = rxStallMilliseconds
         self.maxQueues = min(max(maxQueues, 1), 8)
+        self.interfaces = interfaces
     }
     public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
 }

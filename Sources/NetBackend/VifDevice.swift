@@ -41,7 +41,7 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     private var mtu: Int?
     private var rate: (bytes: UInt64, microseconds: UInt64)?
     private var hasScript = false
-    private var tap: TapDevice?
+    private var tap: (any VifInterface)?
     /// One per queue the frontend connected (queue i serves TAP queue i).
     private var dataPlanes: [NetDataPlane] = []
     /// TAP queues the kernel steers frames to (the rest are detached).
@@ -154,25 +154,25 @@ final class VifDevice: BackendDevice, @unchecked Sendable {   // confined to the
     /// a restarted daemon whose script ran for the old interface) it also
     /// joins the bridge and comes up, as vif-bridge would.
     private func createInterface(plumb: Bool) throws {
-        let t: TapDevice
+        let t: any VifInterface
         do {
-            t = try TapDevice.create(name: interfaceName, queues: options.maxQueues, vnetHeader: true)
+            t = try options.interfaces.create(name: interfaceName, queues: options.maxQueues)
         } catch {
             throw DeviceFailure("cannot create \(shownName): \(shown(error))")
         }
         tap = t
         attachedQueues = options.maxQueues
         do {
-            try NetworkInterface.setMAC(Self.backendMAC, name: interfaceName)
-            if let mtu { try NetworkInterface.setMTU(mtu, name: interfaceName) }
+            try t.setMAC(Self.backendMAC)
+            if let mtu { try t.setMTU(mtu) }
             try t.setCarrier(false)
         } catch {
             throw DeviceFailure("cannot configure \(shownName): \(shown(error))")
         }
         guard plumb else { return }
         do {
-            if let bridge { try NetworkInterface.addToBridge(interface: interfaceName, bridge: bridge) }
-            try NetworkInterface.setUp(true, name: interfaceName)
+            if let bridge { try t.addToBridge(bridge) }
+            try t.setUp(true)
         } catch {
             let why = "cannot put \(shownName) on bridge \(GuestText.escaped(bridge ?? "-")): \(shown(error))"
             try? store.write(backendPath + "/hotplug-error", why)

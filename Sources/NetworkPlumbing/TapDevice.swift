@@ -181,6 +181,14 @@ public struct TapQueue: Sendable {
     /// 12 (frames start with a `VirtioNetHeader`) or 0.
     public let vnetHeaderSize: Int
 
+    /// A queue over `fileDescriptor` (non-blocking, one frame per read or
+    /// write; a test double may use a SOCK_SEQPACKET socket). Not owned:
+    /// whoever opened it closes it.
+    public init(fileDescriptor: Int32, vnetHeaderSize: Int) {
+        self.fileDescriptor = fileDescriptor
+        self.vnetHeaderSize = vnetHeaderSize
+    }
+
     /// Writes one frame gathered from `vectors` (writev: a virtio header and
     /// the fragments, no copy). Returns the bytes written (the whole frame:
     /// TAP writes are atomic), or nil if the queue would block (EAGAIN).
