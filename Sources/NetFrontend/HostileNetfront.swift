@@ -36,7 +36,7 @@ public final class HostileNetfront {
         public var rounds = 0, frames = 0, wellFormed = 0, refusable = 0, kernelDecides = 0, slots = 0
         public var okay = 0, error = 0, dropped = 0, null = 0
         public var rxPosted = 0, rxData = 0, rxErrors = 0, bystanderFramesSeen = 0
-        public var breaches = 0, closes = 0, reconnects = 0, refusedReconnects = 0, recreated = 0
+        public var breaches = 0, closes = 0, spuriousStates = 0, reconnects = 0, refusedReconnects = 0, recreated = 0
         public var unansweredAtClose = 0
     }
 
@@ -102,7 +102,7 @@ public final class HostileNetfront {
         memset(guest.page(foreign.frame), Self.foreignFill, XenPage.size)
         memset(guest.page(revokedFrame), Self.revokedFill, XenPage.size)
         for f in filler { for i in 0..<XenPage.size { guest.page(f.frame).storeBytes(of: UInt8(truncatingIfNeeded: i &* 7), toByteOffset: i, as: UInt8.self) } }
-        headSums = Array(repeating: 0, count: heads.count)
+        headSums = Array(repeating: 0, count: heads.count + filler.count)
         neverGranted = Array(1...7) + [GrantRef(guest.grantCount), GrantRef.max]
     }
 
@@ -138,6 +138,7 @@ public final class HostileNetfront {
         case 12..<15: try breachRound(.malformedFlood)
         case 15..<18: try rxBreachRound()
         case 18..<24: try closeRound()
+        case 24..<28: try spuriousStateRound()
         default: try mixedRound()
         }
     }
@@ -237,6 +238,24 @@ public final class HostileNetfront {
         try reconnect(afterBreach: false)
     }
 
+    /// A state written out of turn while Connected, then traffic as usual:
+    /// the backend may ignore it (as netback does Initialising while
+    /// Connected) or close the device; if it closes, we start over.
+    private func spuriousStateRound() throws {
+        counters.spuriousStates += 1
+        let states: [XenbusState] = [.initialising, .initWait, .initialised, .connected, .unknown]
+        try fe.store.writeState(fe.frontendPath, states[rng.below(states.count)])
+        var ledger = HostileTxLedger()
+        try placeChains(&ledger, count: 1 + rng.below(8), closingWithGoodFrame: true)
+        let ended = collect(&ledger, until: MonotonicClock.seconds() + options.responseTimeout, stopWhenClosed: true)
+        finish(ledger, ringEnded: ended)
+        if ended {
+            try reconnect(afterBreach: false)
+        } else {
+            try fe.store.writeState(fe.frontendPath, .connected)
+        }
+    }
+
     // MARK: rx
 
     private func postRx() throws {
@@ -321,7 +340,7 @@ public final class HostileNetfront {
 
     /// Remembers what the head pages hold (the backend may only read them).
     private func sealHeads() {
-        for (i, h) in heads.enumerated() { headSums[i] = fnv(bytes(h)) }
+        for (i, h) in (heads + filler).enumerated() { headSums[i] = fnv(bytes(h)) }
     }
 
     /// One chain on head page `h`: its slots, request ids, extra slots, expectation, name.
@@ -529,8 +548,8 @@ public final class HostileNetfront {
                 memset(b, fill, XenPage.size)
             }
         }
-        for (i, h) in heads.enumerated() where fnv(bytes(h)) != headSums[i] {
-            fail("tx head page \(i), granted read-only, changed under the backend")
+        for (i, h) in (heads + filler).enumerated() where fnv(bytes(h)) != headSums[i] {
+            fail("tx page \(i), granted read-only, changed under the backend")
         }
     }
 

@@ -110,7 +110,7 @@ final class NetSide {
         return "\(c.rounds) rounds, \(c.frames) frames (\(c.wellFormed) well-formed, \(c.refusable) to refuse, "
             + "\(c.kernelDecides) offloads), \(c.slots) slots: \(c.okay) OKAY, \(c.error) ERROR, \(c.dropped) DROPPED, \(c.null) NULL; "
             + "rx \(c.rxPosted) posted, \(c.rxData) filled, \(c.rxErrors) ERROR, \(c.bystanderFramesSeen) bystander frames seen; "
-            + "\(c.breaches) breaches, \(c.closes) closes, \(c.reconnects) reconnects, \(c.refusedReconnects) refused "
+            + "\(c.breaches) breaches, \(c.closes) closes, \(c.spuriousStates) out-of-turn states, \(c.reconnects) reconnects, \(c.refusedReconnects) refused "
             + "(\(c.recreated) re-created), \(c.unansweredAtClose) unanswered at close; bystander: " + Self.line(bystander.progress.summary)
     }
 
