@@ -47,8 +47,11 @@ public final class HostileNetfront {
         public var description: String { "net round \(round) (round seed 0x\(String(roundSeed, radix: 16))): \(message)" }
     }
 
-    public let fe: LoopbackNetFrontend
+    /// The frontend of the current connection (made anew at each connect).
+    public private(set) var fe: LoopbackNetFrontend
     public let options: Options
+    /// Makes a frontend with the options a connection drew (no TAP, rx buffers not posted by it).
+    private let makeFrontend: (NetFrontendOptions) throws -> LoopbackNetFrontend
     public private(set) var counters = Counters()
     public private(set) var failures: [Failure] = []
     private let recreateDevice: () throws -> Void
@@ -76,10 +79,15 @@ public final class HostileNetfront {
     private static let maxChains = 24
     private static let readOnlyFill: Int32 = 0x5A, foreignFill: Int32 = 0xA5, revokedFill: Int32 = 0x3C
 
-    /// `fe`: made without a TAP and with `postRxBuffers` off (this class
-    /// owns its rings). `mac`: the guest's own, the source of its frames.
-    public init(frontend: LoopbackNetFrontend, mac: [UInt8], options: Options, recreateDevice: @escaping () throws -> Void) throws {
-        precondition(frontend.tap == nil && !frontend.options.postRxBuffers && mac.count == 6)
+    /// `makeFrontend`: a frontend without a TAP and with `postRxBuffers`
+    /// off (this class owns its rings), on the hostile guest, with the
+    /// options given. `mac`: the guest's own, the source of its frames.
+    public init(makeFrontend: @escaping (NetFrontendOptions) throws -> LoopbackNetFrontend, mac: [UInt8], options: Options,
+                recreateDevice: @escaping () throws -> Void) throws {
+        precondition(mac.count == 6)
+        self.makeFrontend = makeFrontend
+        let frontend = try makeFrontend(NetFrontendOptions(postRxBuffers: false))
+        precondition(frontend.tap == nil && !frontend.options.postRxBuffers)
         fe = frontend
         self.mac = mac
         self.options = options
@@ -115,7 +123,11 @@ public final class HostileNetfront {
     /// The first connection (the toolstack has added the NIC).
     public func connect() throws { try connectRing() }
 
+    /// Each connection draws its split event channels, scatter-gather and
+    /// GSO offers anew (the backend's paths for each).
     private func connectRing() throws {
+        fe = try makeFrontend(NetFrontendOptions(splitEventChannels: rng.below(2) == 0, scatterGather: rng.below(4) != 0,
+                                                 gso: rng.below(2) == 0, postRxBuffers: false))
         try fe.connect(timeout: 10)
         revokedRef = try fe.guest.grantAccess(frame: revokedFrame, to: 0, readOnly: false)
         fe.guest.endAccess(revokedRef)

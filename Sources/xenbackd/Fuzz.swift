@@ -113,7 +113,7 @@ struct Fuzz: ParsableCommand {
         if let netDomain {
             netSide = try NetSide(fuzz: self, seed: seed, hostileDomain: netDomain, bystanderDomain: bystanderDomain, daemon: daemon)
             say("fuzz: net: hostile vif \(netDomid).0, bystander vifs \(bystanderDomid).0 and \(bystanderDomid).1 on \(bridge), "
-                + "tx ring \(netSide!.hostile.fe.txRingSlots) slots")
+                + "split event channels: \(netSide!.hostile.fe.negotiated.splitEventChannels)")
         }
         defer { netSide?.abandon() }
 

@@ -28,7 +28,7 @@ final class NetSide {
         var ends: [LoopbackNetFrontend] = []
         for devid: UInt32 in [0, 1] {
             try bystanderDomain.addNic(devid: devid, mac: Self.text(Self.mac(bystanderDomid, devid)), bridge: fuzz.bridge)
-            let fe = try bystanderDomain.netFrontend(devid: devid, postRxBuffers: true)
+            let fe = try bystanderDomain.netFrontend(devid: devid, options: .init())
             try fe.connect(timeout: 10)
             ends.append(fe)
         }
@@ -42,7 +42,7 @@ final class NetSide {
         options.expectReconnect = fuzz.expectReconnect
         options.reconnectTimeout = fuzz.reconnectTimeout
         let name = "vif-\(domid)-0"
-        hostile = try HostileNetfront(frontend: try hostileDomain.netFrontend(devid: 0, postRxBuffers: false), mac: hostileMAC,
+        hostile = try HostileNetfront(makeFrontend: { try hostileDomain.netFrontend(devid: 0, options: $0) }, mac: hostileMAC,
                                       options: options) {
             // The backend will not offer the vif again: the toolstack makes it anew.
             try hostileDomain.removeNic(devid: 0)

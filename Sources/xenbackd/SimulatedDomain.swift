@@ -62,10 +62,10 @@ final class SimulatedDomain {
     }
 
     /// A netfront without a TAP (its rings driven by hand) on the domain's
-    /// own xenstore connection; `postRxBuffers` off: the caller posts.
-    func netFrontend(devid: UInt32, postRxBuffers: Bool) throws -> LoopbackNetFrontend {
+    /// own xenstore connection.
+    func netFrontend(devid: UInt32, options: NetFrontendOptions) throws -> LoopbackNetFrontend {
         LoopbackNetFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(domid)),
-                            devid: devid, tap: nil, options: .init(postRxBuffers: postRxBuffers))
+                            devid: devid, tap: nil, options: options)
     }
 
     func close() {
