@@ -251,17 +251,20 @@ public final class HostileNetfront {
     }
 
     /// A state written out of turn while Connected, then traffic as usual:
-    /// the backend may ignore it (as netback does Initialising while
-    /// Connected) or close the device; if it closes, we start over.
+    /// the backend ignores Initialising, InitWait, Initialised and
+    /// Connected then (as netback does); Unknown counts as Closed there,
+    /// so it may close the device at any moment after (or, reading the
+    /// node once we wrote Connected back, never): we start over after it.
     private func spuriousStateRound() throws {
         counters.spuriousStates += 1
         let states: [XenbusState] = [.initialising, .initWait, .initialised, .connected, .unknown]
-        try fe.store.writeState(fe.frontendPath, states[rng.below(states.count)])
+        let state = states[rng.below(states.count)]
+        try fe.store.writeState(fe.frontendPath, state)
         var ledger = HostileTxLedger()
         try placeChains(&ledger, count: 1 + rng.below(8), closingWithGoodFrame: true)
         let ended = collect(&ledger, until: MonotonicClock.seconds() + options.responseTimeout, stopWhenClosed: true)
-        finish(ledger, ringEnded: ended)
-        if ended {
+        finish(ledger, ringEnded: ended || state == .unknown)
+        if ended || state == .unknown {
             try reconnect(afterBreach: false)
         } else {
             try fe.store.writeState(fe.frontendPath, .connected)
