@@ -191,7 +191,8 @@ public final class HostileNetfront {
             let prod = fe.txRequestProducer
             try fe.publishRawTxRequestProducer(prod &+ UInt32(fe.txRingSlots) &+ 1 &+ UInt32(rng.below(1 << 30)))
         case .endlessChain:
-            let n = 1 + rng.below(min(8, fe.txRingFree))
+            let n = 1 + rng.below(8)
+            guard makeRoom(n, &ledger) else { return try noRoom(ledger) }
             let ids = (0..<n).map { _ in takeID() }
             let slots: [TxSlot] = ids.map { .request(NetifTxRequest(gref: heads[0].ref, offset: 0, flags: NetifTxFlags.moreData, id: $0, size: 100)) }
             ledger.place("a chain of \(n) slots without an end", ids: ids, extras: 0, expect: .refused)
@@ -199,6 +200,7 @@ public final class HostileNetfront {
             try fe.kick()
         case .tooManySlots:
             let n = 33 + rng.below(8)
+            guard makeRoom(n, &ledger) else { return try noRoom(ledger) }
             let (slots, ids) = sgChain(head: heads[heads.count - 1], slots: n, fragment: 64)
             sealHeads()
             ledger.place("a chain of \(n) slots", ids: ids, extras: 0, expect: .refused)
@@ -206,6 +208,7 @@ public final class HostileNetfront {
             try fe.kick()
         case .malformedFlood:
             let n = TxChainLimit.malformedInARow + rng.below(16)
+            guard makeRoom(n, &ledger) else { return try noRoom(ledger) }
             var slots: [TxSlot] = []
             for _ in 0..<n {
                 let id = takeID()
@@ -225,6 +228,20 @@ public final class HostileNetfront {
             fail("the backend closed the device after a ring breach (\(kind)) but wrote no error node")
         }
         try reconnect(afterBreach: true)
+    }
+
+    /// Room for `n` more tx slots, after waiting for the answers in flight if need be.
+    private func makeRoom(_ n: Int, _ ledger: inout HostileTxLedger) -> Bool {
+        if fe.txRingFree < n {
+            _ = collect(&ledger, until: MonotonicClock.seconds() + options.responseTimeout, stopWhenClosed: true)
+        }
+        return fe.txRingFree >= n
+    }
+
+    /// A ring too full for the breach (its answers overdue, a failure already): start over instead.
+    private func noRoom(_ ledger: HostileTxLedger) throws {
+        finish(ledger, ringEnded: true)
+        try reconnect(afterBreach: false)
     }
 
     /// rx req_prod far ahead: the backend sees it only when it has a frame
