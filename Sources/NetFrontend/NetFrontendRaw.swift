@@ -42,6 +42,88 @@ extension LoopbackNetFrontend {
         publishStatistics(q)
     }
 
+    /// Free slots in queue 0's tx and rx rings (0 when not connected).
+    public var txRingFree: Int { queues.first.map { Int($0.tx.freeRequests) } ?? 0 }
+    public var rxRingFree: Int { queues.first.map { Int($0.rx.freeRequests) } ?? 0 }
+
+    /// Queue 0's tx and rx req_prod_pvt (what a breach moves away from).
+    public var txRequestProducer: UInt32 { queues.first?.tx.requestProducerPrivate ?? 0 }
+    public var rxRequestProducer: UInt32 { queues.first?.rx.requestProducerPrivate ?? 0 }
+
+    /// Like `pushTxSlots`, but publishing without any notification when
+    /// `notify` is false (a frontend that forgets to kick; `kick` later).
+    public func pushTxSlots(_ slots: [TxSlot], notify: Bool) {
+        guard !notify else { return pushTxSlots(slots) }
+        let q: NetFrontendQueue
+        do { q = try rawQueue() } catch { preconditionFailure("pushTxSlots: \(error)") }
+        precondition(UInt32(slots.count) <= q.tx.freeRequests, "pushTxSlots: no room")
+        for slot in slots {
+            switch slot {
+            case .request(let r): q.putTxRequest(r, pooled: false)
+            case .extra(let e): q.putTxExtra(e)
+            }
+        }
+        _ = q.tx.pushRequests()
+    }
+
+    /// Writes raw rx requests (any id, any grant) after whatever is posted,
+    /// and publishes them; notifies when asked and the backend wants it.
+    /// Only for a frontend made with `postRxBuffers` off, whose rx ring the
+    /// caller owns: the queue's own buffers are never posted then.
+    public func pushRxRequests(_ requests: [NetifRxRequest], notify: Bool = true) throws {
+        let q = try rawQueue()
+        guard !options.postRxBuffers else { throw NetFrontendError.noRoom("raw rx requests with postRxBuffers on") }
+        guard UInt32(requests.count) <= q.rx.freeRequests else {
+            throw NetFrontendError.noRoom("\(requests.count) rx requests, \(q.rx.freeRequests) ring slots free")
+        }
+        for r in requests {
+            r.encode(to: q.rx.nextRequestSlot())
+            q.rx.commitRequest()
+        }
+        if q.rx.pushRequests() && notify { q.notify(q.rxPort) }
+    }
+
+    /// The rx responses published now (never more than requests outstanding),
+    /// each slot's 8 bytes raw: the caller tells data from extra-info slots.
+    public func takeRawRxResponses() throws -> [InlineArray<8, UInt8>] {
+        let q = try rawQueue()
+        let n = min(q.rx.unconsumedResponses(), q.rx.requestProducerPrivate &- q.rx.responseConsumer)
+        var out: [InlineArray<8, UInt8>] = []
+        let slot = UnsafeMutableRawPointer.allocate(byteCount: q.rx.entrySize, alignment: 8)
+        defer { slot.deallocate() }
+        for _ in 0..<n {
+            q.rx.takeResponse(into: slot)
+            out.append(InlineArray { i in slot.load(fromByteOffset: i, as: UInt8.self) })
+        }
+        _ = q.rx.finalCheckForResponses()
+        return out
+    }
+
+    /// Notifies the backend on queue 0's port(s).
+    public func kick() throws {
+        let q = try rawQueue()
+        q.notify(q.txPort)
+        if q.rxPort != q.txPort { q.notify(q.rxPort) }
+    }
+
+    /// Publishes any rx req_prod (a broken frontend) and notifies.
+    public func publishRawRxRequestProducer(_ value: UInt32) throws {
+        let q = try rawQueue()
+        q.rx.publishRawRequestProducer(value)
+        q.notify(q.rxPort)
+    }
+
+    /// Sleeps until an event arrives on queue 0's port(s), or `timeout`
+    /// passes (arming tx rsp_event first); false if nothing came.
+    public func waitForEvents(timeout: Double) throws -> Bool {
+        let q = try rawQueue()
+        if q.tx.finalCheckForResponses() || q.rx.finalCheckForResponses() { return true }
+        var pfd = pollfd(fd: q.events.fileDescriptor, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&pfd, 1, Int32(max(timeout, 0) * 1000)) > 0
+        q.drainEvents()
+        return ready
+    }
+
     /// Publishes any tx req_prod (a broken frontend) and notifies.
     public func publishRawTxRequestProducer(_ value: UInt32) throws {
         let q = try rawQueue()

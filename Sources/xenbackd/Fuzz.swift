@@ -4,6 +4,7 @@ import Foundation
 import Glibc
 import Hypervisor
 import LoopbackHypervisor
+import NetFrontend
 import SystemSupport
 import XenStoreClient
 
@@ -43,6 +44,14 @@ struct Fuzz: ParsableCommand {
     var reconnectTimeout = 1.0
     @Option(help: "Seconds between progress lines.")
     var progressSeconds = 5.0
+    @Flag(help: "Add the net side: a hostile netfront (a vif of the hostile guest) and a bystander with two vifs passing verified frames, all on --bridge. The daemon must run in a network namespace of its own that has that bridge (scripts/fuzz-live --net makes one).")
+    var net = false
+    @Option(help: "The hostile netfront's domain id (with --net): a guest of its own, so that the hostile blkfront's grants never reuse a reference it revoked.")
+    var netDomid: UInt16 = 9
+    @Option(help: "The bridge, in the daemon's network namespace, the NICs join (with --net).")
+    var bridge = "xenbr0"
+    @Option(help: "Bystander frames that may be lost, in percent of those sent (with --net; a corrupted frame is always a failure).")
+    var maxLossPercent = 2.0
 
     static let devid: UInt32 = 51712
 
@@ -51,11 +60,16 @@ struct Fuzz: ParsableCommand {
             throw ValidationError("--domid and --bystander-domid must be two different guest domains")
         }
         guard diskMegabytes >= 1, seconds >= 0, rounds > 0 else { throw ValidationError("sizes and counts must be positive") }
+        guard !net || (netDomid > 0 && netDomid != domid && netDomid != bystanderDomid) else {
+            throw ValidationError("--net-domid must be a guest domain of its own")
+        }
+        guard netDomid < 256, bystanderDomid < 256 else { throw ValidationError("domain ids above 255 do not fit the NICs' MACs") }
     }
 
     func run() throws {
         let seed = self.seed ?? UInt64(MonotonicClock.nanoseconds()) ^ UInt64(getpid())
-        say("fuzz: seed \(seed) (reproduce: xenbackd fuzz --seed \(seed) ...), hostile dom\(domid), bystander dom\(bystanderDomid)")
+        say("fuzz: seed \(seed) (reproduce: xenbackd fuzz --seed \(seed) ...), hostile dom\(domid), bystander dom\(bystanderDomid)"
+            + (net ? ", hostile netfront dom\(netDomid)" : ""))
         let images = try DiskImages(given: [disk, bystanderDisk], megabytes: diskMegabytes)
         defer { images.remove() }
         let layout = LoopbackLayout(root: root)
@@ -93,6 +107,16 @@ struct Fuzz: ParsableCommand {
             + "flush=\(hostile.fe.info.flush) barrier=\(hostile.fe.info.barrier) discard=\(hostile.fe.info.discard); "
             + "bystander verifying \(quiet.info.sectors) sectors")
 
+        var netSide: NetSide?
+        let netDomain = net ? try SimulatedDomain(layout: layout, dom0: dom0, domid: netDomid, name: "fuzz-hostile-net") : nil
+        defer { netDomain?.close() }
+        if let netDomain {
+            netSide = try NetSide(fuzz: self, seed: seed, hostileDomain: netDomain, bystanderDomain: bystanderDomain, daemon: daemon)
+            say("fuzz: net: hostile vif \(netDomid).0, bystander vifs \(bystanderDomid).0 and \(bystanderDomid).1 on \(bridge), "
+                + "split event channels: \(netSide!.hostile.fe.negotiated.splitEventChannels)")
+        }
+        defer { netSide?.abandon() }
+
         let daemonPID = try DaemonFootprint.daemonPID(socket: controlSocket)
         let baseline = DaemonFootprint(pid: daemonPID)
         say("fuzz: daemon (pid \(daemonPID)) holds \(baseline.map(\.description) ?? "?") with both guests connected")
@@ -105,18 +129,29 @@ struct Fuzz: ParsableCommand {
                 fatal = "round \(hostile.counters.rounds): the hostile guest could not go on: \(error)"
                 break
             }
+            if let n = netSide {
+                do { try n.hostile.playRound() } catch {
+                    fatal = "net round \(n.hostile.counters.rounds): the hostile netfront could not go on: \(error)"
+                    break
+                }
+            }
             if let f = watch.check(round: hostile.counters.rounds, seed: seed) {
                 fatal = f
                 break
             }
-            if hostile.failures.count + watch.failures.count > 200 { break }
+            if let f = netSide?.check(round: hostile.counters.rounds, seed: seed) {
+                fatal = f
+                break
+            }
+            if hostile.failures.count + watch.failures.count + (netSide?.failureCount ?? 0) > 200 { break }
             let now = MonotonicClock.seconds()
             if now >= nextProgress {
                 nextProgress = now + progressSeconds
                 say("fuzz \(fixed(now - start, 0))/\(fixed(seconds, 0)) s: " + report(hostile.counters, now - start)
                     + "; bystander: " + bystanderLine(bystander.progress.summary)
                     + "; daemon: " + (DaemonFootprint(pid: daemonPID)?.description ?? "?")
-                    + "; \(hostile.failures.count + watch.failures.count) failures")
+                    + "; \(hostile.failures.count + watch.failures.count + (netSide?.failureCount ?? 0)) failures")
+                if let n = netSide { say("fuzz \(fixed(now - start, 0))/\(fixed(seconds, 0)) s: net: " + n.report()) }
             }
         }
         let elapsed = MonotonicClock.seconds() - start
@@ -152,19 +187,25 @@ struct Fuzz: ParsableCommand {
             bystanderJoined = true   // stuck in a wait that will not end: left to the exit
         }
         if fatal == nil { hostile.close() }
+        var netFailures: [String] = []
+        if let n = netSide {
+            netFailures = n.finish(maxLossPercent: maxLossPercent, closeHostile: fatal == nil)
+        }
         if let devices = try? daemon.devices() {
-            for d in devices where d.device == hostileName || d.device == "vbd-\(bystanderDomid)-\(Self.devid)" {
+            let names = [hostileName, "vbd-\(bystanderDomid)-\(Self.devid)"] + (net ? ["vif-\(netDomid)-0", "vif-\(bystanderDomid)-0", "vif-\(bystanderDomid)-1"] : [])
+            for d in devices where names.contains(d.device) {
                 say("fuzz: daemon's view of \(d.device): \(d.state), \(d.requests) requests, \(d.errors) errors"
                     + (d.rejected.map { ", refused: " + $0.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ") } ?? ""))
             }
         }
 
-        var all = hostile.failures.map(\.description) + watch.failures + endFailures
+        var all = hostile.failures.map(\.description) + watch.failures + endFailures + netFailures
         if let fatal { all.append(fatal) }
         for f in all.prefix(8) { say("FAILURE: \(f)") }
         if all.count > 8 { say("... and \(all.count - 8) more failures") }
         say("fuzz: seed \(seed), \(fixed(elapsed)) s: " + report(hostile.counters, elapsed)
             + "; hostile disk: \(hostile.counters.sectorsVerified) sectors verified, \(hostile.knownSectors) known at the end"
+            + (netSide.map { "; net: " + $0.report() } ?? "")
             + "; \(all.count) failures: " + (all.isEmpty ? "PASS" : "FAIL (reproduce: --seed \(seed))"))
         if !all.isEmpty {
             if watch.bystanderStalled { Glibc.exit(1) }   // the bystander's thread cannot be joined

@@ -1,6 +1,7 @@
 import BlockFrontend
 import Hypervisor
 import LoopbackHypervisor
+import NetFrontend
 import XenStoreClient
 
 /// A guest domain on the loopback hypervisor as `xenbackd guest` and
@@ -13,6 +14,7 @@ final class SimulatedDomain {
     let layout: LoopbackLayout
     private let dom0: XenStoreSocketClient
     private var disks: Set<UInt32> = []
+    private var nics: Set<UInt32> = []
 
     init(layout: LoopbackLayout, dom0: XenStoreSocketClient, domid: DomID, name: String,
          memoryPages: Int = 16384, grantEntries: Int = 8192) throws {
@@ -48,7 +50,27 @@ final class SimulatedDomain {
                               devid: devid)
     }
 
+    /// A vif as libxl adds it, on `bridge` in the daemon's network namespace.
+    func addNic(devid: UInt32, mac: String, bridge: String) throws {
+        try toolstack.addNic(domain: domid, .init(devid: devid, mac: mac, bridge: bridge))
+        nics.insert(devid)
+    }
+
+    func removeNic(devid: UInt32) throws {
+        nics.remove(devid)
+        try toolstack.removeNic(domain: domid, devid: devid)
+    }
+
+    /// A netfront without a TAP (its rings driven by hand) on the domain's
+    /// own xenstore connection.
+    func netFrontend(devid: UInt32, options: NetFrontendOptions) throws -> LoopbackNetFrontend {
+        LoopbackNetFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(domid)),
+                            devid: devid, tap: nil, options: options)
+    }
+
     func close() {
+        for n in nics { try? toolstack.removeNic(domain: domid, devid: n) }
+        nics.removeAll()
         for d in disks { try? toolstack.removeDisk(domain: domid, devid: d) }
         disks.removeAll()
         try? toolstack.destroyDomain(domid)

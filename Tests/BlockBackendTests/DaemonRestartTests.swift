@@ -21,8 +21,11 @@ struct DaemonRestartTests {
         var xenstored: Process?
         var daemon: Process?
         let disk: TempDisk
+        /// Runs the daemon in this network namespace (its vif TAPs go there).
+        let networkNamespace: String?
 
-        init() throws {
+        init(networkNamespace: String? = nil) throws {
+            self.networkNamespace = networkNamespace
             var template = Array("/dev/shm/xenbackd-restart-XXXXXX".utf8CString)
             root = String(cString: mkdtemp(&template)!)
             layout = LoopbackLayout(root: root)
@@ -56,7 +59,18 @@ struct DaemonRestartTests {
         var controlSocket: String { root + "/control.sock" }
 
         func startDaemon(_ extraArguments: [String] = []) throws -> Process {
-            try start(["run", "--platform", "loopback", "--root", root, "--control-socket", controlSocket,
+            if let ns = networkNamespace {
+                // `ip netns exec` execs the daemon: the process is the daemon itself.
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+                p.arguments = ["netns", "exec", ns, binary, "run", "--platform", "loopback", "--root", root,
+                               "--control-socket", controlSocket, "--log-level", "warning"] + extraArguments
+                p.standardOutput = FileHandle.nullDevice
+                p.standardError = FileHandle.nullDevice
+                try p.run()
+                return p
+            }
+            return try start(["run", "--platform", "loopback", "--root", root, "--control-socket", controlSocket,
                        "--log-level", "warning"] + extraArguments)
         }
 
