@@ -85,20 +85,6 @@ struct FixedHashMap<Value: BitwiseCopyable>: ~Copyable {
         return removed
     }
 
-    /// Calls `body` with every value, then empties the map. Stops looking
-    /// once every entry was found: a table is mostly empty.
-    mutating func removeAll(_ body: (Value) -> Void) {
-        var i = 0
-        while count > 0 {
-            if used[i] {
-                body(values[i])
-                used[i] = false
-                count -= 1
-            }
-            i += 1
-        }
-    }
-
     /// Empties the map.
     mutating func removeAll() {
         used.update(repeating: false, count: mask + 1)
