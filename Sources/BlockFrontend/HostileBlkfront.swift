@@ -102,10 +102,7 @@ public final class HostileBlkfront {
 
     /// The seed of round `r` of a run with `seed`.
     public static func roundSeed(_ seed: UInt64, _ r: Int) -> UInt64 {
-        var z = seed &+ UInt64(r) &* 0x9E37_79B9_7F4A_7C15   // splitmix64
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
+        SplitMix64.mix(seed &+ UInt64(r) &* SplitMix64.increment)
     }
 
     // MARK: rounds

@@ -56,7 +56,7 @@ public final class HostileNetfront {
     public private(set) var failures: [Failure] = []
     private let recreateDevice: () throws -> Void
     private let mac: [UInt8]
-    private var rng: SplitMix
+    private var rng: SplitMix64
     private var round = 0
     private var roundSeed: UInt64 = 0
     private var nextID: UInt16 = 0
@@ -92,7 +92,7 @@ public final class HostileNetfront {
         self.mac = mac
         self.options = options
         self.recreateDevice = recreateDevice
-        rng = SplitMix(options.seed)
+        rng = SplitMix64(seed: options.seed)
         let guest = frontend.guest
         func page(readOnly: Bool, to domain: DomID = 0) throws -> Page {
             let frame = try guest.allocatePage()
@@ -139,7 +139,7 @@ public final class HostileNetfront {
         round += 1
         counters.rounds += 1
         roundSeed = Self.roundSeed(options.seed, round)
-        rng = SplitMix(roundSeed)
+        rng = SplitMix64(seed: roundSeed)
         nextID = UInt16(truncatingIfNeeded: roundSeed)
         let pick = rng.below(1000)
         switch pick {
@@ -157,8 +157,7 @@ public final class HostileNetfront {
 
     /// The seed of round `r` (splitmix64 of seed + r·golden ratio, as HostileBlkfront's).
     public static func roundSeed(_ seed: UInt64, _ r: Int) -> UInt64 {
-        var s = SplitMix(seed &+ UInt64(r) &* 0x9E37_79B9_7F4A_7C15)
-        return s.next()
+        SplitMix64.mix(seed &+ UInt64(r) &* SplitMix64.increment)
     }
 
     private func mixedRound() throws {
@@ -641,17 +640,3 @@ public final class HostileNetfront {
 /// The backend's limit on malformed packets in a row (TxChainRules in
 /// NetBackend, which this module does not link).
 enum TxChainLimit { static let malformedInARow = 64 }
-
-/// splitmix64: the rounds' generator.
-struct SplitMix {
-    private var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { n <= 1 ? 0 : Int(next() % UInt64(n)) }
-}

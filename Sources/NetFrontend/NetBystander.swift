@@ -98,7 +98,7 @@ struct NetBystanderWorkload {
     var ends: [End]
     var summary = NetBystander.Summary()
     private(set) var progressedLastPass = false
-    private var rng: SplitMix
+    private var rng: SplitMix64
     private var passNumber = 0
     static let framesPerPass = 8
     /// Passes after which a frame not seen is lost (late ones may still come).
@@ -106,7 +106,7 @@ struct NetBystanderWorkload {
 
     init(ends e: [(LoopbackNetFrontend, [UInt8])], seed: UInt64) {
         ends = e.enumerated().map { i, x in End(fe: x.0, mac: x.1, stream: 0xB5_0000 | UInt32(i)) }
-        rng = SplitMix(seed)
+        rng = SplitMix64(seed: seed)
     }
 
     mutating func prepare() throws {
