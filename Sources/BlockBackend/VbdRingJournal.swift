@@ -120,7 +120,7 @@ public final class VbdRingJournal {
     func response(_ r: Int) -> (operation: UInt8, status: Int16) {
         let base = memory + recordOffset(r)
         return (base.load(fromByteOffset: Record.operation, as: UInt8.self),
-                Int16(bitPattern: UInt16(truncatingIfNeeded: load(recordOffset(r) + Record.status))))
+                base.load(fromByteOffset: Record.status, as: Int16.self))
     }
 
     /// Request `ringIndex`, copied at `slot`, is taken into record `r`; then
@@ -142,8 +142,12 @@ public final class VbdRingJournal {
     func recordAnswered(_ r: Int, responseIndex: UInt32, operation: UInt8, status: Int16) {
         let base = recordOffset(r)
         store(base + Record.responseIndex, responseIndex)
+        // Status (2 bytes) and operation share one word: plain stores, made
+        // visible by the state's release store. A 4-byte store of the status
+        // once wrote zeros over the operation, and every answer sent again
+        // after a kill said BLKIF_OP_READ.
+        (memory + base + Record.status).storeBytes(of: status, as: Int16.self)
         (memory + base + Record.operation).storeBytes(of: operation, as: UInt8.self)
-        store(base + Record.status, UInt32(UInt16(bitPattern: status)))
         store(base + Record.state, State.answered.rawValue)
     }
 

@@ -75,7 +75,12 @@ public final class InMemoryStorage: BlockStorage {
         closed = false
     }
 
+    /// Runs at the start of every `submit`: a test stops the world there
+    /// (what a kill -9 in the middle of an engine's step would leave).
+    public var beforeSubmit: (() -> Void)?
+
     public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
+        beforeSubmit?()
         let room = max(0, queueDepth - pending.count - finished.count)
         let n = min(room, operations.count)
         for op in operations.prefix(n) {

@@ -185,3 +185,52 @@ struct JournalOldRequestTests {
         #expect(bed.diskBytes(bed.disk.written, sector: 0, count: 8) == [UInt8](repeating: 0x5A, count: 4096))
     }
 }
+
+@Suite("the ring journal: a kill in the middle of a step")
+struct JournalMidStepKillTests {
+    /// Between two steps every answer written is also published; only a
+    /// kill inside a step leaves an answer written to its ring slot and to
+    /// the journal but not yet behind rsp_prod, next to a request taken and
+    /// not yet on the disk. The world is stopped at the storage submission
+    /// of the second request: the shared ring page and the journal (the
+    /// file that outlives the process) are kept as they were then, and
+    /// what the step did after that instant is undone.
+    @Test("killed after a refusal was written and journaled but not published, before a write reached the disk: each is answered once")
+    func killAtTheSubmission() {
+        let bed = EngineBed()
+        let memory = JournalMemory()
+        let first = bed.engine(journal: memory.journal(), recover: false)
+        bed.fill(frame: 8, with: 0x5A)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 1 << 40, frame: 8))   // past the end: refused when taken
+        bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 16, frame: 8))
+        bed.front.push()
+        let ringThen = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: XenPage.size)
+        let journalThen = UnsafeMutableRawPointer.allocate(byteCount: memory.bytes, alignment: 64)
+        defer { ringThen.deallocate(); journalThen.deallocate() }
+        var stops = 0
+        bed.disk.beforeSubmit = {
+            stops += 1
+            ringThen.copyMemory(from: bed.front.ringAddress, byteCount: XenPage.size)
+            journalThen.copyMemory(from: memory.memory, byteCount: memory.bytes)
+        }
+        _ = first.step(.kicked)
+        bed.disk.beforeSubmit = nil
+        #expect(stops == 1)
+        // At that instant the refusal was in slot 0 with rsp_prod still 0.
+        #expect(ringThen.load(fromByteOffset: SharedRingLayout.Offset.rspProd, as: UInt32.self) == 0)
+        // kill -9 there: the step's later stores and the write never happened.
+        bed.front.ringAddress.copyMemory(from: ringThen, byteCount: XenPage.size)
+        memory.memory.copyMemory(from: journalThen, byteCount: memory.bytes)
+        bed.disk.dropPending()
+
+        let second = bed.engine(journal: memory.journal(), recover: true)
+        #expect(second.recovered && second.requestsToReplay == 1)
+        _ = second.step(.kicked)
+        #expect(bed.disk.pending.map(\.offset) == [16 * 512])
+        bed.disk.completeAll()
+        _ = second.step(.storageReady)
+        #expect(bed.front.responses() == [failed(1, BlkifOperation.write), ok(2, BlkifOperation.write)])
+        #expect(bed.diskBytes(bed.disk.written, sector: 16, count: 8) == [UInt8](repeating: 0x5A, count: 4096))
+        #expect(bed.disk.submittedOperations == 2)   // the write the kill undid, and its replay
+    }
+}
