@@ -109,6 +109,25 @@ public final class InMemoryStorage: BlockStorage {
 
     public func completeAll() { while !pending.isEmpty { complete(0) } }
 
+    /// The queues at one instant, for `rollBack`.
+    public struct QueueMark {
+        let pending: Int
+        let finished: [StorageCompletion]
+    }
+
+    /// Marks the queues as they are now (a test stopping the world inside
+    /// an engine's step, in `beforeSubmit`).
+    public func markQueues() -> QueueMark { QueueMark(pending: pending.count, finished: finished) }
+
+    /// Undoes what was submitted and reaped since `mark`: the storage as a
+    /// kill at that instant left it. Nothing may have completed since (data
+    /// changes only at `complete`).
+    public func rollBack(to mark: QueueMark) {
+        precondition(pending.count >= mark.pending, "completed since the mark")
+        pending.removeSubrange(mark.pending...)
+        finished = mark.finished
+    }
+
     /// Drops every pending operation with no effect and no completion (the
     /// process that submitted them was killed before the disk did them).
     public func dropPending() {

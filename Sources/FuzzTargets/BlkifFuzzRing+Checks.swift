@@ -14,6 +14,11 @@ extension BlkifFuzzRing {
         inStep = true
         let s = engine.step(input, armIfIdle: armIfIdle)
         inStep = false
+        afterStep(s)
+    }
+
+    /// Takes the responses a step pushed and checks them and the step.
+    func afterStep(_ s: VbdEngineStep) {
         lastWait = s.wait
         collectResponses()
         checkStep(s)

@@ -85,6 +85,9 @@ final class BlkifFuzzRing {
     /// Print responses as they are taken (BLKIF_FUZZ_TRACE).
     var trace = false
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+    /// Guest memory and journal as a kill inside a step found them.
+    private let frozenGuest: UnsafeMutableRawPointer
+    private let frozenJournal: UnsafeMutableRawPointer
 
     init(name: String, domain: DomID, grants: InMemoryGrantTable, guest: InMemoryGuest, queueDepth: Int,
          findings: FuzzFindings) {
@@ -101,6 +104,8 @@ final class BlkifFuzzRing {
         offers = .allocate(capacity: Self.offerCapacity)
         requestAtSlot = .allocate(capacity: 128)
         journalMemory = .allocate(byteCount: journalBytes, alignment: XenPage.size)
+        frozenGuest = .allocate(byteCount: FuzzGuestLayout.pages * XenPage.size, alignment: XenPage.size)
+        frozenJournal = .allocate(byteCount: journalBytes, alignment: XenPage.size)
         memset(journalMemory, 0, journalBytes)
         busy = .allocate(capacity: FuzzGuestLayout.pages)
         tainted = .allocate(capacity: FuzzGuestLayout.pages)
@@ -119,6 +124,7 @@ final class BlkifFuzzRing {
         requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
         busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); keptPages.deallocate()
         sentinelPage.deallocate(); zeroPage.deallocate(); scratch.deallocate()
+        frozenGuest.deallocate(); frozenJournal.deallocate()
     }
 
     var ringBase: UnsafeMutableRawPointer { guest.page(0) }
@@ -214,6 +220,43 @@ final class BlkifFuzzRing {
         engine = makeEngine(recover: true)
         stopped = false
         drained = false
+    }
+
+    /// kill -9 inside a step: the world stops at the step's `n`th storage
+    /// submission (after the grant copies of its batch; answers written and
+    /// journaled then may not be published yet). Guest memory (ring pages
+    /// and data pages), the journal and the storage's queues go back to
+    /// that instant, as if the step had gone no further, and a new engine
+    /// recovers. The checker saw nothing of the step. A step that makes
+    /// fewer submissions is an ordinary step.
+    func stepKilled(atSubmission n: Int, _ input: VbdEngineInput, completing: (InMemoryStorage) -> Void) {
+        var submissions = 0
+        var mark: InMemoryStorage.QueueMark?
+        disk.beforeSubmit = { [unowned self] in
+            submissions += 1
+            guard submissions == n else { return }
+            frozenGuest.copyMemory(from: guest.memory, byteCount: FuzzGuestLayout.pages * XenPage.size)
+            frozenJournal.copyMemory(from: journalMemory, byteCount: journalBytes)
+            mark = disk.markQueues()
+        }
+        defer { disk.beforeSubmit = nil }
+        guard engine.breach == nil, !stopped else {
+            step(input, armIfIdle: true)
+            return
+        }
+        inStep = true
+        let s = engine.step(input, armIfIdle: true)
+        inStep = false
+        guard let mark else {
+            afterStep(s)
+            return
+        }
+        disk.beforeSubmit = nil
+        guest.memory.copyMemory(from: frozenGuest, byteCount: FuzzGuestLayout.pages * XenPage.size)
+        journalMemory.copyMemory(from: frozenJournal, byteCount: journalBytes)
+        disk.rollBack(to: mark)
+        clobberedIndex = nil
+        restartEngine(completing: completing)
     }
 
     /// Where the checker's own bytes of read-only frame `f` are kept.

@@ -126,8 +126,15 @@ final class BlkifFuzzWorld {
         case 178..<180:
             if Self.killRestartEnabled {
                 let n = bytes.u8()
-                a.restartEngine { disk in
+                let completing = { (disk: InMemoryStorage) in
                     for _ in 0..<min(Int(n) % 4, disk.pending.count) { disk.complete(0) }
+                }
+                if n & 0xF0 == 0xF0 {
+                    // Inside the next step, at one of its first four storage submissions.
+                    a.stepKilled(atSubmission: 1 + Int(n >> 2) % 4, n & 2 == 0 ? .kicked : .storageReady,
+                                 completing: completing)
+                } else {
+                    a.restartEngine(completing: completing)
                 }
             } else {
                 stepA(.kicked, armIfIdle: true)
