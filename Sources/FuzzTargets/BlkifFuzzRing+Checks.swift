@@ -22,7 +22,8 @@ extension BlkifFuzzRing {
         lastWait = s.wait
         collectResponses()
         checkStep(s)
-        clobberedIndex = nil
+        clobbered.removeAll(keepingCapacity: true)
+        engineHoldsUnpushed = false
         settleIfQuiet()
     }
 
@@ -51,7 +52,7 @@ extension BlkifFuzzRing {
             let index = responseConsumer
             responseConsumer &+= 1
             // Same slot, whatever the lap (a frontend that moved req_prod anywhere has rsp_cons past its own slots).
-            if let c = clobberedIndex, (index ^ c) & (size - 1) == 0 {
+            if clobbered.contains(where: { ($0 ^ index) & (size - 1) == 0 }) {
                 lostResponse = true   // the guest overwrote this slot during the step
                 continue
             }

@@ -87,6 +87,7 @@ extension BlkifFuzzRing {
         if indirectFrame >= 0 { busy[indirectFrame] = true }
 
         let p = slot(index)
+        if engineHoldsUnpushed { clobbered.append(index) }
         switch kind {
         case .read, .write, .barrier, .flush:
             let operation = [BlkifOperation.read, BlkifOperation.write, BlkifOperation.writeBarrier,
@@ -169,6 +170,7 @@ extension BlkifFuzzRing {
             return
         }
         let p = slot(requestProducerPrivate)
+        if engineHoldsUnpushed { clobbered.append(requestProducerPrivate) }
         bytes.copy(into: p, count: Blkif.slotSize)
         _ = tick()
         requestAtSlot[Int(requestProducerPrivate & (size - 1))] = -1
@@ -190,7 +192,7 @@ extension BlkifFuzzRing {
         let r = Int(requestAtSlot[Int(index & (size - 1))])
         if r >= 0 && !requests[r].answered { makeUnreliable(r, descriptorsChanged: true) }
         offerRaw(UnsafeRawPointer(p))
-        if midStep { clobberedIndex = index }
+        if midStep || engineHoldsUnpushed { clobbered.append(index) }
     }
 
     /// Rewrites bytes of an indirect descriptor page under the backend.

@@ -72,9 +72,14 @@ final class BlkifFuzzRing {
     var lawful = true
     var stopped = false
     var drained = false
-    /// A response slot the guest itself overwrote during a step: one answer
-    /// was lost to the checker, so exactly-once cannot be settled at the end.
-    var clobberedIndex: UInt32?
+    /// Response slots the guest itself overwrote while the engine held
+    /// answers it had written and not pushed (during a step, or after a
+    /// restart before the next step: answers sent again from the journal):
+    /// those answers are lost to the checker, so exactly-once cannot be
+    /// settled at the end.
+    var clobbered: [UInt32] = []
+    /// A new engine wrote answers from the journal that the next step pushes.
+    var engineHoldsUnpushed = false
     var lostResponse = false
     /// Stopped right after a restart, before the journal's requests ran:
     /// they stay in the journal for the next engine, unanswered by this one.
@@ -116,6 +121,7 @@ final class BlkifFuzzRing {
         zeroPage = .allocate(byteCount: XenPage.size, alignment: XenPage.size)
         memset(zeroPage, 0, XenPage.size)
         hostileSerials.reserveCapacity(SectorModel.writeCapacity)
+        clobbered.reserveCapacity(256)
         model.oldestOpenEpoch = { [unowned self] in self.oldestOpenCheck() }
     }
 
@@ -181,7 +187,8 @@ final class BlkifFuzzRing {
         lawful = true
         stopped = false
         drained = false
-        clobberedIndex = nil
+        clobbered.removeAll(keepingCapacity: true)
+        engineHoldsUnpushed = false
         lostResponse = false
         leftInJournal = false
         heldByRewritten = false
@@ -218,6 +225,7 @@ final class BlkifFuzzRing {
         engine = nil
         journal = nil
         engine = makeEngine(recover: true)
+        engineHoldsUnpushed = true
         stopped = false
         drained = false
     }
@@ -248,15 +256,19 @@ final class BlkifFuzzRing {
         let s = engine.step(input, armIfIdle: true)
         inStep = false
         guard let mark else {
+            if trace { print("  \(name): no kill, the step made \(submissions) of \(n) submissions") }
             afterStep(s)
             return
         }
+        if trace { print("  \(name): killed at submission \(n) of the step (\(submissions) made)") }
         disk.beforeSubmit = nil
         guest.memory.copyMemory(from: frozenGuest, byteCount: FuzzGuestLayout.pages * XenPage.size)
         journalMemory.copyMemory(from: frozenJournal, byteCount: journalBytes)
         disk.rollBack(to: mark)
-        clobberedIndex = nil
+        clobbered.removeAll(keepingCapacity: true)
+        if trace { print("  \(name): rolled back: req_prod \(header(0)) rsp_prod \(header(8)) pending \(disk.pending.count)") }
         restartEngine(completing: completing)
+        if trace { print("  \(name): recovered \(engine.recovered), to replay \(engine.requestsToReplay), rsp_prod \(header(8))") }
     }
 
     /// Where the checker's own bytes of read-only frame `f` are kept.
