@@ -142,17 +142,23 @@ extension BlkifFuzzRing {
         }
     }
 
+    /// The first sector the model touched whose bytes in `view` (the disk's
+    /// written or durable image) it does not allow since `epoch`, or nil.
+    private func sectorOutsideModel(_ view: UnsafeMutableRawPointer, since epoch: UInt32) -> Int? {
+        for i in 0..<model.touchedCount {
+            let s = Int(model.touchedList[i])
+            if !model.allows(UnsafeRawPointer(view + s * Blkif.sectorSize), sector: s, since: epoch) { return s }
+        }
+        return nil
+    }
+
     /// After a flush or barrier is answered OKAY, the durable view holds
     /// every write acknowledged before it was written (or a later value).
     private func checkDurable(since epoch: UInt32, request r: Int) {
-        for i in 0..<model.touchedCount {
-            let s = Int(model.touchedList[i])
+        if let s = sectorOutsideModel(disk.durable, since: epoch) {
             let bytes = UnsafeRawPointer(disk.durable + s * Blkif.sectorSize)
-            if !model.allows(bytes, sector: s, since: epoch) {
-                report("after a flush or barrier, writes acknowledged before it are durable",
-                       "request \(r) sector \(s) durable \(describe(bytes, sector: s)), model \(model.describe(s)) since \(epoch)")
-                return
-            }
+            report("after a flush or barrier, writes acknowledged before it are durable",
+                   "request \(r) sector \(s) durable \(describe(bytes, sector: s)), model \(model.describe(s)) since \(epoch)")
         }
     }
 
@@ -255,14 +261,10 @@ extension BlkifFuzzRing {
                 return
             }
         }
-        for i in 0..<model.touchedCount {
-            let s = Int(model.touchedList[i])
+        if let s = sectorOutsideModel(disk.written, since: epoch) {
             let bytes = UnsafeRawPointer(disk.written + s * Blkif.sectorSize)
-            if !model.allows(bytes, sector: s, since: epoch) {
-                report("the disk holds what the model allows",
-                       "sector \(s): \(describe(bytes, sector: s)), model \(model.describe(s))")
-                return
-            }
+            report("the disk holds what the model allows", "sector \(s): \(describe(bytes, sector: s)), model \(model.describe(s))")
+            return
         }
         checkGuestPages()
     }
