@@ -69,7 +69,7 @@ public final class InMemoryGuest {
     /// Forgets every grant and zeroes only `frames`: for a fuzzer that
     /// rewrites the other pages before each use, so a run does not pay
     /// for clearing all of them.
-    public func reset(zeroing frames: some Sequence<Int>) {
+    public func reset(zeroing frames: Range<Int>) {
         for f in frames { memset(page(f), 0, XenPage.size) }
         entries.update(repeating: Entry(), count: grantCount)
     }

@@ -25,8 +25,10 @@ public final class InMemoryStorage: BlockStorage {
     }
     public private(set) var pending: [Pending] = []
     private var finished: [StorageCompletion] = []
-    /// Completed writes not yet durable, in completion order.
-    private var writeLog: [(offset: Int, bytes: [UInt8])] = []
+    /// Completed writes not yet durable, in completion order; their bytes
+    /// are in `logBytes` from `start` (one buffer: no allocation per write).
+    private var writeLog: [(offset: Int, start: Int, count: Int)] = []
+    private var logBytes: [UInt8] = []
     private var writeLogBase = 0
     /// Complete each operation as soon as it is submitted (tests that do
     /// not care about timing).
@@ -69,6 +71,7 @@ public final class InMemoryStorage: BlockStorage {
         pending.removeAll(keepingCapacity: true)
         finished.removeAll(keepingCapacity: true)
         writeLog.removeAll(keepingCapacity: true)
+        logBytes.removeAll(keepingCapacity: true)
         writeLogBase = 0
         completesAtOnce = false
         submittedOperations = 0
@@ -135,6 +138,11 @@ public final class InMemoryStorage: BlockStorage {
         finished.removeAll(keepingCapacity: true)
     }
 
+    /// True while no write or discard has reached the 4 KiB chunk holding
+    /// `offset` since the last reset: it holds zeros in both views, so a
+    /// checker need not compare it.
+    public func isUntouched(byteOffset offset: Int) -> Bool { !dirtyChunks[offset / Self.chunk] }
+
     private func markDirty(_ offset: Int, _ count: Int) {
         guard count > 0 else { return }
         for c in offset / Self.chunk...(offset + count - 1) / Self.chunk { dirtyChunks[c] = true }
@@ -155,7 +163,8 @@ public final class InMemoryStorage: BlockStorage {
                 } else {
                     memcpy(written + Int(offset), v.iov_base, v.iov_len)
                     markDirty(Int(offset), v.iov_len)
-                    writeLog.append((Int(offset), [UInt8](UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len))))
+                    writeLog.append((Int(offset), logBytes.count, v.iov_len))
+                    logBytes.append(contentsOf: UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len))
                 }
                 offset += UInt64(v.iov_len)
                 moved += Int64(v.iov_len)
@@ -163,20 +172,23 @@ public final class InMemoryStorage: BlockStorage {
             return moved
         case .discard:
             guard op.offset <= size, op.length <= size - op.offset else { return -Int64(EINVAL) }
-            let zeros = [UInt8](repeating: 0, count: Int(op.length))
             memset(written + Int(op.offset), 0, Int(op.length))
             markDirty(Int(op.offset), Int(op.length))
-            writeLog.append((Int(op.offset), zeros))
+            writeLog.append((Int(op.offset), logBytes.count, Int(op.length)))
+            logBytes.append(contentsOf: UnsafeRawBufferPointer(start: written + Int(op.offset), count: Int(op.length)))
             return 0
         case .flush:
             // What completed before the flush was submitted is now durable.
             let covered = p.coveredWrites - writeLogBase
             if covered > 0 {
-                for e in writeLog.prefix(covered) where !e.bytes.isEmpty {
-                    e.bytes.withUnsafeBytes { _ = memcpy(durable + e.offset, $0.baseAddress!, $0.count) }
+                logBytes.withUnsafeBytes { log in
+                    for e in writeLog.prefix(covered) where e.count > 0 {
+                        memcpy(durable + e.offset, log.baseAddress! + e.start, e.count)
+                    }
                 }
                 writeLog.removeFirst(covered)
                 writeLogBase += covered
+                if writeLog.isEmpty { logBytes.removeAll(keepingCapacity: true) }
             }
             return 0
         }

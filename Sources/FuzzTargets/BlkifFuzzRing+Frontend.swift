@@ -143,13 +143,19 @@ extension BlkifFuzzRing {
         for i in start..<start + Int(request.segmentCount) {
             let s = segments[i]
             let page = guest.page(Int(s.frame))
-            let tag = request.serial != 0 ? request.serial : junk
-            SectorStamp.fillJunk(page, serial: tag)
             if request.serial != 0 {
-                for k in Int(s.first)...Int(s.last) {
-                    SectorStamp.fill(page + k * Blkif.sectorSize, serial: request.serial, sector: UInt32(sector))
-                    sector += 1
+                // Stamps on the segment's sectors, junk around them.
+                for k in 0..<Blkif.sectorsPerPage {
+                    if k >= Int(s.first) && k <= Int(s.last) {
+                        SectorStamp.fill(page + k * Blkif.sectorSize, serial: request.serial, sector: UInt32(sector))
+                        sector += 1
+                    } else {
+                        SectorStamp.fill(page + k * Blkif.sectorSize, serial: request.serial,
+                                         sector: SectorStamp.junkSector | UInt32(k))
+                    }
                 }
+            } else {
+                SectorStamp.fillJunk(page, serial: junk)
             }
             keep(Int(s.frame))
         }

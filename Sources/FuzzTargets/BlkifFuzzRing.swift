@@ -156,7 +156,9 @@ final class BlkifFuzzRing {
         // Data pages are not cleared: the checker fills each before a
         // well-formed request uses it, and what else reads them (raw and
         // rewritten requests) only moves bytes the checker never judges.
-        guest.reset(zeroing: 0..<FuzzGuestLayout.indirectFrames.upperBound)
+        // Ring frames past the ring's size are never granted: not cleared either.
+        guest.reset(zeroing: 0..<c.ringPages)
+        for f in FuzzGuestLayout.indirectFrames { memset(guest.page(f), 0, XenPage.size) }
         disk.reset()
         model.reset()
         let front = InMemoryBlkfront(guest: guest, ringPages: c.ringPages, backendDomain: grants.ownDomain,

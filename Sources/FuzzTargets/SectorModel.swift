@@ -57,6 +57,9 @@ final class SectorModel {
         saturated = .allocate(capacity: sectors)
         touched = .allocate(capacity: sectors)
         touchedList = .allocate(capacity: sectors)
+        touched.initialize(repeating: true, count: sectors)
+        for s in 0..<sectors { touchedList[s] = Int32(s) }
+        touchedCount = sectors
         reset()
     }
 
@@ -69,10 +72,15 @@ final class SectorModel {
         writes[0] = Write(published: 0, answered: 0, wildcard: false, zeros: true)
         writeCount = 1
         overflowed = false
-        for s in 0..<sectors { candidates[s * Self.perSector] = Candidate(serial: 0, removed: .max) }
-        counts.update(repeating: 1, count: sectors)
-        saturated.update(repeating: false, count: sectors)
-        touched.update(repeating: false, count: sectors)
+        // Only touched sectors changed since the last reset (every change
+        // below goes through `touch`); init passes with all of them touched.
+        for i in 0..<touchedCount {
+            let s = Int(touchedList[i])
+            candidates[s * Self.perSector] = Candidate(serial: 0, removed: .max)
+            counts[s] = 1
+            saturated[s] = false
+            touched[s] = false
+        }
         touchedCount = 0
         touchedPages = 0
     }
@@ -96,13 +104,16 @@ final class SectorModel {
         for s in Int(sector)..<end { add(serial, to: s) }
     }
 
+    private func touch(_ s: Int) {
+        guard !touched[s] else { return }
+        touched[s] = true
+        touchedList[touchedCount] = Int32(s)
+        touchedCount += 1
+        touchedPages |= 1 << UInt64(s / 8)
+    }
+
     private func add(_ serial: UInt32, to s: Int) {
-        if !touched[s] {
-            touched[s] = true
-            touchedList[touchedCount] = Int32(s)
-            touchedCount += 1
-            touchedPages |= 1 << UInt64(s / 8)
-        }
+        touch(s)
         guard !saturated[s] else { return }
         let base = s * Self.perSector
         var n = Int(counts[s])
@@ -144,7 +155,10 @@ final class SectorModel {
         for s in Int(sector)..<end {
             let base = s * Self.perSector
             for i in 0..<Int(counts[s]) where candidates[base + i].removed == .max && candidates[base + i].serial != serial {
-                if writes[Int(candidates[base + i].serial)].answered < w.published { candidates[base + i].removed = epoch }
+                if writes[Int(candidates[base + i].serial)].answered < w.published {
+                    candidates[base + i].removed = epoch
+                    touch(s)
+                }
             }
         }
     }
