@@ -14,9 +14,10 @@ public struct ValidatedRequest {
     public var operation: UInt8
     public var kind: Kind
     public var sector: UInt64
+    /// A direct request's segments were decoded, checked, into the
+    /// caller's buffer (`validateBlkifRequest`); an indirect one's are in
+    /// its pages.
     public var segmentCount: Int
-    /// The segments of a direct request (an indirect one's are in its pages).
-    public var segments: InlineArray<11, BlkifSegment>
     /// Total bytes moved by the segments (0 for an indirect request until
     /// its pages have been read and `validateIndirectSegments` has counted).
     public var byteCount: Int
@@ -67,13 +68,17 @@ public struct DiskLimits: Sendable {
 }
 
 /// Validates a private copy of a ring slot. Pure: the same bytes always
-/// give the same answer, and nothing is read twice from shared memory.
+/// give the same answer, and nothing is read twice from shared memory. A
+/// direct request's segments are decoded into `segments` (room for
+/// `Blkif.maxSegmentsPerRequest`) as they are checked: what was checked is
+/// what the caller uses.
 @inline(__always)
-public func validateBlkifRequest(_ slot: UnsafeRawPointer, limits: DiskLimits) -> Result<ValidatedRequest, RequestRejection> {
+public func validateBlkifRequest(_ slot: UnsafeRawPointer, limits: DiskLimits,
+                                 segments: UnsafeMutablePointer<BlkifSegment>) -> Result<ValidatedRequest, RequestRejection> {
     let operation: UInt8 = slot.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
     switch operation {
     case BlkifOperation.read, BlkifOperation.write, BlkifOperation.writeBarrier, BlkifOperation.flushDiskCache:
-        return validateSegmented(BlkifRequest(decoding: slot), limits: limits)
+        return validateSegmented(slot, operation: operation, limits: limits, segments: segments)
     case BlkifOperation.discard:
         return validateDiscard(BlkifDiscardRequest(decoding: slot), limits: limits)
     case BlkifOperation.indirect where limits.maxIndirectSegments > 0:
@@ -110,9 +115,7 @@ func validateIndirect(_ r: BlkifIndirectRequest, limits: DiskLimits) -> Result<V
     guard count >= 1, count <= limits.maxIndirectSegments else { return .failure(.badSegmentCount(count)) }
     guard r.sectorNumber < limits.sectors else { return .failure(.beyondEndOfDisk) }
     var v = ValidatedRequest(id: r.id, operation: r.indirectOp, kind: kind, sector: r.sectorNumber,
-                             segmentCount: count,
-                             segments: .init(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0)),
-                             byteCount: 0)
+                             segmentCount: count, byteCount: 0)
     v.indirectPageCount = Blkif.indirectPages(segments: count)
     v.indirectPages = r.indirectGrefs
     return .success(v)
@@ -139,10 +142,13 @@ public func validateIndirectSegments(_ descriptors: UnsafeRawPointer, count: Int
     return .success(Int(sectors) * Blkif.sectorSize)
 }
 
+/// READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE, read field by field from
+/// the slot: only the segments the request names are decoded.
 @inline(__always)
-func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<ValidatedRequest, RequestRejection> {
+func validateSegmented(_ slot: UnsafeRawPointer, operation: UInt8, limits: DiskLimits,
+                       segments: UnsafeMutablePointer<BlkifSegment>) -> Result<ValidatedRequest, RequestRejection> {
     let kind: ValidatedRequest.Kind
-    switch r.operation {
+    switch operation {
     case BlkifOperation.read: kind = .read
     case BlkifOperation.write: kind = .write
     case BlkifOperation.writeBarrier: kind = .barrier
@@ -151,7 +157,7 @@ func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<Validate
     if kind != .read && kind != .flush && limits.readOnly { return .failure(.readOnlyDisk) }
     if kind == .barrier && !limits.barrier { return .failure(.unsupportedOperation) }
     if kind == .flush && !limits.flush { return .failure(.unsupportedOperation) }
-    let count = Int(r.nrSegments)
+    let count = Int(slot.load(fromByteOffset: BlkifRequest.Offset.nrSegments, as: UInt8.self))
     // READ/WRITE carry data; a barrier or flush may carry none.
     let minimum = (kind == .read || kind == .write) ? 1 : 0
     guard count >= minimum, count <= Blkif.maxSegmentsPerRequest else {
@@ -160,15 +166,17 @@ func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<Validate
     if kind == .flush && count != 0 { return .failure(.badSegmentCount(count)) }
     var sectors: UInt64 = 0
     for i in 0..<count {
-        let s = r.segments[i]
+        let s = BlkifSegment(decoding: slot + BlkifRequest.Offset.seg + i * BlkifSegment.size)
         guard s.firstSect <= s.lastSect, s.lastSect < UInt8(Blkif.sectorsPerPage) else {
             return .failure(.badSegment(index: i))
         }
         sectors += UInt64(s.lastSect - s.firstSect) + 1
+        segments[i] = s
     }
+    let sector = UInt64(littleEndian: slot.loadUnaligned(fromByteOffset: BlkifRequest.Offset.sectorNumber, as: UInt64.self))
     if count > 0 {
         // Overflow-safe: sector + sectors <= disk size.
-        guard r.sectorNumber <= limits.sectors, sectors <= limits.sectors - r.sectorNumber else {
+        guard sector <= limits.sectors, sectors <= limits.sectors - sector else {
             return .failure(.beyondEndOfDisk)
         }
     }
@@ -178,10 +186,9 @@ func validateSegmented(_ r: BlkifRequest, limits: DiskLimits) -> Result<Validate
     // sector * 512 on the data path then overflowed and trapped (seen on
     // Xen 4.17 with a Debian 6.1 domU: the first fsync killed the daemon).
     // Such a request carries sector 0 from here on.
-    return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: kind,
-                                     sector: count > 0 ? r.sectorNumber : 0,
-                                     segmentCount: count, segments: r.segments,
-                                     byteCount: Int(sectors) * Blkif.sectorSize))
+    let id = UInt64(littleEndian: slot.loadUnaligned(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self))
+    return .success(ValidatedRequest(id: id, operation: operation, kind: kind, sector: count > 0 ? sector : 0,
+                                     segmentCount: count, byteCount: Int(sectors) * Blkif.sectorSize))
 }
 
 @inline(__always)
@@ -192,7 +199,5 @@ func validateDiscard(_ r: BlkifDiscardRequest, limits: DiskLimits) -> Result<Val
         return .failure(.beyondEndOfDisk)
     }
     return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: .discard(sectors: r.nrSectors),
-                                     sector: r.sectorNumber, segmentCount: 0,
-                                     segments: .init(repeating: BlkifSegment(gref: 0, firstSect: 0, lastSect: 0)),
-                                     byteCount: 0))
+                                     sector: r.sectorNumber, segmentCount: 0, byteCount: 0))
 }

@@ -120,6 +120,8 @@ public final class VbdEngine {
     private let iovecsPerMerge: Int
     static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
+    /// The segments of the request in `scratch`, decoded as validation checked them.
+    private let stagedSegments: UnsafeMutablePointer<BlkifSegment>
     /// Where `pages` and `descriptors` come from when the caller keeps them.
     private let pageStore: VbdEnginePageStore?
 
@@ -251,6 +253,7 @@ public final class VbdEngine {
         iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        stagedSegments = .allocate(capacity: Blkif.maxSegmentsPerRequest)
         rejectionLog = .allocate(capacity: Self.rejectionLogCapacity)
         // Answers written but never published before the kill go out first,
         // in their order, with the statuses they had.
@@ -285,6 +288,7 @@ public final class VbdEngine {
         submissions.deallocate()
         mergedIovecs.deallocate()
         scratch.deallocate()
+        stagedSegments.deallocate()
         freeRecords.deallocate()
         unpublished.deallocate()
         rejectionLog.deallocate()
@@ -452,21 +456,25 @@ public final class VbdEngine {
             return
         }
         var taken: UInt32 = 0
-        while taken < available && barrierSlot < 0 && !areasExhausted {
-            var record: Int32 = -1
-            if let journal {
-                // Records come back when this pass's answers are published.
-                guard freeRecordCount > 0 else { break }
+        // Two loops, so the journal is bound once a pass (a binding inside
+        // the loop cost a retain and a release per request).
+        if let journal {
+            // Records come back when this pass's answers are published.
+            while taken < available && barrierSlot < 0 && !areasExhausted && freeRecordCount > 0 {
                 freeRecordCount -= 1
-                record = freeRecords[freeRecordCount]
+                let record = freeRecords[freeRecordCount]
                 let index = ring.requestConsumer
                 ring.takeRequest(into: scratch)
                 journal.recordTaken(Int(record), ringIndex: index, slot: UnsafeRawPointer(scratch))
-            } else {
-                ring.takeRequest(into: scratch)
+                taken += 1
+                handleTaken(record: record)
             }
-            taken += 1
-            handleTaken(record: record)
+        } else {
+            while taken < available && barrierSlot < 0 && !areasExhausted {
+                ring.takeRequest(into: scratch)
+                taken += 1
+                handleTaken(record: -1)
+            }
         }
     }
 
@@ -475,7 +483,7 @@ public final class VbdEngine {
     @inline(__always)
     private func handleTaken(record: Int32) {
         statistics.requests &+= 1
-        switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits) {
+        switch validateBlkifRequest(UnsafeRawPointer(scratch), limits: limits, segments: stagedSegments) {
         case .failure(let rejection):
             let id = scratch.load(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
             let operation = responseOperation(UnsafeRawPointer(scratch), limits: limits)
@@ -512,7 +520,7 @@ public final class VbdEngine {
         }
         let base = s * Self.maxSegments
         slots[s].base = Int32(base)
-        for i in 0..<r.segmentCount { segments[base + i] = r.segments[i] }
+        (segments + base).update(from: stagedSegments, count: r.segmentCount)
         switch r.kind {
         case .read:
             queueStorage(slot: s, kind: .read)

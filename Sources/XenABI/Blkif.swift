@@ -53,10 +53,13 @@ public struct BlkifSegment: Equatable, Sendable {
     public var firstSect: UInt8
     public var lastSect: UInt8
 
+    @inlinable
     public init(gref: UInt32, firstSect: UInt8, lastSect: UInt8) {
         self.gref = gref; self.firstSect = firstSect; self.lastSect = lastSect
     }
 
+    // Inlinable: the backend decodes every segment of every request.
+    @inlinable
     public init(decoding p: UnsafeRawPointer) {
         gref = p.wire(Offset.gref)
         firstSect = p.wire(Offset.firstSect)
@@ -227,6 +230,7 @@ public struct BlkifResponse: Equatable, Sendable {
     public var operation: UInt8
     public var status: Int16
 
+    @inlinable
     public init(id: UInt64, operation: UInt8, status: Int16) {
         self.id = id; self.operation = operation; self.status = status
     }
@@ -237,8 +241,9 @@ public struct BlkifResponse: Equatable, Sendable {
         status = p.wire(Offset.status)
     }
 
-    /// Writes the whole 16-byte response, padding zeroed.
-    @inline(__always)
+    /// Writes the whole 16-byte response, padding zeroed (inlinable: once
+    /// per request on the backend's path).
+    @inlinable
     public func encode(to p: UnsafeMutableRawPointer) {
         p.setWire(Offset.id, id)
         p.setWire(Offset.operation, operation)

@@ -8,14 +8,14 @@ public enum XenPage {
 /// Every wire struct is copied out of shared memory before it is decoded,
 /// so these plain loads never touch a page the other side can change.
 extension UnsafeRawPointer {
-    @inline(__always)
+    @inlinable @inline(__always)
     func wire<T: FixedWidthInteger>(_ offset: Int, as: T.Type = T.self) -> T {
         T(littleEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
     }
 }
 
 extension UnsafeMutableRawPointer {
-    @inline(__always)
+    @inlinable @inline(__always)
     func setWire<T: FixedWidthInteger>(_ offset: Int, _ value: T) {
         storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
     }
