@@ -87,7 +87,19 @@ public final class VbdRingJournal {
     // MARK: header
 
     @inline(__always) private func load(_ offset: Int) -> UInt32 { xb_load_acquire_u32(memory + offset) }
-    @inline(__always) private func store(_ offset: Int, _ v: UInt32) { xb_store_release_u32(memory + offset, v) }
+    @inline(__always) private func store(_ offset: Int, _ v: UInt32) {
+        #if DEBUG || XENBACKD_FUZZ
+        beforeStore?()
+        #endif
+        xb_store_release_u32(memory + offset, v)
+    }
+
+    #if DEBUG || XENBACKD_FUZZ
+    /// Runs before every store that recovery reads (header and record
+    /// fields): a test or the fuzzer stops the world there, as a kill -9
+    /// between two stores would. Not in release builds (the daemon's).
+    public var beforeStore: (() -> Void)?
+    #endif
 
     /// The journal was written for a ring of this identity by this layout.
     public func holdsRing(identity: UInt64) -> Bool {

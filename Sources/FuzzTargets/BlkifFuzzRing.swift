@@ -232,24 +232,41 @@ final class BlkifFuzzRing {
         drained = false
     }
 
-    /// kill -9 inside a step: the world stops at the step's `n`th storage
-    /// submission (after the grant copies of its batch; answers written and
-    /// journaled then may not be published yet). Guest memory (ring pages
-    /// and data pages), the journal and the storage's queues go back to
-    /// that instant, as if the step had gone no further, and a new engine
-    /// recovers. The checker saw nothing of the step. A step that makes
-    /// fewer submissions is an ordinary step.
-    func stepKilled(atSubmission n: Int, _ input: VbdEngineInput, completing: (InMemoryStorage) -> Void) {
-        var submissions = 0
+    /// Where inside a step a kill -9 lands.
+    enum KillPoint {
+        /// At the step's `n`th storage submission (after the grant copies
+        /// of its batch; answers written and journaled then may not be
+        /// published yet).
+        case submission(Int)
+        /// Just before the step's `n`th journal store: between two stores
+        /// of one record, or between the ring's push and a record's release.
+        case journalStore(Int)
+    }
+
+    /// kill -9 inside a step, at `point`. Guest memory (ring pages and data
+    /// pages), the journal and the storage's queues go back to that
+    /// instant, as if the step had gone no further, and a new engine
+    /// recovers. The checker saw nothing of the step. A step that never
+    /// reaches the point is an ordinary step.
+    func stepKilled(at point: KillPoint, _ input: VbdEngineInput, completing: (InMemoryStorage) -> Void) {
+        var reached = 0
         var mark: InMemoryStorage.QueueMark?
-        disk.beforeSubmit = { [unowned self] in
-            submissions += 1
-            guard submissions == n else { return }
+        let freeze = { [unowned self] (n: Int) in
+            reached += 1
+            guard reached == n, mark == nil else { return }
             frozenGuest.copyMemory(from: guest.memory, byteCount: FuzzGuestLayout.pages * XenPage.size)
             frozenJournal.copyMemory(from: journalMemory, byteCount: journalBytes)
             mark = disk.markQueues()
         }
-        defer { disk.beforeSubmit = nil }
+        switch point {
+        case .submission(let n): disk.beforeSubmit = { freeze(n) }
+        case .journalStore(let n): journal?.beforeStore = { freeze(n) }
+        }
+        let journalNow = journal
+        defer {
+            disk.beforeSubmit = nil
+            journalNow?.beforeStore = nil
+        }
         guard engine.breach == nil, !stopped else {
             step(input, armIfIdle: true)
             return
@@ -258,12 +275,13 @@ final class BlkifFuzzRing {
         let s = engine.step(input, armIfIdle: true)
         inStep = false
         guard let mark else {
-            if trace { print("  \(name): no kill, the step made \(submissions) of \(n) submissions") }
+            if trace { print("  \(name): no kill, the step reached \(reached) of \(point)") }
             afterStep(s)
             return
         }
-        if trace { print("  \(name): killed at submission \(n) of the step (\(submissions) made)") }
+        if trace { print("  \(name): killed at \(point) (\(reached) reached)") }
         disk.beforeSubmit = nil
+        journalNow?.beforeStore = nil
         guest.memory.copyMemory(from: frozenGuest, byteCount: FuzzGuestLayout.pages * XenPage.size)
         journalMemory.copyMemory(from: frozenJournal, byteCount: journalBytes)
         disk.rollBack(to: mark)

@@ -131,7 +131,11 @@ final class BlkifFuzzWorld {
                 }
                 if n & 0xF0 == 0xF0 {
                     // Inside the next step, at one of its first four storage submissions.
-                    a.stepKilled(atSubmission: 1 + Int(n >> 2) % 4, n & 2 == 0 ? .kicked : .storageReady,
+                    a.stepKilled(at: .submission(1 + Int(n >> 2) % 4), n & 2 == 0 ? .kicked : .storageReady,
+                                 completing: completing)
+                } else if n & 0xF0 == 0xE0 {
+                    // Inside the next step, just before one of its first 64 journal stores.
+                    a.stepKilled(at: .journalStore(1 + Int(bytes.u8()) % 64), n & 2 == 0 ? .kicked : .storageReady,
                                  completing: completing)
                 } else {
                     a.restartEngine(completing: completing)

@@ -233,4 +233,78 @@ struct JournalMidStepKillTests {
         #expect(bed.diskBytes(bed.disk.written, sector: 16, count: 8) == [UInt8](repeating: 0x5A, count: 4096))
         #expect(bed.disk.submittedOperations == 2)   // the write the kill undid, and its replay
     }
+
+    /// kill -9 just before each journal store of one step, in turn: the
+    /// step answers a write that completed out of order (record answered,
+    /// ring push, record released) and takes a new write (slot copied,
+    /// record taken, consumer moved), while an older write is still on the
+    /// disk. Whatever store the kill lands before, every request is
+    /// answered exactly once, a write the guest saw answered is not run
+    /// again after the guest reused its page, and the disk holds each
+    /// write's bytes.
+    @Test("killed before each journal store of a step: every request answered once, none run again after its answer")
+    func killBeforeEveryJournalStore() {
+        var point = 1
+        while true {
+            let bed = EngineBed()
+            let memory = JournalMemory()
+            let journal = memory.journal()
+            let first = bed.engine(journal: journal, recover: false)
+            bed.fill(frame: 8, with: 0x11)
+            bed.fill(frame: 9, with: 0x22)
+            bed.fill(frame: 10, with: 0x33)
+            bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 16, frame: 8))
+            // Not adjacent: the engine would merge them into one storage operation.
+            bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 40, frame: 9))
+            _ = bed.front.push()
+            _ = first.step(.kicked)
+            #expect(bed.disk.pending.count == 2)
+            bed.disk.complete(1)   // write 2 finishes first; write 1 stays on the disk
+            bed.front.queue(bed.request(BlkifOperation.write, id: 3, sector: 64, frame: 10))
+            _ = bed.front.push()
+
+            let ringThen = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: XenPage.size)
+            let journalThen = UnsafeMutableRawPointer.allocate(byteCount: memory.bytes, alignment: 64)
+            defer { ringThen.deallocate(); journalThen.deallocate() }
+            var stores = 0
+            var mark: InMemoryStorage.QueueMark?
+            journal.beforeStore = {
+                stores += 1
+                guard stores == point else { return }
+                ringThen.copyMemory(from: bed.front.ringAddress, byteCount: XenPage.size)
+                journalThen.copyMemory(from: memory.memory, byteCount: memory.bytes)
+                mark = bed.disk.markQueues()
+            }
+            _ = first.step(.storageReady)
+            journal.beforeStore = nil
+            guard let mark else {
+                // The step made fewer stores: every instant of it was tried.
+                #expect(point > 6, "the step made \(stores) journal stores")
+                break
+            }
+            bed.front.ringAddress.copyMemory(from: ringThen, byteCount: XenPage.size)
+            memory.memory.copyMemory(from: journalThen, byteCount: memory.bytes)
+            bed.disk.rollBack(to: mark)
+            bed.disk.dropPending()   // write 1 never reached the disk
+
+            // What the guest saw before the kill; an answered write's page is reused at once.
+            var seen = bed.front.responses()
+            if seen.contains(where: { $0.id == 2 }) { bed.fill(frame: 9, with: 0x99) }
+            let second = bed.engine(journal: memory.journal(), recover: true)
+            #expect(second.recovered, "kill before store \(point)")
+            for _ in 0..<8 {
+                _ = second.step(.kicked)
+                bed.disk.completeAll()
+                _ = second.step(.storageReady)
+            }
+            seen += bed.front.responses()
+            #expect(seen.sorted { $0.id < $1.id } == [ok(1, BlkifOperation.write), ok(2, BlkifOperation.write),
+                                                       ok(3, BlkifOperation.write)], "kill before store \(point)")
+            #expect(bed.diskBytes(bed.disk.written, sector: 16, count: 8).allSatisfy { $0 == 0x11 })
+            #expect(bed.diskBytes(bed.disk.written, sector: 40, count: 8).allSatisfy { $0 == 0x22 },
+                    "kill before store \(point): write 2 ran again after its answer")
+            #expect(bed.diskBytes(bed.disk.written, sector: 64, count: 8).allSatisfy { $0 == 0x33 })
+            point += 1
+        }
+    }
 }
