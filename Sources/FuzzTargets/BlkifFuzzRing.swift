@@ -285,6 +285,13 @@ final class BlkifFuzzRing {
         guest.memory.copyMemory(from: frozenGuest, byteCount: FuzzGuestLayout.pages * XenPage.size)
         journalMemory.copyMemory(from: frozenJournal, byteCount: journalBytes)
         disk.rollBack(to: mark)
+        // What the step published before the kill is what the guest sees:
+        // taken now, while the slots the guest wrote over before the step
+        // (answers sent again after an earlier restart, not yet pushed) are
+        // still known. Dropping those marks first made the guest's own
+        // request bytes read as responses (a kill between the push and the
+        // records' release).
+        collectResponses()
         clobbered.removeAll(keepingCapacity: true)
         if trace { print("  \(name): rolled back: req_prod \(header(0)) rsp_prod \(header(8)) pending \(disk.pending.count)") }
         restartEngine(completing: completing)
