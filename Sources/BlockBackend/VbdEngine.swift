@@ -2,6 +2,7 @@ import BlockStorage
 import CXenBackSupport
 import Glibc
 import Hypervisor
+import SystemSupport
 import XenABI
 import XenRing
 
@@ -84,6 +85,8 @@ public final class VbdEngine {
     private let areaCount: Int
     private let descriptorPagesPerArea: Int
     private let descriptors: UnsafeMutableRawPointer
+    /// Pages of `pages` this engine mapped itself (0: the page store's).
+    private let mappedPageCount: Int
     private let freeAreas: UnsafeMutablePointer<Int32>
     private var freeAreaCount: Int
     /// Indirect requests of this pass whose descriptors are being read.
@@ -221,10 +224,14 @@ public final class VbdEngine {
         slots.initialize(repeating: RequestSlot(), count: slotCount)
         self.pageStore = pageStore
         let descriptorPages = max(1, areaCount * descriptorPagesPerArea)
+        // Bounce and descriptor pages in one block: the page store's, or a
+        // mapping of the engine's own, unmapped whole when it goes.
         if let pageStore {
             pages = pageStore.pages(placeCount + descriptorPages)
+            mappedPageCount = 0
         } else {
-            pages = allocatePages(placeCount, what: "bounce pages")
+            mappedPageCount = placeCount + descriptorPages
+            pages = mapPages(mappedPageCount, what: "bounce and indirect descriptor pages")
         }
         // A place's segment, iovec and bounced flag are written when a
         // request takes it, before anything reads them: left uninitialised
@@ -235,8 +242,7 @@ public final class VbdEngine {
         freeSlots = .allocate(capacity: slotCount)
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount
-        descriptors = pageStore != nil ? pages + placeCount * XenPage.size
-                                       : allocatePages(descriptorPages, what: "indirect descriptor pages")
+        descriptors = pages + placeCount * XenPage.size
         freeAreas = .allocate(capacity: max(1, areaCount))
         for i in 0..<areaCount { freeAreas[i] = Int32(areaCount - 1 - i) }
         freeAreaCount = areaCount
@@ -274,11 +280,10 @@ public final class VbdEngine {
 
     deinit {
         slots.deallocate()
-        if pageStore == nil { free(pages) }
+        if mappedPageCount > 0 { MappedPages.unmap(pages, byteCount: mappedPageCount * XenPage.size) }
         iovecs.deallocate()
         segments.deallocate()
         bounced.deallocate()
-        if pageStore == nil { free(descriptors) }
         freeAreas.deallocate()
         pendingIndirect.deallocate()
         freeSlots.deallocate()
@@ -840,8 +845,17 @@ public final class VbdEnginePageStore {
     }
 }
 
-/// Page-aligned memory (grant copy targets, O_DIRECT buffers); pages never
-/// touched cost address space only.
+/// Page-aligned memory of the engine's own (grant copy targets, O_DIRECT
+/// buffers), mapped from the kernel and unmapped whole (`MappedPages`).
+func mapPages(_ count: Int, what: String) -> UnsafeMutableRawPointer {
+    guard let p = MappedPages.map(byteCount: count * XenPage.size) else {
+        preconditionFailure("out of memory for \(count * XenPage.size) bytes of \(what)")
+    }
+    return p
+}
+
+/// Page-aligned heap memory: the page store's, where AddressSanitizer
+/// fences the block (a fuzzer's engines share it).
 func allocatePages(_ count: Int, what: String) -> UnsafeMutableRawPointer {
     var raw: UnsafeMutableRawPointer?
     let bytes = count * XenPage.size

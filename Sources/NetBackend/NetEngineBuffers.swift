@@ -1,6 +1,7 @@
 import Glibc
 import Hypervisor
 import NetworkPlumbing
+import SystemSupport
 import XenABI
 
 /// Every buffer one vif queue's engine uses, allocated once (about 8.5 MiB,
@@ -35,19 +36,43 @@ public final class NetEngineBuffers {
     /// One ring slot, copied out of shared memory before it is decoded.
     let scratch: UnsafeMutableRawPointer
 
-    public init() {
-        var raw: UnsafeMutableRawPointer?
-        precondition(posix_memalign(&raw, XenPage.size, Self.txBatch * Self.packetStride) == 0, "out of memory for tx buffers")
-        txFrames = raw!
+    /// Where the frame buffers come from.
+    public enum Backing: Sendable {
+        /// One mapping for all of them, unmapped whole when the engine goes (the daemon).
+        case mapped
+        /// One heap allocation each, so AddressSanitizer fences every buffer
+        /// with red zones (the fuzzers, which make the buffers once).
+        case heap
+    }
+    private let backing: Backing
+    /// Rx buffers' distance in a mapping (64-byte aligned, as from the heap).
+    static let rxStride = (rxBufferSize + 63) / 64 * 64
+    static var txBytes: Int { txBatch * packetStride }
+    static var mappedBytes: Int { txBytes + (rxBatch + 1) * rxStride }
+
+    public init(backing: Backing = .mapped) {
+        self.backing = backing
+        rxBuffers = .allocate(capacity: Self.rxBatch + 1)
+        switch backing {
+        case .mapped:
+            guard let region = MappedPages.map(byteCount: Self.mappedBytes) else {
+                preconditionFailure("out of memory for \(Self.mappedBytes) bytes of vif buffers")
+            }
+            txFrames = region
+            for i in 0...Self.rxBatch { rxBuffers[i] = region + Self.txBytes + i * Self.rxStride }
+        case .heap:
+            var raw: UnsafeMutableRawPointer?
+            precondition(posix_memalign(&raw, XenPage.size, Self.txBytes) == 0, "out of memory for tx buffers")
+            txFrames = raw!
+            for i in 0...Self.rxBatch {
+                var b: UnsafeMutableRawPointer?
+                precondition(posix_memalign(&b, 64, Self.rxBufferSize) == 0, "out of memory for rx buffers")
+                rxBuffers[i] = b!
+            }
+        }
         txPackets = .allocate(capacity: Self.txBatch)
         txPackets.initialize(repeating: TxPacket(), count: Self.txBatch)
         txCopies = .allocate(capacity: Self.txCopyCapacity)
-        rxBuffers = .allocate(capacity: Self.rxBatch + 1)
-        for i in 0...Self.rxBatch {
-            var b: UnsafeMutableRawPointer?
-            precondition(posix_memalign(&b, 64, Self.rxBufferSize) == 0, "out of memory for rx buffers")
-            rxBuffers[i] = b!
-        }
         rxFrames = .allocate(capacity: Self.rxBatch)
         rxFrames.initialize(repeating: RxFrame(), count: Self.rxBatch)
         rxCopies = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
@@ -57,10 +82,15 @@ public final class NetEngineBuffers {
     }
 
     deinit {
-        free(txFrames)
+        switch backing {
+        case .mapped:
+            MappedPages.unmap(txFrames, byteCount: Self.mappedBytes)
+        case .heap:
+            free(txFrames)
+            for i in 0...Self.rxBatch { free(rxBuffers[i]) }
+        }
         txPackets.deallocate()
         txCopies.deallocate()
-        for i in 0...Self.rxBatch { free(rxBuffers[i]) }
         rxBuffers.deallocate()
         rxFrames.deallocate()
         rxCopies.deallocate()
