@@ -175,6 +175,7 @@ public final class InMemoryStorage: BlockStorage {
             memset(written + Int(op.offset), 0, Int(op.length))
             markDirty(Int(op.offset), Int(op.length))
             writeLog.append((Int(op.offset), logBytes.count, Int(op.length)))
+            // The range's bytes as they are now: zeros, just cleared.
             logBytes.append(contentsOf: UnsafeRawBufferPointer(start: written + Int(op.offset), count: Int(op.length)))
             return 0
         case .flush:
