@@ -280,8 +280,6 @@ final class BlkifFuzzRing {
             return
         }
         if trace { print("  \(name): killed at \(point) (\(reached) reached)") }
-        disk.beforeSubmit = nil
-        journalNow?.beforeStore = nil
         guest.memory.copyMemory(from: frozenGuest, byteCount: FuzzGuestLayout.pages * XenPage.size)
         journalMemory.copyMemory(from: frozenJournal, byteCount: journalBytes)
         disk.rollBack(to: mark)
