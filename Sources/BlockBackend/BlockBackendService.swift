@@ -37,34 +37,28 @@ public struct BlockBackendOptions: Sendable {
     }
 }
 
-/// The vbd driver: discovers devices under /local/domain/<own>/backend/vbd
-/// as the toolstack creates and removes them, and runs one VbdDevice each.
-/// Everything here runs on the control loop's thread.
+/// The vbd backend: a `XenbusDeviceTable` of `VbdDriver`s under
+/// /local/domain/<own>/backend/vbd. Everything here runs on the control
+/// loop's thread.
 public final class BlockBackendService: @unchecked Sendable {   // confined to the control loop thread
     public static let deviceType = "vbd"
-    private let platform: any HypervisorPlatform
-    private let loop: XenbusControlLoop
-    private let devices: BackendDeviceTable<VbdDevice>
+    private let devices: XenbusDeviceTable<VbdDriver>
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener,
                 options: BlockBackendOptions = .init(), logger: Logger) {
-        self.platform = platform
-        self.loop = loop
-        devices = BackendDeviceTable(logger: logger) { [platform, loop, openStorage, options, logger] address in
-            VbdDevice(address: address, platform: platform, loop: loop, openStorage: openStorage,
-                      options: options, logger: logger)
+        devices = XenbusDeviceTable(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
+                                    logger: logger) { [platform, openStorage, options] address, _ in
+            VbdDriver(address: address, platform: platform, openStorage: openStorage, options: options)
         }
     }
 
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
-    public func start() throws(XenStoreError) {
-        try devices.start(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType)
-    }
+    public func start() throws(XenStoreError) { try devices.start() }
 
     /// Answers every request in flight on every ring and stops the data
     /// planes, leaving xenstore as it is (a restarted daemon resumes).
     public func quiesce() { devices.quiesceAll() }
 
-    public var status: [VbdStatus] { devices.all.map(\.status) }
+    public var status: [VbdStatus] { devices.all.map { $0.driver.status(of: $0) } }
 }

@@ -130,7 +130,8 @@ public enum XenbusFuzzTarget: FuzzTarget {
                     for v in metadata.values { check.check(v) }
                 }
             }
-            loop = XenbusControlLoop(store: store, logger: logger)
+            // One thread, deterministic: jobs run inline, their ends are posted tasks.
+            loop = XenbusControlLoop(store: store, logger: logger, workers: .inline)
             service = BlockBackendService(platform: platform, loop: loop, openStorage: { params, _, depth in
                 guard params.hasPrefix("mem:") else { throw StorageError("open", errno: ENOENT, path: params) }
                 let disk = InMemoryStorage(sizeBytes: 1 << 16, queueDepth: depth)
@@ -168,7 +169,7 @@ public enum XenbusFuzzTarget: FuzzTarget {
         func settle() {
             for _ in 0..<64 {
                 loop.runPending()
-                if store.pendingEvents == 0 { return }
+                if store.pendingEvents == 0 && !loop.hasPendingTasks { return }
             }
             findings.append("step \(step): the control plane never settled")
         }

@@ -22,27 +22,22 @@ public struct NetBackendOptions: Sendable {
     public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
 }
 
-/// The vif driver: runs one VifDevice per device the toolstack creates
-/// under backend/vif. Everything here runs on the control loop's thread,
-/// so interfaces are created in that thread's network namespace.
+/// The vif backend: a `XenbusDeviceTable` of `VifDriver`s under
+/// /local/domain/<own>/backend/vif. Devices' interfaces are created on the
+/// framework's workers, in the daemon's network namespace.
 public final class NetBackendService: @unchecked Sendable {   // confined to the control loop thread
     public static let deviceType = "vif"
-    private let platform: any HypervisorPlatform
-    private let loop: XenbusControlLoop
-    private let devices: BackendDeviceTable<VifDevice>
+    private let devices: XenbusDeviceTable<VifDriver>
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, options: NetBackendOptions = .init(),
                 logger: Logger) {
-        self.platform = platform
-        self.loop = loop
-        devices = BackendDeviceTable(logger: logger) { [platform, loop, options, logger] address in
-            VifDevice(address: address, platform: platform, loop: loop, options: options, logger: logger)
+        devices = XenbusDeviceTable(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
+                                    logger: logger) { [platform, options] address, _ in
+            VifDriver(address: address, platform: platform, options: options)
         }
     }
 
-    public func start() throws(XenStoreError) {
-        try devices.start(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType)
-    }
+    public func start() throws(XenStoreError) { try devices.start() }
 
     /// Stops every data plane, leaving xenstore as it is.
     public func quiesce() { devices.quiesceAll() }
@@ -50,5 +45,5 @@ public final class NetBackendService: @unchecked Sendable {   // confined to the
     /// Stops everything and removes every interface (daemon exit).
     public func shutdown() { devices.teardownAll() }
 
-    public var status: [VifStatus] { devices.all.map(\.status) }
+    public var status: [VifStatus] { devices.all.map { $0.driver.status(of: $0) } }
 }

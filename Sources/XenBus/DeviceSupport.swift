@@ -61,32 +61,6 @@ public extension XenStore {
     }
 }
 
-/// What a backend service runs for each device it finds.
-public protocol BackendDevice: AnyObject {
-    var address: BackendDeviceAddress { get }
-    /// The device appeared: read the toolstack's keys, offer the device.
-    func probe()
-    /// The device's directory is gone (or the service ends): free everything.
-    func teardown()
-    /// The daemon stops: stop serving, leave xenstore as it is.
-    func quiesce()
-    /// The device cannot work: log, `error` node, Closed. Not `permanent`:
-    /// the frontend starting over gets the device again.
-    func fail(_ message: String, permanent: Bool)
-}
-
-public extension BackendDevice {
-    /// Runs one step of the handshake; what it throws closes the device
-    /// (a `DeviceFailure`'s message as it is, anything else after `what`).
-    func failing(_ what: String, permanent: Bool = false, _ step: () throws -> Void) {
-        do { try step() } catch let e as DeviceFailure {
-            fail(e.message, permanent: permanent)
-        } catch {
-            fail("\(what) failed: \(error)", permanent: permanent)
-        }
-    }
-}
-
 public extension XenStore {
     /// The frontend's `state` for `FrontendStateReaction`: nil when the
     /// node is gone; a value that is not a state in plain decimal is
@@ -108,22 +82,34 @@ public extension XenStore {
 }
 
 /// The devices of one backend type: created and probed as the toolstack
-/// adds them, torn down as it removes them (a `BackendDeviceWatcher`).
-/// Confined to the control loop's thread, like the devices.
-public final class BackendDeviceTable<Device: BackendDevice>: @unchecked Sendable {   // confined to the control loop thread
-    private let make: (BackendDeviceAddress) -> Device
+/// adds them, removed as it takes them away (a `BackendDeviceWatcher`).
+/// A device whose directory comes back while the old one is still being
+/// released is probed once the release ends (a TAP's name, a disk's lock
+/// are free again by then). Confined to the control loop's thread.
+public final class XenbusDeviceTable<Driver: XenbusDriver>: @unchecked Sendable {   // confined to the control loop thread
+    public typealias Device = XenbusDevice<Driver>
+    private let loop: XenbusControlLoop
+    private let backendDomain: DomID
+    private let type: String
+    private let makeDriver: (BackendDeviceAddress, Logger) -> Driver
     private let logger: Logger
     private var devices: [BackendDeviceAddress: Device] = [:]
+    /// Devices being released, and whether their directory came back since.
+    private var releasing: [BackendDeviceAddress: Bool] = [:]
     private var watcher: BackendDeviceWatcher?
 
-    public init(logger: Logger, make: @escaping (BackendDeviceAddress) -> Device) {
+    public init(loop: XenbusControlLoop, backendDomain: DomID, type: String, logger: Logger,
+                makeDriver: @escaping (BackendDeviceAddress, Logger) -> Driver) {
+        self.loop = loop
+        self.backendDomain = backendDomain
+        self.type = type
         self.logger = logger
-        self.make = make
+        self.makeDriver = makeDriver
     }
 
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
-    public func start(loop: XenbusControlLoop, backendDomain: DomID, type: String) throws(XenStoreError) {
+    public func start() throws(XenStoreError) {
         let w = BackendDeviceWatcher(loop: loop, backendDomain: backendDomain, type: type, logger: logger,
                                      appeared: { [weak self] in self?.add($0) }, removed: { [weak self] in self?.remove($0) })
         watcher = w
@@ -135,23 +121,52 @@ public final class BackendDeviceTable<Device: BackendDevice>: @unchecked Sendabl
         devices.values.sorted { ($0.address.frontendDomain, $0.address.devid) < ($1.address.frontendDomain, $1.address.devid) }
     }
 
-    public func quiesceAll() { for d in devices.values { d.quiesce() } }
+    /// Daemon stop: every data plane stopped after answering what is in
+    /// flight (side by side, on the workers), xenstore left as it is so
+    /// that a restarted daemon resumes.
+    public func quiesceAll() { shutdownAll(release: false) }
 
+    /// Daemon exit that takes everything down (resources released too).
     public func teardownAll() {
-        for d in devices.values { d.teardown() }
+        shutdownAll(release: true)
         devices.removeAll()
     }
 
+    private func shutdownAll(release: Bool) {
+        for d in devices.values { d.beginQuiesce() }
+        // Jobs in flight end and report (their reports only record now).
+        loop.jobs.waitUntilIdle()
+        loop.runPostedTasks()
+        let stops = devices.values.compactMap { $0.takeForShutdown(release: release) }.map(Unchecked.init)
+        for stop in stops {
+            do { try loop.jobs.submit { stop.value() } } catch { stop.value() }
+        }
+        loop.jobs.waitUntilIdle()
+    }
+
     private func add(_ address: BackendDeviceAddress) {
-        let device = make(address)
+        if releasing[address] != nil {
+            releasing[address] = true   // probed once the old one is released
+            return
+        }
+        var l = logger
+        l[metadataKey: "device"] = "\(address)"
+        let device = Device(address: address, backendDomain: backendDomain, driver: makeDriver(address, l), loop: loop, logger: l)
         devices[address] = device
         logger.info("device appeared", metadata: ["device": "\(address)"])
         device.probe()
     }
 
     private func remove(_ address: BackendDeviceAddress) {
-        guard let device = devices.removeValue(forKey: address) else { return }
+        guard let device = devices.removeValue(forKey: address) else {
+            if releasing[address] != nil { releasing[address] = false }   // came back and went again
+            return
+        }
         logger.info("device removed", metadata: ["device": "\(address)"])
-        device.teardown()
+        releasing[address] = false
+        device.remove { [weak self] in
+            guard let self, let cameBack = self.releasing.removeValue(forKey: address) else { return }
+            if cameBack { self.add(address) }
+        }
     }
 }

@@ -20,12 +20,30 @@ public enum FrontendStateReaction: Equatable, Sendable {
     ///   vanished frontend counts as Closed, and so does Unknown).
     /// - mayOfferAgain: false for a device that cannot work whatever the
     ///   frontend does (bad toolstack keys, a failed hotplug script).
-    public init(frontend: XenbusState?, backend: XenbusState, mayOfferAgain: Bool) {
+    /// - connectsAtInitialised: blkfront publishes its ring at Initialised;
+    ///   netfront goes from Initialising straight to Connected, and netback
+    ///   waits for that.
+    /// - online: the toolstack's `online` key; 0 while it removes the
+    ///   device. Then nothing is offered again, and a frontend that is not
+    ///   using the device (never connected, or gone) gets Closed at once, as
+    ///   QEMU's xen-bus does, so that the toolstack's removal need not wait
+    ///   for a guest that will never answer.
+    public init(frontend: XenbusState?, backend: XenbusState, mayOfferAgain: Bool,
+                connectsAtInitialised: Bool = true, online: Bool = true) {
+        if !online, backend != .closed {
+            switch frontend ?? .closed {
+            case .initialising, .initWait, .unknown, .closed, .reconfiguring, .reconfigured:
+                self = .close(.closed)
+                return
+            case .initialised, .connected, .closing:
+                break   // an active frontend is closed the usual way
+            }
+        }
         switch frontend ?? .closed {
-        case .initialised, .connected:
-            // blkfront publishes its ring at Initialised; netfront goes
-            // from Initialising straight to Connected.
-            self = backend == .initWait ? .connect : .none
+        case .initialised:
+            self = backend == .initWait && connectsAtInitialised && online ? .connect : .none
+        case .connected:
+            self = backend == .initWait && online ? .connect : .none
         case .closing:
             // A Closed backend (failed, say) has nothing left to close.
             self = backend == .closing || backend == .closed ? .none : .close(.closing)
@@ -34,7 +52,7 @@ public enum FrontendStateReaction: Equatable, Sendable {
         case .initialising:
             // Linux blkback: Initialising while Closed gives InitWait. We
             // also take a frontend that skipped Closed after our Closing.
-            self = (backend == .closed || backend == .closing) && mayOfferAgain ? .offerAgain : .none
+            self = (backend == .closed || backend == .closing) && mayOfferAgain && online ? .offerAgain : .none
         case .initWait, .reconfiguring, .reconfigured:
             self = .none
         }

@@ -17,10 +17,15 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
     private var nextToken = 0
     private let wakeup: Wakeup
     private var stopRequested = false
+    /// Where devices' blocking work runs (`XenbusDevice`).
+    let jobs: XenbusJobQueue
 
-    public init(store: any XenStore, logger: Logger) {
+    /// - workers: `.threads` in the daemon; `.inline` for a test or fuzzer
+    ///   that steps the loop with `runPending()` on one thread.
+    public init(store: any XenStore, logger: Logger, workers: XenbusWorkers = .threads(XenbusWorkers.defaultThreads)) {
         self.store = store
         self.logger = logger
+        self.jobs = XenbusJobQueue(workers)
         do { wakeup = try Wakeup() } catch { fatalError("the control loop cannot run without an eventfd: \(error)") }
     }
 
@@ -74,6 +79,7 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
         var fds = [pollfd(fd: store.watchFileDescriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
             + extra.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+        defer { jobs.stop() }
         while true {
             if locked({ stopRequested }) { return }
             let n = poll(&fds, nfds_t(fds.count), -1)
@@ -95,6 +101,17 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
         runTasks()
         dispatchWatchEvents()
     }
+
+    /// Tasks posted and not yet run (a stepping test settles when none are left).
+    public var hasPendingTasks: Bool { locked { !tasks.isEmpty } }
+
+    /// Runs the tasks posted so far, not watch events (a shutdown that
+    /// collects what finished jobs report).
+    func runPostedTasks() { runTasks() }
+
+    /// Ends the workers (after what is queued); for an owner that never
+    /// calls `run()`. Idempotent.
+    public func stopWorkers() { jobs.stop() }
 
     private func runTasks() {
         let pending: [() -> Void] = locked {

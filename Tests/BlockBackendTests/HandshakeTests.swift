@@ -10,7 +10,7 @@ import XenBus
 import SystemSupport
 
 /// The backend half of the xenbus handshake against frontends that publish
-/// bad values: each leaves its device Closed with a reason in `error`, and
+/// bad values: each leaves its device Closing with a reason in `error`, and
 /// the daemon keeps serving the other guest.
 @Suite("xenbus handshake: bad values")
 struct HandshakeBadValueTests {
@@ -21,9 +21,14 @@ struct HandshakeBadValueTests {
         let (fe, _) = try bed.guestWithAttachedDisk(1)
         fe.publishOverrides = overrides
         #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
-        #expect(bed.backendState(fe) == .closed)
+        // Linux's xenbus_dev_fatal: Closing, and "<errno> <reason>" under the
+        // backend domain's error/ tree (the device's own `error` key too).
+        #expect(bed.backendState(fe) == .closing)
         let error = try bed.host.toolstack.store.read(fe.backendPath + "/error")
         #expect(error?.contains(reason) == true, "error node: \(error ?? "nil")")
+        let linuxPath = fe.backendPath.replacingOccurrences(of: "/local/domain/0/backend/", with: "/local/domain/0/error/backend/")
+        let linuxError = try bed.host.toolstack.store.read(linuxPath + "/error")
+        #expect(linuxError?.hasPrefix("22 ") == true && linuxError?.contains(reason) == true, "error/ node: \(linuxError ?? "nil")")
         #expect(try good.read(sector: 0, count: 8).status == BlkifStatus.okay)
     }
 
@@ -111,14 +116,14 @@ struct HandshakeBadValueTests {
         #expect(error == "type \"vbd3\" is not served here (phy or file)")
     }
 
-    @Test("a missing disk: Closed at once with the reason, before any frontend")
+    @Test("a missing disk: Closing at once with the reason (Linux's xenbus_dev_fatal), before any frontend")
     func missingDisk() throws {
         let bed = try TestBed()
         defer { bed.close() }
         let guest = try bed.host.createGuest(1)
         let fe = try bed.host.attachDisk(to: guest, .init(params: "/nonexistent/disk.img"))
         #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
-        #expect(bed.backendState(fe) == .closed)
+        #expect(bed.backendState(fe) == .closing)
         let error = try bed.host.toolstack.store.read(fe.backendPath + "/error")
         #expect(error?.contains("/nonexistent/disk.img") == true, "error node: \(error ?? "nil")")
     }
@@ -325,11 +330,11 @@ struct HandshakeRestartTests {
         let (fe, _) = try bed.guestWithAttachedDisk(1, megabytes: 8)
         fe.publishOverrides = ["ring-ref": "+8"]
         #expect(throws: FrontendError.self) { try fe.connect(timeout: 5) }
-        #expect(bed.backendState(fe) == .closed)
+        #expect(bed.backendState(fe) == .closing)
         #expect(try bed.host.toolstack.store.read(fe.backendPath + "/error") == #"malformed ring-ref "+8""#)
         #expect(bed.host.blockStatus.first?.diskOpen == false)
         if closesFirst {
-            // Linux blkfront's answer to a backend Closed with an error.
+            // Linux blkfront's answer to a backend Closing with an error.
             try setFrontendState(fe, .closing)
             try setFrontendState(fe, .closed)
             usleep(100_000)
@@ -422,7 +427,7 @@ struct HandshakeHotplugTests {
             try store.write(backend + "/hotplug-error", "/var/lib/xen/missing.img does not exist", transaction: t)
             try store.write(backend + "/hotplug-status", "error", transaction: t)
         }
-        try waitUntil("Closed") { store.readState(backend) == .closed }
+        try waitUntil("Closing") { store.readState(backend) == .closing }
         let error = try store.read(backend + "/error")
         #expect(error == "hotplug script failed: /var/lib/xen/missing.img does not exist")
         #expect(bed.host.blockStatus.first?.diskOpen == false)

@@ -196,7 +196,7 @@ struct HostileFrontendTests {
         try withHostileGuest { fe, bed in
             fe.publishRawRequestProducer(10_000)
             let store = bed.host.toolstack.store
-            try waitUntil("the device to close") { bed.backendState(fe) == .closed }
+            try waitUntil("the device to close") { bed.backendState(fe) == .closing }
             let error = try store.read(fe.backendPath + "/error")
             #expect(error?.contains("broke the ring protocol") == true)
             #expect(bed.host.blockStatus.first { $0.address.frontendDomain == 1 }?.lastError != nil)

@@ -92,7 +92,7 @@ import XenBus
                 slots.append(Self.request(page.ref, offset: 4090, id: UInt16(i), size: 60))
             }
             h.frontend.pushTxSlots(slots)
-            #expect(bed.waitUntil(5) { bed.host.toolstack.store.readState(bed.backendPath(h)) == .closed })
+            #expect(bed.waitUntil(5) { bed.host.toolstack.store.readState(bed.backendPath(h)) == .closing })
             let error = try bed.host.toolstack.store.read(bed.backendPath(h) + "/error") ?? ""
             #expect(error.contains("malformed packets in a row"), "\(error)")
             // The other guests carry on.
@@ -107,7 +107,7 @@ import XenBus
             let page = try h.frontend.grantTxPage()
             Self.fillFrame(page.bytes)
             h.frontend.pushTxSlots([Self.request(page.ref, flags: NetifTxFlags.moreData, id: 1, size: 60)])
-            #expect(bed.waitUntil(5) { bed.host.toolstack.store.readState(bed.backendPath(h)) == .closed })
+            #expect(bed.waitUntil(5) { bed.host.toolstack.store.readState(bed.backendPath(h)) == .closing })
             let error = try bed.host.toolstack.store.read(bed.backendPath(h) + "/error") ?? ""
             #expect(error.contains("ends with NETTXF_more_data"), "\(error)")
         }

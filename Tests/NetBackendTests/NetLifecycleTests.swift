@@ -111,7 +111,7 @@ import XenBus
             a.frontend.publishOverrides = ["tx-ring-ref": "+9"]
             #expect(throws: (any Error).self) { try a.frontend.connect(timeout: 5) }
             let be = bed.backendPath(a)
-            #expect(bed.waitUntil(5) { store.readState(be) == .closed })
+            #expect(bed.waitUntil(5) { store.readState(be) == .closing })
             #expect(try store.read(be + "/error") == #"malformed tx-ring-ref "+9""#)
             if closesFirst {
                 try a.frontend.store.writeState(a.frontend.frontendPath, .closing)
@@ -153,7 +153,7 @@ import XenBus
             h.frontend.publishOverrides = overrides
             #expect(throws: (any Error).self) { try h.frontend.connect(timeout: 5) }
             let store = bed.host.toolstack.store
-            #expect(bed.waitUntil(5) { store.readState(bed.backendPath(h)) == .closed })
+            #expect(bed.waitUntil(5) { store.readState(bed.backendPath(h)) == .closing })
             let error = try store.read(bed.backendPath(h) + "/error") ?? ""
             #expect(!error.isEmpty, "\(overrides)")
             let ping = try a.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", b.address], timeout: 30)

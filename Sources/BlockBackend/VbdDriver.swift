@@ -1,0 +1,257 @@
+import BlockStorage
+import Glibc
+import Hypervisor
+import Logging
+import XenABI
+import XenBus
+
+/// Opens the disk a vbd's `params` names. The backend injects it so that
+/// files, block devices and (later) NBD exports share one handshake.
+public typealias StorageOpener = @Sendable (_ params: String, _ readOnly: Bool, _ queueDepth: Int) throws -> any BlockStorage
+
+/// A snapshot of one device for `xenbackd status`, tests and the demo.
+public struct VbdStatus: Sendable {
+    public var address: BackendDeviceAddress
+    public var state: XenbusState
+    public var params: String
+    public var diskOpen: Bool
+    public var ringPages: Int
+    public var statistics: VbdStatistics
+    public var lastError: String?
+    /// The storage's last report (an NBD connection lost or regained).
+    public var lastStorageEvent: String?
+}
+
+/// The vbd type for the xenbus framework (`XenbusDevice`): its toolstack
+/// keys (params, mode, type, discard-enable), the disk it opens once
+/// hotplug is done, and the ring it serves (xen/io/blkif.h). The state
+/// machine, watches and errors are the framework's.
+final class VbdDriver: XenbusDriver {
+    typealias Resource = any BlockStorage
+    typealias Connection = VbdDataPlane
+
+    static let queueDepth = SharedRingLayout.slots(pages: 1 << SharedRingLayout.maxPageOrder, entrySize: Blkif.slotSize)
+
+    let connectsAtInitialised = true
+    let opensBeforeInitWait = false
+    let releasesOnClose = true
+
+    private let address: BackendDeviceAddress
+    private let platform: any HypervisorPlatform
+    private let openStorage: StorageOpener
+    private let options: BlockBackendOptions
+
+    // Read at probe (control thread), before any job: workers only read them.
+    private(set) var params = ""
+    private var readOnly = false
+    /// The toolstack's `discard-enable` (libxl writes 0 for `discard=off`).
+    private var discardEnabled = true
+
+    // Control thread only.
+    private var retiredStatistics = VbdStatistics()
+    private(set) var lastStorageEvent: String?
+
+    init(address: BackendDeviceAddress, platform: any HypervisorPlatform, openStorage: @escaping StorageOpener,
+         options: BlockBackendOptions) {
+        self.address = address
+        self.platform = platform
+        self.openStorage = openStorage
+        self.options = options
+    }
+
+    func status(of device: XenbusDevice<VbdDriver>) -> VbdStatus {
+        var s = retiredStatistics
+        if let live = device.connection?.statistics { s = s.adding(live) }
+        return VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
+                         ringPages: device.connection?.ringPages ?? 0, statistics: s, lastError: device.lastError,
+                         lastStorageEvent: lastStorageEvent)
+    }
+
+    // MARK: toolstack keys, InitWait
+
+    func readToolstackKeys(_ d: XenbusDeviceContext) throws {
+        let store = d.store
+        guard let p = try store.read(d.backendPath + "/params"), !p.isEmpty else {
+            throw DeviceFailure("missing params key")
+        }
+        params = p
+        let mode = (try store.read(d.backendPath + "/mode")) ?? "w"
+        switch mode {
+        case "r", "ro": readOnly = true
+        case "w", "rw", "w!": readOnly = false
+        default: throw DeviceFailure("mode \(GuestText.quoted(mode)) is neither r nor w")
+        }
+        // libxl writes type=phy for every disk on a blkback-style backend.
+        let type = (try store.read(d.backendPath + "/type")) ?? "phy"
+        guard type == "phy" || type == "file" else {
+            throw DeviceFailure("type \(GuestText.quoted(type)) is not served here (phy or file)")
+        }
+        discardEnabled = try store.readFlag(d.backendPath, "discard-enable", default: true)
+    }
+
+    /// max-ring-page-order, and feature-max-indirect-segments before InitWait
+    /// as Linux blkback writes it since 4.6 (some frontends read it before
+    /// Connected): absent, not 0, when not offered (blkif.h); a key an
+    /// earlier run wrote goes.
+    func offerKeys(_ d: XenbusDeviceContext) -> [(key: String, value: String?)] {
+        [("max-ring-page-order", String(SharedRingLayout.maxPageOrder)),
+         ("feature-max-indirect-segments", options.maxIndirectSegments > 0 ? String(options.maxIndirectSegments) : nil)]
+    }
+
+    /// `params` in a message or log line: the toolstack's bytes, escaped
+    /// (a path may be long: more of it is shown than of a guest's value).
+    private var shownParams: String { GuestText.escaped(params, limit: 256) }
+
+    // MARK: the disk
+
+    func open(_ d: XenbusDeviceContext, resuming: Bool) throws -> any BlockStorage {
+        let storage: any BlockStorage
+        do {
+            storage = try openStorage(params, readOnly, Self.queueDepth)
+        } catch {
+            throw DeviceFailure("cannot open disk \(shownParams): \(GuestText.escaped("\(error)", limit: 256))")
+        }
+        // Connection trouble (an NBD server) is logged and shown by status.
+        let me = WeakDevice(self)
+        storage.setEventHandler { [post = d.post] message in post { me.value?.storageEvent(message, logger: d.logger) } }
+        d.logger.info("disk open", metadata: ["params": "\(shownParams)", "readOnly": "\(readOnly)"])
+        return storage
+    }
+
+    func close(_ d: XenbusDeviceContext, resource storage: any BlockStorage, flush: Bool) {
+        // The ring is gone for good (not a daemon restart): so is its journal.
+        if let journalPath { unlink(journalPath) }
+        if flush && storage.geometry.supportsFlush {
+            let result = storage.flushAndWait()
+            if result < 0 { d.logger.error("flush before close failed", metadata: ["errno": "\(-result)"]) }
+        }
+        storage.close()
+        d.logger.info("disk closed")
+    }
+
+    /// A storage's report (on the control thread).
+    private func storageEvent(_ message: String, logger: Logger) {
+        lastStorageEvent = message
+        logger.warning("storage", metadata: ["params": "\(shownParams)", "event": "\(GuestText.escaped(message, limit: 256))"])
+    }
+
+    // MARK: the ring
+
+    func connect(_ d: XenbusDeviceContext, resource storage: any BlockStorage, resuming: Bool) throws
+        -> (connection: VbdDataPlane, keys: [(key: String, value: String)]) {
+        let ring = try readRingKeys(d)
+        let g = storage.geometry
+        let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
+                                flush: g.supportsFlush, barrier: g.supportsFlush,
+                                discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
+                                maxIndirectSegments: resuming ? publishedIndirectSegments(d) : options.maxIndirectSegments)
+        var config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
+                                          remotePort: ring.port, limits: limits,
+                                          pollMicroseconds: options.pollMicroseconds,
+                                          persistentGrants: ring.persistent)
+        config.journalPath = journalPath
+        config.resuming = resuming
+        let plane: VbdDataPlane
+        do {
+            plane = try VbdDataPlane(name: "\(address.frontendDomain).\(address.devid)", platform: platform, storage: storage,
+                                     configuration: config, logger: d.logger, onFatal: d.fail)
+        } catch {
+            throw DeviceFailure("cannot map ring or bind event channel: \(error)")
+        }
+        do { try plane.start() } catch {
+            plane.stop()
+            throw DeviceFailure("cannot start the data plane: \(error)")
+        }
+        d.logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)",
+                                              "persistentGrants": "\(ring.persistent)"])
+        return (plane, connectedKeys(geometry: g, limits: limits))
+    }
+
+    func disconnect(_ d: XenbusDeviceContext, resource: any BlockStorage, connection plane: VbdDataPlane) {
+        plane.stop()
+    }
+
+    func retired(_ plane: VbdDataPlane) {
+        retiredStatistics = retiredStatistics.adding(plane.statistics)
+    }
+
+    /// What the previous daemon offered this frontend, which may still send
+    /// requests that large: a resumed ring keeps that promise, whatever this
+    /// daemon's option (within what the data plane can take).
+    private func publishedIndirectSegments(_ d: XenbusDeviceContext) -> Int {
+        guard let v = (try? d.store.readNumber(d.backendPath, "feature-max-indirect-segments", as: UInt32.self)) ?? nil else {
+            return 0
+        }
+        return min(Int(v), VbdDataPlane.indirectSegmentsLimit)
+    }
+
+    /// The frontend's ring keys, as Linux blkback reads them: without
+    /// `ring-page-order`, one page named by `ring-ref`; with it (0
+    /// included), 2^order pages named by `ring-ref0`... (`ring-ref` is
+    /// then ignored).
+    private func readRingKeys(_ d: XenbusDeviceContext) throws -> (refs: [GrantRef], port: EventChannelPort, persistent: Bool) {
+        let store = d.store, fe = d.frontendPath
+        let protocolName = (try store.read(fe + "/protocol")) ?? "x86_64-abi"
+        guard protocolName == "x86_64-abi" else {
+            throw DeviceFailure("unsupported protocol \(GuestText.quoted(protocolName))")
+        }
+        var refs: [GrantRef] = []
+        if let order = try store.readNumber(fe, "ring-page-order", as: UInt32.self) {
+            guard order <= SharedRingLayout.maxPageOrder else {
+                throw DeviceFailure("ring-page-order \(order) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
+            }
+            for i in 0..<(1 << order) {
+                guard let r = try store.readNumber(fe, "ring-ref\(i)", as: GrantRef.self) else {
+                    throw DeviceFailure("missing ring-ref\(i) (ring-page-order is \(order))")
+                }
+                refs.append(r)
+            }
+        } else {
+            guard let r = try store.readNumber(fe, "ring-ref", as: GrantRef.self) else {
+                throw DeviceFailure("missing ring-ref (no ring-page-order)")
+            }
+            refs = [r]
+        }
+        guard let port = try store.readNumber(fe, "event-channel", as: EventChannelPort.self) else {
+            throw DeviceFailure("missing event-channel")
+        }
+        let persistent = try store.readFlag(fe, "feature-persistent", default: false) && options.persistentGrants
+        return (refs, port, persistent)
+    }
+
+    /// Everything the frontend reads at connect; the framework writes them
+    /// with state=Connected in one transaction.
+    private func connectedKeys(geometry g: StorageGeometry, limits: DiskLimits) -> [(key: String, value: String)] {
+        var keys: [(key: String, value: String)] = [
+            ("sectors", String(g.sizeBytes / UInt64(Blkif.sectorSize))),
+            ("info", String(limits.readOnly ? Blkif.vdiskReadOnly : 0)),
+            ("sector-size", String(g.logicalSectorSize)),
+            ("physical-sector-size", String(g.physicalSectorSize)),
+            ("feature-flush-cache", limits.flush ? "1" : "0"),
+            ("feature-barrier", limits.barrier ? "1" : "0"),
+            ("feature-discard", limits.discard ? "1" : "0"),
+            ("feature-persistent", options.persistentGrants ? "1" : "0"),
+        ]
+        if limits.discard, let d = g.discard {
+            keys += [("discard-granularity", String(d.granularity)), ("discard-alignment", String(d.alignment)),
+                     ("discard-secure", "0")]
+        }
+        return keys
+    }
+
+    /// This vbd's ring journal (see VbdRingJournal), if the daemon keeps them.
+    private var journalPath: String? {
+        options.ringJournalDirectory.map { "\($0)/vbd-\(address.frontendDomain)-\(address.devid).journal" }
+    }
+}
+
+extension VbdStatistics {
+    func adding(_ o: VbdStatistics) -> VbdStatistics {
+        var s = self
+        s.requests &+= o.requests; s.reads &+= o.reads; s.writes &+= o.writes
+        s.flushes &+= o.flushes; s.discards &+= o.discards
+        s.bytesRead &+= o.bytesRead; s.bytesWritten &+= o.bytesWritten; s.errors &+= o.errors
+        s.rejected = s.rejected.adding(o.rejected)
+        return s
+    }
+}
