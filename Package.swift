@@ -127,7 +127,10 @@ let package = Package(
         .testTarget(name: "FuzzReplayTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
-        .testTarget(name: "XenBusTests", dependencies: ["XenBus", "XenABI"], swiftSettings: strict),
+        // The xenbus framework stepped on an in-memory xenstore, state by state, and docs' state table checked against it.
+        .testTarget(name: "XenBusTests", dependencies: [
+            "XenBus", "XenABI", "Hypervisor", "EngineDoubles", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),

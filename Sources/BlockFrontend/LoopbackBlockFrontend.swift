@@ -115,8 +115,8 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         let offered = !waitForInitWait ? true : try store.waitFor(backendPath + "/state", seconds: timeout, what: "backend InitWait") { () -> Bool? in
             switch store.readState(backendPath) {
             case .initWait, .connected: return true
-            // Closed with a (new) reason: the backend gave up on this device.
-            case .closed:
+            // Closing or Closed with a (new) reason: the backend gave up on this device.
+            case .closing, .closed:
                 let why = (try? store.read(backendPath + "/error")) ?? nil
                 return why != nil && why != refusal ? false : nil
             default: return nil

@@ -37,6 +37,8 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     private var removal: (() -> Void)?
     private var removing = false
     private var quiescing = false
+    /// Watch firings before the probe is done are not acted on.
+    private var probed = false
     private var watches: [(path: String, token: String)] = []
 
     init(address: BackendDeviceAddress, backendDomain: DomID, driver: Driver, loop: XenbusControlLoop, logger: Logger) {
@@ -60,18 +62,21 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// The device appeared: reads the toolstack's keys, watches, and offers
     /// the device (or takes over a ring a previous daemon left connected).
     func probe() {
+        defer { probed = true }
         let ctx: XenbusDeviceContext
         do {
             let frontendPath = try store.readFrontendPath(backendPath: backendPath, address: address)
             let hasScript = !((try store.read(backendPath + "/script")) ?? "").isEmpty
             ctx = makeContext(frontendPath: frontendPath, hasScript: hasScript)
-            try driver.readToolstackKeys(ctx)
             context = ctx
-            online = readOnline()
-            hotplugDone = try !hasScript || store.read(backendPath + "/hotplug-status") == "connected"
+            // Watched before the keys are read: a device refused for its keys
+            // still answers its frontend's Closed with Closed.
             try watch(frontendPath + "/state") { [weak self] in self?.evaluate() }
             try watch(backendPath + "/online") { [weak self] in self?.onlineChanged() }
             if hasScript { try watch(backendPath + "/hotplug-status") { [weak self] in self?.hotplugStatusChanged() } }
+            online = readOnline()
+            hotplugDone = try !hasScript || store.read(backendPath + "/hotplug-status") == "connected"
+            try driver.readToolstackKeys(ctx)
         } catch {
             // What fails here is the toolstack's or the host's: final.
             fail(Self.reason(error, doing: "probe"), permanent: true)
@@ -159,7 +164,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// Looks at the frontend's state (and hotplug, online) and takes the
     /// next step. Called on every watch firing and after every job.
     func evaluate() {
-        guard let ctx = context, !removing, !quiescing else { return }
+        guard let ctx = context, probed, !removing, !quiescing else { return }
         if busy {
             changedWhileBusy = true
             return
@@ -304,8 +309,13 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             try? store.write(backendPath + "/error", message)
         }
         stopServing { [self] in
-            let fe = context.flatMap { store.readFrontendState($0.frontendPath, logger: logger) } ?? .closed
-            let next: XenbusState = fe == .closed || fe == .unknown ? .closed : .closing
+            // Closed at once only for a frontend known to be gone (not one
+            // whose path the toolstack's keys did not give).
+            var next = XenbusState.closing
+            if let ctx = context {
+                let fe = store.readFrontendState(ctx.frontendPath, logger: logger) ?? .closed
+                if fe == .closed || fe == .unknown { next = .closed }
+            }
             if state != next && state != .closed { try? setState(next) }
         }
     }

@@ -363,14 +363,14 @@ struct HandshakeRestartTests {
         try expectServes(fe, seed: 43)
     }
 
-    @Test("bad toolstack keys: the device stays Closed whatever the frontend does")
+    @Test("bad toolstack keys: the device stays down (Closing; Closed after the frontend's Closed) whatever the frontend does")
     func toolstackFailureStays() throws {
         let bed = try TestBed()
         defer { bed.close() }
         let (fe, _) = try bed.guestWithAttachedDisk(1) { $0.type = "vbd3" }
         let store = bed.host.toolstack.store
         let be = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)   // fe.backendPath is set by connect
-        try waitUntil("backend Closed") { store.readState(be) == .closed }
+        try waitUntil("backend Closing") { store.readState(be) == .closing }
         for state in [XenbusState.closing, .closed, .initialising] { try setFrontendState(fe, state) }
         usleep(200_000)
         #expect(store.readState(be) == .closed)

@@ -157,9 +157,9 @@ func runProgram(_ path: String, _ arguments: [String], environment: [String: Str
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
-/// Polls `condition` every 50 ms for up to five seconds.
-func waitUntil(_ what: String, _ condition: () -> Bool) throws {
-    for _ in 0..<100 {
+/// Polls `condition` every 50 ms for up to `seconds`.
+func waitUntil(_ what: String, seconds: Int = 5, _ condition: () -> Bool) throws {
+    for _ in 0..<(seconds * 20) {
         if condition() { return }
         usleep(50_000)
     }

@@ -136,7 +136,7 @@ import XenBus
             let g = try bed.addGuest(4, nic: nic, withTap: false, connect: false)
             let store = bed.host.toolstack.store
             let be = bed.backendPath(g)
-            #expect(bed.waitUntil(5) { store.readState(be) == .closed })
+            #expect(bed.waitUntil(5) { store.readState(be) == .closing })
             let error = try store.read(be + "/error") ?? ""
             #expect(error.contains(key == "vifname" ? "interface name" : key), "\(key)=\(value): \(error)")
             #expect(bed.vifStatus(g)?.lastError != nil)
