@@ -133,6 +133,22 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             grants.unmap(mapping)
             throw HypervisorError("epoll_create", errno: e)
         }
+        // Everything taken so far, given back when a later step fails.
+        let releaseTaken = { [epoll, wakeup, events, localPort, grants, mapping] in
+            Glibc.close(epoll)
+            wakeup.close()
+            try? events.unbind(localPort)
+            events.close()
+            grants.unmap(mapping)
+        }
+        for (fd, token) in [(events.fileDescriptor, Token.eventChannel), (storage.completionFileDescriptor, .storage),
+                            (wakeup.fd, .wakeup)]
+            // No descriptor (-1): a test double that completes or signals at once.
+            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
+            let e = errno
+            releaseTaken()
+            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+        }
         var journal: VbdRingJournal?
         if let path = c.journalPath {
             do {
@@ -146,9 +162,14 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                              metadata: ["reason": "\(error)"])
             }
         }
-        engine = VbdEngine(ring: mapping.address, pages: pageCount, frontendDomain: c.frontendDomain, grants: grants,
-                           storage: storage, limits: c.limits, persistentGrants: c.persistentGrants,
-                           journal: journal, identity: Self.identity(c), recover: c.resuming)
+        do {
+            engine = try VbdEngine(ring: mapping.address, pages: pageCount, frontendDomain: c.frontendDomain, grants: grants,
+                                   storage: storage, limits: c.limits, persistentGrants: c.persistentGrants,
+                                   journal: journal, identity: Self.identity(c), recover: c.resuming)
+        } catch {
+            releaseTaken()
+            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the ring's bounce pages")
+        }
         if c.resuming, journal != nil {
             if engine.recovered {
                 logger.notice("ring resumed from its journal", metadata: ["requestsToRunAgain": "\(engine.requestsToReplay)"])
@@ -158,9 +179,6 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
-        _ = xb_epoll_add(epoll, events.fileDescriptor, xb_EPOLLIN, Token.eventChannel.rawValue)
-        _ = xb_epoll_add(epoll, storage.completionFileDescriptor, xb_EPOLLIN, Token.storage.rawValue)
-        _ = xb_epoll_add(epoll, wakeup.fd, xb_EPOLLIN, Token.wakeup.rawValue)
 
         let dims: [(String, String)] = [("device", name)]
         requestCounter = Counter(label: "xenbackd_vbd_requests_total", dimensions: dims)

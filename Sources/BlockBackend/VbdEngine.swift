@@ -183,7 +183,8 @@ public final class VbdEngine {
     public init(ring base: UnsafeMutableRawPointer, pages ringPages: Int, frontendDomain: DomID, grants: any GrantTableHandle,
                 storage: any BlockStorage, limits: DiskLimits, persistentGrants: Bool,
                 indirectBouncePages: Int = VbdEngine.indirectBouncePages,
-                journal: VbdRingJournal? = nil, identity: UInt64 = 0, recover: Bool = false, pageStore: VbdEnginePageStore? = nil) {
+                journal: VbdRingJournal? = nil, identity: UInt64 = 0, recover: Bool = false,
+                pageStore: VbdEnginePageStore? = nil) throws(SystemError) {
         precondition((0...Self.indirectSegmentsLimit).contains(limits.maxIndirectSegments),
                      "max indirect segments \(limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
         self.storage = storage
@@ -203,6 +204,26 @@ public final class VbdEngine {
             journal?.format(identity: identity, consumed: ring.requestConsumer)
         }
         slotCount = Int(ring.size)
+        indirectSegments = limits.maxIndirectSegments
+        areaCount = indirectSegments == 0 ? 0 : min(slotCount, max(1, indirectBouncePages / indirectSegments))
+        descriptorPagesPerArea = Blkif.indirectPages(segments: indirectSegments)
+        placeCount = slotCount * Self.maxSegments + areaCount * indirectSegments
+        let descriptorPages = max(1, areaCount * descriptorPagesPerArea)
+        // Bounce and descriptor pages in one block: the page store's, or a
+        // mapping of the engine's own, unmapped whole when it goes. Taken
+        // first, so that a host out of memory fails this ring (thrown before
+        // anything else is allocated), not the daemon.
+        self.pageStore = pageStore
+        if let pageStore {
+            pages = pageStore.pages(placeCount + descriptorPages)
+            mappedPageCount = 0
+        } else {
+            mappedPageCount = placeCount + descriptorPages
+            guard let mapped = MappedPages.map(byteCount: mappedPageCount * XenPage.size) else {
+                throw SystemError("mmap", errno: ENOMEM)
+            }
+            pages = mapped
+        }
         self.journal = journal
         recovered = plan != nil
         let records = journal?.recordCount ?? 0
@@ -215,24 +236,9 @@ public final class VbdEngine {
             for r in 0..<records { freeRecords[r] = Int32(records - 1 - r) }
             freeRecordCount = records
         }
-        indirectSegments = limits.maxIndirectSegments
-        areaCount = indirectSegments == 0 ? 0 : min(slotCount, max(1, indirectBouncePages / indirectSegments))
-        descriptorPagesPerArea = Blkif.indirectPages(segments: indirectSegments)
-        placeCount = slotCount * Self.maxSegments + areaCount * indirectSegments
 
         slots = .allocate(capacity: slotCount)
         slots.initialize(repeating: RequestSlot(), count: slotCount)
-        self.pageStore = pageStore
-        let descriptorPages = max(1, areaCount * descriptorPagesPerArea)
-        // Bounce and descriptor pages in one block: the page store's, or a
-        // mapping of the engine's own, unmapped whole when it goes.
-        if let pageStore {
-            pages = pageStore.pages(placeCount + descriptorPages)
-            mappedPageCount = 0
-        } else {
-            mappedPageCount = placeCount + descriptorPages
-            pages = mapPages(mappedPageCount, what: "bounce and indirect descriptor pages")
-        }
         // A place's segment, iovec and bounced flag are written when a
         // request takes it, before anything reads them: left uninitialised
         // (thousands of places on a large ring with indirect areas).
@@ -843,15 +849,6 @@ public final class VbdEnginePageStore {
         }
         return block!
     }
-}
-
-/// Page-aligned memory of the engine's own (grant copy targets, O_DIRECT
-/// buffers), mapped from the kernel and unmapped whole (`MappedPages`).
-func mapPages(_ count: Int, what: String) -> UnsafeMutableRawPointer {
-    guard let p = MappedPages.map(byteCount: count * XenPage.size) else {
-        preconditionFailure("out of memory for \(count * XenPage.size) bytes of \(what)")
-    }
-    return p
 }
 
 /// Page-aligned heap memory: the page store's, where AddressSanitizer

@@ -203,7 +203,8 @@ final class BlkifFuzzRing {
     private func makeEngine(recover: Bool) -> VbdEngine {
         let slots = SharedRingLayout.slots(pages: configuration.ringPages, entrySize: Blkif.slotSize)
         journal = VbdRingJournal(memory: journalMemory, byteCount: journalBytes, ringSlots: slots)
-        return VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
+        // Pages from the page store: nothing here can fail for want of memory.
+        return try! VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
                          storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
                          indirectBouncePages: 64, journal: journal, identity: journalIdentity, recover: recover,
                          pageStore: pageStore)

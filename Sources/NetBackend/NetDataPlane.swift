@@ -89,22 +89,37 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         txPort = bound[0]
         rxPort = bound.count > 1 ? bound[1] : bound[0]
         preciseClock = c.rate != nil
-        engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: tap,
-                                configuration: c, now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds())
-        epoll = xb_epoll_create()
-        guard epoll >= 0 else {
-            let e = errno
+        // Everything taken so far, given back when a later step fails.
+        let releaseTaken = { [wakeup, txMapping, rxMapping, grants] in
             wakeup.close()
             for p in bound { try? channels.unbind(p) }
             channels.close()
             grants.unmap(rxMapping); grants.unmap(txMapping)
+        }
+        let buffers: NetEngineBuffers
+        do { buffers = try NetEngineBuffers() } catch {
+            releaseTaken()
+            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the queue's frame buffers")
+        }
+        epoll = xb_epoll_create()
+        guard epoll >= 0 else {
+            let e = errno
+            releaseTaken()
             throw HypervisorError("epoll_create", errno: e)
         }
+        for (fd, token) in [(channels.fileDescriptor, Token.eventChannel), (tap.fileDescriptor, .tap), (wakeup.fd, .wakeup)]
+            // No descriptor (-1): a test double that signals otherwise.
+            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
+            let e = errno
+            Glibc.close(epoll)
+            releaseTaken()
+            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+        }
+        engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: tap,
+                                configuration: c, buffers: buffers,
+                                now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds())
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
-        _ = xb_epoll_add(epoll, events.fileDescriptor, xb_EPOLLIN, Token.eventChannel.rawValue)
-        _ = xb_epoll_add(epoll, tap.fileDescriptor, xb_EPOLLIN, Token.tap.rawValue)
-        _ = xb_epoll_add(epoll, wakeup.fd, xb_EPOLLIN, Token.wakeup.rawValue)
 
         let dims: [(String, String)] = [("device", name)]
         txCounter = Counter(label: "xenbackd_vif_tx_packets_total", dimensions: dims)

@@ -50,14 +50,20 @@ public final class NetEngineBuffers {
     static var txBytes: Int { txBatch * packetStride }
     static var mappedBytes: Int { txBytes + (rxBatch + 1) * rxStride }
 
-    public init(backing: Backing = .mapped) {
+    /// Throws when the host has no memory for the frame buffers: that
+    /// queue fails, not the daemon (the mapping is taken first, before
+    /// anything that would leak).
+    public init(backing: Backing = .mapped) throws(SystemError) {
         self.backing = backing
+        var region: UnsafeMutableRawPointer?
+        if backing == .mapped {
+            region = MappedPages.map(byteCount: Self.mappedBytes)
+            if region == nil { throw SystemError("mmap", errno: ENOMEM) }
+        }
         rxBuffers = .allocate(capacity: Self.rxBatch + 1)
         switch backing {
         case .mapped:
-            guard let region = MappedPages.map(byteCount: Self.mappedBytes) else {
-                preconditionFailure("out of memory for \(Self.mappedBytes) bytes of vif buffers")
-            }
+            let region = region!
             txFrames = region
             for i in 0...Self.rxBatch { rxBuffers[i] = region + Self.txBytes + i * Self.rxStride }
         case .heap:

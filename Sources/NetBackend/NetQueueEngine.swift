@@ -58,7 +58,7 @@ public final class NetQueueEngine<Tap: TapPort> {
     /// each, already mapped), resuming at the responses they hold.
     /// `now` starts the credit scheduler's first period.
     public init(txRing: UnsafeMutableRawPointer, rxRing: UnsafeMutableRawPointer, grants: any GrantTableHandle, tap: Tap,
-                configuration c: NetQueueConfiguration, buffers: NetEngineBuffers = NetEngineBuffers(), now: Int) {
+                configuration c: NetQueueConfiguration, buffers: NetEngineBuffers, now: Int) {
         self.tap = tap
         self.grants = grants
         self.buffers = buffers

@@ -14,14 +14,14 @@ final class EngineBed {
     let disk: InMemoryStorage
     let engine: VbdEngine
 
-    init(sectors: Int = 2048, queueDepth: Int = 32, maxIndirectSegments: Int = 0, persistent: Bool = false) {
+    init(sectors: Int = 2048, queueDepth: Int = 32, maxIndirectSegments: Int = 0, persistent: Bool = false) throws {
         front = InMemoryBlkfront(guest: guest, ringPages: 1)
         grants = InMemoryGrantTable(guests: [guest])
         disk = InMemoryStorage(sizeBytes: sectors * 512, queueDepth: queueDepth)
         for f in 8..<64 { guest.grant(GrantRef(100 + f), frame: f) }
         let limits = DiskLimits(sectors: UInt64(sectors), readOnly: false, flush: true, barrier: true, discard: true,
                                 maxIndirectSegments: maxIndirectSegments)
-        engine = VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
+        engine = try VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
                            limits: limits, persistentGrants: persistent, indirectBouncePages: 256)
     }
 
@@ -51,8 +51,8 @@ func failed(_ id: UInt64, _ op: UInt8) -> BlkifResponse { BlkifResponse(id: id, 
 @Suite("blkback's engine, stepped by hand")
 struct EngineStepTests {
     @Test("a write is answered once the storage completes it, and the ring is re-armed")
-    func writeAnsweredAfterCompletion() {
-        let bed = EngineBed()
+    func writeAnsweredAfterCompletion() throws {
+        let bed = try EngineBed()
         bed.fill(frame: 8, with: 0xAB)
         bed.front.queue(bed.request(BlkifOperation.write, id: 7, sector: 16, frame: 8))
         bed.front.push()
@@ -69,8 +69,8 @@ struct EngineStepTests {
     }
 
     @Test("responses follow completions, not requests; a read returns what the disk holds")
-    func outOfOrderCompletions() {
-        let bed = EngineBed()
+    func outOfOrderCompletions() throws {
+        let bed = try EngineBed()
         bed.disk.written.initializeMemory(as: UInt8.self, repeating: 0x11, count: 4096)
         bed.front.queue(bed.request(BlkifOperation.read, id: 1, sector: 0, frame: 9))
         bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 64, frame: 10))
@@ -87,8 +87,8 @@ struct EngineStepTests {
     }
 
     @Test("a barrier behind a write whose grant copy failed is answered, and the ring goes on")
-    func barrierAfterFailedCopy() {
-        let bed = EngineBed()
+    func barrierAfterFailedCopy() throws {
+        let bed = try EngineBed()
         bed.guest.revoke(bed.ref(8))
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
         bed.front.queue(BlkifRequest(operation: BlkifOperation.writeBarrier, nrSegments: 0, id: 2, sectorNumber: 0))
@@ -110,8 +110,8 @@ struct EngineStepTests {
     }
 
     @Test("a barrier waits for earlier writes, then writes and flushes: they are durable when it is answered")
-    func barrierOrdering() {
-        let bed = EngineBed()
+    func barrierOrdering() throws {
+        let bed = try EngineBed()
         bed.fill(frame: 8, with: 0x01)
         bed.fill(frame: 9, with: 0x02)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
@@ -135,8 +135,8 @@ struct EngineStepTests {
     }
 
     @Test("BLKIF_DISCARD_SECURE without discard-secure is a plain discard")
-    func secureDiscardIsPlain() {
-        let bed = EngineBed()
+    func secureDiscardIsPlain() throws {
+        let bed = try EngineBed()
         bed.disk.completesAtOnce = true
         bed.disk.written.initializeMemory(as: UInt8.self, repeating: 0x77, count: 8192)
         bed.front.queue(BlkifDiscardRequest(flag: Blkif.discardSecure, id: 9, sectorNumber: 0, nrSectors: 8))
@@ -148,8 +148,8 @@ struct EngineStepTests {
     }
 
     @Test("a storage error answers BLKIF_RSP_ERROR; a duplicate id in flight is refused alone")
-    func errorsAndDuplicates() {
-        let bed = EngineBed()
+    func errorsAndDuplicates() throws {
+        let bed = try EngineBed()
         bed.front.queue(bed.request(BlkifOperation.write, id: 5, sector: 0, frame: 8))
         bed.front.queue(bed.request(BlkifOperation.write, id: 5, sector: 8, frame: 9))
         bed.front.push()
@@ -163,8 +163,8 @@ struct EngineStepTests {
     }
 
     @Test("a req_prod more than a ring ahead breaks the ring: requests in flight are answered, then drained")
-    func overflowBreaksTheRing() {
-        let bed = EngineBed()
+    func overflowBreaksTheRing() throws {
+        let bed = try EngineBed()
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
         bed.front.push()
         _ = bed.engine.step(.kicked)
@@ -179,8 +179,8 @@ struct EngineStepTests {
     }
 
     @Test("stop answers what is in flight and leaves the rest on the ring")
-    func stopDrains() {
-        let bed = EngineBed()
+    func stopDrains() throws {
+        let bed = try EngineBed()
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
         bed.front.push()
         _ = bed.engine.step(.kicked)
@@ -197,8 +197,8 @@ struct EngineStepTests {
 @Suite("blkback's engine: refused requests")
 struct EngineRejectionTests {
     @Test("each refusal is counted by reason and kept for the log, with its id, operation and sector")
-    func rejectionsCountedAndKept() {
-        let bed = EngineBed()
+    func rejectionsCountedAndKept() throws {
+        let bed = try EngineBed()
         bed.guest.revoke(bed.ref(9))
         bed.front.queue(BlkifRequest(operation: BlkifOperation.read, nrSegments: 12, id: 1, sectorNumber: 3))
         bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 2048, frame: 8))
@@ -225,8 +225,8 @@ struct EngineRejectionTests {
     }
 
     @Test("a flood of refusals keeps the latest few and counts the rest")
-    func rejectionLogIsBounded() {
-        let bed = EngineBed()
+    func rejectionLogIsBounded() throws {
+        let bed = try EngineBed()
         for id in 0..<30 { bed.front.queue(BlkifRequest(operation: 99, id: UInt64(id), sectorNumber: 0)) }
         bed.front.push()
         _ = bed.engine.step(.kicked)

@@ -11,10 +11,10 @@ import XenABI
 @Suite("the ring journal's replay, on a ring the guest broke")
 struct JournalReplayTests {
     @Test("an indirect request replayed after kill -9 runs and is answered though req_prod is now past a ring ahead")
-    func replayedIndirectOnBrokenRing() {
-        let bed = EngineBed(maxIndirectSegments: 16)
+    func replayedIndirectOnBrokenRing() throws {
+        let bed = try EngineBed(maxIndirectSegments: 16)
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         BlkifSegment(gref: bed.ref(8), firstSect: 0, lastSect: 7).encode(to: bed.guest.page(20))
         var refs = InlineArray<8, UInt32>(repeating: 0)
         refs[0] = bed.ref(20)
@@ -26,7 +26,7 @@ struct JournalReplayTests {
         bed.disk.dropPending()   // kill -9 before the write reached the disk
         bed.front.ring.publishRawRequestProducer(bed.front.requestProducer &+ 40)
 
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.requestsToReplay == 1)
         var s = second.step(.kicked)
         #expect(second.breach != nil)

@@ -20,8 +20,8 @@ final class JournalMemory {
 
 extension EngineBed {
     /// An engine over the same ring, disk and grants, as a restarted daemon makes it.
-    func engine(journal: VbdRingJournal, identity: UInt64 = 42, recover: Bool) -> VbdEngine {
-        VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
+    func engine(journal: VbdRingJournal, identity: UInt64 = 42, recover: Bool) throws -> VbdEngine {
+        try VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
                   limits: engine.limits, persistentGrants: false, indirectBouncePages: 256,
                   journal: journal, identity: identity, recover: recover)
     }
@@ -30,10 +30,10 @@ extension EngineBed {
 @Suite("the ring journal: a restart after kill -9 never changes an answer")
 struct JournalTests {
     @Test("answered out of order, then killed: the answered write is not run again, the one in flight is answered once")
-    func outOfOrderKill() {
-        let bed = EngineBed()
+    func outOfOrderKill() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         bed.fill(frame: 8, with: 0x01)
         bed.fill(frame: 9, with: 0x02)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
@@ -48,7 +48,7 @@ struct JournalTests {
         // The guest, rightly, reuses the answered write's page.
         bed.fill(frame: 9, with: 0xEE)
 
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.recovered && second.requestsToReplay == 1)
         _ = second.step(.kicked)
         #expect(bed.disk.pending.map(\.offset) == [0])
@@ -67,10 +67,10 @@ struct JournalTests {
     }
 
     @Test("killed with a barrier waiting behind a write: both run again in order and are answered once")
-    func barrierInFlightKill() {
-        let bed = EngineBed()
+    func barrierInFlightKill() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         bed.fill(frame: 8, with: 0x01)
         bed.fill(frame: 9, with: 0x02)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
@@ -80,7 +80,7 @@ struct JournalTests {
         #expect(first.step(.kicked).wait == .storage)
         bed.disk.dropPending()
 
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.requestsToReplay == 2)
         bed.disk.completesAtOnce = true
         let s = second.step(.kicked)
@@ -92,15 +92,15 @@ struct JournalTests {
     }
 
     @Test("a journal written for another ring is not replayed: the engine starts at rsp_prod with an empty journal")
-    func foreignJournal() {
-        let bed = EngineBed()
+    func foreignJournal() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), identity: 1, recover: false)
+        let first = try bed.engine(journal: memory.journal(), identity: 1, recover: false)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
         bed.front.push()
         _ = first.step(.kicked)
         bed.disk.dropPending()
-        let second = bed.engine(journal: memory.journal(), identity: 2, recover: true)
+        let second = try bed.engine(journal: memory.journal(), identity: 2, recover: true)
         #expect(!second.recovered && second.requestsToReplay == 0)
         // Resuming at rsp_prod takes the unanswered request from the ring again.
         bed.disk.completesAtOnce = true
@@ -109,10 +109,10 @@ struct JournalTests {
     }
 
     @Test("a clean stop leaves nothing to replay")
-    func cleanStop() {
-        let bed = EngineBed()
+    func cleanStop() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
         bed.front.push()
         _ = first.step(.kicked)
@@ -120,7 +120,7 @@ struct JournalTests {
         bed.disk.completeAll()
         #expect(first.step(.storageReady).wait == .drained)
         #expect(bed.front.responses() == [ok(1, BlkifOperation.write)])
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.recovered && second.requestsToReplay == 0)
         #expect(second.step(.kicked).wait == .idle)
         #expect(bed.front.responses().isEmpty && bed.disk.submittedOperations == 1)
@@ -130,10 +130,10 @@ struct JournalTests {
 @Suite("the ring journal: restarts in a row")
 struct JournalRepeatedKillTests {
     @Test("killed again before the replay ran: every request still runs once")
-    func killedAgainBeforeTheReplay() {
-        let bed = EngineBed()
+    func killedAgainBeforeTheReplay() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        var engine: VbdEngine? = bed.engine(journal: memory.journal(), recover: false)
+        var engine: VbdEngine? = try bed.engine(journal: memory.journal(), recover: false)
         for i in 0..<6 {
             bed.front.queue(bed.request(BlkifOperation.write, id: UInt64(i), sector: UInt64(i * 64), frame: 8 + i))
         }
@@ -143,7 +143,7 @@ struct JournalRepeatedKillTests {
         bed.disk.dropPending()
         for _ in 0..<3 {
             engine = nil
-            engine = bed.engine(journal: memory.journal(), recover: true)
+            engine = try bed.engine(journal: memory.journal(), recover: true)
             #expect(engine!.recovered && engine!.requestsToReplay == 6)
         }
         bed.disk.completesAtOnce = true
@@ -159,10 +159,10 @@ struct JournalOldRequestTests {
     /// rings ago for one never committed, and dropped it (found by the blkif
     /// fuzz target: four slow writes lost after a kill).
     @Test("a slow write in flight while 100 later requests are answered is run again after a kill, and only it")
-    func slowRequestOlderThanTheRing() {
-        let bed = EngineBed()
+    func slowRequestOlderThanTheRing() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         bed.fill(frame: 8, with: 0x5A)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1000, sector: 0, frame: 8))
         bed.front.push()
@@ -177,7 +177,7 @@ struct JournalOldRequestTests {
             #expect(bed.front.responses() == [ok(UInt64(i), BlkifOperation.read)])
         }
         bed.disk.dropPending()
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.recovered && second.requestsToReplay == 1)
         bed.disk.completesAtOnce = true
         _ = second.step(.kicked)
@@ -196,10 +196,10 @@ struct JournalMidStepKillTests {
     /// file that outlives the process) are kept as they were then, and
     /// what the step did after that instant is undone.
     @Test("killed after a refusal was written and journaled but not published, before a write reached the disk: each is answered once")
-    func killAtTheSubmission() {
-        let bed = EngineBed()
+    func killAtTheSubmission() throws {
+        let bed = try EngineBed()
         let memory = JournalMemory()
-        let first = bed.engine(journal: memory.journal(), recover: false)
+        let first = try bed.engine(journal: memory.journal(), recover: false)
         bed.fill(frame: 8, with: 0x5A)
         bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 1 << 40, frame: 8))   // past the end: refused when taken
         bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 16, frame: 8))
@@ -223,7 +223,7 @@ struct JournalMidStepKillTests {
         memory.memory.copyMemory(from: journalThen, byteCount: memory.bytes)
         bed.disk.dropPending()
 
-        let second = bed.engine(journal: memory.journal(), recover: true)
+        let second = try bed.engine(journal: memory.journal(), recover: true)
         #expect(second.recovered && second.requestsToReplay == 1)
         _ = second.step(.kicked)
         #expect(bed.disk.pending.map(\.offset) == [16 * 512])
@@ -243,13 +243,13 @@ struct JournalMidStepKillTests {
     /// again after the guest reused its page, and the disk holds each
     /// write's bytes.
     @Test("killed before each journal store of a step: every request answered once, none run again after its answer")
-    func killBeforeEveryJournalStore() {
+    func killBeforeEveryJournalStore() throws {
         var point = 1
         while true {
-            let bed = EngineBed()
+            let bed = try EngineBed()
             let memory = JournalMemory()
             let journal = memory.journal()
-            let first = bed.engine(journal: journal, recover: false)
+            let first = try bed.engine(journal: journal, recover: false)
             bed.fill(frame: 8, with: 0x11)
             bed.fill(frame: 9, with: 0x22)
             bed.fill(frame: 10, with: 0x33)
@@ -290,7 +290,7 @@ struct JournalMidStepKillTests {
             // What the guest saw before the kill; an answered write's page is reused at once.
             var seen = bed.front.responses()
             if seen.contains(where: { $0.id == 2 }) { bed.fill(frame: 9, with: 0x99) }
-            let second = bed.engine(journal: memory.journal(), recover: true)
+            let second = try bed.engine(journal: memory.journal(), recover: true)
             #expect(second.recovered, "kill before store \(point)")
             for _ in 0..<8 {
                 _ = second.step(.kicked)

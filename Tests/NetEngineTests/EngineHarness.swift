@@ -37,7 +37,7 @@ final class EngineHarness {
         let c = NetQueueConfiguration(frontendDomain: Self.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
                                       rxRemotePort: 1, frontend: features, rate: rate, rxStallMilliseconds: rxStallMilliseconds)
         engine = NetQueueEngine(txRing: guest.page(0), rxRing: guest.page(1), grants: grants, tap: tap,
-                                configuration: c, now: 0)
+                                configuration: c, buffers: try! NetEngineBuffers(backing: .heap), now: 0)   // only a mapping can fail
     }
 
     /// Grants frame `ref` (2...) to the backend and fills it with `bytes` at `offset`.
