@@ -28,6 +28,21 @@ final class SlowClosingStorage: BlockStorage {
     func setEventHandler(_ handler: @escaping StorageEventHandler) { inner.setEventHandler(handler) }
 }
 
+/// A file disk whose completion descriptor is not a descriptor at all:
+/// registering it with epoll fails (as it would on a host out of memory).
+final class BadDescriptorStorage: BlockStorage {
+    let inner: any BlockStorage
+    init(_ inner: any BlockStorage) { self.inner = inner }
+    var geometry: StorageGeometry { inner.geometry }
+    var completionFileDescriptor: Int32 { 1 << 20 }
+    var queueDepth: Int { inner.queueDepth }
+    func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int { inner.submit(operations) }
+    func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.reapCompletions(body) }
+    func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.pollCompletions(body) }
+    func close() { inner.close() }
+    func setEventHandler(_ handler: @escaping StorageEventHandler) { inner.setEventHandler(handler) }
+}
+
 /// One device's blocking steps run off the control thread: while one disk
 /// takes seconds to open or to close, another guest's whole handshake
 /// completes (it would wait behind it on a single control thread).
@@ -40,6 +55,9 @@ struct SlowDiskTests {
         if params.hasPrefix("slow-open:") {
             sleep(slowSeconds)
             return try FileStorage.open(path: String(params.dropFirst("slow-open:".count)), readOnly: readOnly, queueDepth: depth)
+        }
+        if params.hasPrefix("bad-fd:") {
+            return BadDescriptorStorage(try FileStorage.open(path: String(params.dropFirst("bad-fd:".count)), readOnly: readOnly, queueDepth: depth))
         }
         if params.hasPrefix("slow-close:") {
             let inner = try FileStorage.open(path: String(params.dropFirst("slow-close:".count)), readOnly: readOnly, queueDepth: depth)
@@ -73,6 +91,20 @@ struct SlowDiskTests {
             #expect(try quick.read(sector: 0, count: 8).status == BlkifStatus.okay)
             try slow.connect(timeout: 15)
             #expect(try slow.read(sector: 0, count: 8).status == BlkifStatus.okay)
+        }
+    }
+
+    @Test("a data plane that cannot be set up (epoll refuses its descriptor) fails that device with the reason; the daemon serves the next")
+    func setupFailureStaysWithTheDevice() throws {
+        try withHost { host, disks in
+            let bad = try host.attachDisk(to: try host.createGuest(1), .init(params: "bad-fd:" + disks[0].path))
+            #expect(throws: (any Error).self) { try bad.connect(timeout: 10) }
+            let error = try host.toolstack.store.read(bad.backendPath + "/error") ?? ""
+            #expect(error.contains("epoll_ctl"), "error: \(error)")
+            #expect(host.toolstack.store.readState(bad.backendPath) == .closing)
+            let good = try host.attachDisk(to: try host.createGuest(2), .init(params: disks[1].path))
+            try good.connect(timeout: 10)
+            #expect(try good.read(sector: 0, count: 8).status == BlkifStatus.okay)
         }
     }
 
