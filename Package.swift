@@ -126,6 +126,8 @@ let package = Package(
         // Every seed and minimised finding under Tests/FuzzCorpus, replayed without the fuzzer.
         .testTarget(name: "FuzzReplayTests", dependencies: ["FuzzTargets"], swiftSettings: strict),
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
+        // docs/ARCHITECTURE.md's module table checked against this file and the imports in Sources.
+        .testTarget(name: "ArchitectureTests", swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         // The xenbus framework stepped on an in-memory xenstore, state by state, and docs' state table checked against it.
         .testTarget(name: "XenBusTests", dependencies: [
