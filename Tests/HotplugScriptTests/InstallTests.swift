@@ -48,6 +48,7 @@ func fileMode(_ path: String) -> mode_t? {
             "/etc/udev/rules.d/90-xenbackd.rules",
             "\(prefix)/lib/xenbackd/xenbackd-block",
             "\(prefix)/lib/xenbackd/xenbackd-daemon",
+            "\(prefix)/lib/xenbackd/xenbackd-hotplug-common.sh",
             "\(prefix)/lib/xenbackd/xenbackd-udev",
             "\(prefix)/lib/xenbackd/xenbackd-vif-bridge",
             "\(prefix)/sbin/xenbackd",
@@ -81,6 +82,10 @@ func fileMode(_ path: String) -> mode_t? {
             #expect(FileManager.default.contentsEqual(atPath: installed, andPath: scriptPath(script)))
             #expect(fileMode(installed) == 0o755)
         }
+        // Sourced, not run: beside the scripts, not executable.
+        let common = r + prefix + "/lib/xenbackd/xenbackd-hotplug-common.sh"
+        #expect(FileManager.default.contentsEqual(atPath: common, andPath: scriptPath("xenbackd-hotplug-common.sh")))
+        #expect(fileMode(common) == 0o644)
         let rules = try String(contentsOfFile: r + "/etc/udev/rules.d/90-xenbackd.rules", encoding: .utf8)
         #expect(rules.contains("RUN+=\"\(prefix)/lib/xenbackd/xenbackd-udev\""))
         #expect(try UdevRuleParser.parse(rules).count == 4)
@@ -182,9 +187,11 @@ func fileMode(_ path: String) -> mode_t? {
 @Suite struct ShellcheckTests {
     @Test func scriptsAreShellcheckClean() throws {
         guard commandExists("shellcheck") else { try Test.cancel("shellcheck is not installed (apt-get install shellcheck)") }
-        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "install", "uninstall",
-                       "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox"].map(scriptPath)
-        let result = try runProcess(["shellcheck", "--shell=bash"] + scripts, environment: ["PATH": basePath])
+        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "xenbackd-hotplug-common.sh",
+                       "install", "uninstall", "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox"]
+            .map(scriptPath)
+        // -x: the hotplug scripts source xenbackd-hotplug-common.sh.
+        let result = try runProcess(["shellcheck", "-x", "--shell=bash"] + scripts, environment: ["PATH": basePath])
         #expect(result.status == 0, "\(result.stdout)")
         // dom0's scripts in the xenlab image source dom0-common (-x follows it).
         let dom0 = ["xenlab/dom0-common", "xenlab/dom0-test", "xenlab/dom0-bench"].map(scriptPath)
