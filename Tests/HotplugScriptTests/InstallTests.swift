@@ -156,7 +156,10 @@ func fileMode(_ path: String) -> mode_t? {
             .trimmingCharacters(in: .whitespacesAndNewlines)))
         defer { kill(pid, SIGKILL) }
         #expect(kill(pid, 0) == 0)
-        #expect(getsid(pid) == pid, "the daemon runs in a session of its own")
+        // start-stop-daemon's double fork: a session of its own, led by the
+        // first child (gone), so the daemon can never take a terminal.
+        #expect(getsid(pid) != getsid(0), "the daemon runs in a session of its own")
+        #expect(getsid(pid) != pid)
         let again = try runProcess([daemon, "start"], environment: env)
         #expect(again.stdout.contains("already running (pid \(pid))"))
         #expect(try runProcess([daemon, "status"], environment: env).status == 0)
@@ -168,6 +171,30 @@ func fileMode(_ path: String) -> mode_t? {
         #expect(log.contains("stub started: run --log-level debug"))
         #expect(log.contains("stopping on TERM"))
         #expect(!FileManager.default.fileExists(atPath: tmp.path + "/run/xenbackd.pid"))
+    }
+
+    /// When systemd runs the unit, every command is systemctl's (a stub here).
+    @Test func underSystemdTheUnitIsUsed() throws {
+        let tmp = try TempDirectory()
+        defer { tmp.remove() }
+        try tmp.write("systemctl", """
+            #!/bin/sh
+            echo "$*" >> \(tmp.path)/systemctl.calls
+            case "$1" in is-active) exit 0 ;; show) echo 4242 ;; esac
+            """, mode: 0o755)
+        let env = ["PATH": tmp.path + ":" + basePath, "XENBACKD_INIT": "systemd", "XENBACKD_DEFAULTS": "/nonexistent"]
+        let daemon = scriptPath("xenbackd-daemon")
+        #expect(try runProcess([daemon, "start"], environment: env).status == 0)
+        let status = try runProcess([daemon, "status"], environment: env)
+        #expect(status.status == 0 && status.stdout.contains("running (pid 4242)"), "\(status)")
+        #expect(try runProcess([daemon, "stop"], environment: env).status == 0)
+        #expect(try String(contentsOfFile: tmp.path + "/systemctl.calls", encoding: .utf8) == """
+            start xenbackd.service
+            is-active --quiet xenbackd.service
+            show --property MainPID --value xenbackd.service
+            stop xenbackd.service
+
+            """)
     }
 
     /// A stale pidfile (a pid that is not xenbackd) is not taken for the daemon.
