@@ -147,6 +147,30 @@ xs_write() {
     bounded "xenstore-write of $1" xenstore-write "${XS_RAW[@]}" "$@"
 }
 
+# LS_KEY, LS_VALUE: one line of `xenstore-ls -f` ("PATH = \"VALUE\"").
+LS_KEY="" LS_VALUE=""
+split_ls_line() {
+    LS_KEY=${1%% = \"*}
+    LS_VALUE=${1#* = \"}
+    LS_VALUE=${LS_VALUE%\"}
+    LS_VALUE=${LS_VALUE//\\\\/\\}
+}
+
+# BKEY[KEY]: the backend directory's own keys, from one xenstore-ls;
+# returns 1 when the directory is gone.
+declare -A BKEY=()
+# shellcheck disable=SC2034  # BKEY is read by the sourcing script
+read_backend_keys() {
+    local listing line
+    BKEY=()
+    capture listing "xenstore-ls -f $BACKEND" xenstore-ls -f "$BACKEND" 2>/dev/null || return 1
+    while IFS= read -r line; do
+        split_ls_line "$line"
+        [[ $LS_KEY == "$BACKEND"/* && $LS_KEY != "$BACKEND"/*/* ]] || continue
+        BKEY[${LS_KEY#"$BACKEND"/}]=$LS_VALUE
+    done <<<"$listing"
+}
+
 # ---------------------------------------------------------------- outcome
 
 # Reports failure to libxl and xenbackd, and exits 1. hotplug-error goes in
