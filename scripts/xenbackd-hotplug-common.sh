@@ -184,15 +184,23 @@ fatal() {
     printf '%s: %s\n' "$ME" "$reason" >&3 2>/dev/null || true
     if [ -n "$BACKEND" ] && [ "$FINISHED" = 0 ]; then
         FINISHED=1
+        local report_end_us=$(($(now_us) + REPORT_TIME * 1000000))
         if timeout "$REPORT_TIME" xenstore-exists "$BACKEND" 2>/dev/null; then
-            timeout "$REPORT_TIME" xenstore-write "${XS_RAW[@]}" "$BACKEND/hotplug-error" "$reason" \
-                "$BACKEND/hotplug-status" error ||
+            timeout "$(report_time_left "$report_end_us")" xenstore-write "${XS_RAW[@]}" \
+                "$BACKEND/hotplug-error" "$reason" "$BACKEND/hotplug-status" error ||
                 log "could not write hotplug-status=error within ${REPORT_TIME} s"
         else
             log "backend directory is gone (or xenstore did not answer within ${REPORT_TIME} s); nothing written"
         fi
     fi
     exit 1
+}
+
+# Seconds from now to $1 (microseconds), at least 0.1: the report's time.
+report_time_left() {
+    local left_ms=$((($1 - $(now_us)) / 1000))
+    ((left_ms >= 100)) || left_ms=100
+    printf '%d.%03d' $((left_ms / 1000)) $((left_ms % 1000))
 }
 
 # Writes KEY VALUE pairs (relative to the backend) and hotplug-status =
