@@ -139,7 +139,10 @@ let package = Package(
         .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "NBDTestSupport"], swiftSettings: strict),
         .testTarget(name: "NetworkPlumbingTests", dependencies: ["NetworkPlumbing", "SystemSupport"], swiftSettings: strict),
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
-        .testTarget(name: "HotplugScriptTests", dependencies: ["LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport"], swiftSettings: strict),
+        // check-disk and the daemon's opener (BlockBackend's DiskParameters) are compared with the script here.
+        .testTarget(name: "HotplugScriptTests", dependencies: [
+            "LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport", "NBDTestSupport", "BlockStorage", "BlockBackend",
+        ], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
             "LoopbackHost", "SystemSupport", "NBDTestSupport", "EngineDoubles",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",

@@ -1,26 +1,20 @@
 import BlockStorage
 
-/// The `params` forms this backend serves from files and block devices:
-/// a path ("/var/lib/xen/disk.img", "/dev/vg0/guest"), optionally with a
-/// qdisk-style format prefix ("aio:", "file:", "raw:", "phy:").
+/// The daemon's side of `params`: `DiskTarget` parses it (the same parser
+/// `xenbackd check-disk`, and through it the block hotplug script, uses),
+/// and opens a file or block device with libaio, an NBD export with libnbd.
 public enum DiskParameters {
-    public static let prefixes = ["aio:", "file:", "raw:", "phy:"]
+    public static let prefixes = DiskTarget.formatPrefixes
 
+    /// `params` without its format prefixes ("aio:raw:/x" is "/x").
     public static func path(of params: String) -> String {
-        var p = Substring(params)
-        for prefix in prefixes where p.hasPrefix(prefix) { p = p.dropFirst(prefix.count) }
-        return String(p)
+        DiskTarget.strippingFormatPrefixes(params)
     }
 
-    /// The default opener: an NBD export (libnbd) for `nbd:` and NBD URIs,
-    /// libaio file storage for paths.
+    /// The default opener. A target that does not parse fails with
+    /// `DiskTargetError`'s one-line reason.
     public static let fileStorageOpener: StorageOpener = { params, readOnly, queueDepth in
-        if NBDAddress.isNBD(params) {
-            return try NBDStorage.open(uri: params, readOnly: readOnly, queueDepth: queueDepth, connections: nbdConnections)
-        }
-        let path = path(of: params)
-        guard path.hasPrefix("/") else { throw StorageError("open", errno: 22, path: params) }
-        return try FileStorage.open(path: path, readOnly: readOnly, queueDepth: queueDepth)
+        try DiskTarget.parse(params).open(readOnly: readOnly, queueDepth: queueDepth, nbdConnections: nbdConnections)
     }
 
     /// Connections per NBD disk when the server allows multi-conn.

@@ -5,24 +5,32 @@ import Glibc
 /// Accepted forms:
 /// - the old Xen forms `nbd:HOST:PORT` and `nbd:HOST PORT` (also
 ///   `nbd:[IPV6]:PORT`; `nbd:HOST` alone means port 10809), default export;
+/// - QEMU's legacy forms `nbd:HOST:PORT:exportname=NAME`,
+///   `nbd:unix:PATH` and `nbd:unix:PATH:exportname=NAME`;
 /// - NBD URIs as libnbd parses them: `nbd://host[:port][/export]`,
 ///   `nbds://…` (TLS), `nbd+unix:///[export]?socket=PATH`,
 ///   `nbds+unix:///…?socket=PATH`. The export name is the percent-decoded
 ///   path without its leading slash; the port defaults to 10809.
 ///
 /// URIs are connected with `nbd_connect_uri` on the original string (so
-/// libnbd's own rules, TLS query parameters included, apply); the old forms
-/// with `nbd_connect_tcp`.
+/// libnbd's own rules, TLS query parameters included, apply); the other
+/// forms with `nbd_connect_tcp`/`nbd_connect_unix` and the export name.
 public struct NBDAddress: Equatable, Sendable, CustomStringConvertible {
     public enum Transport: Equatable, Sendable {
         case tcp(host: String, port: String)
         case unix(socketPath: String)
     }
 
+    /// Why a text is not an NBD address, in words for an operator.
+    public struct Malformed: Error, Equatable, Sendable {
+        public var reason: String
+        init(_ reason: String) { self.reason = reason }
+    }
+
     public var transport: Transport
     public var exportName: String
     public var tls: Bool
-    /// The URI handed to libnbd; nil for the old Xen forms.
+    /// The URI handed to libnbd; nil for the old Xen and QEMU forms.
     public var uri: String?
 
     public init(transport: Transport, exportName: String = "", tls: Bool = false, uri: String? = nil) {
@@ -39,27 +47,64 @@ public struct NBDAddress: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         if let uri { return uri }
         switch transport {
-        case .tcp(let host, let port): return "nbd:\(host):\(port)"
-        case .unix(let path): return "nbd+unix:///\(exportName)?socket=\(path)"
+        case .tcp(let host, let port): return exportName.isEmpty ? "nbd:\(host):\(port)" : normalized
+        case .unix: return normalized
+        }
+    }
+
+    /// One spelling per export, whatever form named it: an NBD URI with the
+    /// port written out, the host in lower case (IPv6 in brackets), the export
+    /// name and socket path percent-encoded, no user or TLS parameters.
+    public var normalized: String {
+        let scheme = tls ? "nbds" : "nbd"
+        switch transport {
+        case .tcp(let host, let port):
+            let lowered = host.lowercased()
+            let shownHost = lowered.contains(":") ? "[\(lowered)]" : lowered
+            let path = exportName.isEmpty ? "" : "/" + Self.percentEncode(exportName, keeping: "/")
+            return "\(scheme)://\(shownHost):\(Int(port) ?? 0)\(path)"
+        case .unix(let socketPath):
+            return "\(scheme)+unix:///\(Self.percentEncode(exportName, keeping: "/"))?socket="
+                + Self.percentEncode(socketPath, keeping: "/")
         }
     }
 
     /// Parses `params`; throws EINVAL (with the text) for anything else.
     public static func parse(_ params: String) throws(StorageError) -> NBDAddress {
-        let text = params.trimmingWhitespace()
-        let bad = StorageError("parse NBD address", errno: EINVAL, path: params)
-        if let schemeEnd = text.range(of: "://") {
-            let scheme = String(text[..<schemeEnd.lowerBound])
-            let rest = text[schemeEnd.upperBound...]
-            guard let address = parseURI(scheme: scheme, rest: rest, original: text) else { throw bad }
-            return address
+        do {
+            return try parseExplaining(params)
+        } catch {
+            throw StorageError("parse NBD address (\(error.reason))", errno: EINVAL, path: params)
         }
-        guard text.hasPrefix("nbd:") else { throw bad }
-        guard let address = parseXenForm(text.dropFirst(4)) else { throw bad }
-        return address
     }
 
-    private static func parseXenForm(_ rest: Substring) -> NBDAddress? {
+    /// Parses `params`, saying what is wrong with it when it is not an NBD address.
+    public static func parseExplaining(_ params: String) throws(Malformed) -> NBDAddress {
+        let text = params.trimmingWhitespace()
+        if let schemeEnd = text.range(of: "://") {
+            let scheme = String(text[..<schemeEnd.lowerBound])
+            return try parseURI(scheme: scheme, rest: text[schemeEnd.upperBound...], original: text)
+        }
+        guard text.hasPrefix("nbd:") else { throw Malformed("not an NBD address (nbd:…, nbd://…, nbd+unix://…)") }
+        let rest = text.dropFirst(4)
+        let (address, exportName) = splitExportName(rest)
+        if address.hasPrefix("unix:") {
+            let path = address.dropFirst(5)
+            guard path.hasPrefix("/") else { throw Malformed("nbd:unix: needs an absolute socket path") }
+            return NBDAddress(transport: .unix(socketPath: normalizedPath(path)), exportName: exportName)
+        }
+        var parsed = try parseXenForm(address)
+        parsed.exportName = exportName
+        return parsed
+    }
+
+    /// QEMU's `…:exportname=NAME` suffix (the name is everything after it).
+    private static func splitExportName(_ text: Substring) -> (Substring, String) {
+        guard let marker = text.range(of: ":exportname=") else { return (text, "") }
+        return (text[..<marker.lowerBound], String(text[marker.upperBound...]))
+    }
+
+    private static func parseXenForm(_ rest: Substring) throws(Malformed) -> NBDAddress {
         let words = rest.split(whereSeparator: { $0 == " " || $0 == "\t" })
         var host: Substring, port: Substring
         switch words.count {
@@ -67,13 +112,19 @@ public struct NBDAddress: Equatable, Sendable, CustomStringConvertible {
             host = words[0]; port = words[1]
             if host.hasPrefix("[") && host.hasSuffix("]") { host = host.dropFirst().dropLast() }
         case 1:
-            guard let split = splitHostPort(words[0]) else { return nil }
+            guard let split = splitHostPort(words[0]) else {
+                throw Malformed("expected HOST:PORT, HOST PORT or [IPV6]:PORT")
+            }
             (host, port) = split
+        case 0:
+            throw Malformed("no host")
         default:
-            return nil
+            throw Malformed("expected HOST:PORT or HOST PORT, found \(words.count) words")
         }
-        guard !host.isEmpty, !host.contains("/"), isValidPort(port) else { return nil }
-        return NBDAddress(transport: .tcp(host: String(host), port: String(port)))
+        guard !host.isEmpty else { throw Malformed("no host") }
+        guard !host.contains("/") else { throw Malformed("a host has no '/' (a socket is nbd:unix:PATH)") }
+        guard isValidPort(port) else { throw Malformed("the port must be a number from 1 to 65535") }
+        return NBDAddress(transport: .tcp(host: String(host), port: String(Int(port)!)))
     }
 
     /// `host`, `host:port`, `[v6]`, `[v6]:port`; nil when malformed. An
@@ -101,14 +152,17 @@ public struct NBDAddress: Equatable, Sendable, CustomStringConvertible {
         return value >= 1 && value <= 65535
     }
 
-    private static func parseURI(scheme: String, rest: Substring, original: String) -> NBDAddress? {
+    private static func parseURI(scheme: String, rest: Substring, original: String) throws(Malformed) -> NBDAddress {
         let tls: Bool, unix: Bool
         switch scheme.lowercased() {
         case "nbd": (tls, unix) = (false, false)
         case "nbds": (tls, unix) = (true, false)
         case "nbd+unix": (tls, unix) = (false, true)
         case "nbds+unix": (tls, unix) = (true, true)
-        default: return nil  // nbd+vsock and others: not served
+        case "nbd+tcp", "nbds+tcp":
+            throw Malformed("\(scheme):// is QEMU's spelling, which libnbd does not take: write nbd\(scheme.hasPrefix("nbds") ? "s" : "")://HOST:PORT/NAME")
+        case "nbd+vsock", "nbds+vsock": throw Malformed("vsock exports are not served")
+        default: throw Malformed("unknown scheme \(scheme):// (nbd://, nbds://, nbd+unix://, nbds+unix://)")
         }
         var remainder = rest
         if let hash = remainder.firstIndex(of: "#") { remainder = remainder[..<hash] }
@@ -121,31 +175,59 @@ public struct NBDAddress: Equatable, Sendable, CustomStringConvertible {
         var authority = remainder[..<slash]
         let path = remainder[slash...]
         if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
-        guard let exportName = percentDecode(path.hasPrefix("/") ? path.dropFirst() : path) else { return nil }
+        guard let exportName = percentDecode(path.hasPrefix("/") ? path.dropFirst() : path) else {
+            throw Malformed("a bad %-escape in the export name")
+        }
 
         var socketPath: String?
         for pair in query.split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            guard let key = percentDecode(parts[0]) else { return nil }
-            let value = parts.count == 2 ? percentDecode(parts[1]) : ""
-            guard let value else { return nil }
+            guard let key = percentDecode(parts[0]), let value = parts.count == 2 ? percentDecode(parts[1]) : "" else {
+                throw Malformed("a bad %-escape in the query")
+            }
             if key == "socket" { socketPath = value }
         }
         if unix {
-            guard authority.isEmpty, let socketPath, !socketPath.isEmpty else { return nil }
-            return NBDAddress(transport: .unix(socketPath: socketPath), exportName: exportName, tls: tls, uri: original)
+            guard authority.isEmpty else { throw Malformed("\(scheme):// takes no host: \(scheme):///NAME?socket=PATH") }
+            guard let socketPath, !socketPath.isEmpty else { throw Malformed("\(scheme):// needs ?socket=PATH") }
+            guard socketPath.hasPrefix("/") else { throw Malformed("the socket path must be absolute") }
+            return NBDAddress(transport: .unix(socketPath: normalizedPath(Substring(socketPath))), exportName: exportName,
+                              tls: tls, uri: original)
         }
-        guard socketPath == nil else { return nil }
+        guard socketPath == nil else { throw Malformed("socket= belongs to nbd+unix:// URIs") }
         let hostPort: (Substring, Substring)
         if authority.isEmpty {
             hostPort = ("localhost", Substring(defaultPort))
         } else {
-            guard let split = splitHostPort(authority) else { return nil }
+            guard let split = splitHostPort(authority) else { throw Malformed("expected HOST, HOST:PORT or [IPV6]:PORT") }
             hostPort = split
         }
-        guard !hostPort.0.isEmpty, isValidPort(hostPort.1), let host = percentDecode(hostPort.0) else { return nil }
-        return NBDAddress(transport: .tcp(host: host, port: String(hostPort.1)), exportName: exportName,
+        guard !hostPort.0.isEmpty else { throw Malformed("no host") }
+        guard isValidPort(hostPort.1) else { throw Malformed("the port must be a number from 1 to 65535") }
+        guard let host = percentDecode(hostPort.0) else { throw Malformed("a bad %-escape in the host") }
+        return NBDAddress(transport: .tcp(host: host, port: String(Int(hostPort.1)!)), exportName: exportName,
                           tls: tls, uri: original)
+    }
+
+    /// An absolute path with `//`, `/./` and a trailing `/` folded (`..`
+    /// kept: through a symlink it is not the parent).
+    static func normalizedPath(_ path: Substring) -> String {
+        let parts = path.split(separator: "/").filter { $0 != "." }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    /// %XX-escapes every byte but unreserved ones and those in `keeping`.
+    static func percentEncode(_ text: String, keeping: String = "") -> String {
+        var out = ""
+        for byte in text.utf8 {
+            let c = Character(Unicode.Scalar(byte))
+            if (byte < 0x80 && (c.isLetter || c.isNumber)) || "-._~".contains(c) || keeping.contains(c) {
+                out.append(c)
+            } else {
+                out += "%" + (byte < 16 ? "0" : "") + String(byte, radix: 16, uppercase: true)
+            }
+        }
+        return out
     }
 
     /// %XX escapes decoded as UTF-8; nil for a malformed escape or bytes that are not UTF-8.
@@ -181,6 +263,9 @@ extension String {
         return String(self[first...last])
     }
 
+}
+
+extension StringProtocol {
     fileprivate func range(of needle: String) -> Range<Index>? {
         var index = startIndex
         while index < endIndex {

@@ -180,11 +180,20 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     public static func open(uri: String, readOnly: Bool, queueDepth: Int, connections: Int = 1,
                             commandTimeoutMilliseconds: Int = 30_000,
                             reconnectTimeoutMilliseconds: Int = 10_000) throws(StorageError) -> NBDStorage {
+        try open(address: NBDAddress.parse(uri), readOnly: readOnly, queueDepth: queueDepth, connections: connections,
+                 commandTimeoutMilliseconds: commandTimeoutMilliseconds,
+                 reconnectTimeoutMilliseconds: reconnectTimeoutMilliseconds)
+    }
+
+    /// `open(uri:…)` for an address already parsed (a `DiskTarget`'s).
+    public static func open(address: NBDAddress, readOnly: Bool, queueDepth: Int, connections: Int = 1,
+                            commandTimeoutMilliseconds: Int = 30_000,
+                            reconnectTimeoutMilliseconds: Int = 10_000) throws(StorageError) -> NBDStorage {
+        let uri = address.description
         guard queueDepth >= 1, queueDepth <= Int(Int32.max), connections >= 1, commandTimeoutMilliseconds >= 0,
               reconnectTimeoutMilliseconds >= 0 else {
             throw StorageError("open (queue depth \(queueDepth), connections \(connections))", errno: EINVAL, path: uri)
         }
-        let address = try NBDAddress.parse(uri)
         var opened: [NBDConnection] = []
         var fds: [Int32] = []
         func cleanUp() {
@@ -242,7 +251,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         let result: Int32
         switch (address.uri, address.transport) {
         case (let uri?, _):
-            result = nbd_aio_connect_uri(handle, uri)
+            result = allowLocalFiles(handle) == 0 ? nbd_aio_connect_uri(handle, uri) : -1
         case (nil, .tcp(let host, let port)):
             result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_aio_connect_tcp(handle, host, port) : -1
         case (nil, .unix(let path)):
@@ -261,7 +270,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         let result: Int32
         switch (address.uri, address.transport) {
         case (let uri?, _):
-            result = nbd_connect_uri(handle, uri)
+            result = allowLocalFiles(handle) == 0 ? nbd_connect_uri(handle, uri) : -1
         case (nil, .tcp(let host, let port)):
             result = nbd_set_export_name(handle, address.exportName) == 0 ? nbd_connect_tcp(handle, host, port) : -1
         case (nil, .unix(let path)):
@@ -281,7 +290,13 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         return NBDConnection(handle: handle, fd: fd)
     }
 
-    private static func readFeatures(_ handle: OpaquePointer) -> NBDServerFeatures {
+    /// A URI's `tls-certificates=` and `tls-psk-file=` name files in dom0:
+    /// `params` is written by the toolstack, never by a guest.
+    static func allowLocalFiles(_ handle: OpaquePointer) -> Int32 {
+        nbd_set_uri_allow_local_file(handle, true)
+    }
+
+    static func readFeatures(_ handle: OpaquePointer) -> NBDServerFeatures {
         let size = nbd_get_size(handle)
         func flag(_ value: Int32) -> Bool { value == 1 }
         func blockSize(_ kind: Int32) -> UInt32 {
@@ -298,7 +313,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
             maximumBlockSize: blockSize(Int32(LIBNBD_SIZE_MAXIMUM)))
     }
 
-    private static func libnbdError(_ operation: String, _ name: String) -> StorageError {
+    static func libnbdError(_ operation: String, _ name: String) -> StorageError {
         let code = nbd_get_errno()
         let message = nbd_get_error().map { String(cString: $0) } ?? ""
         return StorageError(message.isEmpty ? operation : "\(operation) (\(message))",

@@ -6,7 +6,7 @@ struct XenBackd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenbackd",
         abstract: "Xen split-driver I/O backend (blkback) served from dom0 userspace.",
-        subcommands: [Run.self, Status.self, XenStored.self, Guest.self, Fuzz.self, Bench.self],
+        subcommands: [Run.self, Status.self, CheckDisk.self, XenStored.self, Guest.self, Fuzz.self, Bench.self],
         defaultSubcommand: Run.self)
 }
 

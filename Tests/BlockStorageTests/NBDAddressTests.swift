@@ -17,6 +17,17 @@ import BlockStorage
         #expect(NBDAddress.isNBD(params.trimmingCharacters()))
     }
 
+    /// QEMU's legacy forms: connected with the export name, not as a URI.
+    @Test(arguments: [
+        ("nbd:host:2000:exportname=disk", NBDAddress(transport: .tcp(host: "host", port: "2000"), exportName: "disk")),
+        ("nbd:[::1]:2000:exportname=a:b", NBDAddress(transport: .tcp(host: "::1", port: "2000"), exportName: "a:b")),
+        ("nbd:unix:/run/nbd.sock", NBDAddress(transport: .unix(socketPath: "/run/nbd.sock"))),
+        ("nbd:unix:/run/nbd.sock:exportname=x", NBDAddress(transport: .unix(socketPath: "/run/nbd.sock"), exportName: "x")),
+    ])
+    func qemuForms(params: String, expected: NBDAddress) throws {
+        #expect(try NBDAddress.parse(params) == expected)
+    }
+
     @Test(arguments: [
         ("nbd://example.com:2000/disk", NBDAddress.Transport.tcp(host: "example.com", port: "2000"), "disk", false),
         ("nbd://example.com/disk", .tcp(host: "example.com", port: "10809"), "disk", false),

@@ -48,6 +48,7 @@ func fileMode(_ path: String) -> mode_t? {
             "/etc/udev/rules.d/90-xenbackd.rules",
             "\(prefix)/lib/xenbackd/xenbackd-block",
             "\(prefix)/lib/xenbackd/xenbackd-daemon",
+            "\(prefix)/lib/xenbackd/xenbackd-hotplug-common.sh",
             "\(prefix)/lib/xenbackd/xenbackd-udev",
             "\(prefix)/lib/xenbackd/xenbackd-vif-bridge",
             "\(prefix)/sbin/xenbackd",
@@ -81,6 +82,10 @@ func fileMode(_ path: String) -> mode_t? {
             #expect(FileManager.default.contentsEqual(atPath: installed, andPath: scriptPath(script)))
             #expect(fileMode(installed) == 0o755)
         }
+        // Sourced, not run: beside the scripts, not executable.
+        let common = r + prefix + "/lib/xenbackd/xenbackd-hotplug-common.sh"
+        #expect(FileManager.default.contentsEqual(atPath: common, andPath: scriptPath("xenbackd-hotplug-common.sh")))
+        #expect(fileMode(common) == 0o644)
         let rules = try String(contentsOfFile: r + "/etc/udev/rules.d/90-xenbackd.rules", encoding: .utf8)
         #expect(rules.contains("RUN+=\"\(prefix)/lib/xenbackd/xenbackd-udev\""))
         #expect(try UdevRuleParser.parse(rules).count == 4)
@@ -151,7 +156,10 @@ func fileMode(_ path: String) -> mode_t? {
             .trimmingCharacters(in: .whitespacesAndNewlines)))
         defer { kill(pid, SIGKILL) }
         #expect(kill(pid, 0) == 0)
-        #expect(getsid(pid) == pid, "the daemon runs in a session of its own")
+        // start-stop-daemon's double fork: a session of its own, led by the
+        // first child (gone), so the daemon can never take a terminal.
+        #expect(getsid(pid) != getsid(0), "the daemon runs in a session of its own")
+        #expect(getsid(pid) != pid)
         let again = try runProcess([daemon, "start"], environment: env)
         #expect(again.stdout.contains("already running (pid \(pid))"))
         #expect(try runProcess([daemon, "status"], environment: env).status == 0)
@@ -163,6 +171,30 @@ func fileMode(_ path: String) -> mode_t? {
         #expect(log.contains("stub started: run --log-level debug"))
         #expect(log.contains("stopping on TERM"))
         #expect(!FileManager.default.fileExists(atPath: tmp.path + "/run/xenbackd.pid"))
+    }
+
+    /// When systemd runs the unit, every command is systemctl's (a stub here).
+    @Test func underSystemdTheUnitIsUsed() throws {
+        let tmp = try TempDirectory()
+        defer { tmp.remove() }
+        try tmp.write("systemctl", """
+            #!/bin/sh
+            echo "$*" >> \(tmp.path)/systemctl.calls
+            case "$1" in is-active) exit 0 ;; show) echo 4242 ;; esac
+            """, mode: 0o755)
+        let env = ["PATH": tmp.path + ":" + basePath, "XENBACKD_INIT": "systemd", "XENBACKD_DEFAULTS": "/nonexistent"]
+        let daemon = scriptPath("xenbackd-daemon")
+        #expect(try runProcess([daemon, "start"], environment: env).status == 0)
+        let status = try runProcess([daemon, "status"], environment: env)
+        #expect(status.status == 0 && status.stdout.contains("running (pid 4242)"), "\(status)")
+        #expect(try runProcess([daemon, "stop"], environment: env).status == 0)
+        #expect(try String(contentsOfFile: tmp.path + "/systemctl.calls", encoding: .utf8) == """
+            start xenbackd.service
+            is-active --quiet xenbackd.service
+            show --property MainPID --value xenbackd.service
+            stop xenbackd.service
+
+            """)
     }
 
     /// A stale pidfile (a pid that is not xenbackd) is not taken for the daemon.
@@ -182,9 +214,11 @@ func fileMode(_ path: String) -> mode_t? {
 @Suite struct ShellcheckTests {
     @Test func scriptsAreShellcheckClean() throws {
         guard commandExists("shellcheck") else { try Test.cancel("shellcheck is not installed (apt-get install shellcheck)") }
-        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "install", "uninstall",
-                       "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox"].map(scriptPath)
-        let result = try runProcess(["shellcheck", "--shell=bash"] + scripts, environment: ["PATH": basePath])
+        let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "xenbackd-hotplug-common.sh",
+                       "install", "uninstall", "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox"]
+            .map(scriptPath)
+        // -x: the hotplug scripts source xenbackd-hotplug-common.sh.
+        let result = try runProcess(["shellcheck", "-x", "--shell=bash"] + scripts, environment: ["PATH": basePath])
         #expect(result.status == 0, "\(result.stdout)")
         // dom0's scripts in the xenlab image source dom0-common (-x follows it).
         let dom0 = ["xenlab/dom0-common", "xenlab/dom0-test", "xenlab/dom0-bench"].map(scriptPath)

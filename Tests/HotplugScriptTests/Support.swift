@@ -15,6 +15,13 @@ let repoRoot: String = {
 
 func scriptPath(_ name: String) -> String { repoRoot + "/scripts/" + name }
 
+/// The xenbackd built with these tests (beside the test bundle), whose
+/// check-disk the block script runs.
+let xenbackdBinary: String = {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+    return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("xenbackd").path
+}()
+
 /// The PATH the scripts get: libxl and udev give a short one.
 let basePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -74,6 +81,7 @@ final class HotplugFixture {
             "XENSTORED_PATH": socketPath,
             "XENBACKD_HOTPLUG_LOG": logPath,
             "XENBACKD_HOTPLUG_LOCK": lockPath,
+            "XENBACKD_BIN": xenbackdBinary,
         ]
         env.merge(extra) { $1 }
         return env
