@@ -371,7 +371,10 @@ struct HandshakeRestartTests {
         let store = bed.host.toolstack.store
         let be = bed.host.toolstack.backendPath(domain: 1, devid: fe.devid)   // fe.backendPath is set by connect
         try waitUntil("backend Closing") { store.readState(be) == .closing }
-        for state in [XenbusState.closing, .closed, .initialising] { try setFrontendState(fe, state) }
+        try setFrontendState(fe, .closing)
+        try setFrontendState(fe, .closed)
+        try waitUntil("backend Closed after the frontend's") { store.readState(be) == .closed }
+        try setFrontendState(fe, .initialising)
         usleep(200_000)
         #expect(store.readState(be) == .closed)
         #expect(try store.read(be + "/error") == #"type "vbd3" is not served here (phy or file)"#)
