@@ -18,6 +18,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "xenbackd", targets: ["xenbackd"]),
+        .executable(name: "xenbackd-lab", targets: ["xenbackd-lab"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -91,13 +92,27 @@ let package = Package(
             "BlockFrontend", "NetBackend", "NetFrontend", "NetworkPlumbing", "XenBus", "Hypervisor", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
+        // The daemon's face to command lines, shared by both executables:
+        // the control socket's protocol and the common options.
+        .target(name: "DaemonCLI", dependencies: [
+            "SystemSupport",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+        // The daemon an operator installs: what runs in dom0, and nothing of the lab.
         .executableTarget(name: "xenbackd", dependencies: [
-            "LoopbackHost", "XenStoreClient", "SystemSupport",
-            "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
-            "NetBackend", "NetFrontend", "NetworkPlumbing",
-            "LibXenStore", "XenBus", "Hypervisor", "XenPlatform",
+            "DaemonCLI", "SystemSupport", "BlockBackend", "BlockStorage", "LoopbackHypervisor",
+            "NetBackend", "NetworkPlumbing", "LibXenStore", "XenBus", "Hypervisor", "XenPlatform",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+        // The lab: the loopback xenstored, simulated guests, the live fuzzer, the benchmarks.
+        .executableTarget(name: "xenbackd-lab", dependencies: [
+            "DaemonCLI", "LoopbackHost", "XenStoreClient", "SystemSupport",
+            "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
+            "NetBackend", "NetFrontend", "NetworkPlumbing", "LibXenStore", "XenBus", "Hypervisor",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
 

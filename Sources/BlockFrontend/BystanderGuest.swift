@@ -4,7 +4,7 @@ import SystemSupport
 
 /// A guest doing verified I/O on its own disk on a thread of its own, to
 /// show that another frontend's misbehaviour (or a daemon restart) does not
-/// reach it. Hostile-frontend tests, restart tests and `xenbackd fuzz` run
+/// reach it. Hostile-frontend tests, restart tests and `xenbackd-lab fuzz` run
 /// one next to whatever they do.
 public final class BystanderGuest: Sendable {
     private let thread: NativeThread

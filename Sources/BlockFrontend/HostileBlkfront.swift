@@ -14,7 +14,7 @@ import XenBus
 /// Initialising). After every round it checks, from outside, what
 /// `HostileRound` says a backend owes it, that the pages the backend may not
 /// write are intact, and that the backend disconnects it exactly when it
-/// broke the ring. `xenbackd fuzz` drives it next to a `BystanderGuest`.
+/// broke the ring. `xenbackd-lab fuzz` drives it next to a `BystanderGuest`.
 public final class HostileBlkfront {
     public struct Options: Sendable {
         /// Reproduces a run: round r plays with a seed derived from (seed, r).

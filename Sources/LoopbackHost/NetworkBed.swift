@@ -8,7 +8,7 @@ import NetworkPlumbing
 import SystemSupport
 import XenBus
 
-// A little Xen network of namespaces, for the net tests and `xenbackd bench
+// A little Xen network of namespaces, for the net tests and `xenbackd-lab bench
 // net`:
 //
 //   namespace <id>d ("dom0"): the bridge xenbr0, the backend's vifD.0 TAPs

@@ -1,4 +1,4 @@
-/// The frames the net bystander of `xenbackd fuzz` sends: Ethernet with
+/// The frames the net bystander of `xenbackd-lab fuzz` sends: Ethernet with
 /// ethertype 0x88B5 (IEEE 802 local experimental), then magic "XBNB", the
 /// stream (sender), a sequence number, the frame's length, bytes derived
 /// from all three, and an FNV-1a 64 of everything before it. Whoever gets

@@ -5,7 +5,7 @@ import XenABI
 import XenBus
 
 /// A hostile netfront against a running backend, stepped round by round by
-/// `xenbackd fuzz --net`: each round posts rx requests (writable buffers,
+/// `xenbackd-lab fuzz --net`: each round posts rx requests (writable buffers,
 /// duplicate ids, grants the backend may not write) and puts a mix of tx
 /// chains on the ring: well-formed frames (one slot or scatter-gather),
 /// malformed chains (a head or fragment crossing its page, fragments

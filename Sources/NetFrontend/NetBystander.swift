@@ -4,7 +4,7 @@ import XenABI
 
 /// A guest with two NICs on the same bridge, passing verified frames
 /// between them on a thread of its own while a hostile guest misbehaves
-/// on that bridge (`xenbackd fuzz --net`). Each pass sends 8 frames of
+/// on that bridge (`xenbackd-lab fuzz --net`). Each pass sends 8 frames of
 /// 60-1514 bytes (`BystanderFrame`: a sequence number and a checksum over
 /// every byte), alternately from each NIC to the other (every fourth one
 /// broadcast, so other guests' rx rings get traffic too), and reads them

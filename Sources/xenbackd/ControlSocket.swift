@@ -1,4 +1,5 @@
 import BlockBackend
+import DaemonCLI
 import NetBackend
 import Foundation
 import Glibc
@@ -6,41 +7,12 @@ import Logging
 import SystemSupport
 import XenBus
 
-/// What `xenbackd status` prints for one device.
-struct DeviceReport: Codable {
-    var device: String
-    var type: String
-    var domain: Int
-    var devid: Int
-    var state: String
-    var params: String
-    var ringPages: Int
-    var requests: UInt64
-    var bytesRead: UInt64
-    var bytesWritten: UInt64
-    var errors: UInt64
-    var lastError: String?
-    var storageEvent: String?
-    /// vifs: frames each way and frames dropped.
-    var txPackets: UInt64?
-    var rxPackets: UInt64?
-    var dropped: UInt64?
-    var malformed: UInt64?
-    /// vbds: requests refused without being done, by reason (only those seen).
-    var rejected: [String: UInt64]?
-
+extension DeviceReport {
     init(_ s: VbdStatus) {
-        device = s.address.description
-        type = s.address.type
-        domain = Int(s.address.frontendDomain)
-        devid = Int(s.address.devid)
-        state = s.state.description
-        params = s.params
-        ringPages = s.ringPages
-        requests = s.statistics.requests
-        bytesRead = s.statistics.bytesRead
-        bytesWritten = s.statistics.bytesWritten
-        errors = s.statistics.errors
+        self.init(device: s.address.description, type: s.address.type, domain: Int(s.address.frontendDomain),
+                  devid: Int(s.address.devid), state: s.state.description, params: s.params, ringPages: s.ringPages,
+                  requests: s.statistics.requests, bytesRead: s.statistics.bytesRead,
+                  bytesWritten: s.statistics.bytesWritten, errors: s.statistics.errors)
         rejected = s.statistics.rejected.total > 0 ? s.statistics.rejected.named : nil
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
@@ -49,17 +21,11 @@ struct DeviceReport: Codable {
     /// A vif in the same columns: bytes the guest received count as read,
     /// bytes it sent as written; params names the interface and bridge.
     init(_ s: VifStatus) {
-        device = s.address.description
-        type = s.address.type
-        domain = Int(s.address.frontendDomain)
-        devid = Int(s.address.devid)
-        state = s.state.description
-        params = s.interface.isEmpty ? "-" : s.interface + (s.bridge.map { " on " + $0 } ?? "")
-        ringPages = 0
-        requests = s.statistics.txPackets &+ s.statistics.rxPackets
-        bytesRead = s.statistics.rxBytes
-        bytesWritten = s.statistics.txBytes
-        errors = s.statistics.txErrors &+ s.statistics.rxErrors
+        self.init(device: s.address.description, type: s.address.type, domain: Int(s.address.frontendDomain),
+                  devid: Int(s.address.devid), state: s.state.description,
+                  params: s.interface.isEmpty ? "-" : s.interface + (s.bridge.map { " on " + $0 } ?? ""), ringPages: 0,
+                  requests: s.statistics.txPackets &+ s.statistics.rxPackets, bytesRead: s.statistics.rxBytes,
+                  bytesWritten: s.statistics.txBytes, errors: s.statistics.txErrors &+ s.statistics.rxErrors)
         lastError = s.lastError
         txPackets = s.statistics.txPackets
         rxPackets = s.statistics.rxPackets
@@ -72,7 +38,7 @@ struct DeviceReport: Codable {
 /// gets one JSON reply, then the connection closes. Served on the control
 /// loop's thread, so the reply reads device state without locks.
 final class ControlServer: @unchecked Sendable {   // used on the control loop thread only
-    static let defaultPath = "/run/xenbackd/control.sock"
+    static let defaultPath = ControlProtocol.defaultSocket
     private let listener: Int32
     private let path: String
     private let reports: () -> [DeviceReport]

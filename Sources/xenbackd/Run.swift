@@ -1,3 +1,4 @@
+import DaemonCLI
 import ArgumentParser
 import BlockBackend
 import NetBackend

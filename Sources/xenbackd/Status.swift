@@ -1,4 +1,5 @@
 import ArgumentParser
+import DaemonCLI
 import Foundation
 import Glibc
 import SystemSupport
@@ -13,14 +14,11 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        let reply = try Self.ask("status", socket: controlSocket)
         if json {
-            print(reply)
+            print(try ControlProtocol.ask("status", socket: controlSocket))
             return
         }
-        guard let devices = try? JSONDecoder().decode([DeviceReport].self, from: Data(reply.utf8)) else {
-            throw ValidationError("unexpected reply from \(controlSocket): \(reply.prefix(200))")
-        }
+        let devices = try ControlProtocol.devices(socket: controlSocket)
         print(pad("DEVICE", 18) + pad("STATE", 13) + pad("RING", 6) + pad("REQUESTS", 12, right: true)
               + pad("READ MB", 10, right: true) + pad("WRITTEN MB", 12, right: true) + pad("ERRORS", 8, right: true)
               + "  PARAMS / LAST ERROR")
@@ -41,23 +39,5 @@ struct Status: ParsableCommand {
             print(line)
         }
         if devices.isEmpty { print("(no devices)") }
-    }
-
-    /// Sends one request line and returns the reply.
-    static func ask(_ request: String, socket path: String) throws -> String {
-        let fd: Int32
-        do { fd = try UnixSocket.connect(to: path) } catch {
-            throw ValidationError("cannot reach the daemon at \(path): \(error) (is xenbackd running?)")
-        }
-        defer { close(fd) }
-        guard sendAll(fd, Array((request + "\n").utf8)) else { throw ValidationError("the daemon closed \(path)") }
-        var reply: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = recv(fd, &buffer, buffer.count, 0)
-            if n <= 0 { break }
-            reply += buffer[0..<n]
-        }
-        return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

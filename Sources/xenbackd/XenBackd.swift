@@ -1,36 +1,12 @@
 import ArgumentParser
-import Logging
+import DaemonCLI
 
 @main
 struct XenBackd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenbackd",
-        abstract: "Xen split-driver I/O backend (blkback) served from dom0 userspace.",
-        subcommands: [Run.self, Status.self, CheckDisk.self, XenStored.self, Guest.self, Fuzz.self, Bench.self],
+        abstract: "Xen split-driver backends for dom0: blkback (disks on files, block devices, LVM and NBD) and netback (vifs on TAPs and bridges), served from userspace.",
+        discussion: "The simulated guests, the loopback xenstored, the fuzzers and the benchmarks are in xenbackd-lab.",
+        subcommands: [Run.self, Status.self, CheckDisk.self],
         defaultSubcommand: Run.self)
-}
-
-/// Options every long-running command shares.
-struct LoggingOptions: ParsableArguments {
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
-
-    func makeLogger(_ label: String) -> Logger {
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingBootstrap.once(level: level)
-        return Logger(label: label)
-    }
-}
-
-enum LoggingBootstrap {
-    nonisolated(unsafe) private static var done = false
-    static func once(level: Logger.Level) {
-        guard !done else { return }
-        done = true
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
-    }
 }

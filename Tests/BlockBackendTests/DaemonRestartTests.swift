@@ -9,7 +9,7 @@ import XenABI
 import XenBus
 import XenStoreClient
 
-/// The daemon as separate processes (`xenbackd xenstored`, `xenbackd run`)
+/// The daemon as separate processes (`xenbackd-lab xenstored`, `xenbackd run`)
 /// and a guest in this process, as on a host: restarting the daemon under
 /// a guest doing I/O must cost the guest a pause, never an error.
 @Suite("daemon restart under a running guest", .serialized)
@@ -18,6 +18,8 @@ struct DaemonRestartTests {
         let root: String
         let layout: LoopbackLayout
         let binary: String
+        /// xenbackd-lab, for the loopback xenstored and the live fuzzer.
+        let lab: String
         var xenstored: Process?
         var daemon: Process?
         let disk: TempDisk
@@ -31,24 +33,25 @@ struct DaemonRestartTests {
             layout = LoopbackLayout(root: root)
             disk = TempDisk(megabytes: 16)
             binary = try World.builtBinary()
-            xenstored = try start(["xenstored", "--root", root, "--log-level", "warning"])
+            lab = try World.builtBinary("xenbackd-lab")
+            xenstored = try start(["xenstored", "--root", root, "--log-level", "warning"], program: lab)
             try waitFor(path: layout.xenStoreSocket)
             daemon = try startDaemon()
         }
 
-        /// The xenbackd built next to this test bundle.
-        static func builtBinary() throws -> String {
+        /// `name` (xenbackd, xenbackd-lab) built next to this test bundle.
+        static func builtBinary(_ name: String = "xenbackd") throws -> String {
             let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
-            let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("xenbackd").path
+            let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(name).path
             guard FileManager.default.isExecutableFile(atPath: path) else {
-                throw FrontendError("no xenbackd binary at \(path): build the package (swift build --build-tests)")
+                throw FrontendError("no \(name) binary at \(path): build the package (swift build --build-tests)")
             }
             return path
         }
 
-        func start(_ arguments: [String]) throws -> Process {
+        func start(_ arguments: [String], program: String? = nil) throws -> Process {
             let p = Process()
-            p.executableURL = URL(fileURLWithPath: binary)
+            p.executableURL = URL(fileURLWithPath: program ?? binary)
             p.arguments = arguments
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice

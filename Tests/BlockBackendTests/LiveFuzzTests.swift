@@ -2,12 +2,12 @@ import BlockFrontend
 import Glibc
 import Testing
 
-/// `xenbackd fuzz` against real `xenbackd xenstored` and `xenbackd run`
+/// `xenbackd-lab fuzz` against real `xenbackd-lab xenstored` and `xenbackd run`
 /// processes: a hostile guest next to a verified bystander, every invariant
 /// checked from outside; a seed that once failed is replayed here for good.
 @Suite("live fuzz against a running daemon", .serialized)
 struct LiveFuzzTests {
-    /// Runs `xenbackd fuzz` in a fresh world; its output, to show on failure.
+    /// Runs `xenbackd-lab fuzz` in a fresh world; its output, to show on failure.
     /// `net`: the daemon in a namespace of its own with a bridge xenbr0
     /// (as scripts/fuzz-live --net makes it), and `--net`.
     func fuzz(seed: UInt64, seconds: Int, net: Bool = false) throws -> (status: Int32, output: String) {
@@ -26,7 +26,7 @@ struct LiveFuzzTests {
         let w = try DaemonRestartTests.World(networkNamespace: namespace)
         defer { w.close() }
         try w.waitFor(path: w.controlSocket)
-        return try runProgram(w.binary, ["fuzz", "--root", w.root, "--control-socket", w.controlSocket,
+        return try runProgram(w.lab, ["fuzz", "--root", w.root, "--control-socket", w.controlSocket,
                                          "--seed", String(seed), "--seconds", String(seconds), "--disk-megabytes", "16",
                                          // The device comes back after a ring breach (issue 12's xenbus fixes).
                                          "--expect-reconnect"] + (net ? ["--net"] : []))

@@ -10,7 +10,7 @@ import Testing
 import XenBus
 import XenStoreClient
 
-/// The daemon as separate processes (`xenbackd xenstored`, and `xenbackd
+/// The daemon as separate processes (`xenbackd-lab xenstored`, and `xenbackd
 /// run` inside the "dom0" namespace with the bridge), guests in this
 /// process. A restart under running guests costs them a pause: the new
 /// daemon creates each vif again, puts it back on its bridge and resumes
@@ -48,7 +48,7 @@ import XenStoreClient
         try sh(["ip", "netns", "add", dom0])
         try sh(["ip", "-n", dom0, "link", "add", "xenbr0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])
         try sh(["ip", "-n", dom0, "link", "set", "xenbr0", "up"])
-        _ = try start([binary, "xenstored", "--root", root, "--log-level", "warning"])
+        _ = try start([try builtXenbackd("xenbackd-lab"), "xenstored", "--root", root, "--log-level", "warning"])
         for _ in 0..<100 where access(layout.xenStoreSocket, F_OK) != 0 { usleep(50_000) }
         let daemonArguments = ["/usr/sbin/ip", "netns", "exec", dom0, binary, "run", "--platform", "loopback", "--root", root,
                                "--control-socket", root + "/control.sock", "--log-level", "warning"]
@@ -119,12 +119,12 @@ import XenStoreClient
     }
 }
 
-/// The xenbackd built next to this test bundle.
-func builtXenbackd() throws -> String {
+/// `name` (xenbackd, xenbackd-lab) built next to this test bundle.
+func builtXenbackd(_ name: String = "xenbackd") throws -> String {
     let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
-    let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("xenbackd").path
+    let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(name).path
     guard FileManager.default.isExecutableFile(atPath: path) else {
-        throw CommandFailed(description: "no xenbackd binary at \(path): build the package (swift build --build-tests)")
+        throw CommandFailed(description: "no \(name) binary at \(path): build the package (swift build --build-tests)")
     }
     return path
 }

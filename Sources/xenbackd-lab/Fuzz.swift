@@ -1,3 +1,4 @@
+import DaemonCLI
 import ArgumentParser
 import BlockFrontend
 import Foundation
@@ -8,7 +9,7 @@ import NetFrontend
 import SystemSupport
 import XenStoreClient
 
-/// `xenbackd fuzz`: a hostile guest against a running daemon on the
+/// `xenbackd-lab fuzz`: a hostile guest against a running daemon on the
 /// loopback hypervisor (real files, libaio), next to a bystander guest
 /// doing verified I/O, with the invariants checked from outside after
 /// every round (HostileBlkfront, HostileRound): the daemon still answers
@@ -21,7 +22,7 @@ struct Fuzz: ParsableCommand {
     @Option(help: "Loopback hypervisor root folder.")
     var root: String = "/run/xenbackd/loopback"
     @Option(help: "The daemon's control socket (its status is checked after every round).")
-    var controlSocket: String = ControlServer.defaultPath
+    var controlSocket: String = ControlProtocol.defaultSocket
     @Option(help: "Seconds of hostile rounds.")
     var seconds: Double = 60
     @Option(help: "Stop after this many rounds (to reproduce a failure of round R: R).")
@@ -68,7 +69,7 @@ struct Fuzz: ParsableCommand {
 
     func run() throws {
         let seed = self.seed ?? UInt64(MonotonicClock.nanoseconds()) ^ UInt64(getpid())
-        say("fuzz: seed \(seed) (reproduce: xenbackd fuzz --seed \(seed) ...), hostile dom\(domid), bystander dom\(bystanderDomid)"
+        say("fuzz: seed \(seed) (reproduce: xenbackd-lab fuzz --seed \(seed) ...), hostile dom\(domid), bystander dom\(bystanderDomid)"
             + (net ? ", hostile netfront dom\(netDomid)" : ""))
         let images = try DiskImages(given: [disk, bystanderDisk], megabytes: diskMegabytes)
         defer { images.remove() }
@@ -280,8 +281,7 @@ struct DaemonProbe {
     let socket: String
 
     func devices() throws -> [DeviceReport] {
-        let reply = try Status.ask("status", socket: socket)
-        return try JSONDecoder().decode([DeviceReport].self, from: Data(reply.utf8))
+        try ControlProtocol.devices(socket: socket)
     }
 
     /// Until the daemon no longer serves `device` (it saw the toolstack remove it).

@@ -9,7 +9,7 @@ import SystemSupport
 import XenABI
 import XenStoreClient
 
-/// `xenbackd guest`: a simulated guest on the loopback hypervisor. It plays
+/// `xenbackd-lab guest`: a simulated guest on the loopback hypervisor. It plays
 /// the toolstack (creates the domain and its vbd the way libxl does) and
 /// the guest's blkfront, runs a verified mixed workload against a running
 /// `xenbackd run`, checks the whole disk, and unplugs. With `--nic-address`

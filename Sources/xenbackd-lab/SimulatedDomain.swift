@@ -4,8 +4,8 @@ import LoopbackHypervisor
 import NetFrontend
 import XenStoreClient
 
-/// A guest domain on the loopback hypervisor as `xenbackd guest` and
-/// `xenbackd fuzz` make one: its memory, grant table and event channels,
+/// A guest domain on the loopback hypervisor as `xenbackd-lab guest` and
+/// `xenbackd-lab fuzz` make one: its memory, grant table and event channels,
 /// its xenstore home written by the toolstack and introduced, and vbds on
 /// disk images. `close()` undoes all of it, devices first.
 final class SimulatedDomain {

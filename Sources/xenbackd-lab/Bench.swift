@@ -1,3 +1,4 @@
+import DaemonCLI
 import ArgumentParser
 import BlockBackend
 import BlockFrontend
@@ -15,7 +16,7 @@ struct Bench: ParsableCommand {
         subcommands: [BenchBlock.self, BenchNet.self])
 }
 
-/// `xenbackd bench blk`: the block backend on the loopback hypervisor,
+/// `xenbackd-lab bench blk`: the block backend on the loopback hypervisor,
 /// driven by our blkfront, next to fio (libaio) on the same file.
 struct BenchBlock: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "blk", abstract: "Benchmark the block backend against fio.")
@@ -97,7 +98,7 @@ struct BenchBlock: ParsableCommand {
         fe.spinMicroseconds = spinMicroseconds
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
-        say("xenbackd bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
+        say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
               + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
               + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : ""))
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
@@ -281,7 +282,3 @@ struct LatencyHistogram {
     }
 }
 
-func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
-    let fill = String(repeating: " ", count: max(0, width - s.count))
-    return right ? fill + s : s + fill
-}

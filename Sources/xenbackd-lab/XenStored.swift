@@ -1,10 +1,11 @@
+import DaemonCLI
 import ArgumentParser
 import Glibc
 import LoopbackHypervisor
 import LoopbackXenStore
 import SystemSupport
 
-/// `xenbackd xenstored`: the loopback hypervisor's xenstore daemon.
+/// `xenbackd-lab xenstored`: the loopback hypervisor's xenstore daemon.
 struct XenStored: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenstored",

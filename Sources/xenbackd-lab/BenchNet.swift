@@ -1,3 +1,4 @@
+import DaemonCLI
 import ArgumentParser
 import Foundation
 import Glibc
@@ -6,7 +7,7 @@ import NetBackend
 import NetFrontend
 import SystemSupport
 
-/// `xenbackd bench net`: the net backend on the loopback hypervisor, with
+/// `xenbackd-lab bench net`: the net backend on the loopback hypervisor, with
 /// guests played by the kernel's stacks in namespaces (LoopbackHost's
 /// NetworkBed), next to the same measurement between two namespaces joined
 /// by a veth pair: the machine's own limit for namespace-to-namespace
@@ -44,7 +45,7 @@ struct BenchNet: ParsableCommand {
         logger.logLevel = max(logger.logLevel, .warning)
         let rows = Self.rows.filter { only == nil || $0.name.contains(only!) }
 
-        say("xenbackd bench net: iperf3, \(seconds) s per row; reference: two namespaces joined by a veth pair")
+        say("xenbackd-lab bench net: iperf3, \(seconds) s per row; reference: two namespaces joined by a veth pair")
         var reference: [String: Double] = [:]
         if !noReference {
             let veth = try VethPair()

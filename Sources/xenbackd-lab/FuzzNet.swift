@@ -2,7 +2,7 @@ import Foundation
 import NetFrontend
 import SystemSupport
 
-/// `xenbackd fuzz --net`: the hostile guest's vif (HostileNetfront) and the
+/// `xenbackd-lab fuzz --net`: the hostile guest's vif (HostileNetfront) and the
 /// bystander's two vifs passing verified frames (NetBystander), all on one
 /// bridge in the daemon's network namespace; checked from outside after
 /// every round: the daemon lists both bystander vifs Connected with no
