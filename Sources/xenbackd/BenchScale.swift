@@ -68,9 +68,11 @@ struct BenchScale: ParsableCommand {
         note("starting \(n) guests at once (\(2 * n) devices)")
         let layout = world.layout
         let (operations, timeout) = (self.operations, self.timeout)
+        let busy = StartCPU(world: world)
         let start = try runAtOnce(n, name: "guest", progress: { done in note("\(done)/\(n) guests through start, I/O and ping") }) { i in
             guestList[i].start(toolstack: toolstack, dom0: dom0, layout: layout, operations: operations, timeout: timeout)
         }
+        let startCPU = busy.since()
         let timings = StartTimings(guests: guestList, monitor: monitor)
         let ready = guestList.count { $0.isReady }
         for g in guestList where !g.isReady { note(g.failure ?? "dom\(g.domid): not ready") }
@@ -84,6 +86,8 @@ struct BenchScale: ParsableCommand {
         say("all started, connected, verified and pinged in \(fixed(start.finished - start.released, 2)) s")
         say("keys -> InitWait:         vbd \(timings.vbdInitWait.summary); vif \(timings.vifInitWait.summary)")
         say("Initialised -> Connected: vbd \(timings.vbdConnected.summary); vif \(timings.vifConnected.summary)")
+        say("CPU while starting: the daemon \(fixed(startCPU.daemon, 2)) s (its control thread \(fixed(startCPU.control, 2)) s), "
+            + "xenstored \(fixed(startCPU.xenstored, 2)) s, in \(fixed(startCPU.wall, 2)) s")
         say("  all devices: InitWait \(timings.initWait.summary); Connected \(timings.connected.summary); "
             + "past libxl's 10 s InitWait limit: \(timings.initWait.values.count { $0 > 10 })")
         let verified = guestList.reduce(UInt64(0)) { $0 + $1.io.sectorsVerified }
@@ -106,6 +110,7 @@ struct BenchScale: ParsableCommand {
         let teardown = try destroyAll(guestList, toolstack: toolstack, dom0: dom0, world: world,
                                       baseline: (baselineFDs, baselineThreads))
         say("teardown: all destroyed in \(fixed(teardown.seconds, 2)) s; left behind: \(teardown.leftovers.description)")
+        for path in teardown.leftovers.nodePaths { say("  left in xenstore: \(path)") }
         if let pauseAfterTeardown { pause(pauseAfterTeardown, world: world, baselineFDs: baselineFDs) }
         if let wentOn {
             say("kill -9 under I/O: \(wentOn)/\(ready) guests went on without an error"
@@ -166,4 +171,22 @@ struct BenchScale: ParsableCommand {
 func note(_ s: String) {
     let line = "scale: " + s + "\n"
     _ = line.withCString { write(2, $0, strlen($0)) }
+}
+
+/// CPU time the daemon, its control thread and xenstored used from now on:
+/// whether a slow start was work on the control thread, or waiting.
+struct StartCPU {
+    let daemon: DaemonProcess, xenstored: DaemonProcess
+    let start: (daemon: Double, control: Double, xenstored: Double, wall: Double)
+
+    init(world: ScaleWorld) {
+        daemon = DaemonProcess(pid: world.daemonPID)
+        xenstored = DaemonProcess(pid: world.xenstoredPID)
+        start = (daemon.cpuSeconds, daemon.mainThreadCPUSeconds, xenstored.cpuSeconds, MonotonicClock.seconds())
+    }
+
+    func since() -> (daemon: Double, control: Double, xenstored: Double, wall: Double) {
+        (daemon.cpuSeconds - start.daemon, daemon.mainThreadCPUSeconds - start.control,
+         xenstored.cpuSeconds - start.xenstored, MonotonicClock.seconds() - start.wall)
+    }
 }

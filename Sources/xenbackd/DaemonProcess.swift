@@ -42,8 +42,13 @@ struct DaemonProcess {
     }
 
     /// User + system CPU seconds so far.
-    var cpuSeconds: Double {
-        guard let text = try? String(contentsOfProcFile: "/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return 0 }
+    var cpuSeconds: Double { Self.cpuSeconds(statFile: "/proc/\(pid)/stat") }
+
+    /// The same, of its main thread alone (the daemon's control loop runs there).
+    var mainThreadCPUSeconds: Double { Self.cpuSeconds(statFile: "/proc/\(pid)/task/\(pid)/stat") }
+
+    private static func cpuSeconds(statFile: String) -> Double {
+        guard let text = try? String(contentsOfProcFile: statFile), let close = text.lastIndex(of: ")") else { return 0 }
         let fields = text[text.index(after: close)...].split(separator: " ")
         // After the command: state is field 3, utime 14 and stime 15 (1-based).
         guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }

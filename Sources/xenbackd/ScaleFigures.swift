@@ -41,6 +41,8 @@ extension Durations {
 struct Leftovers: CustomStringConvertible {
     var taps = 0, mappings = 0, fds = 0, threads = 0, xenstoreNodes = 0
     var total: Int { taps + mappings + fds + threads + xenstoreNodes }
+    /// The guests' nodes still in xenstore, with their subtrees.
+    var nodePaths: [String] = []
 
     var description: String {
         "\(taps) vif TAPs, \(mappings) mappings of guest memory, \(fds) fds and \(threads) threads over the daemon's "
@@ -55,10 +57,21 @@ struct Leftovers: CustomStringConvertible {
         let fds = probe.descriptorTargets
         left.fds = max(fds.count - baseline.fds, fds.count { $0.hasPrefix(world.root + "/dom") })
         left.threads = max(0, probe.threads - baseline.threads)
+        var roots: [String] = []
         for type in ["vbd", "vif"] {
-            left.xenstoreNodes += ((try? store.directory("/local/domain/0/backend/\(type)")) ?? nil)?.count ?? 0
+            let base = "/local/domain/0/backend/\(type)"
+            roots += (((try? store.directory(base)) ?? nil) ?? []).map { base + "/" + $0 }
         }
-        left.xenstoreNodes += (((try? store.directory("/local/domain")) ?? nil) ?? []).count { $0 != "0" }
+        roots += (((try? store.directory("/local/domain")) ?? nil) ?? []).filter { $0 != "0" }.map { "/local/domain/" + $0 }
+        left.xenstoreNodes = roots.count
+        if !roots.isEmpty { for r in roots { collect(r, store, into: &left.nodePaths) } }
         return left
+    }
+
+    private static func collect(_ path: String, _ store: XenStoreSocketClient, into paths: inout [String]) {
+        guard paths.count < 50 else { return }
+        let value = ((try? store.read(path)) ?? nil) ?? ""
+        paths.append(value.isEmpty ? path : path + " = \"\(value)\"")
+        for child in ((try? store.directory(path)) ?? nil) ?? [] { collect(path + "/" + child, store, into: &paths) }
     }
 }

@@ -24,6 +24,7 @@ final class ScaleWorld {
 
     var controlSocket: String { root + "/control.sock" }
     var daemonPID: pid_t { daemon?.processIdentifier ?? 0 }
+    var xenstoredPID: pid_t { xenstored?.processIdentifier ?? 0 }
 
     init(diskBase: String) throws {
         binary = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
