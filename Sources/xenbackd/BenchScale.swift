@@ -119,7 +119,11 @@ struct BenchScale: ParsableCommand {
         say("scale \(n) guests: ready \(ready)/\(n), connected p99 \(ms(timings.connected.percentile(0.99))) ms, "
             + "max \(ms(timings.connected.max)) ms, RSS \(memory.residentKB / 1024) MiB, threads \(threads), fds \(fds), "
             + "idle CPU \(fixed(idle.cpuPercent, 2)) %, teardown \(fixed(teardown.seconds, 2)) s, leftovers \(teardown.leftovers.total)")
-        if ready < n || teardown.leftovers.total > 0 || (wentOn.map { $0 < n } ?? false) { throw ExitCode.failure }
+        if ready < n || teardown.leftovers.total > 0 || (wentOn.map { $0 < n } ?? false) {
+            let kept = "/tmp/xenbackd-scale-\(getpid()).log"
+            if world.keepDaemonLog(at: kept) { note("the daemon's log is kept in \(kept)") }
+            throw ExitCode.failure
+        }
     }
 
     /// Hands the world to an outside checker until it removes `file` (at most 5 minutes).
@@ -136,6 +140,7 @@ struct BenchScale: ParsableCommand {
         guard idleSeconds > 0 else { return (0, 0) }
         note("watching the daemon idle for \(fixed(idleSeconds, 0)) s")
         let cpu0 = probe.cpuSeconds, switches0 = probe.contextSwitches.voluntary, t0 = MonotonicClock.seconds()
+        let byThread0 = probe.wakeupsByThread
         var next = t0 + 10
         while MonotonicClock.seconds() - t0 < idleSeconds {
             usleep(useconds_t(min(0.2, max(0.001, t0 + idleSeconds - MonotonicClock.seconds())) * 1e6))
@@ -145,6 +150,16 @@ struct BenchScale: ParsableCommand {
             }
         }
         let elapsed = MonotonicClock.seconds() - t0
+        // Which threads woke, by name (a data plane's name carries its device).
+        var woke: [String: Int] = [:]
+        for (tid, now) in probe.wakeupsByThread {
+            let delta = now.count - (byThread0[tid]?.count ?? 0)
+            if delta > 0 { woke[now.name, default: 0] += delta }
+        }
+        if !woke.isEmpty {
+            let top = woke.sorted { $0.value > $1.value }.prefix(8).map { "\($0.key) \($0.value)" }
+            say("  wake-ups while idle, by thread: " + top.joined(separator: ", ") + (woke.count > 8 ? " (\(woke.count) threads)" : ""))
+        }
         return ((probe.cpuSeconds - cpu0) / elapsed * 100, Double(probe.contextSwitches.voluntary - switches0) / elapsed)
     }
 

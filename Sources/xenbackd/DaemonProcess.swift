@@ -73,6 +73,25 @@ struct DaemonProcess {
         return total
     }
 
+    /// Voluntary context switches of each thread, by thread id, with its name.
+    var wakeupsByThread: [Int: (name: String, count: Int)] {
+        guard let dir = opendir("/proc/\(pid)/task") else { return [:] }
+        defer { closedir(dir) }
+        var result: [Int: (name: String, count: Int)] = [:]
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            guard let tid = Int(name) else { continue }
+            var comm = "", count = 0
+            for line in procLines("task/\(name)/status") {
+                let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+                if f.first == "Name:", f.count > 1 { comm = String(f[1]) }
+                if f.first == "voluntary_ctxt_switches:", f.count > 1 { count = Int(f[1]) ?? 0 }
+            }
+            result[tid] = (comm, count)
+        }
+        return result
+    }
+
     /// Memory mappings of files under `root` (guest memory and grant tables).
     func mappings(under root: String) -> Int {
         procLines("maps").count { $0.contains(root) }

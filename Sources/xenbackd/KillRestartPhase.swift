@@ -35,7 +35,7 @@ struct KillRestartPhase {
         }
         let resumed = MonotonicClock.seconds()
         usleep(useconds_t(afterRestart * 1e6))
-        var wentOn = 0
+        var wentOn = 0, resent = 0
         for (g, load) in zip(guests, loads) {
             let (summary, failure) = load.finish()
             var problems: [String] = []
@@ -50,11 +50,12 @@ struct KillRestartPhase {
                     problems.append("\(type) not Connected on both ends after the restart")
                 }
             }
-            do { try g.ping() } catch { problems.append("ping after the restart: \(error)") }
+            do { resent += try g.ping() > 0 ? 1 : 0 } catch { problems.append("ping after the restart: \(error)") }
             if problems.isEmpty { wentOn += 1 } else { note("dom\(g.domid) after the restart: " + problems.joined(separator: "; ")) }
         }
         say("kill -9 under I/O: the daemon was back \(fixed(restarted - killedAt, 2)) s after the kill; every guest's I/O "
-            + (all ? "went on within \(fixed(resumed - restarted, 2)) s of the restart" : "had NOT resumed 60 s after the restart"))
+            + (all ? "went on within \(fixed(resumed - restarted, 2)) s of the restart" : "had NOT resumed 60 s after the restart")
+            + "; \(resent) guests' first ping after it went unanswered and was sent again")
         return wentOn
     }
 }

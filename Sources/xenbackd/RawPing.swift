@@ -18,17 +18,38 @@ struct RawPing {
 
     struct Failure: Error, CustomStringConvertible { let description: String }
 
-    /// Sends the ARP request and `count` echo requests, each waited for.
-    func run(on fe: LoopbackNetFrontend, count: Int = 1, timeout: Double = 10) throws {
+    /// Sends the ARP request and `count` echo requests, each answered
+    /// before the next. As a guest's stack would, a request is sent again
+    /// after a second without its answer (a frame may be lost while the
+    /// daemon restarts); `timeout` bounds each exchange. Returns how many
+    /// requests were sent again.
+    @discardableResult
+    func run(on fe: LoopbackNetFrontend, count: Int = 1, timeout: Double = 10) throws -> Int {
         let page = try fe.grantTxPage()
-        try send(arpRequest(), via: fe, page: page)
-        try expectFrame(fe, timeout: timeout, what: "ARP reply from \(Self.dotted(peerIP))") { isArpReply($0) }
+        var resent = try exchange(arpRequest(), via: fe, page: page, timeout: timeout, what: "ARP reply from \(Self.dotted(peerIP))") {
+            isArpReply($0)
+        }
+        let identifier = UInt16(truncatingIfNeeded: Int(guestIP[2]) << 8 | Int(guestIP[3]))
         for sequence in 1...count {
-            let identifier = UInt16(truncatingIfNeeded: Int(guestIP[2]) << 8 | Int(guestIP[3]))
-            try send(echoRequest(identifier: identifier, sequence: UInt16(sequence)), via: fe, page: page)
-            try expectFrame(fe, timeout: timeout, what: "echo reply \(sequence) from \(Self.dotted(peerIP))") {
+            resent += try exchange(echoRequest(identifier: identifier, sequence: UInt16(sequence)), via: fe, page: page, timeout: timeout,
+                         what: "echo reply \(sequence) from \(Self.dotted(peerIP))") {
                 isEchoReply($0, identifier: identifier, sequence: UInt16(sequence))
             }
+        }
+        return resent
+    }
+
+    private func exchange(_ frame: [UInt8], via fe: LoopbackNetFrontend,
+                          page: (frame: UInt32, ref: GrantRef, bytes: UnsafeMutableRawPointer),
+                          timeout: Double, what: String, _ matches: ([UInt8]) -> Bool) throws -> Int {
+        let deadline = MonotonicClock.seconds() + timeout
+        var sends = 0
+        while true {
+            try send(frame, via: fe, page: page)
+            sends += 1
+            let wait = min(1, deadline - MonotonicClock.seconds())
+            if try expectFrame(fe, timeout: wait, matches) { return sends - 1 }
+            guard MonotonicClock.seconds() < deadline else { throw Failure(description: "no \(what) within \(Int(timeout)) s") }
         }
     }
 
@@ -43,15 +64,13 @@ struct RawPing {
     }
 
     /// Reads frames until one satisfies `matches` (others, such as another
-    /// guest's broadcast, are skipped), or the time runs out.
-    private func expectFrame(_ fe: LoopbackNetFrontend, timeout: Double, what: String, _ matches: ([UInt8]) -> Bool) throws {
+    /// guest's broadcast, are skipped); false when `timeout` runs out first.
+    private func expectFrame(_ fe: LoopbackNetFrontend, timeout: Double, _ matches: ([UInt8]) -> Bool) throws -> Bool {
         let deadline = MonotonicClock.seconds() + timeout
         while true {
             let left = deadline - MonotonicClock.seconds()
-            guard left > 0, let got = try fe.receiveRaw(timeout: left) else {
-                throw Failure(description: "no \(what) within \(Int(timeout)) s")
-            }
-            if matches(got.frame) { return }
+            guard left > 0, let got = try fe.receiveRaw(timeout: left) else { return false }
+            if matches(got.frame) { return true }
         }
     }
 

@@ -63,10 +63,12 @@ final class ScaleGuest: @unchecked Sendable {   // one thread at a time (its sta
         }
     }
 
-    /// ARP and one ICMP echo to dom0's bridge address, through the vif.
-    func ping() throws {
+    /// ARP and one ICMP echo to dom0's bridge address, through the vif;
+    /// how many requests had to be sent again.
+    @discardableResult
+    func ping() throws -> Int {
         guard let netfront else { throw ScaleError("dom\(domid): no netfront") }
-        try RawPing(guestMAC: RawPing.mac(mac), guestIP: ScaleWorld.guestIP(domid),
+        return try RawPing(guestMAC: RawPing.mac(mac), guestIP: ScaleWorld.guestIP(domid),
                     peerMAC: RawPing.mac(ScaleWorld.bridgeMAC), peerIP: ScaleWorld.bridgeIP).run(on: netfront)
     }
 

@@ -96,8 +96,9 @@ final class ScaleWorld {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: arguments[0])
         p.arguments = Array(arguments.dropFirst())
-        FileManager.default.createFile(atPath: log, contents: nil)
+        if access(log, F_OK) != 0 { FileManager.default.createFile(atPath: log, contents: nil) }
         let out = FileHandle(forWritingAtPath: log)
+        out?.seekToEndOfFile()
         p.standardOutput = FileHandle.nullDevice
         p.standardError = out ?? FileHandle.nullDevice
         try p.run()
@@ -112,6 +113,11 @@ final class ScaleWorld {
             let bare = name.split(separator: "@").first.map(String.init) ?? name
             return bare.hasPrefix("vif") ? bare : nil
         }
+    }
+
+    /// Copies the daemon's log (both daemons', after a restart) out of the world, which teardown removes.
+    func keepDaemonLog(at path: String) -> Bool {
+        (try? FileManager.default.copyItem(atPath: daemonLog, toPath: path)) != nil
     }
 
     /// The last lines of the daemon's log (what it said about a failure).
