@@ -86,8 +86,8 @@ struct BenchScale: ParsableCommand {
         say("all started, connected, verified and pinged in \(fixed(start.finished - start.released, 2)) s")
         say("keys -> InitWait:         vbd \(timings.vbdInitWait.summary); vif \(timings.vifInitWait.summary)")
         say("Initialised -> Connected: vbd \(timings.vbdConnected.summary); vif \(timings.vifConnected.summary)")
-        say("CPU while starting: the daemon \(fixed(startCPU.daemon, 2)) s (its control thread \(fixed(startCPU.control, 2)) s), "
-            + "xenstored \(fixed(startCPU.xenstored, 2)) s, in \(fixed(startCPU.wall, 2)) s")
+        say("CPU while starting: the daemon \(fixed(startCPU.daemon, 2)) s (its control thread \(fixed(startCPU.control, 2)) s, "
+            + "which slept \(startCPU.controlSleeps) times), xenstored \(fixed(startCPU.xenstored, 2)) s, in \(fixed(startCPU.wall, 2)) s")
         say("  all devices: InitWait \(timings.initWait.summary); Connected \(timings.connected.summary); "
             + "past libxl's 10 s InitWait limit: \(timings.initWait.values.count { $0 > 10 })")
         let verified = guestList.reduce(UInt64(0)) { $0 + $1.io.sectorsVerified }
@@ -192,16 +192,17 @@ func note(_ s: String) {
 /// whether a slow start was work on the control thread, or waiting.
 struct StartCPU {
     let daemon: DaemonProcess, xenstored: DaemonProcess
-    let start: (daemon: Double, control: Double, xenstored: Double, wall: Double)
+    let start: (daemon: Double, control: Double, controlSleeps: Int, xenstored: Double, wall: Double)
 
     init(world: ScaleWorld) {
         daemon = DaemonProcess(pid: world.daemonPID)
         xenstored = DaemonProcess(pid: world.xenstoredPID)
-        start = (daemon.cpuSeconds, daemon.mainThreadCPUSeconds, xenstored.cpuSeconds, MonotonicClock.seconds())
+        start = (daemon.cpuSeconds, daemon.mainThreadCPUSeconds, daemon.mainThreadSleeps, xenstored.cpuSeconds,
+                 MonotonicClock.seconds())
     }
 
-    func since() -> (daemon: Double, control: Double, xenstored: Double, wall: Double) {
-        (daemon.cpuSeconds - start.daemon, daemon.mainThreadCPUSeconds - start.control,
+    func since() -> (daemon: Double, control: Double, controlSleeps: Int, xenstored: Double, wall: Double) {
+        (daemon.cpuSeconds - start.daemon, daemon.mainThreadCPUSeconds - start.control, daemon.mainThreadSleeps - start.controlSleeps,
          xenstored.cpuSeconds - start.xenstored, MonotonicClock.seconds() - start.wall)
     }
 }

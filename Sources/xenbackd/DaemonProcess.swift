@@ -47,6 +47,9 @@ struct DaemonProcess {
     /// The same, of its main thread alone (the daemon's control loop runs there).
     var mainThreadCPUSeconds: Double { Self.cpuSeconds(statFile: "/proc/\(pid)/task/\(pid)/stat") }
 
+    /// Times its main thread went to sleep (waiting for xenstore, a lock, a file).
+    var mainThreadSleeps: Int { wakeupsByThread[Int(pid)]?.count ?? 0 }
+
     private static func cpuSeconds(statFile: String) -> Double {
         guard let text = try? String(contentsOfProcFile: statFile), let close = text.lastIndex(of: ")") else { return 0 }
         let fields = text[text.index(after: close)...].split(separator: " ")
