@@ -44,6 +44,7 @@ struct BenchScale: ParsableCommand {
     func run() throws {
         guard geteuid() == 0 else { throw ValidationError("bench scale needs root (a network namespace, TAPs, a bridge)") }
         let n = guests
+        warnIfAIOEventsShort(vbds: n)
         note("starting xenstored and the daemon (a namespace with xenbr0)")
         let world = try ScaleWorld(diskBase: diskDirectory)
         defer { world.tearDown() }
@@ -133,6 +134,20 @@ struct BenchScale: ParsableCommand {
         rename(file + ".tmp", file)
         let deadline = MonotonicClock.seconds() + 300
         while access(file, F_OK) == 0 && MonotonicClock.seconds() < deadline { usleep(50_000) }
+    }
+
+    /// Each vbd's storage reserves 512 aio events (io_setup for the largest
+    /// ring); past fs.aio-max-nr the next disk cannot be opened. Said up front.
+    private func warnIfAIOEventsShort(vbds: Int) {
+        func number(_ file: String) -> Int? {
+            (try? String(contentsOfProcFile: file)).flatMap { Int($0.filter(\.isNumber)) }
+        }
+        guard let limit = number("/proc/sys/fs/aio-max-nr"), let used = number("/proc/sys/fs/aio-nr") else { return }
+        let fit = (limit - used) / 512
+        if fit < vbds {
+            note("fs.aio-max-nr is \(limit) (\(used) in use): room for \(fit) vbds of 512 aio events each, "
+                 + "so the other \(vbds - fit) disks will fail to open (sysctl fs.aio-max-nr=1048576 makes room)")
+        }
     }
 
     /// The daemon's CPU time and wake-ups over the idle window.
