@@ -1,3 +1,4 @@
+import Glibc
 import Hypervisor
 
 /// Plays libxl's part on the loopback hypervisor: writes the xenstore keys
@@ -7,10 +8,23 @@ import Hypervisor
 public struct LoopbackToolstack: Sendable {
     public let store: any XenStore
     public let backendDomain: DomID
+    /// Where a transaction that was given up on is reported (stderr by default).
+    public let log: @Sendable (String) -> Void
+    /// How long a transaction that keeps ending in EAGAIN is tried again
+    /// before the toolstack gives up (libxl retries without a bound; ours
+    /// stops, with a log, so that a store that never lets it through fails).
+    public var retrySeconds = 30.0
 
-    public init(store: any XenStore, backendDomain: DomID = 0) {
+    public init(store: any XenStore, backendDomain: DomID = 0,
+                log: @escaping @Sendable (String) -> Void = LoopbackToolstack.logToStandardError) {
         self.store = store
         self.backendDomain = backendDomain
+        self.log = log
+    }
+
+    public static let logToStandardError: @Sendable (String) -> Void = { message in
+        let line = "toolstack: " + message + "\n"
+        _ = line.withCString { write(2, $0, strlen($0)) }
     }
 
     public static func domainPath(_ d: DomID) -> String { "/local/domain/\(d)" }
@@ -18,7 +32,7 @@ public struct LoopbackToolstack: Sendable {
     /// The domain's home directory, readable by the domain itself.
     public func createDomain(_ d: DomID, name: String) throws(XenStoreError) {
         let home = Self.domainPath(d)
-        try store.withTransaction { t throws(XenStoreError) in
+        try retryingTransaction("create domain \(d)") { t throws(XenStoreError) in
             try store.mkdir(home, transaction: t)
             try store.setPermissions(home, [.init(domain: 0, access: .none), .init(domain: UInt32(d), access: .read)], transaction: t)
             try store.write(home + "/name", name, transaction: t)
@@ -145,7 +159,7 @@ public struct LoopbackToolstack: Sendable {
                              frontend fe: String, frontendKeys: [(String, String)]) throws(XenStoreError) {
         let bePerms: [XenStorePermission] = [.init(domain: UInt32(backendDomain), access: .none), .init(domain: UInt32(d), access: .read)]
         let fePerms: [XenStorePermission] = [.init(domain: UInt32(d), access: .none), .init(domain: UInt32(backendDomain), access: .read)]
-        try store.withTransaction { t throws(XenStoreError) in
+        try retryingTransaction("add device \(be)") { t throws(XenStoreError) in
             try store.mkdir(fe, transaction: t)
             try store.setPermissions(fe, fePerms, transaction: t)
             for (k, v) in frontendKeys {

@@ -81,10 +81,6 @@ package final class InProcessXenStoreServer {
     /// Nodes each of `domid`'s open transactions has touched.
     package func transactionTouchedCounts(of domid: DomID) -> [Int] { core.database.transactionTouchedCounts(of: .guest(domid)) }
 
-    /// Paths the store remembers for its open transactions' conflict checks, and their bound.
-    package var trackedChangeCount: Int { core.database.trackedChangeCount }
-    package static var trackedChangesLimit: Int { XenStoreDatabase.trackedChangesLimit }
-
     /// Replies queued on the connection that its pipe has not taken yet.
     package func queuedOutputCount(of id: UInt64) -> Int { core.connections[id]?.queuedOutputCount ?? 0 }
 

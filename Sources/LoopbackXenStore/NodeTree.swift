@@ -66,9 +66,8 @@ struct NodeTree {
 
     /// Creates the missing `path` and any missing ancestors. Each new node
     /// copies its parent's permissions; `owner`, when given (an unprivileged
-    /// creator), becomes the owner of every new node. Returns every path whose
-    /// node changed: the new ones and the existing ancestor that gained a child.
-    mutating func create(_ path: String, value: [UInt8], owner: DomID?, generation: UInt64) -> [String] {
+    /// creator), becomes the owner of every new node.
+    mutating func create(_ path: String, value: [UInt8], owner: DomID?, generation: UInt64) {
         var missing: [String] = []
         var current = path
         while nodes[current] == nil {
@@ -76,7 +75,6 @@ struct NodeTree {
             guard let parent = XenStorePath.parent(of: current) else { break }
             current = parent
         }
-        var changed = [current]
         var parentPath = current
         for newPath in missing.reversed() {
             var permissions = nodes[parentPath]!.permissions
@@ -84,11 +82,9 @@ struct NodeTree {
             nodes[parentPath]!.children.append(XenStorePath.lastComponent(of: newPath))
             nodes[parentPath]!.generation = generation
             put(newPath, XenStoreNode(value: [], permissions: permissions, children: [], generation: generation))
-            changed.append(newPath)
             parentPath = newPath
         }
         nodes[path]!.value = value
-        return changed
     }
 
     mutating func setValue(_ path: String, _ value: [UInt8], generation: UInt64) {
@@ -126,5 +122,11 @@ struct NodeTree {
     /// Puts a node as a committed transaction left it (nil: it was removed).
     mutating func replace(_ path: String, with node: XenStoreNode?) {
         put(path, node)
+    }
+
+    /// A committed transaction's child names added and removed, on the node as it is now.
+    mutating func editChildren(_ path: String, _ edits: ChildEdits, generation: UInt64) {
+        nodes[path]!.children = edits.applied(to: nodes[path]!.children)
+        nodes[path]!.generation = generation
     }
 }

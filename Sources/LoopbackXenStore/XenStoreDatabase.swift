@@ -16,67 +16,55 @@ struct WatchTrigger {
     }
 }
 
-/// What one request (or a transaction so far) touched.
-struct AccessLog {
-    /// Nodes read (including listings and nodes found missing).
-    var read: Set<String> = []
-    /// Nodes created, changed or removed (including parents whose child list changed).
-    var written: Set<String> = []
-    var triggers: [WatchTrigger] = []
-    /// Where each (path, exactOnly) is in `triggers`, once merged into a transaction's log.
-    private var triggerIndex: [String: Int] = [:]
+/// The watch triggers a transaction's changes will fire at commit.
+struct TransactionTriggers {
+    private(set) var triggers: [WatchTrigger] = []
+    /// Where each (path, exactOnly) is in `triggers`.
+    private var index: [String: Int] = [:]
 
-    /// Nodes read or written.
-    var touchedCount: Int { read.count + written.count(where: { !read.contains($0) }) }
-
-    /// Adds a request's log to a transaction's. A node changed again keeps
-    /// one trigger (xenstored fires once per node at commit) with the
-    /// permissions before its first change and after its last, so the log
-    /// grows with the nodes touched, not with the requests.
-    mutating func merge(_ other: AccessLog) {
-        read.formUnion(other.read)
-        written.formUnion(other.written)
-        for trigger in other.triggers {
+    /// Adds a request's triggers. A node changed again keeps one trigger
+    /// (xenstored fires once per node at commit) with the permissions
+    /// before its first change and after its last, so the list grows with
+    /// the nodes changed, not with the requests.
+    mutating func merge(_ new: [WatchTrigger]) {
+        for trigger in new {
             let key = (trigger.exactOnly ? "=" : "+") + trigger.path
-            if let i = triggerIndex[key] {
+            if let i = index[key] {
                 triggers[i].permissionLists = [triggers[i].permissionLists.first, trigger.permissionLists.last].compactMap { $0 }
             } else {
-                triggerIndex[key] = triggers.count
+                index[key] = triggers.count
                 triggers.append(trigger)
             }
         }
     }
 }
 
-/// An open transaction: a snapshot of the tree taken at its start, changed
-/// in place by its requests, and what they touched.
+/// An open transaction: the nodes it looked at and changed (a view over
+/// the live tree, not a copy of it) and the triggers it will fire.
 struct OpenTransaction {
     var owner: UInt64
     /// Who started it (GuestQuota counts a domain's transactions and nodes).
     var requester: Requester
-    var startSequence: UInt64
-    var tree: NodeTree
-    var log = AccessLog()
-    /// Set when the changes it must be checked against were no longer all
-    /// remembered (XenStoreDatabase.trackedChangesLimit): its commit is EAGAIN.
-    var mustRetry = false
+    var nodes = TransactionNodes()
+    var triggers = TransactionTriggers()
+}
+
+/// One change request, applied to the live tree or to a transaction's view.
+enum Mutation {
+    case write(String, [UInt8])
+    case mkdir(String)
+    case remove(String)
+    case setPermissions(String, [XenStorePermission])
 }
 
 /// The store's contents and its transactions, with xenstored's access rules.
 /// Mutations return the watch triggers to fire now (none inside a transaction:
-/// those fire when it commits).
+/// those fire when it commits). Transactions conflict as in C xenstored,
+/// only on the nodes they looked at, or finer (see ChildEdits).
 struct XenStoreDatabase {
     private(set) var tree: NodeTree
     /// Bumped by every change; a node's generation is the value at its last change.
     private var sequence: UInt64 = 0
-    /// Sequence at which each path last changed outside a transaction's own
-    /// snapshot; kept only while transactions are open (for conflict checks).
-    private var changedAt: [String: UInt64] = [:]
-    /// At most this many paths in `changedAt`: a guest holding a transaction
-    /// open while it changes ever new paths would grow it without bound. Past
-    /// it, every open transaction will fail its commit with EAGAIN (clients
-    /// retry) and the record starts afresh.
-    static let trackedChangesLimit = 16384
     private var transactions: [UInt32: OpenTransaction] = [:]
     private var lastTransactionID: UInt32 = 0
 
@@ -107,70 +95,22 @@ struct XenStoreDatabase {
 
     mutating func write(_ path: String, _ value: [UInt8], by requester: Requester,
                         transaction: UInt32) throws(XenStoreError) -> [WatchTrigger] {
-        try change(transaction) { (tree, generation, log) throws(XenStoreError) in
-            if let node = tree[path] {
-                guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
-                if !requester.isPrivileged && node.recordSize - node.value.count + value.count > GuestQuota.nodeBytes {
-                    throw XenStoreError(errno: GuestQuota.noSpace)
-                }
-                tree.setValue(path, value, generation: generation)
-                log.written.insert(path)
-            } else {
-                try Self.create(path, value, in: &tree, by: requester, generation: generation, log: &log)
-            }
-            log.triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [tree[path]!.permissions]))
-        }
+        try change(.write(path, value), by: requester, transaction: transaction)
     }
 
     mutating func mkdir(_ path: String, by requester: Requester, transaction: UInt32) throws(XenStoreError) -> [WatchTrigger] {
-        try change(transaction) { (tree, generation, log) throws(XenStoreError) in
-            if let node = tree[path] {
-                guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
-                log.read.insert(path)
-                return
-            }
-            try Self.create(path, [], in: &tree, by: requester, generation: generation, log: &log)
-            log.triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [tree[path]!.permissions]))
-        }
+        try change(.mkdir(path), by: requester, transaction: transaction)
     }
 
     /// Removes `path` and its subtree. A missing node is fine while its parent exists.
     mutating func remove(_ path: String, by requester: Requester, transaction: UInt32) throws(XenStoreError) -> [WatchTrigger] {
         guard path != XenStorePath.root else { throw XenStoreError(errno: XenStoreError.invalid) }
-        return try change(transaction) { (tree, generation, log) throws(XenStoreError) in
-            log.read.insert(path)
-            guard let node = tree[path] else {
-                // Removing a missing node is fine while its parent exists and may be written.
-                let error = Self.missingNodeError(tree, path, requester, .write)
-                if error.isNoEntry, tree[XenStorePath.parent(of: path)!] != nil { return }
-                throw error
-            }
-            guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
-            let removed = tree.removeSubtree(path, generation: generation)
-            log.written.insert(XenStorePath.parent(of: path)!)
-            for (removedPath, removedNode) in removed {
-                log.written.insert(removedPath)
-                log.triggers.append(WatchTrigger(path: removedPath, exactOnly: removedPath != path,
-                                                 permissionLists: [removedNode.permissions]))
-            }
-        }
+        return try change(.remove(path), by: requester, transaction: transaction)
     }
 
     mutating func setPermissions(_ path: String, _ permissions: [XenStorePermission], by requester: Requester,
                                  transaction: UInt32) throws(XenStoreError) -> [WatchTrigger] {
-        try change(transaction) { (tree, generation, log) throws(XenStoreError) in
-            let node = try Self.checked(tree, path, requester, .write)
-            // Only the owner (or dom0) may change permissions, and a guest may not give a node away.
-            guard requester.isPrivileged || requester.isOwner(of: node.permissions) else {
-                throw XenStoreError(errno: XenStoreError.accessDenied)
-            }
-            guard requester.isPrivileged || permissions[0].domain == node.permissions[0].domain else {
-                throw XenStoreError(errno: 1)  // EPERM
-            }
-            tree.setPermissions(path, permissions, generation: generation)
-            log.written.insert(path)
-            log.triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [node.permissions, permissions]))
-        }
+        try change(.setPermissions(path, permissions), by: requester, transaction: transaction)
     }
 
     // MARK: Transactions
@@ -181,39 +121,47 @@ struct XenStoreDatabase {
             throw XenStoreError(errno: GuestQuota.noSpace)
         }
         repeat { lastTransactionID &+= 1 } while lastTransactionID == 0 || transactions[lastTransactionID] != nil
-        transactions[lastTransactionID] = OpenTransaction(owner: owner, requester: requester, startSequence: sequence, tree: tree)
+        transactions[lastTransactionID] = OpenTransaction(owner: owner, requester: requester)
         return lastTransactionID
     }
 
-    /// Commits or aborts. A commit fails with EAGAIN if a node the transaction
-    /// read or wrote was changed by someone else since it started; otherwise
-    /// its changed nodes replace the live ones and its watch triggers are returned.
+    /// Commits or aborts. A commit fails with EAGAIN if a node the
+    /// transaction looked at (read, listed, found missing, changed) is not
+    /// as it was then, or a directory it only added children to or removed
+    /// children from is gone or has other permissions; otherwise its
+    /// changes go live and its watch triggers are returned.
     mutating func endTransaction(_ id: UInt32, owner: UInt64, commit: Bool) throws(XenStoreError) -> [WatchTrigger] {
         guard let transaction = transactions[id], transaction.owner == owner else {
             throw XenStoreError(errno: XenStoreError.noEntry)
         }
         transactions[id] = nil
-        defer { forgetChangesNoTransactionNeeds() }
         guard commit else { return [] }
-        let touched = transaction.log.read.union(transaction.log.written)
-        if transaction.mustRetry || touched.contains(where: { changedAt[$0, default: 0] > transaction.startSequence }) {
-            throw XenStoreError(errno: XenStoreError.again)
+        let nodes = transaction.nodes
+        let again = XenStoreError(errno: XenStoreError.again)
+        for (path, generation) in nodes.seen where (tree[path]?.generation ?? missingGeneration) != generation {
+            throw again
         }
-        try checkNodeQuota(committing: transaction)
+        for (path, edits) in nodes.childEdits where tree[path]?.permissions != edits.permissions {
+            throw again
+        }
+        try checkQuota(committing: transaction)
         sequence += 1
-        for path in transaction.log.written {
-            var node = transaction.tree[path]
-            node?.generation = sequence
-            tree.replace(path, with: node)
-            recordChange(path)
+        for (path, change) in nodes.changed {
+            switch change {
+            case .present(var node):
+                node.generation = sequence
+                tree.replace(path, with: node)
+            case .removed:
+                tree.replace(path, with: nil)
+            }
         }
-        return transaction.log.triggers
+        for (path, edits) in nodes.childEdits { tree.editChildren(path, edits, generation: sequence) }
+        return transaction.triggers.triggers
     }
 
     /// Drops a closed connection's transactions (or all of them, on RESET_WATCHES).
     mutating func abortTransactions(owner: UInt64) {
         transactions = transactions.filter { $0.value.owner != owner }
-        forgetChangesNoTransactionNeeds()
     }
 
     func transactionExists(_ id: UInt32, owner: UInt64) -> Bool {
@@ -222,112 +170,160 @@ struct XenStoreDatabase {
 
     var openTransactionCount: Int { transactions.count }
 
-    /// Nodes a domain owns, live and in each of its open transactions (for
-    /// checks of the quota from outside, e.g. the fuzz target).
+    /// Nodes a domain owns, live and as each of its open transactions sees
+    /// them (for checks of the quota from outside, e.g. the fuzz target).
     func ownedNodeCounts(of domain: UInt32) -> [Int] {
-        [tree.ownedNodeCount(of: domain)] + transactions.values.map { $0.tree.ownedNodeCount(of: domain) }
+        [tree.ownedNodeCount(of: domain)]
+            + transactions.values.map { TransactionView(live: tree, nodes: $0.nodes).ownedNodeCount(of: domain) }
     }
 
     func openTransactionCount(of requester: Requester) -> Int {
         transactions.values.count { $0.requester == requester }
     }
 
+    /// Nodes each of the requester's open transactions has touched.
+    func transactionTouchedCounts(of requester: Requester) -> [Int] {
+        transactions.values.filter { $0.requester == requester }.map(\.nodes.touchedCount)
+    }
+
     // MARK: Internals
 
     /// A guest's commit may not take it past GuestQuota.nodes, whatever it
-    /// created meanwhile outside the transaction (each was checked alone).
-    private func checkNodeQuota(committing transaction: OpenTransaction) throws(XenStoreError) {
+    /// created meanwhile outside the transaction (each was checked alone),
+    /// nor grow a directory it added children to past GuestQuota.nodeBytes.
+    private func checkQuota(committing transaction: OpenTransaction) throws(XenStoreError) {
         let requester = transaction.requester
         guard !requester.isPrivileged else { return }
+        let noSpace = XenStoreError(errno: GuestQuota.noSpace)
         let domain = UInt32(requester.domain)
         var added = 0
-        for path in transaction.log.written {
-            if transaction.tree[path]?.owner == domain { added += 1 }
+        for (path, change) in transaction.nodes.changed {
+            if case .present(let node) = change, node.owner == domain { added += 1 }
             if tree[path]?.owner == domain { added -= 1 }
         }
-        if added > 0 && tree.ownedNodeCount(of: domain) + added > GuestQuota.nodes {
-            throw XenStoreError(errno: GuestQuota.noSpace)
+        if added > 0 && tree.ownedNodeCount(of: domain) + added > GuestQuota.nodes { throw noSpace }
+        for (path, edits) in transaction.nodes.childEdits where !edits.added.isEmpty {
+            var node = tree[path]!
+            node.children = edits.applied(to: node.children)
+            if node.recordSize > GuestQuota.nodeBytes { throw noSpace }
         }
     }
 
-    /// A node for a read-only request, recorded as read when inside a transaction.
+    /// Runs `body` on the transaction's view of the store (its nodes moved
+    /// in and back, so neither they nor the live tree are copied).
+    private mutating func inTransaction<T>(
+        _ id: UInt32, _ body: (inout TransactionView, Requester) throws(XenStoreError) -> T
+    ) throws(XenStoreError) -> T {
+        guard var open = transactions.removeValue(forKey: id) else { throw XenStoreError(errno: XenStoreError.noEntry) }
+        var view = TransactionView(live: tree, nodes: TransactionNodes())
+        swap(&view.nodes, &open.nodes)
+        defer {
+            swap(&view.nodes, &open.nodes)
+            transactions[id] = open
+        }
+        return try body(&view, open.requester)
+    }
+
+    /// A node for a read-only request, noted as looked at when inside a transaction.
     private mutating func lookup(_ path: String, _ requester: Requester, _ need: Requester.Need,
                                  _ transaction: UInt32) throws(XenStoreError) -> XenStoreNode {
-        guard transaction != 0 else { return try Self.checked(tree, path, requester, need) }
-        guard let open = transactions[transaction] else { throw XenStoreError(errno: XenStoreError.noEntry) }
-        if !open.log.read.contains(path) {
-            try Self.checkTransactionQuota(open, adding: 1)
-            transactions[transaction]!.log.read.insert(path)
+        guard transaction != 0 else { return try Self.checked(&tree, path, requester, need) }
+        return try inTransaction(transaction) { (view, owner) throws(XenStoreError) in
+            if !view.nodes.hasTouched(path) { try Self.checkTransactionQuota(view.nodes, owner, adding: 1) }
+            return try Self.checked(&view, path, requester, need)
         }
-        return try Self.checked(transactions[transaction]!.tree, path, requester, need)
     }
 
-    /// Runs one mutation on the live tree or on the transaction's snapshot.
+    /// Runs one mutation on the live tree or in the transaction's view.
     /// Live changes are stamped with a new sequence number and return their
-    /// triggers; transaction changes are kept for commit.
-    private mutating func change(
-        _ transaction: UInt32,
-        _ body: (inout NodeTree, UInt64, inout AccessLog) throws(XenStoreError) -> Void
-    ) throws(XenStoreError) -> [WatchTrigger] {
-        var log = AccessLog()
+    /// triggers; a transaction's are kept for its commit.
+    private mutating func change(_ mutation: Mutation, by requester: Requester,
+                                 transaction: UInt32) throws(XenStoreError) -> [WatchTrigger] {
         sequence += 1
+        let generation = sequence
+        var triggers: [WatchTrigger] = []
         if transaction == 0 {
-            try body(&tree, sequence, &log)
-            for path in log.written { recordChange(path) }
-            return log.triggers
+            try Self.apply(mutation, to: &tree, by: requester, generation: generation, triggers: &triggers)
+            return triggers
         }
-        guard var open = transactions.removeValue(forKey: transaction) else {
-            throw XenStoreError(errno: XenStoreError.noEntry)
+        guard var open = transactions.removeValue(forKey: transaction) else { throw XenStoreError(errno: XenStoreError.noEntry) }
+        var view = TransactionView(live: tree, nodes: TransactionNodes())
+        swap(&view.nodes, &open.nodes)
+        defer {
+            swap(&view.nodes, &open.nodes)
+            open.triggers.merge(triggers)
+            transactions[transaction] = open
         }
-        defer { transactions[transaction] = open }  // put back whether or not the body throws
         // A full transaction takes no more changes (one may pass the quota by its own nodes).
-        try Self.checkTransactionQuota(open, adding: 1)
-        do throws(XenStoreError) {
-            try body(&open.tree, sequence, &log)
-        } catch {
-            open.log.read.formUnion(log.read)
-            throw error
-        }
-        open.log.merge(log)
+        try Self.checkTransactionQuota(view.nodes, open.requester, adding: 1)
+        try Self.apply(mutation, to: &view, by: requester, generation: generation, triggers: &triggers)
         return []
     }
 
+    /// One mutation with xenstored's checks; every check comes before any
+    /// change, so a refused request leaves the store (or view) as it was.
+    private static func apply<S: NodeStore>(_ mutation: Mutation, to store: inout S, by requester: Requester,
+                                            generation: UInt64, triggers: inout [WatchTrigger]) throws(XenStoreError) {
+        switch mutation {
+        case .write(let path, let value):
+            if let node = store.lookup(path) {
+                guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+                if !requester.isPrivileged && node.recordSize - node.value.count + value.count > GuestQuota.nodeBytes {
+                    throw XenStoreError(errno: GuestQuota.noSpace)
+                }
+                store.setValue(path, value, generation: generation)
+            } else {
+                try create(path, value, in: &store, by: requester, generation: generation)
+            }
+            triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [store.peek(path)!.permissions]))
+
+        case .mkdir(let path):
+            if let node = store.lookup(path) {
+                guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+                return
+            }
+            try create(path, [], in: &store, by: requester, generation: generation)
+            triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [store.peek(path)!.permissions]))
+
+        case .remove(let path):
+            guard let node = store.lookup(path) else {
+                // Removing a missing node is fine while its parent exists and may be written.
+                let error = missingNodeError(store, path, requester, .write)
+                if error.isNoEntry, store.lookup(XenStorePath.parent(of: path)!) != nil { return }
+                throw error
+            }
+            guard requester.may(.write, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
+            for (removedPath, removedNode) in store.removeSubtree(path, generation: generation) {
+                triggers.append(WatchTrigger(path: removedPath, exactOnly: removedPath != path,
+                                             permissionLists: [removedNode.permissions]))
+            }
+
+        case .setPermissions(let path, let permissions):
+            let node = try checked(&store, path, requester, .write)
+            // Only the owner (or dom0) may change permissions, and a guest may not give a node away.
+            guard requester.isPrivileged || requester.isOwner(of: node.permissions) else {
+                throw XenStoreError(errno: XenStoreError.accessDenied)
+            }
+            guard requester.isPrivileged || permissions[0].domain == node.permissions[0].domain else {
+                throw XenStoreError(errno: 1)  // EPERM
+            }
+            store.setPermissions(path, permissions, generation: generation)
+            triggers.append(WatchTrigger(path: path, exactOnly: false, permissionLists: [node.permissions, permissions]))
+        }
+    }
+
     /// A guest's transaction touches at most GuestQuota.transactionNodes nodes.
-    private static func checkTransactionQuota(_ open: OpenTransaction, adding count: Int) throws(XenStoreError) {
-        if !open.requester.isPrivileged && open.log.touchedCount + count > GuestQuota.transactionNodes {
+    private static func checkTransactionQuota(_ nodes: TransactionNodes, _ requester: Requester,
+                                              adding count: Int) throws(XenStoreError) {
+        if !requester.isPrivileged && nodes.touchedCount + count > GuestQuota.transactionNodes {
             throw XenStoreError(errno: GuestQuota.noSpace)
         }
     }
 
-    private mutating func recordChange(_ path: String) {
-        guard !transactions.isEmpty else { return }
-        if changedAt.count >= Self.trackedChangesLimit && changedAt[path] == nil {
-            for id in transactions.keys { transactions[id]!.mustRetry = true }
-            changedAt.removeAll()
-        }
-        changedAt[path] = sequence
-    }
-
-    /// Paths remembered for the open transactions' conflict checks.
-    var trackedChangeCount: Int { changedAt.count }
-
-    /// Nodes each of the requester's open transactions has touched.
-    func transactionTouchedCounts(of requester: Requester) -> [Int] {
-        transactions.values.filter { $0.requester == requester }.map(\.log.touchedCount)
-    }
-
-    private mutating func forgetChangesNoTransactionNeeds() {
-        guard let oldest = transactions.values.map(\.startSequence).min() else {
-            changedAt.removeAll()
-            return
-        }
-        changedAt = changedAt.filter { $0.value > oldest }
-    }
-
     /// The node, if it exists and `requester` has `need` on it.
-    private static func checked(_ tree: NodeTree, _ path: String, _ requester: Requester,
-                                _ need: Requester.Need) throws(XenStoreError) -> XenStoreNode {
-        guard let node = tree[path] else { throw missingNodeError(tree, path, requester, need) }
+    private static func checked<S: NodeStore>(_ store: inout S, _ path: String, _ requester: Requester,
+                                              _ need: Requester.Need) throws(XenStoreError) -> XenStoreNode {
+        guard let node = store.lookup(path) else { throw missingNodeError(store, path, requester, need) }
         guard requester.may(need, node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
         return node
     }
@@ -335,9 +331,9 @@ struct XenStoreDatabase {
     /// The error for a missing node: ENOENT only if the nearest existing
     /// ancestor grants `need`, else EACCES (as xenstored, which does not reveal
     /// whether a node exists below a parent the requester may not see).
-    private static func missingNodeError(_ tree: NodeTree, _ path: String, _ requester: Requester,
-                                         _ need: Requester.Need) -> XenStoreError {
-        let ancestor = tree.nearestExistingAncestor(of: path)
+    private static func missingNodeError<S: NodeStore>(_ store: S, _ path: String, _ requester: Requester,
+                                                       _ need: Requester.Need) -> XenStoreError {
+        let ancestor = store.nearestExistingAncestor(of: path)
         return XenStoreError(errno: requester.may(need, ancestor.node.permissions) ? XenStoreError.noEntry : XenStoreError.accessDenied)
     }
 
@@ -345,10 +341,11 @@ struct XenStoreDatabase {
     /// record they make or grow within GuestQuota.nodeBytes: the existing
     /// ancestor gains a child name, each new node but the last holds one, the
     /// last holds the value.
-    private static func checkQuota(creating path: String, _ value: [UInt8], below ancestor: (path: String, node: XenStoreNode),
-                                   in tree: NodeTree, by requester: Requester) throws(XenStoreError) {
+    private static func checkQuota<S: NodeStore>(creating path: String, _ value: [UInt8],
+                                                 below ancestor: (path: String, node: XenStoreNode),
+                                                 in store: S, by requester: Requester) throws(XenStoreError) {
         let noSpace = XenStoreError(errno: GuestQuota.noSpace)
-        if tree.ownedNodeCount(of: UInt32(requester.domain)) + tree.missingNodeCount(creating: path) > GuestQuota.nodes {
+        if store.ownedNodeCount(of: UInt32(requester.domain)) + store.missingNodeCount(creating: path) > GuestQuota.nodes {
             throw noSpace
         }
         guard value.count <= GuestQuota.nodeBytes else { throw noSpace }
@@ -363,17 +360,14 @@ struct XenStoreDatabase {
     }
 
     /// Creates a missing node after checking write access on its nearest existing ancestor.
-    private static func create(_ path: String, _ value: [UInt8], in tree: inout NodeTree, by requester: Requester,
-                               generation: UInt64, log: inout AccessLog) throws(XenStoreError) {
-        let ancestor = tree.nearestExistingAncestor(of: path)
+    private static func create<S: NodeStore>(_ path: String, _ value: [UInt8], in store: inout S, by requester: Requester,
+                                             generation: UInt64) throws(XenStoreError) {
+        let ancestor = store.nearestExistingAncestor(of: path)
         guard requester.may(.write, ancestor.node.permissions) else { throw XenStoreError(errno: XenStoreError.accessDenied) }
         if !requester.isPrivileged {
-            // Checked before anything changes: the live tree is changed in place.
-            try checkQuota(creating: path, value, below: ancestor, in: tree, by: requester)
+            try checkQuota(creating: path, value, below: ancestor, in: store, by: requester)
         }
         let owner: DomID? = requester.isPrivileged ? nil : requester.domain
-        for changed in tree.create(path, value: value, owner: owner, generation: generation) {
-            log.written.insert(changed)
-        }
+        store.create(path, value: value, owner: owner, generation: generation)
     }
 }

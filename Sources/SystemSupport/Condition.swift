@@ -29,6 +29,15 @@ public final class Condition: @unchecked Sendable {  // the pthread objects are 
         pthread_cond_wait(condition, mutex)
     }
 
+    /// Waits for `broadcast()` or until `seconds` have passed; call only
+    /// inside `withLock`. Returns false on the timeout.
+    public func wait(seconds: Int) -> Bool {
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        deadline.tv_sec += seconds
+        return pthread_cond_timedwait(condition, mutex, &deadline) != ETIMEDOUT
+    }
+
     public func broadcast() {
         pthread_cond_broadcast(condition)
     }

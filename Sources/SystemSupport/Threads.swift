@@ -33,6 +33,12 @@ public final class NativeThread: @unchecked Sendable {  // `thread` is written o
     public func join() {
         pthread_join(thread, nil)
     }
+
+    /// Lets the thread's resources go when it ends, with no join (a thread
+    /// that leaves on its own, such as an idle worker).
+    public func detach() {
+        pthread_detach(thread)
+    }
 }
 
 /// A pthread mutex. Synchronization's Mutex would do as well, but on Linux it

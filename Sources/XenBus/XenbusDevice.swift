@@ -146,12 +146,26 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// errors and goes InitWait; `permanent`: a failure here is final.
     private func offer(permanent: Bool) {
         guard let ctx = context else { return }
+        let path = backendPath, keys = driver.offerKeys(ctx)
         do {
-            for (key, value) in driver.offerKeys(ctx) {
-                if let value { try store.write(backendPath + "/" + key, value) } else { try store.removeIfPresent(backendPath + "/" + key) }
+            // One transaction, skipped if the toolstack removed the directory meanwhile.
+            let offered = try store.withTransaction { t throws(XenStoreError) -> Bool in
+                guard try store.read(path + "/state", transaction: t) != nil else { return false }
+                for (key, value) in keys {
+                    if let value {
+                        try store.write(path + "/" + key, value, transaction: t)
+                    } else if try store.read(path + "/" + key, transaction: t) != nil {
+                        try store.remove(path + "/" + key, transaction: t)
+                    }
+                }
+                if try store.read(path + "/error", transaction: t) != nil { try store.remove(path + "/error", transaction: t) }
+                try store.writeState(path, .initWait, transaction: t)
+                return true
             }
-            try clearErrors()
-            try setState(.initWait)
+            guard offered else { return }
+            try store.removeIfPresent(errorPath)
+            lastError = nil
+            state = .initWait
         } catch {
             fail(Self.reason(error, doing: "offering the device"), permanent: permanent)
             return
@@ -220,10 +234,14 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// when it ends in EAGAIN, as Linux's blkback does).
     private func publishConnected(_ keys: [(key: String, value: String)]) throws(XenStoreError) {
         let path = backendPath
-        try store.withTransaction { t throws(XenStoreError) in
+        let written = try store.withTransaction { t throws(XenStoreError) -> Bool in
+            // A directory the toolstack removed meanwhile is not written again.
+            guard try store.read(path + "/state", transaction: t) != nil else { return false }
             for (key, value) in keys { try store.write(path + "/" + key, value, transaction: t) }
             try store.writeState(path, .connected, transaction: t)
+            return true
         }
+        guard written else { return }
         state = .connected
         logger.debug("state", metadata: ["state": "\(XenbusState.connected)"])
     }
@@ -320,12 +338,6 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         }
     }
 
-    private func clearErrors() throws(XenStoreError) {
-        try store.removeIfPresent(backendPath + "/error")
-        try store.removeIfPresent(errorPath)
-        lastError = nil
-    }
-
     // MARK: removal, daemon stop
 
     /// The device's directory is gone: stop serving, free everything, drop
@@ -407,9 +419,18 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
 
     // MARK: helpers
 
+    /// Writes the backend's `state`, as Linux's xenbus_switch_state does:
+    /// in a transaction that first checks the node is still there, so a
+    /// device whose directory the toolstack removed is not created again.
     private func setState(_ s: XenbusState) throws(XenStoreError) {
-        try store.writeState(backendPath, s)
+        let path = backendPath
+        let written = try store.withTransaction { t throws(XenStoreError) -> Bool in
+            guard try store.read(path + "/state", transaction: t) != nil else { return false }
+            try store.writeState(path, s, transaction: t)
+            return true
+        }
         state = s
+        guard written else { return }
         logger.debug("state", metadata: ["state": "\(s)"])
     }
 

@@ -15,8 +15,8 @@ public enum XenbusWorkers: Sendable {
 }
 
 /// The jobs of every device of a daemon: a FIFO served by a few threads,
-/// started as work arrives (an idle daemon keeps the ones it started,
-/// waiting on a condition: no wake-ups).
+/// started as work arrives; a worker idle for `idleSeconds` ends, so an
+/// idle daemon keeps none.
 final class XenbusJobQueue: @unchecked Sendable {   // `jobs`, `running`, `threads` guarded by `condition`
     private let mode: XenbusWorkers
     private let condition = Condition()
@@ -25,6 +25,7 @@ final class XenbusJobQueue: @unchecked Sendable {   // `jobs`, `running`, `threa
     private var threads: [NativeThread] = []
     private var running = 0
     private var stopping = false
+    static let idleSeconds = 2
 
     init(_ mode: XenbusWorkers) { self.mode = mode }
 
@@ -58,9 +59,15 @@ final class XenbusJobQueue: @unchecked Sendable {   // `jobs`, `running`, `threa
         while true {
             let next: (@Sendable () -> Void)? = condition.withLock {
                 idleThreads += 1
-                while jobs.isEmpty && !stopping { condition.wait() }
+                while jobs.isEmpty && !stopping {
+                    if !condition.wait(seconds: Self.idleSeconds) && jobs.isEmpty { break }
+                }
                 idleThreads -= 1
-                guard !jobs.isEmpty else { return nil }
+                guard !jobs.isEmpty else {
+                    // Idle (or stopping): leave. `stop` joins the ones still listed.
+                    if !stopping, let i = threads.firstIndex(where: { $0.isCurrent }) { threads.remove(at: i).detach() }
+                    return nil
+                }
                 running += 1
                 return jobs.removeFirst()
             }

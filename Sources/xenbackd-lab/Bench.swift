@@ -13,7 +13,7 @@ import SystemSupport
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure a backend against the raw limit of the same machine.",
-        subcommands: [BenchBlock.self, BenchNet.self])
+        subcommands: [BenchBlock.self, BenchNet.self, BenchScale.self])
 }
 
 /// `xenbackd-lab bench blk`: the block backend on the loopback hypervisor,

@@ -191,4 +191,178 @@ struct TransactionTests {
             try guest.endTransaction(t, commit: true)
         }
     }
+
+    // MARK: Conflicts only on nodes looked at (C xenstored's rule)
+
+    @Test("two transactions changing different nodes, interleaved, both commit", arguments: ClientKind.allCases)
+    func disjointTransactionsBothCommit(kind: ClientKind) throws {
+        try withLoopbackXenStore { fixture in
+            let a = try fixture.dom0(kind)
+            let b = try fixture.dom0(kind)
+            try a.write("/d/a", "0")
+            try a.write("/d/b", "0")
+            let ta = try a.startTransaction()
+            let tb = try b.startTransaction()
+            #expect(try a.read("/d/a", transaction: ta) == "0")
+            #expect(try b.read("/d/b", transaction: tb) == "0")
+            try a.write("/d/a", "1", transaction: ta)
+            try b.write("/d/b", "1", transaction: tb)
+            try a.write("/d/new-a", "x", transaction: ta)   // siblings created under one directory
+            try b.write("/d/new-b", "y", transaction: tb)
+            try a.endTransaction(ta, commit: true)
+            try b.endTransaction(tb, commit: true)
+            #expect(try a.read("/d/a") == "1")
+            #expect(try a.read("/d/b") == "1")
+            #expect(Set(try a.directory("/d") ?? []) == ["a", "b", "new-a", "new-b"])
+        }
+    }
+
+    @Test("a node read in the transaction and changed by another before commit: EAGAIN", arguments: ClientKind.allCases)
+    func readThenChangedConflicts(kind: ClientKind) throws {
+        try withLoopbackXenStore { fixture in
+            let xs = try fixture.dom0(kind)
+            let other = try fixture.dom0()
+            try xs.write("/r/n", "before")
+            let t = try xs.startTransaction()
+            #expect(try xs.read("/r/n", transaction: t) == "before")
+            try other.write("/r/n", "changed")
+            try xs.write("/r/out", "derived", transaction: t)
+            expectErrno(XenStoreError.again) { try xs.endTransaction(t, commit: true) }
+            #expect(try other.read("/r/out") == nil)
+        }
+    }
+
+    @Test("a node found missing in the transaction and created by another before commit: EAGAIN", arguments: ClientKind.allCases)
+    func missingThenCreatedConflicts(kind: ClientKind) throws {
+        try withLoopbackXenStore { fixture in
+            let xs = try fixture.dom0(kind)
+            let other = try fixture.dom0()
+            try xs.mkdir("/m")
+            let t = try xs.startTransaction()
+            #expect(try xs.read("/m/lock", transaction: t) == nil)
+            try other.write("/m/lock", "taken")
+            try xs.write("/m/lock", "mine", transaction: t)
+            expectErrno(XenStoreError.again) { try xs.endTransaction(t, commit: true) }
+            #expect(try other.read("/m/lock") == "taken")
+        }
+    }
+
+    @Test("a change made before the transaction first looks at a node is no conflict: the look sees it")
+    func changeBeforeFirstLookIsNoConflict() throws {
+        try withLoopbackXenStore { fixture in
+            let xs = try fixture.dom0()
+            let other = try fixture.dom0()
+            try xs.write("/f/n", "old")
+            let t = try xs.startTransaction()
+            try other.write("/f/n", "new")
+            #expect(try xs.read("/f/n", transaction: t) == "new")
+            try xs.write("/f/copy", "new", transaction: t)
+            try xs.endTransaction(t, commit: true)
+            #expect(try other.read("/f/copy") == "new")
+        }
+    }
+
+    @Test("a directory a transaction creates under, removed or given other permissions meanwhile: EAGAIN")
+    func parentChangedUnderCreateConflicts() throws {
+        try withLoopbackXenStore { fixture in
+            let xs = try fixture.dom0()
+            let other = try fixture.dom0()
+            try xs.mkdir("/p/gone")
+            let t1 = try xs.startTransaction()
+            try xs.write("/p/gone/child", "1", transaction: t1)
+            try other.remove("/p/gone")
+            expectErrno(XenStoreError.again) { try xs.endTransaction(t1, commit: true) }
+            #expect(try other.directory("/p/gone") == nil)
+
+            try xs.mkdir("/p/kept")
+            let t2 = try xs.startTransaction()
+            try xs.write("/p/kept/child", "1", transaction: t2)
+            try other.setPermissions("/p/kept", [.n(0), .r(5)])
+            expectErrno(XenStoreError.again) { try xs.endTransaction(t2, commit: true) }
+            #expect(try other.directory("/p/kept") == [])
+        }
+    }
+
+    @Test("a listed directory that gains a child elsewhere conflicts, though creating siblings does not")
+    func listedDirectoryStillConflicts() throws {
+        try withLoopbackXenStore { fixture in
+            let xs = try fixture.dom0()
+            let other = try fixture.dom0()
+            try xs.mkdir("/l")
+            let t = try xs.startTransaction()
+            #expect(try xs.directory("/l", transaction: t) == [])
+            try xs.write("/l/mine", "1", transaction: t)
+            try other.write("/l/theirs", "1")
+            expectErrno(XenStoreError.again) { try xs.endTransaction(t, commit: true) }
+            #expect(try other.directory("/l") == ["theirs"])
+        }
+    }
+
+    /// What a toolstack starting a hundred guests at once does: one
+    /// transaction per device, each writing its own backend and frontend
+    /// directories (under /local/domain/0/backend/vbd, shared by all).
+    @Test("100 transactions open at once on disjoint device directories all commit without EAGAIN")
+    func hundredDisjointDeviceTransactions() throws {
+        try withLoopbackXenStore { fixture in
+            let dom0 = try fixture.dom0()
+            try dom0.mkdir("/local/domain/0/backend/vbd")
+            let clients = try (0..<100).map { i in try i % 2 == 0 ? fixture.dom0(.socketClient) : fixture.dom0(.libxenstore) }
+            var open: [XenStoreTransaction] = []
+            for (i, xs) in clients.enumerated() {
+                let d = i + 1
+                let t = try xs.startTransaction()
+                open.append(t)
+                let be = "/local/domain/0/backend/vbd/\(d)/51712", fe = "/local/domain/\(d)/device/vbd/51712"
+                #expect(try xs.read(be + "/state", transaction: t) == nil)
+                try xs.mkdir(fe, transaction: t)
+                try xs.setPermissions(fe, [.n(UInt32(d)), .r(0)], transaction: t)
+                for (k, v) in [("backend", be), ("state", "1"), ("virtual-device", "51712")] {
+                    try xs.write(fe + "/" + k, v, transaction: t)
+                }
+                try xs.mkdir(be, transaction: t)
+                for (k, v) in [("frontend", fe), ("params", "/tmp/disk\(d)"), ("state", "1"), ("mode", "w")] {
+                    try xs.write(be + "/" + k, v, transaction: t)
+                }
+            }
+            var again = 0
+            for (xs, t) in zip(clients, open) {
+                do { try xs.endTransaction(t, commit: true) } catch let error as XenStoreError where error.isAgain { again += 1 }
+            }
+            #expect(again == 0)
+            #expect(try dom0.directory("/local/domain/0/backend/vbd")?.count == 100)
+            #expect(try dom0.read("/local/domain/100/device/vbd/51712/state") == "1")
+            #expect(try dom0.read("/local/domain/0/backend/vbd/57/51712/params") == "/tmp/disk57")
+        }
+    }
+
+    @Test("100 threads adding devices in transactions at once: none needs a retry")
+    func hundredConcurrentDeviceTransactions() throws {
+        try withLoopbackXenStore { fixture in
+            let clients = try (0..<100).map { _ in try fixture.dom0(.socketClient) }
+            try clients[0].mkdir("/local/domain/0/backend/vif")
+            let attempts = Locked<[Int]>([])
+            let threads = clients.enumerated().map { i, xs in
+                TestThread {
+                    let d = i + 1
+                    var tries = 0
+                    do {
+                        try xs.withTransaction(maxAttempts: 1) { t throws(XenStoreError) in
+                            tries += 1
+                            let be = "/local/domain/0/backend/vif/\(d)/0"
+                            try xs.mkdir(be, transaction: t)
+                            for k in ["frontend", "mac", "bridge", "state", "online", "handle"] {
+                                try xs.write(be + "/" + k, "v", transaction: t)
+                            }
+                        }
+                    } catch {
+                        tries = -tries
+                    }
+                    attempts.withLock { $0.append(tries) }
+                }
+            }
+            for thread in threads { thread.join() }
+            #expect(attempts.withLock { $0 }.sorted() == [Int](repeating: 1, count: 100))
+            #expect(try clients[0].directory("/local/domain/0/backend/vif")?.count == 100)
+        }
+    }
 }

@@ -298,9 +298,6 @@ final class XenStoreWireSession {
         if let touched = server.transactionTouchedCounts(of: Self.guest).max(), touched > GuestQuota.transactionNodes + after.count {
             finding("a transaction of domain 5 touched \(touched) nodes")
         }
-        if server.trackedChangeCount > InProcessXenStoreServer.trackedChangesLimit {
-            finding("the store remembers \(server.trackedChangeCount) changed paths for transactions")
-        }
         let queued = server.queuedOutputCount(of: guestConnection)
         if queued > GuestQuota.queuedOutputBytes + 64 * 1024 { finding("\(queued) bytes of replies queued for domain 5") }
         let buffered = server.bufferedInputCount(of: guestConnection)
