@@ -213,16 +213,28 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         }
     }
 
+    /// Connects on a worker and publishes Connected there too (its
+    /// transaction is a dozen xenstore round trips: the control thread,
+    /// which every device shares, does not wait for them).
     private func connect(_ ctx: XenbusDeviceContext, _ r: Driver.Resource) {
         let input = Unchecked(r)
-        runJob("connecting", { [driver] in try driver.connect(ctx, resource: input.value, resuming: false) }) { [self] result in
+        let store = store, path = backendPath
+        runJob("connecting", { [driver] in
+            let c = try driver.connect(ctx, resource: input.value, resuming: false)
+            let published = Result { () throws(XenStoreError) -> Bool in try Self.publishConnected(c.keys, at: path, in: store) }
+            return (c.connection, published)
+        }) { [self] result in
             switch result {
-            case .success(let c):
-                connection = c.connection
-                do {
-                    try publishConnected(c.keys)
-                } catch {
-                    fail(Self.reason(error, doing: "publishing Connected"))
+            case .success(let (c, published)):
+                connection = c
+                switch published {
+                case .success(true):
+                    state = .connected
+                    logger.debug("state", metadata: ["state": "\(XenbusState.connected)"])
+                case .success(false):
+                    break   // the directory is gone: its removal follows
+                case .failure(let e):
+                    fail(Self.reason(e, doing: "publishing Connected"))
                 }
             case .failure(let e):
                 fail(Self.reason(e, doing: "connecting"))
@@ -231,19 +243,16 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     }
 
     /// The driver's keys and state=Connected in one transaction (retried
-    /// when it ends in EAGAIN, as Linux's blkback does).
-    private func publishConnected(_ keys: [(key: String, value: String)]) throws(XenStoreError) {
-        let path = backendPath
-        let written = try store.withTransaction { t throws(XenStoreError) -> Bool in
-            // A directory the toolstack removed meanwhile is not written again.
+    /// when it ends in EAGAIN, as Linux's blkback does); false, and nothing
+    /// written, if the toolstack removed the directory meanwhile.
+    private static func publishConnected(_ keys: [(key: String, value: String)], at path: String,
+                                         in store: any XenStore) throws(XenStoreError) -> Bool {
+        try store.withTransaction { t throws(XenStoreError) -> Bool in
             guard try store.read(path + "/state", transaction: t) != nil else { return false }
             for (key, value) in keys { try store.write(path + "/" + key, value, transaction: t) }
             try store.writeState(path, .connected, transaction: t)
             return true
         }
-        guard written else { return }
-        state = .connected
-        logger.debug("state", metadata: ["state": "\(XenbusState.connected)"])
     }
 
     /// Stops serving (every request answered, what was written flushed

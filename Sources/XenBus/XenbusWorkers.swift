@@ -15,7 +15,7 @@ public enum XenbusWorkers: Sendable {
 }
 
 /// The jobs of every device of a daemon: a FIFO served by a few threads,
-/// started as work arrives; a worker idle for `idleSeconds` ends, so an
+/// started as work arrives; a worker idle for `idleSeconds` (1 s) ends, so an
 /// idle daemon keeps none.
 final class XenbusJobQueue: @unchecked Sendable {   // `jobs`, `running`, `threads` guarded by `condition`
     private let mode: XenbusWorkers
@@ -25,7 +25,7 @@ final class XenbusJobQueue: @unchecked Sendable {   // `jobs`, `running`, `threa
     private var threads: [NativeThread] = []
     private var running = 0
     private var stopping = false
-    static let idleSeconds = 2
+    static let idleSeconds = 1
 
     init(_ mode: XenbusWorkers) { self.mode = mode }
 

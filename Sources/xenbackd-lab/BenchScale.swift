@@ -154,7 +154,7 @@ struct BenchScale: ParsableCommand {
     private func measureIdle(_ probe: DaemonProcess) -> (cpuPercent: Double, wakeupsPerSecond: Double) {
         guard idleSeconds > 0 else { return (0, 0) }
         note("watching the daemon idle for \(fixed(idleSeconds, 0)) s")
-        let cpu0 = probe.cpuSeconds, switches0 = probe.contextSwitches.voluntary, t0 = MonotonicClock.seconds()
+        let cpu0 = probe.cpuSeconds, t0 = MonotonicClock.seconds()
         let byThread0 = probe.wakeupsByThread
         var next = t0 + 10
         while MonotonicClock.seconds() - t0 < idleSeconds {
@@ -166,16 +166,21 @@ struct BenchScale: ParsableCommand {
         }
         let elapsed = MonotonicClock.seconds() - t0
         // Which threads woke, by name (a data plane's name carries its device).
+        // Threads alive at the end, from the window's start (from zero if
+        // they started in it); one that ended in the window (an idle xenbus
+        // worker leaving) is not counted: a process-wide sum would go down.
         var woke: [String: Int] = [:]
-        for (tid, now) in probe.wakeupsByThread {
+        var total = 0
+        let byThread1 = probe.wakeupsByThread
+        for (tid, now) in byThread1 {
             let delta = now.count - (byThread0[tid]?.count ?? 0)
-            if delta > 0 { woke[now.name, default: 0] += delta }
+            if delta > 0 { woke[now.name, default: 0] += delta; total += delta }
         }
         if !woke.isEmpty {
             let top = woke.sorted { $0.value > $1.value }.prefix(8).map { "\($0.key) \($0.value)" }
             say("  wake-ups while idle, by thread: " + top.joined(separator: ", ") + (woke.count > 8 ? " (\(woke.count) threads)" : ""))
         }
-        return ((probe.cpuSeconds - cpu0) / elapsed * 100, Double(probe.contextSwitches.voluntary - switches0) / elapsed)
+        return ((probe.cpuSeconds - cpu0) / elapsed * 100, Double(total) / elapsed)
     }
 
     /// Destroys every guest at the same moment, then waits until the

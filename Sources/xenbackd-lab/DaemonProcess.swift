@@ -58,24 +58,6 @@ struct DaemonProcess {
         return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
     }
 
-    /// Context switches of all its threads (each voluntary one is a wake-up after a sleep).
-    var contextSwitches: (voluntary: Int, involuntary: Int) {
-        guard let dir = opendir("/proc/\(pid)/task") else { return (0, 0) }
-        defer { closedir(dir) }
-        var total = (voluntary: 0, involuntary: 0)
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if name.hasPrefix(".") { continue }
-            for line in procLines("task/\(name)/status") {
-                let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-                guard f.count > 1, let v = Int(f[1]) else { continue }
-                if f[0] == "voluntary_ctxt_switches:" { total.voluntary += v }
-                if f[0] == "nonvoluntary_ctxt_switches:" { total.involuntary += v }
-            }
-        }
-        return total
-    }
-
     /// Voluntary context switches of each thread, by thread id, with its name.
     var wakeupsByThread: [Int: (name: String, count: Int)] {
         guard let dir = opendir("/proc/\(pid)/task") else { return [:] }
