@@ -25,6 +25,13 @@ public struct BlockBackendOptions: Sendable {
     /// A tmpfs, such as /run: it must outlive the process, not the host.
     /// Nil: no journal, a restart resumes at rsp_prod.
     public var ringJournalDirectory: String?
+    /// Storage operations one disk may have in flight (a ring may hold
+    /// more requests: the engine submits the rest as earlier ones finish).
+    /// Each file or block device's io_setup charges this against the
+    /// host's fs.aio-max-nr (65536 by default): 128 lets 512 disks open,
+    /// where the largest ring's 512 let 127 (`bench scale` at N = 200).
+    /// 128 operations in flight saturate a file or a block device as 512 do.
+    public static let storageQueueDepth = 128
     public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true,
                 maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments,
                 ringJournalDirectory: String? = nil) {

@@ -30,14 +30,7 @@ final class VbdDriver: XenbusDriver {
     typealias Resource = any BlockStorage
     typealias Connection = VbdDataPlane
 
-    /// Storage operations one disk may have in flight (a ring may hold
-    /// more requests: the engine submits the rest as earlier ones finish).
-    /// Linux reserves twice what io_setup asks against fs.aio-max-nr
-    /// (65536 by default): 128 lets 200 disks fit, where the largest ring
-    /// (512 slots) would have let 64 — the 65th disk's open then failed
-    /// with EAGAIN. A guest's 128 operations in flight saturate a file or
-    /// a block device as well as 512 do.
-    static let queueDepth = 128
+    static let queueDepth = BlockBackendOptions.storageQueueDepth
 
     let connectsAtInitialised = true
     let opensBeforeInitWait = false

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockBackend
 import BlockFrontend
 import Foundation
 import Glibc
@@ -136,16 +137,17 @@ struct BenchScale: ParsableCommand {
         while access(file, F_OK) == 0 && MonotonicClock.seconds() < deadline { usleep(50_000) }
     }
 
-    /// Each vbd's storage reserves 512 aio events (io_setup for the largest
-    /// ring); past fs.aio-max-nr the next disk cannot be opened. Said up front.
+    /// Each vbd's storage reserves `storageQueueDepth` aio events
+    /// (io_setup); past fs.aio-max-nr the next disk cannot be opened. Said up front.
     private func warnIfAIOEventsShort(vbds: Int) {
         func number(_ file: String) -> Int? {
             (try? String(contentsOfProcFile: file)).flatMap { Int($0.filter(\.isNumber)) }
         }
         guard let limit = number("/proc/sys/fs/aio-max-nr"), let used = number("/proc/sys/fs/aio-nr") else { return }
-        let fit = (limit - used) / 512
+        let each = BlockBackendOptions.storageQueueDepth
+        let fit = (limit - used) / each
         if fit < vbds {
-            note("fs.aio-max-nr is \(limit) (\(used) in use): room for \(fit) vbds of 512 aio events each, "
+            note("fs.aio-max-nr is \(limit) (\(used) in use): room for \(fit) vbds of \(each) aio events each, "
                  + "so the other \(vbds - fit) disks will fail to open (sysctl fs.aio-max-nr=1048576 makes room)")
         }
     }
