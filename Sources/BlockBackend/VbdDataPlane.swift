@@ -122,7 +122,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             try? events.unbind(localPort)
             events.close()
             grants.unmap(mapping)
-            throw HypervisorError("eventfd", errno: error.errno)
+            throw HypervisorError("eventfd", errno: error.code)
         }
         epoll = xb_epoll_create()
         guard epoll >= 0 else {
@@ -168,7 +168,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                                    journal: journal, identity: Self.identity(c), recover: c.resuming)
         } catch {
             releaseTaken()
-            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the ring's bounce pages")
+            throw HypervisorError("mmap", errno: error.code, detail: "no memory for the ring's bounce pages")
         }
         if c.resuming, journal != nil {
             if engine.recovered {
@@ -214,7 +214,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         do {
             thread = try NativeThread(name: "vbd-\(name)") { [self] in self.run() }
         } catch {
-            throw HypervisorError("start data plane thread", errno: error.errno)
+            throw HypervisorError("start data plane thread", errno: error.code)
         }
     }
 

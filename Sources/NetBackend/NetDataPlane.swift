@@ -99,7 +99,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         let buffers: NetEngineBuffers
         do { buffers = try NetEngineBuffers() } catch {
             releaseTaken()
-            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the queue's frame buffers")
+            throw HypervisorError("mmap", errno: error.code, detail: "no memory for the queue's frame buffers")
         }
         epoll = xb_epoll_create()
         guard epoll >= 0 else {
@@ -128,7 +128,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     }
 
     private static func makeWakeup() throws(HypervisorError) -> Wakeup {
-        do { return try Wakeup() } catch { throw HypervisorError("eventfd", errno: error.errno) }
+        do { return try Wakeup() } catch { throw HypervisorError("eventfd", errno: error.code) }
     }
 
     deinit {
@@ -142,7 +142,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         do {
             thread = try NativeThread(name: "vif-\(name)") { [self] in self.run() }
         } catch {
-            throw HypervisorError("start data plane thread", errno: error.errno)
+            throw HypervisorError("start data plane thread", errno: error.code)
         }
     }
 
