@@ -1,6 +1,7 @@
 import CXenBackSupport
 import Glibc
 import Hypervisor
+import SystemSupport
 
 /// An open event channel handle of one loopback domain, with the semantics
 /// of /dev/xen/evtchn: pending local ports are read from a FIFO (this
@@ -177,11 +178,15 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
 
     public func nextPending() throws(HypervisorError) -> EventChannelPort? {
         var port: UInt32 = 0
-        let n = read(fifo, &port, 4)
-        if n == 4 { return port }
-        if n < 0 && (errno == EAGAIN || errno == EINTR) { return nil }
-        if n == 0 { return nil }
-        throw HypervisorError("read event channel", errno: n < 0 ? errno : EIO)
+        let read: Int?
+        do {
+            read = try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.read(fifo, &port, 4) }
+        } catch {
+            throw HypervisorError("read event channel", errno: error.code)
+        }
+        guard let read, read != 0 else { return nil }   // nothing now, or no writer yet
+        if read == 4 { return port }
+        throw HypervisorError("read event channel", errno: EIO)
     }
 
     public func unmask(_ port: EventChannelPort) throws(HypervisorError) {

@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 
 /// A failed network operation: a system call that failed (with errno), or a
 /// request refused before any call was made.
@@ -14,6 +15,11 @@ public enum NetworkError: Error, Equatable, Sendable, CustomStringConvertible {
     case alreadyExists(String)
     /// An rtnetlink reply the parser did not expect.
     case badNetlinkReply(String)
+
+    /// A system call's failure (the call named by its wrapper), on `interface`.
+    public static func system(_ error: SystemError, interface: String = "") -> NetworkError {
+        .system(call: error.call, interface: interface, errno: error.code)
+    }
 
     /// errno of a failed call, nil for the other cases.
     public var errno: Int32? {

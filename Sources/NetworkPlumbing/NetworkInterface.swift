@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// Interface settings and bridge ports, through ioctls on a datagram socket
 /// and rtnetlink: never by running `ip` or `brctl`.
@@ -166,15 +167,22 @@ public enum NetworkInterface {
             raw.storeBytes(of: UInt8(AF_UNSPEC), toByteOffset: headerSize, as: UInt8.self)
             raw.storeBytes(of: ifindex, toByteOffset: headerSize + 4, as: Int32.self)
         }
-        let sent = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-        guard sent == requestSize else { throw .system(call: "send(RTM_GETLINK)", interface: name, errno: errno) }
+        let sent = request.withUnsafeBytes { raw in
+            Result { () throws(SystemError) in try Syscall.send(fd, raw.baseAddress, raw.count) }
+        }
+        switch sent {
+        case .success(let count) where count == requestSize: break
+        case .success: throw .system(call: "send(RTM_GETLINK)", interface: name, errno: EMSGSIZE)
+        case .failure(let error): throw .system(call: "send(RTM_GETLINK)", interface: name, errno: error.code)
+        }
 
         return try withUnsafeTemporaryAllocation(byteCount: 32768, alignment: 8) { (buffer) throws(NetworkError) -> LinkState in
-            var received: Int
-            repeat {
-                received = recv(fd, buffer.baseAddress, buffer.count, 0)
-            } while received < 0 && errno == EINTR
-            guard received >= 0 else { throw .system(call: "recv(RTM_GETLINK)", interface: name, errno: errno) }
+            let received: Int
+            do throws(SystemError) {
+                received = try Syscall.recv(fd, buffer.baseAddress, buffer.count)
+            } catch {
+                throw .system(call: "recv(RTM_GETLINK)", interface: name, errno: error.code)
+            }
             let raw = UnsafeRawBufferPointer(buffer)
             var offset = 0
             while offset + headerSize <= received {

@@ -195,13 +195,10 @@ public struct TapQueue: Sendable {
     /// A malformed frame or header fails with EINVAL.
     @inline(__always)
     public func write(_ vectors: UnsafeBufferPointer<iovec>) throws(NetworkError) -> Int? {
-        while true {
-            let n = writev(fileDescriptor, vectors.baseAddress, Int32(vectors.count))
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "writev", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.writev(fileDescriptor, vectors) }
+        } catch {
+            throw .system(error)
         }
     }
 
@@ -212,13 +209,10 @@ public struct TapQueue: Sendable {
     /// header + MTU + 14 (+4 for a VLAN tag).
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(NetworkError) -> Int? {
-        while true {
-            let n = Glibc.read(fileDescriptor, buffer.baseAddress, buffer.count)
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "read", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.read(fileDescriptor, buffer.baseAddress, buffer.count) }
+        } catch {
+            throw .system(error)
         }
     }
 
@@ -226,13 +220,10 @@ public struct TapQueue: Sendable {
     /// header into one place and the frame straight into another.
     @inline(__always)
     public func read(_ vectors: UnsafeBufferPointer<iovec>) throws(NetworkError) -> Int? {
-        while true {
-            let n = readv(fileDescriptor, vectors.baseAddress, Int32(vectors.count))
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "readv", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.readv(fileDescriptor, vectors) }
+        } catch {
+            throw .system(error)
         }
     }
 }

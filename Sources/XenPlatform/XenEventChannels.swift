@@ -1,6 +1,7 @@
 import CXenStableLibs
 import Glibc
 import Hypervisor
+import SystemSupport
 
 /// Event channels over libxenevtchn (/dev/xen/evtchn). Every port bound
 /// through this handle delivers to its file descriptor; the Linux driver
@@ -66,12 +67,15 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public func nextPending() throws(HypervisorError) -> EventChannelPort? {
         let h = try open("xenevtchn_pending")
-        let port = xenevtchn_pending(h)
-        if port >= 0 { return EventChannelPort(port) }
-        let e = errno
-        if e == EAGAIN || e == EINTR { return nil }
-        // EFBIG: the driver's ring of pending ports overflowed (events were lost).
-        throw HypervisorError("xenevtchn_pending", errno: e)
+        do {
+            let port = try Syscall.unlessWouldBlock { () throws(SystemError) in
+                try Syscall.retryingOnInterrupt("xenevtchn_pending") { xenevtchn_pending(h) }
+            }
+            return port.map { EventChannelPort($0) }
+        } catch {
+            // EFBIG: the driver's ring of pending ports overflowed (events were lost).
+            throw HypervisorError(error.call, errno: error.code)
+        }
     }
 
     public func unmask(_ port: EventChannelPort) throws(HypervisorError) {
