@@ -124,14 +124,14 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             grants.unmap(mapping)
             throw HypervisorError("eventfd", errno: error.code)
         }
-        epoll = xb_epoll_create()
-        guard epoll >= 0 else {
-            let e = errno
+        do {
+            epoll = try Syscall.epollCreate()
+        } catch {
             wakeup.close()
             try? events.unbind(localPort)
             events.close()
             grants.unmap(mapping)
-            throw HypervisorError("epoll_create", errno: e)
+            throw HypervisorError(error.call, errno: error.code)
         }
         // Everything taken so far, given back when a later step fails.
         let releaseTaken = { [epoll, wakeup, events, localPort, grants, mapping] in
@@ -143,11 +143,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         for (fd, token) in [(events.fileDescriptor, Token.eventChannel), (storage.completionFileDescriptor, .storage),
                             (wakeup.fd, .wakeup)]
-            // No descriptor (-1): a test double that completes or signals at once.
-            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
-            let e = errno
-            releaseTaken()
-            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+            where fd >= 0 {   // no descriptor (-1): a test double that completes or signals at once
+            do {
+                try Syscall.epollAdd(epoll, fd, events: xb_EPOLLIN, token: token.rawValue)
+            } catch {
+                releaseTaken()
+                throw HypervisorError(error.call, errno: error.code, detail: "cannot watch the \(token) descriptor")
+            }
         }
         var journal: VbdRingJournal?
         if let path = c.journalPath {

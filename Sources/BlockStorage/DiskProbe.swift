@@ -63,9 +63,7 @@ enum DiskProbe {
     private static func openDescriptor(path: String, readOnly: Bool, direct: Bool) throws(StorageError) -> Int32 {
         var flags = (readOnly ? O_RDONLY : O_RDWR) | xb_O_CLOEXEC
         if direct { flags |= xb_O_DIRECT }
-        let fd = xb_open(path, flags, 0)
-        guard fd >= 0 else { throw StorageError(direct ? "open(O_DIRECT)" : "open", errno: errno, path: path) }
-        return fd
+        return try storageCall(direct ? "open(O_DIRECT)" : "open", path: path) { xb_open(path, flags, 0) }
     }
 
     /// Opens with O_DIRECT when `mode` allows and a probe read shows it works
@@ -121,7 +119,7 @@ enum DiskProbe {
 
     static func describe(fd: Int32, path: String) throws(StorageError) -> DiskShape {
         var status = stat()
-        guard fstat(fd, &status) == 0 else { throw StorageError("fstat", errno: errno, path: path) }
+        _ = try storageCall("fstat", path: path) { fstat(fd, &status) }
         let alignment = directIOAlignment(fd: fd)
         switch status.st_mode & S_IFMT {
         case S_IFREG:
@@ -132,13 +130,9 @@ enum DiskProbe {
                 directIOAlignment: alignment, device: status.st_dev)
         case S_IFBLK:
             var size: UInt64 = 0
-            guard xb_block_device_size(fd, &size) == 0 else {
-                throw StorageError("BLKGETSIZE64", errno: errno, path: path)
-            }
+            _ = try storageCall("BLKGETSIZE64", path: path) { xb_block_device_size(fd, &size) }
             var logical: UInt32 = 0, physical: UInt32 = 0
-            guard xb_block_device_sector_sizes(fd, &logical, &physical) == 0 else {
-                throw StorageError("BLKSSZGET/BLKPBSZGET", errno: errno, path: path)
-            }
+            _ = try storageCall("BLKSSZGET/BLKPBSZGET", path: path) { xb_block_device_sector_sizes(fd, &logical, &physical) }
             return DiskShape(
                 isBlockDevice: true, sizeBytes: size, logicalSectorSize: logical,
                 physicalSectorSize: max(physical, logical),

@@ -57,9 +57,10 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
         }
         let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else {
-            let error = StorageError("eventfd", errno: errno, path: path)
+        let eventFD: Int32
+        do {
+            eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
+        } catch {
             Glibc.close(disk.fd)
             throw error
         }

@@ -101,19 +101,21 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             releaseTaken()
             throw HypervisorError("mmap", errno: error.code, detail: "no memory for the queue's frame buffers")
         }
-        epoll = xb_epoll_create()
-        guard epoll >= 0 else {
-            let e = errno
+        do {
+            epoll = try Syscall.epollCreate()
+        } catch {
             releaseTaken()
-            throw HypervisorError("epoll_create", errno: e)
+            throw HypervisorError(error.call, errno: error.code)
         }
         for (fd, token) in [(channels.fileDescriptor, Token.eventChannel), (tap.fileDescriptor, .tap), (wakeup.fd, .wakeup)]
-            // No descriptor (-1): a test double that signals otherwise.
-            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
-            let e = errno
-            Glibc.close(epoll)
-            releaseTaken()
-            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+            where fd >= 0 {   // no descriptor (-1): a test double that signals otherwise
+            do {
+                try Syscall.epollAdd(epoll, fd, events: xb_EPOLLIN, token: token.rawValue)
+            } catch {
+                Glibc.close(epoll)
+                releaseTaken()
+                throw HypervisorError(error.call, errno: error.code, detail: "cannot watch the \(token) descriptor")
+            }
         }
         engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: tap,
                                 configuration: c, buffers: buffers,

@@ -70,3 +70,17 @@ public enum InterfaceName {
         }
     }
 }
+
+/// A system call for `interface`, made through Syscall (interruptions retried); its
+/// failure is `.system` with `call` (what it was for) and errno. Both
+/// strings are built only on failure.
+@inline(__always)
+func networkCall<Result: BinaryInteger>(
+    _ call: @autoclosure () -> String, interface: @autoclosure () -> String, _ body: () -> Result
+) throws(NetworkError) -> Result {
+    do {
+        return try Syscall.retryingOnInterrupt("network call", body)
+    } catch {
+        throw .system(call: call(), interface: interface(), errno: error.code)
+    }
+}

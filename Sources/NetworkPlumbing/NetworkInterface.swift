@@ -148,8 +148,9 @@ public enum NetworkInterface {
     /// RTM_GETLINK for `name` in the calling thread's namespace.
     public static func linkState(of name: String) throws(NetworkError) -> LinkState {
         let ifindex = try index(of: name)
-        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), xb_NETLINK_ROUTE)
-        guard fd >= 0 else { throw .system(call: "socket(AF_NETLINK)", interface: name, errno: errno) }
+        let fd = try networkCall("socket(AF_NETLINK)", interface: name) {
+            socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), xb_NETLINK_ROUTE)
+        }
         defer { Glibc.close(fd) }
 
         let headerSize = Int(xb_sizeof_nlmsghdr)          // 16
@@ -238,12 +239,11 @@ public enum NetworkInterface {
     /// namespace without IPv4 too).
     private static func controlIoctl(_ request: UInt, _ argument: UnsafeMutableRawPointer, call: String,
                                      interface: String) throws(NetworkError) {
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .system(call: "socket(AF_UNIX)", interface: interface, errno: errno) }
-        defer { Glibc.close(fd) }
-        guard xb_ioctl_pointer(fd, request, argument) == 0 else {
-            throw .system(call: call, interface: interface, errno: errno)
+        let fd = try networkCall("socket(AF_UNIX)", interface: interface) {
+            socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
+        defer { Glibc.close(fd) }
+        _ = try networkCall(call, interface: interface) { xb_ioctl_pointer(fd, request, argument) }
     }
 
     private static func flags(of name: String) throws(NetworkError) -> Int16 {

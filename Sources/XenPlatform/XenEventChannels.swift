@@ -44,25 +44,20 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public func bindInterdomain(remoteDomain: DomID, remotePort: EventChannelPort) throws(HypervisorError) -> EventChannelPort {
         let h = try open("xenevtchn_bind_interdomain")
-        let port = xenevtchn_bind_interdomain(h, UInt32(remoteDomain), remotePort)
-        guard port >= 0 else {
-            throw HypervisorError("xenevtchn_bind_interdomain", errno: errno, detail: "dom\(remoteDomain) port \(remotePort)")
+        let port = try xenLibraryCall("xenevtchn_bind_interdomain", detail: "dom\(remoteDomain) port \(remotePort)") {
+            xenevtchn_bind_interdomain(h, UInt32(remoteDomain), remotePort)
         }
         return EventChannelPort(port)
     }
 
     public func unbind(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_unbind")
-        guard xenevtchn_unbind(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_unbind", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_unbind", detail: "port \(port)") { xenevtchn_unbind(h, port) }
     }
 
     public func notify(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_notify")
-        guard xenevtchn_notify(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_notify", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_notify", detail: "port \(port)") { xenevtchn_notify(h, port) }
     }
 
     public func nextPending() throws(HypervisorError) -> EventChannelPort? {
@@ -80,8 +75,6 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public func unmask(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_unmask")
-        guard xenevtchn_unmask(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_unmask", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_unmask", detail: "port \(port)") { xenevtchn_unmask(h, port) }
     }
 }

@@ -79,8 +79,8 @@ public final class XenGrantTable: GrantTableHandle, @unchecked Sendable {   // o
     /// `unmap`, reporting xengnttab_unmap's failure (EINVAL: not a mapping of this handle).
     public func unmapChecked(_ mapping: GrantMapping) throws(HypervisorError) {
         guard let h = handle else { throw HypervisorError("xengnttab_unmap", errno: EBADF, detail: "handle closed") }
-        guard xengnttab_unmap(h, mapping.address, UInt32(mapping.pageCount)) == 0 else {
-            throw HypervisorError("xengnttab_unmap", errno: errno, detail: "\(mapping.pageCount) page(s)")
+        _ = try xenLibraryCall("xengnttab_unmap", detail: "\(mapping.pageCount) page(s)") {
+            xengnttab_unmap(h, mapping.address, UInt32(mapping.pageCount))
         }
     }
 
