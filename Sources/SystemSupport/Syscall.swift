@@ -21,6 +21,19 @@ public enum Syscall {
         }
     }
 
+    /// For calls that return NULL and set errno on failure (a library's
+    /// open): the value, EINTR retried, any other failure thrown.
+    @inlinable @inline(__always)
+    public static func retryingOnInterrupt<Value>(
+        _ call: StaticString, nonNil body: () -> Value?
+    ) throws(SystemError) -> Value {
+        while true {
+            if let value = body() { return value }
+            let code = Glibc.errno
+            if code != EINTR { throw SystemError(call.description, errno: code) }
+        }
+    }
+
     /// `body`'s result, or nil when it failed with EAGAIN/EWOULDBLOCK (a
     /// non-blocking descriptor with nothing now); other failures are rethrown.
     @inlinable @inline(__always)

@@ -14,15 +14,19 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public init() throws(HypervisorError) {
         // A NULL logger: libxenevtchn's Linux calls log nothing themselves.
-        guard let h = xenevtchn_open(nil, 0) else {
-            throw HypervisorError("xenevtchn_open", errno: errno, detail: XenHypervisorPlatform.eventChannelDevice)
+        let h: OpaquePointer
+        do {
+            h = try Syscall.retryingOnInterrupt("xenevtchn_open", nonNil: { xenevtchn_open(nil, 0) })
+        } catch {
+            throw HypervisorError(error.call, errno: error.code, detail: XenHypervisorPlatform.eventChannelDevice)
         }
         let fd = xenevtchn_fd(h)
-        let flags = fcntl(fd, F_GETFL)
-        guard fd >= 0, flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
-            let e = errno
+        do throws(SystemError) {
+            let flags = try Syscall.retryingOnInterrupt("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
+            _ = try Syscall.retryingOnInterrupt("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        } catch {
             xenevtchn_close(h)
-            throw HypervisorError("xenevtchn_fd", errno: e, detail: "cannot make the event channel fd non-blocking")
+            throw HypervisorError(error.call, errno: error.code, detail: "cannot make the event channel fd non-blocking")
         }
         handle = h
         fileDescriptor = fd

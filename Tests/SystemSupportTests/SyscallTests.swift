@@ -13,6 +13,9 @@ struct SyscallTests {
             try [iovec()].withUnsafeBufferPointer { v throws(SystemError) in try Syscall.writev(-1, v) }
         }
         #expect(throws: SystemError("waitpid", errno: .noChildProcess)) { try Syscall.waitpid(getpid(), options: WNOHANG) }
+        #expect(throws: SystemError("fopen", errno: .noSuchFileOrDirectory)) {
+            try Syscall.retryingOnInterrupt("fopen", nonNil: { fopen("/nonexistent/file", "r") })
+        }
         let error = SystemError("read", errno: .badFileDescriptor)
         #expect(error.code == EBADF)
         #expect(error.description == "read: Bad file descriptor (errno \(EBADF))")
