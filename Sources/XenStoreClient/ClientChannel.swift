@@ -20,8 +20,12 @@ final class ClientChannel: @unchecked Sendable {  // mutable state below is guar
     private var lastRequestID: UInt32 = 0
 
     init(fd: Int32) throws(XenStoreError) {
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { throw XenStoreError(errno: errno, context: "eventfd") }
+        let eventFD: Int32
+        do {
+            eventFD = try Syscall.retryingOnInterrupt("eventfd") { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
+        } catch {
+            throw XenStoreError(errno: error.code, context: error.call)
+        }
         self.fd = fd
         self.eventFD = eventFD
     }
