@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// How a `FileStorage` uses O_DIRECT.
 public enum DirectIOMode: Sendable, Equatable {
@@ -110,9 +111,13 @@ enum DiskProbe {
         defer { free(buffer) }
         let memoryOffset = unit < pageSize ? unit : 0
         let fileOffset = shape.sizeBytes >= UInt64(2 * unit) ? unit : 0
-        let result = pread(fd, buffer + memoryOffset, unit, off_t(fileOffset))
-        // Only EINVAL says "alignment refused"; other errors are not about O_DIRECT.
-        return result >= 0 || errno != EINVAL
+        do {
+            _ = try Syscall.retryingOnInterrupt("pread") { pread(fd, buffer + memoryOffset, unit, off_t(fileOffset)) }
+            return true
+        } catch {
+            // Only EINVAL says "alignment refused"; other errors are not about O_DIRECT.
+            return error.errno != .invalidArgument
+        }
     }
 
     // MARK: Size and sector sizes
