@@ -24,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // C glue: barriers/atomics on shared memory, Linux constants and
@@ -35,8 +36,11 @@ let package = Package(
         // libxengnttab + libxenevtchn (module map links both; the shim defines __XEN_TOOLS__).
         .systemLibrary(name: "CXenStableLibs", path: "Sources/CXenStableLibs"),
 
-        // Threads, locks, eventfd wakeups, the monotonic clock: wrapped once here.
-        .target(name: "SystemSupport", dependencies: ["CXenBackSupport"], swiftSettings: strict),
+        // Threads, locks, eventfd wakeups, the monotonic clock, system calls
+        // (EINTR retried, errors as swift-system's Errno with the call named): wrapped once here.
+        .target(name: "SystemSupport", dependencies: [
+            "CXenBackSupport", .product(name: "SystemPackage", package: "swift-system"),
+        ], swiftSettings: strict),
         .target(name: "XenABI", swiftSettings: strict),
         .target(name: "XenRing", dependencies: ["XenABI", "CXenBackSupport"], swiftSettings: strict),
         .target(name: "Hypervisor", dependencies: ["XenABI"], swiftSettings: strict),
@@ -143,6 +147,10 @@ let package = Package(
         .testTarget(name: "LoopbackHypervisorTests", dependencies: ["LoopbackHypervisor", "Hypervisor", "XenABI"], swiftSettings: strict),
         // docs/ARCHITECTURE.md's module table checked against this file and the imports in Sources.
         .testTarget(name: "ArchitectureTests", swiftSettings: strict),
+        // Syscall's wrappers: EINTR retried (a read interrupted by signals), typed errors.
+        .testTarget(name: "SystemSupportTests", dependencies: [
+            "SystemSupport", .product(name: "SystemPackage", package: "swift-system"),
+        ], swiftSettings: strict),
         .testTarget(name: "XenPlatformTests", dependencies: ["XenPlatform", "Hypervisor"], swiftSettings: strict),
         // The xenbus framework stepped on an in-memory xenstore, state by state, and docs' state table checked against it.
         .testTarget(name: "XenBusTests", dependencies: [

@@ -122,16 +122,16 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             try? events.unbind(localPort)
             events.close()
             grants.unmap(mapping)
-            throw HypervisorError("eventfd", errno: error.errno)
+            throw HypervisorError("eventfd", errno: error.code)
         }
-        epoll = xb_epoll_create()
-        guard epoll >= 0 else {
-            let e = errno
+        do {
+            epoll = try Syscall.epollCreate()
+        } catch {
             wakeup.close()
             try? events.unbind(localPort)
             events.close()
             grants.unmap(mapping)
-            throw HypervisorError("epoll_create", errno: e)
+            throw HypervisorError(error.call, errno: error.code)
         }
         // Everything taken so far, given back when a later step fails.
         let releaseTaken = { [epoll, wakeup, events, localPort, grants, mapping] in
@@ -143,11 +143,13 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         for (fd, token) in [(events.fileDescriptor, Token.eventChannel), (storage.completionFileDescriptor, .storage),
                             (wakeup.fd, .wakeup)]
-            // No descriptor (-1): a test double that completes or signals at once.
-            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
-            let e = errno
-            releaseTaken()
-            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+            where fd >= 0 {   // no descriptor (-1): a test double that completes or signals at once
+            do {
+                try Syscall.epollAdd(epoll, fd, events: xb_EPOLLIN, token: token.rawValue)
+            } catch {
+                releaseTaken()
+                throw HypervisorError(error.call, errno: error.code, detail: "cannot watch the \(token) descriptor")
+            }
         }
         var journal: VbdRingJournal?
         if let path = c.journalPath {
@@ -168,7 +170,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                                    journal: journal, identity: Self.identity(c), recover: c.resuming)
         } catch {
             releaseTaken()
-            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the ring's bounce pages")
+            throw HypervisorError("mmap", errno: error.code, detail: "no memory for the ring's bounce pages")
         }
         if c.resuming, journal != nil {
             if engine.recovered {
@@ -214,7 +216,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         do {
             thread = try NativeThread(name: "vbd-\(name)") { [self] in self.run() }
         } catch {
-            throw HypervisorError("start data plane thread", errno: error.errno)
+            throw HypervisorError("start data plane thread", errno: error.code)
         }
     }
 

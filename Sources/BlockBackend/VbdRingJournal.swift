@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 import XenABI
 
 /// What a ring's engine must remember across a `kill -9` that the shared
@@ -67,16 +68,14 @@ public final class VbdRingJournal {
     /// Maps (creating it if needed) the journal file of one ring.
     public static func open(file path: String, ringSlots: Int) throws(JournalError) -> VbdRingJournal {
         let bytes = byteCount(ringSlots: ringSlots)
-        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw JournalError(operation: "open", path: path, errno: errno) }
+        let fd = try journalCall("open", path: path) { Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
         defer { Glibc.close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw JournalError(operation: "stat", path: path, errno: errno) }
+        _ = try journalCall("fstat", path: path) { fstat(fd, &st) }
         if st.st_size != bytes {
             // A journal of another ring size is not this ring's: start empty.
-            guard ftruncate(fd, 0) == 0, ftruncate(fd, off_t(bytes)) == 0 else {
-                throw JournalError(operation: "truncate", path: path, errno: errno)
-            }
+            _ = try journalCall("ftruncate", path: path) { ftruncate(fd, 0) }
+            _ = try journalCall("ftruncate", path: path) { ftruncate(fd, off_t(bytes)) }
         }
         guard let m = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), m != MAP_FAILED else {
             throw JournalError(operation: "mmap", path: path, errno: errno)
@@ -166,6 +165,17 @@ public final class VbdRingJournal {
     /// The response of `r` is published: the record is free again.
     @inline(__always)
     func release(_ r: Int) { store(recordOffset(r) + Record.state, State.free.rawValue) }
+}
+
+/// A system call on the journal at `path`, made through Syscall; its failure a JournalError naming it.
+private func journalCall<Result: BinaryInteger>(
+    _ call: StaticString, path: String, _ body: () -> Result
+) throws(JournalError) -> Result {
+    do {
+        return try Syscall.retryingOnInterrupt(call, body)
+    } catch {
+        throw JournalError(operation: error.call, path: path, errno: error.code)
+    }
 }
 
 public struct JournalError: Error, CustomStringConvertible, Sendable {

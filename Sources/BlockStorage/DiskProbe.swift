@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// How a `FileStorage` uses O_DIRECT.
 public enum DirectIOMode: Sendable, Equatable {
@@ -63,9 +64,7 @@ enum DiskProbe {
     private static func openDescriptor(path: String, readOnly: Bool, direct: Bool) throws(StorageError) -> Int32 {
         var flags = (readOnly ? O_RDONLY : O_RDWR) | xb_O_CLOEXEC
         if direct { flags |= xb_O_DIRECT }
-        let fd = xb_open(path, flags, 0)
-        guard fd >= 0 else { throw StorageError(direct ? "open(O_DIRECT)" : "open", errno: errno, path: path) }
-        return fd
+        return try storageCall(direct ? "open(O_DIRECT)" : "open", path: path) { xb_open(path, flags, 0) }
     }
 
     /// Opens with O_DIRECT when `mode` allows and a probe read shows it works
@@ -112,16 +111,20 @@ enum DiskProbe {
         defer { free(buffer) }
         let memoryOffset = unit < pageSize ? unit : 0
         let fileOffset = shape.sizeBytes >= UInt64(2 * unit) ? unit : 0
-        let result = pread(fd, buffer + memoryOffset, unit, off_t(fileOffset))
-        // Only EINVAL says "alignment refused"; other errors are not about O_DIRECT.
-        return result >= 0 || errno != EINVAL
+        do {
+            _ = try Syscall.retryingOnInterrupt("pread") { pread(fd, buffer + memoryOffset, unit, off_t(fileOffset)) }
+            return true
+        } catch {
+            // Only EINVAL says "alignment refused"; other errors are not about O_DIRECT.
+            return error.errno != .invalidArgument
+        }
     }
 
     // MARK: Size and sector sizes
 
     static func describe(fd: Int32, path: String) throws(StorageError) -> DiskShape {
         var status = stat()
-        guard fstat(fd, &status) == 0 else { throw StorageError("fstat", errno: errno, path: path) }
+        _ = try storageCall("fstat", path: path) { fstat(fd, &status) }
         let alignment = directIOAlignment(fd: fd)
         switch status.st_mode & S_IFMT {
         case S_IFREG:
@@ -132,13 +135,9 @@ enum DiskProbe {
                 directIOAlignment: alignment, device: status.st_dev)
         case S_IFBLK:
             var size: UInt64 = 0
-            guard xb_block_device_size(fd, &size) == 0 else {
-                throw StorageError("BLKGETSIZE64", errno: errno, path: path)
-            }
+            _ = try storageCall("BLKGETSIZE64", path: path) { xb_block_device_size(fd, &size) }
             var logical: UInt32 = 0, physical: UInt32 = 0
-            guard xb_block_device_sector_sizes(fd, &logical, &physical) == 0 else {
-                throw StorageError("BLKSSZGET/BLKPBSZGET", errno: errno, path: path)
-            }
+            _ = try storageCall("BLKSSZGET/BLKPBSZGET", path: path) { xb_block_device_sector_sizes(fd, &logical, &physical) }
             return DiskShape(
                 isBlockDevice: true, sizeBytes: size, logicalSectorSize: logical,
                 physicalSectorSize: max(physical, logical),

@@ -57,9 +57,10 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
         }
         let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else {
-            let error = StorageError("eventfd", errno: errno, path: path)
+        let eventFD: Int32
+        do {
+            eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
+        } catch {
             Glibc.close(disk.fd)
             throw error
         }
@@ -241,14 +242,30 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
 
     private func runDiscard(_ slot: Int) -> Int64 {
         let offset = slots[slot].offset, length = slots[slot].length
-        let result = isBlockDevice
-            ? xb_block_device_discard(fd, offset, length)
-            : xb_fallocate(fd, xb_FALLOC_FL_PUNCH_HOLE | xb_FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length))
-        return result == 0 ? 0 : -Int64(errno)
+        return Self.negativeErrno { () throws(SystemError) in
+            if isBlockDevice {
+                _ = try Syscall.retryingOnInterrupt("BLKDISCARD") { xb_block_device_discard(fd, offset, length) }
+            } else {
+                _ = try Syscall.retryingOnInterrupt("fallocate") {
+                    xb_fallocate(fd, xb_FALLOC_FL_PUNCH_HOLE | xb_FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length))
+                }
+            }
+        }
     }
 
     private func runFdatasync() -> Int64 {
-        fdatasync(fd) == 0 ? 0 : -Int64(errno)
+        Self.negativeErrno { () throws(SystemError) in _ = try Syscall.retryingOnInterrupt("fdatasync") { fdatasync(fd) } }
+    }
+
+    /// 0, or -errno as a completion carries it.
+    @inline(__always)
+    private static func negativeErrno(_ body: () throws(SystemError) -> Void) -> Int64 {
+        do {
+            try body()
+            return 0
+        } catch {
+            return -Int64(error.code)
+        }
     }
 
     // MARK: Completion

@@ -37,8 +37,12 @@ enum NBDProbe {
             if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
             if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
             var entry = pollfd(fd: fd, events: events, revents: 0)
-            let ready = poll(&entry, 1, Int32(min(left * 1000 + 1, 1000)))
-            if ready < 0 && errno != EINTR { throw .nbdUnreachable(export: name, detail: "poll: errno \(errno)") }
+            let ready: Int
+            do {
+                ready = try Syscall.poll(&entry, 1, timeoutMilliseconds: Int32(min(left * 1000 + 1, 1000)))
+            } catch {
+                throw .nbdUnreachable(export: name, detail: "\(error)")
+            }
             guard ready > 0 else { continue }
             // An error or hang-up is read as such by libnbd's state machine.
             if entry.revents & Int16(POLLIN | POLLERR | POLLHUP) != 0 { _ = nbd_aio_notify_read(handle) }

@@ -213,29 +213,39 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
                 do throws(StorageError) { opened.append(try connect(address)) } catch { cleanUp(); throw error }
             }
         }
-        let epollFD = xb_epoll_create()
-        guard epollFD >= 0 else { let e = errno; cleanUp(); throw StorageError("epoll_create", errno: e, path: uri) }
-        fds.append(epollFD)
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { let e = errno; cleanUp(); throw StorageError("eventfd", errno: e, path: uri) }
-        fds.append(eventFD)
-        let timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
-        guard timerFD >= 0 else { let e = errno; cleanUp(); throw StorageError("timerfd_create", errno: e, path: uri) }
-        fds.append(timerFD)
-        let reconnectTimerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
-        guard reconnectTimerFD >= 0 else { let e = errno; cleanUp(); throw StorageError("timerfd_create", errno: e, path: uri) }
-        fds.append(reconnectTimerFD)
-        guard xb_epoll_add(epollFD, eventFD, xb_EPOLLIN, eventToken) == 0,
-              xb_epoll_add(epollFD, timerFD, xb_EPOLLIN, timerToken) == 0,
-              xb_epoll_add(epollFD, reconnectTimerFD, xb_EPOLLIN, reconnectTimerToken) == 0 else {
-            let e = errno; cleanUp(); throw StorageError("epoll_ctl", errno: e, path: uri)
-        }
-        for index in opened.indices {
-            let events = epollEvents(nbd_aio_get_direction(opened[index].handle))
-            guard xb_epoll_add(epollFD, opened[index].fd, events, firstConnectionToken + UInt64(index)) == 0 else {
-                let e = errno; cleanUp(); throw StorageError("epoll_ctl", errno: e, path: uri)
+        // Each descriptor, or a StorageError naming the call after giving back what was taken.
+        func made(_ make: () throws(SystemError) -> Int32) throws(StorageError) -> Int32 {
+            do {
+                let fd = try make()
+                fds.append(fd)
+                return fd
+            } catch {
+                cleanUp()
+                throw StorageError(error, path: uri)
             }
-            opened[index].registeredEvents = events
+        }
+        let epollFD = try made { () throws(SystemError) in try Syscall.epollCreate() }
+        let eventFD = try made { () throws(SystemError) in
+            try Syscall.retryingOnInterrupt("eventfd") { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
+        }
+        let timerFD = try made { () throws(SystemError) in
+            try Syscall.retryingOnInterrupt("timerfd_create") { timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC)) }
+        }
+        let reconnectTimerFD = try made { () throws(SystemError) in
+            try Syscall.retryingOnInterrupt("timerfd_create") { timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC)) }
+        }
+        do throws(SystemError) {
+            try Syscall.epollAdd(epollFD, eventFD, events: xb_EPOLLIN, token: eventToken)
+            try Syscall.epollAdd(epollFD, timerFD, events: xb_EPOLLIN, token: timerToken)
+            try Syscall.epollAdd(epollFD, reconnectTimerFD, events: xb_EPOLLIN, token: reconnectTimerToken)
+            for index in opened.indices {
+                let events = epollEvents(nbd_aio_get_direction(opened[index].handle))
+                try Syscall.epollAdd(epollFD, opened[index].fd, events: events, token: firstConnectionToken + UInt64(index))
+                opened[index].registeredEvents = events
+            }
+        } catch {
+            cleanUp()
+            throw StorageError(error, path: uri)
         }
         return NBDStorage(address: address, features: features, readOnly: readOnly, queueDepth: queueDepth,
                           connections: opened, epollFD: epollFD, eventFD: eventFD, timerFD: timerFD,

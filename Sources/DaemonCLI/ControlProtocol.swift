@@ -20,8 +20,7 @@ public enum ControlProtocol {
         var reply: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = recv(fd, &buffer, buffer.count, 0)
-            if n <= 0 { break }
+            guard let n = try? Syscall.recv(fd, &buffer, buffer.count), n > 0 else { break }
             reply += buffer[0..<n]
         }
         return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)

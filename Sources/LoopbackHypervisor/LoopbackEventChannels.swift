@@ -1,6 +1,7 @@
 import CXenBackSupport
 import Glibc
 import Hypervisor
+import SystemSupport
 
 /// An open event channel handle of one loopback domain, with the semantics
 /// of /dev/xen/evtchn: pending local ports are read from a FIFO (this
@@ -37,11 +38,14 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
         handleID = table.allocateHandleID()
         fifoPath = layout.eventChannelFIFO(domain, handle: handleID)
         unlink(fifoPath)
-        guard mkfifo(fifoPath, 0o600) == 0 else { throw HypervisorError("mkfifo", errno: errno, detail: fifoPath) }
-        // O_RDWR keeps the FIFO open for writers even while nobody reads.
-        let fd = Glibc.open(fifoPath, O_RDWR | O_NONBLOCK | O_CLOEXEC)
-        guard fd >= 0 else { throw HypervisorError("open event channel FIFO", errno: errno, detail: fifoPath) }
-        fifo = fd
+        let path = fifoPath
+        do throws(SystemError) {
+            _ = try Syscall.retryingOnInterrupt("mkfifo") { mkfifo(path, 0o600) }
+            // O_RDWR keeps the FIFO open for writers even while nobody reads.
+            fifo = try Syscall.retryingOnInterrupt("open event channel FIFO") { Glibc.open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC) }
+        } catch {
+            throw HypervisorError(error.call, errno: error.code, detail: path)
+        }
         peerFIFO = Array(repeating: -1, count: Int(table.portCount))
         peerFIFOKey = Array(repeating: 0, count: Int(table.portCount))
     }
@@ -118,12 +122,14 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
               table.load(mine, .remotePort) == remotePort else { return }
         let owner = table.load(mine, .handle)
         let fifo = layout.eventChannelFIFO(domain, handle: owner)
-        let probe = Glibc.open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
-        if probe >= 0 {
+        do {
+            let probe = try Syscall.retryingOnInterrupt("open") { Glibc.open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC) }
             Glibc.close(probe)   // its owner is alive: leave the binding alone
             return
+        } catch {
+            // ENXIO: no reader, ENOENT: no FIFO; anything else proves nothing.
+            guard error.errno == .noSuchAddressOrDevice || error.errno == .noSuchFileOrDirectory else { return }
         }
-        guard errno == ENXIO || errno == ENOENT else { return }
         if remote.cas(remotePort, .state, from: EventChannelTable.State.interdomain.rawValue,
                       to: EventChannelTable.State.busy.rawValue) {
             remote.store(remotePort, .remotePort, 0)
@@ -177,11 +183,15 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
 
     public func nextPending() throws(HypervisorError) -> EventChannelPort? {
         var port: UInt32 = 0
-        let n = read(fifo, &port, 4)
-        if n == 4 { return port }
-        if n < 0 && (errno == EAGAIN || errno == EINTR) { return nil }
-        if n == 0 { return nil }
-        throw HypervisorError("read event channel", errno: n < 0 ? errno : EIO)
+        let read: Int?
+        do {
+            read = try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.read(fifo, &port, 4) }
+        } catch {
+            throw HypervisorError("read event channel", errno: error.code)
+        }
+        guard let read, read != 0 else { return nil }   // nothing now, or no writer yet
+        if read == 4 { return port }
+        throw HypervisorError("read event channel", errno: EIO)
     }
 
     public func unmask(_ port: EventChannelPort) throws(HypervisorError) {
@@ -209,10 +219,14 @@ public final class LoopbackEventChannels: EventChannelHandle, @unchecked Sendabl
         }
         if let slot = cacheSlot {
             let fd = cachedFIFO(domain: d, handle: owner, slot: slot)
-            if fd >= 0 && write(fd, &value, 4) < 0 && errno == EPIPE {
-                // The owner died: forget its FIFO; a new owner has a new one.
-                Glibc.close(fd)
-                peerFIFO[slot] = -1
+            if fd >= 0 {
+                do {
+                    _ = try Syscall.write(fd, &value, 4)
+                } catch where error.errno == .brokenPipe {
+                    // The owner died: forget its FIFO; a new owner has a new one.
+                    Glibc.close(fd)
+                    peerFIFO[slot] = -1
+                } catch {}   // full: the reader has a wake-up pending already
             }
         } else {
             // A re-delivery on unmask to another handle's port: rare, not cached.

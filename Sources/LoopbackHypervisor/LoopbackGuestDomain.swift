@@ -26,7 +26,7 @@ public final class LoopbackGuestDomain: @unchecked Sendable {   // page/grant al
         self.domain = domain
         let dir = layout.domainDirectory(domain)
         do { try makeDirectories(dir, mode: 0o700) } catch {
-            throw HypervisorError("create domain folder", errno: error.errno, detail: error.call)
+            throw HypervisorError("create domain folder", errno: error.code, detail: error.call)
         }
         for f in [layout.memory(domain), layout.grantTable(domain), layout.eventChannels(domain)] { unlink(f) }
         memory = try SharedFile(path: layout.memory(domain), createLength: memoryPages * XenPage.size, operation: "create domain memory")

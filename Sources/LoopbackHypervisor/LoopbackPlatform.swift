@@ -22,7 +22,7 @@ public final class LoopbackPlatform: HypervisorPlatform, @unchecked Sendable {  
         do {
             try makeDirectories(layout.domainDirectory(ownDomain), mode: 0o700)
         } catch {
-            throw HypervisorError("create loopback root", errno: error.errno, detail: error.call)
+            throw HypervisorError("create loopback root", errno: error.code, detail: error.call)
         }
         _ = try EventChannelTable(path: layout.eventChannels(ownDomain), create: true)
     }

@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 
 /// A file mapped MAP_SHARED into this process: how every loopback domain
 /// structure (memory, grant table, event channel table) is shared between
@@ -13,18 +14,24 @@ final class SharedFile: @unchecked Sendable {   // immutable after init; the mem
     init(path: String, createLength: Int? = nil, operation: String) throws(HypervisorError) {
         var flags = O_RDWR | O_CLOEXEC
         if createLength != nil { flags |= O_CREAT }
-        let fd = Glibc.open(path, flags, 0o600)
-        guard fd >= 0 else { throw HypervisorError(operation, errno: errno, detail: path) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            let e = errno; Glibc.close(fd); throw HypervisorError(operation, errno: e, detail: path)
+        // A failed call: what it was for, which call, errno, and the file.
+        func failure(_ error: SystemError) -> HypervisorError {
+            HypervisorError(operation, errno: error.code, detail: "\(error.call) \(path)")
         }
-        var length = Int(st.st_size)
-        if let want = createLength, length < want {
-            guard ftruncate(fd, off_t(want)) == 0 else {
-                let e = errno; Glibc.close(fd); throw HypervisorError(operation, errno: e, detail: path)
+        let fd: Int32
+        do { fd = try Syscall.retryingOnInterrupt("open") { Glibc.open(path, flags, 0o600) } } catch { throw failure(error) }
+        var st = stat()
+        var length = 0
+        do throws(SystemError) {
+            _ = try Syscall.retryingOnInterrupt("fstat") { fstat(fd, &st) }
+            length = Int(st.st_size)
+            if let want = createLength, length < want {
+                _ = try Syscall.retryingOnInterrupt("ftruncate") { ftruncate(fd, off_t(want)) }
+                length = want
             }
-            length = want
+        } catch {
+            Glibc.close(fd)
+            throw failure(error)
         }
         guard length > 0 else {
             Glibc.close(fd); throw HypervisorError(operation, errno: EINVAL, detail: "\(path) is empty")

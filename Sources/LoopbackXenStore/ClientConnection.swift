@@ -1,5 +1,6 @@
 import Glibc
 import Hypervisor
+import SystemSupport
 import XenABI
 import XenStoreWire
 
@@ -84,18 +85,20 @@ final class ClientConnection {
     /// Writes queued output until it is all sent or the socket is full.
     func flush() -> FlushResult {
         while outputSent < output.count {
-            let n = output.withUnsafeBytes { raw in
+            let sent = output.withUnsafeBytes { raw in
                 let rest = UnsafeRawBufferPointer(rebasing: raw[outputSent...])
-                return pipe?.accept(rest) ?? send(fd, rest.baseAddress!, rest.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                return Result { () throws(SystemError) in
+                    try Syscall.unlessWouldBlock { () throws(SystemError) in
+                        try Syscall.retryingOnInterrupt("send") {
+                            pipe?.accept(rest) ?? Glibc.send(fd, rest.baseAddress!, rest.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                        }
+                    }
+                }
             }
-            if n > 0 {
-                outputSent += n
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                return .wouldBlock
-            } else {
-                return .failed
+            switch sent {
+            case .success(let n?) where n > 0: outputSent += n
+            case .success(nil): return .wouldBlock
+            default: return .failed
             }
         }
         output.removeAll(keepingCapacity: output.capacity <= 64 * 1024)

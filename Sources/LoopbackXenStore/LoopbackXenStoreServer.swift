@@ -156,10 +156,11 @@ final class EventLoop: @unchecked Sendable {  // `core` is used only inside `loc
         var tokens = [UInt64](repeating: 0, count: capacity)
         var events = [UInt32](repeating: 0, count: capacity)
         while true {
-            let count = xb_epoll_wait(epollFD, &tokens, &events, Int32(capacity), -1)
-            if count < 0 {
-                if errno == EINTR { continue }
-                lock.withLock { core.logger.error("xenstore: epoll_wait failed, errno \(errno); stopping") }
+            let count: Int32
+            do {
+                count = try Syscall.retryingOnInterrupt("epoll_wait") { xb_epoll_wait(epollFD, &tokens, &events, Int32(capacity), -1) }
+            } catch {
+                lock.withLock { core.logger.error("xenstore: \(error); stopping") }
                 return
             }
             let keepRunning = lock.withLock { () -> Bool in

@@ -119,12 +119,13 @@ final class ServerCore {
 
     private func acceptConnections(on listener: Listener) {
         while true {
-            let fd = accept(listener.fd, nil, nil)
-            if fd < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
-                if errno != EAGAIN && errno != EWOULDBLOCK {
-                    logger.warning("xenstore: accept on \(listener.path) failed, errno \(errno)")
-                }
+            let fd: Int32
+            do {
+                guard let accepted = try Syscall.unlessWouldBlock({ () throws(SystemError) in try Syscall.accept(listener.fd) })
+                else { return }
+                fd = accepted
+            } catch {
+                logger.warning("xenstore: \(error) on \(listener.path)")
                 return
             }
             // accept4 is hidden from Swift's Glibc; set the flags the same way afterwards.
@@ -146,17 +147,23 @@ final class ServerCore {
     private func readRequests(from connection: ClientConnection) {
         var endOfStream = false
         for _ in 0..<16 {
-            let n = readBuffer.withUnsafeMutableBytes { recv(connection.fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            let received = readBuffer.withUnsafeMutableBytes { raw in
+                Result { () throws(SystemError) in
+                    try Syscall.unlessWouldBlock { () throws(SystemError) in
+                        try Syscall.recv(connection.fd, raw.baseAddress!, raw.count, Int32(MSG_DONTWAIT))
+                    }
+                }
+            }
+            guard case .success(let result) = received else {
+                endOfStream = true   // a failed socket
+                break
+            }
+            guard let n = result else { break }   // nothing more now
             if n > 0 {
                 readBuffer.withUnsafeBytes { connection.decoder.append(UnsafeRawBufferPointer(rebasing: $0[..<n])) }
                 if n < readBuffer.count { break }
-            } else if n == 0 {
-                endOfStream = true
-                break
-            } else if errno == EINTR {
-                continue
             } else {
-                if errno != EAGAIN && errno != EWOULDBLOCK { endOfStream = true }
+                endOfStream = true
                 break
             }
         }

@@ -99,21 +99,23 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         let buffers: NetEngineBuffers
         do { buffers = try NetEngineBuffers() } catch {
             releaseTaken()
-            throw HypervisorError("mmap", errno: error.errno, detail: "no memory for the queue's frame buffers")
+            throw HypervisorError("mmap", errno: error.code, detail: "no memory for the queue's frame buffers")
         }
-        epoll = xb_epoll_create()
-        guard epoll >= 0 else {
-            let e = errno
+        do {
+            epoll = try Syscall.epollCreate()
+        } catch {
             releaseTaken()
-            throw HypervisorError("epoll_create", errno: e)
+            throw HypervisorError(error.call, errno: error.code)
         }
         for (fd, token) in [(channels.fileDescriptor, Token.eventChannel), (tap.fileDescriptor, .tap), (wakeup.fd, .wakeup)]
-            // No descriptor (-1): a test double that signals otherwise.
-            where fd >= 0 && xb_epoll_add(epoll, fd, xb_EPOLLIN, token.rawValue) != 0 {
-            let e = errno
-            Glibc.close(epoll)
-            releaseTaken()
-            throw HypervisorError("epoll_ctl", errno: e, detail: "cannot watch the \(token) descriptor")
+            where fd >= 0 {   // no descriptor (-1): a test double that signals otherwise
+            do {
+                try Syscall.epollAdd(epoll, fd, events: xb_EPOLLIN, token: token.rawValue)
+            } catch {
+                Glibc.close(epoll)
+                releaseTaken()
+                throw HypervisorError(error.call, errno: error.code, detail: "cannot watch the \(token) descriptor")
+            }
         }
         engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: tap,
                                 configuration: c, buffers: buffers,
@@ -128,7 +130,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     }
 
     private static func makeWakeup() throws(HypervisorError) -> Wakeup {
-        do { return try Wakeup() } catch { throw HypervisorError("eventfd", errno: error.errno) }
+        do { return try Wakeup() } catch { throw HypervisorError("eventfd", errno: error.code) }
     }
 
     deinit {
@@ -142,7 +144,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         do {
             thread = try NativeThread(name: "vif-\(name)") { [self] in self.run() }
         } catch {
-            throw HypervisorError("start data plane thread", errno: error.errno)
+            throw HypervisorError("start data plane thread", errno: error.code)
         }
     }
 

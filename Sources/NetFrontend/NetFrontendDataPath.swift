@@ -113,7 +113,8 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             pollFDs[2] = pollfd(fd: tap.fileDescriptor, events: Int16(POLLIN), revents: 0)
             count = 3
         }
-        if poll(pollFDs, nfds_t(count), -1) <= 0 { return }   // EINTR: just go round
+        // A failed poll: just go round (an interrupted one is retried inside).
+        guard let ready = try? Syscall.poll(pollFDs, count, timeoutMilliseconds: -1), ready > 0 else { return }
         if pollFDs[0].revents != 0 { queue.drainEvents() }
         if pollFDs[1].revents != 0 { wakeup.drain() }
         if count == 3 && pollFDs[2].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { tapUsable = false }

@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 
 /// A failed network operation: a system call that failed (with errno), or a
 /// request refused before any call was made.
@@ -14,6 +15,11 @@ public enum NetworkError: Error, Equatable, Sendable, CustomStringConvertible {
     case alreadyExists(String)
     /// An rtnetlink reply the parser did not expect.
     case badNetlinkReply(String)
+
+    /// A system call's failure (the call named by its wrapper), on `interface`.
+    public static func system(_ error: SystemError, interface: String = "") -> NetworkError {
+        .system(call: error.call, interface: interface, errno: error.code)
+    }
 
     /// errno of a failed call, nil for the other cases.
     public var errno: Int32? {
@@ -62,5 +68,19 @@ public enum InterfaceName {
                 continue
             }
         }
+    }
+}
+
+/// A system call for `interface`, made through Syscall (interruptions retried); its
+/// failure is `.system` with `call` (what it was for) and errno. Both
+/// strings are built only on failure.
+@inline(__always)
+func networkCall<Result: BinaryInteger>(
+    _ call: @autoclosure () -> String, interface: @autoclosure () -> String, _ body: () -> Result
+) throws(NetworkError) -> Result {
+    do {
+        return try Syscall.retryingOnInterrupt("network call", body)
+    } catch {
+        throw .system(call: call(), interface: interface(), errno: error.code)
     }
 }

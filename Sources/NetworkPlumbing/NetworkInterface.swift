@@ -1,5 +1,6 @@
 import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// Interface settings and bridge ports, through ioctls on a datagram socket
 /// and rtnetlink: never by running `ip` or `brctl`.
@@ -147,8 +148,9 @@ public enum NetworkInterface {
     /// RTM_GETLINK for `name` in the calling thread's namespace.
     public static func linkState(of name: String) throws(NetworkError) -> LinkState {
         let ifindex = try index(of: name)
-        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), xb_NETLINK_ROUTE)
-        guard fd >= 0 else { throw .system(call: "socket(AF_NETLINK)", interface: name, errno: errno) }
+        let fd = try networkCall("socket(AF_NETLINK)", interface: name) {
+            socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), xb_NETLINK_ROUTE)
+        }
         defer { Glibc.close(fd) }
 
         let headerSize = Int(xb_sizeof_nlmsghdr)          // 16
@@ -166,15 +168,22 @@ public enum NetworkInterface {
             raw.storeBytes(of: UInt8(AF_UNSPEC), toByteOffset: headerSize, as: UInt8.self)
             raw.storeBytes(of: ifindex, toByteOffset: headerSize + 4, as: Int32.self)
         }
-        let sent = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-        guard sent == requestSize else { throw .system(call: "send(RTM_GETLINK)", interface: name, errno: errno) }
+        let sent = request.withUnsafeBytes { raw in
+            Result { () throws(SystemError) in try Syscall.send(fd, raw.baseAddress, raw.count) }
+        }
+        switch sent {
+        case .success(let count) where count == requestSize: break
+        case .success: throw .system(call: "send(RTM_GETLINK)", interface: name, errno: EMSGSIZE)
+        case .failure(let error): throw .system(call: "send(RTM_GETLINK)", interface: name, errno: error.code)
+        }
 
         return try withUnsafeTemporaryAllocation(byteCount: 32768, alignment: 8) { (buffer) throws(NetworkError) -> LinkState in
-            var received: Int
-            repeat {
-                received = recv(fd, buffer.baseAddress, buffer.count, 0)
-            } while received < 0 && errno == EINTR
-            guard received >= 0 else { throw .system(call: "recv(RTM_GETLINK)", interface: name, errno: errno) }
+            let received: Int
+            do throws(SystemError) {
+                received = try Syscall.recv(fd, buffer.baseAddress, buffer.count)
+            } catch {
+                throw .system(call: "recv(RTM_GETLINK)", interface: name, errno: error.code)
+            }
             let raw = UnsafeRawBufferPointer(buffer)
             var offset = 0
             while offset + headerSize <= received {
@@ -230,12 +239,11 @@ public enum NetworkInterface {
     /// namespace without IPv4 too).
     private static func controlIoctl(_ request: UInt, _ argument: UnsafeMutableRawPointer, call: String,
                                      interface: String) throws(NetworkError) {
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .system(call: "socket(AF_UNIX)", interface: interface, errno: errno) }
-        defer { Glibc.close(fd) }
-        guard xb_ioctl_pointer(fd, request, argument) == 0 else {
-            throw .system(call: call, interface: interface, errno: errno)
+        let fd = try networkCall("socket(AF_UNIX)", interface: interface) {
+            socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
+        defer { Glibc.close(fd) }
+        _ = try networkCall(call, interface: interface) { xb_ioctl_pointer(fd, request, argument) }
     }
 
     private static func flags(of name: String) throws(NetworkError) -> Int16 {

@@ -58,14 +58,13 @@ public final class TapDevice: @unchecked Sendable {  // `closed` guarded by `loc
         var descriptors: [Int32] = []
         do throws(NetworkError) {
             for queue in 0..<queues {
-                let fd = xb_open("/dev/net/tun", O_RDWR | O_NONBLOCK | xb_O_CLOEXEC, 0)
-                guard fd >= 0 else { throw .system(call: "open /dev/net/tun", interface: name, errno: errno) }
+                let fd = try networkCall("open /dev/net/tun", interface: name) {
+                    xb_open("/dev/net/tun", O_RDWR | O_NONBLOCK | xb_O_CLOEXEC, 0)
+                }
                 descriptors.append(fd)
                 var request = try interfaceRequest(name)
                 request.ifr_ifru.ifru_flags = flags
-                guard xb_ioctl_pointer(fd, xb_TUNSETIFF, &request) == 0 else {
-                    throw .system(call: "TUNSETIFF queue \(queue)", interface: name, errno: errno)
-                }
+                _ = try networkCall("TUNSETIFF queue \(queue)", interface: name) { xb_ioctl_pointer(fd, xb_TUNSETIFF, &request) }
                 let granted = interfaceName(of: request)
                 guard granted == name else {
                     throw .invalidName(name, reason: "TUNSETIFF created \"\(granted)\"")
@@ -74,13 +73,9 @@ public final class TapDevice: @unchecked Sendable {  // `closed` guarded by `loc
             if vnetHeader {
                 // Per device, not per queue: set once, through queue 0.
                 var littleEndian: Int32 = 1
-                guard xb_ioctl_pointer(descriptors[0], xb_TUNSETVNETLE, &littleEndian) == 0 else {
-                    throw .system(call: "TUNSETVNETLE", interface: name, errno: errno)
-                }
+                _ = try networkCall("TUNSETVNETLE", interface: name) { xb_ioctl_pointer(descriptors[0], xb_TUNSETVNETLE, &littleEndian) }
                 var size = Int32(VirtioNetHeader.size)
-                guard xb_ioctl_pointer(descriptors[0], xb_TUNSETVNETHDRSZ, &size) == 0 else {
-                    throw .system(call: "TUNSETVNETHDRSZ", interface: name, errno: errno)
-                }
+                _ = try networkCall("TUNSETVNETHDRSZ", interface: name) { xb_ioctl_pointer(descriptors[0], xb_TUNSETVNETHDRSZ, &size) }
             }
         } catch {
             for fd in descriptors { Glibc.close(fd) }
@@ -108,18 +103,14 @@ public final class TapDevice: @unchecked Sendable {  // `closed` guarded by `loc
         if tso4 { bits |= xb_TUN_F_TSO4 }
         if tso6 { bits |= xb_TUN_F_TSO6 }
         if tsoECN { bits |= xb_TUN_F_TSO_ECN }
-        guard xb_ioctl_value(queues[0].fileDescriptor, xb_TUNSETOFFLOAD, UInt(bits)) == 0 else {
-            throw .system(call: "TUNSETOFFLOAD", interface: name, errno: errno)
-        }
+        _ = try networkCall("TUNSETOFFLOAD", interface: name) { xb_ioctl_value(queues[0].fileDescriptor, xb_TUNSETOFFLOAD, UInt(bits)) }
     }
 
     /// TUNSETCARRIER: the link's carrier as the bridge and the stack see it
     /// (down: the bridge stops forwarding to the port).
     public func setCarrier(_ up: Bool) throws(NetworkError) {
         var value: Int32 = up ? 1 : 0
-        guard xb_ioctl_pointer(queues[0].fileDescriptor, xb_TUNSETCARRIER, &value) == 0 else {
-            throw .system(call: "TUNSETCARRIER", interface: name, errno: errno)
-        }
+        _ = try networkCall("TUNSETCARRIER", interface: name) { xb_ioctl_pointer(queues[0].fileDescriptor, xb_TUNSETCARRIER, &value) }
     }
 
     /// TUNSETQUEUE: a detached queue keeps its descriptor but the kernel
@@ -130,17 +121,15 @@ public final class TapDevice: @unchecked Sendable {  // `closed` guarded by `loc
         guard index >= 0, index < queues.count else { throw .invalidArgument("queue \(index) of \(queues.count)") }
         var request = ifreq()
         request.ifr_ifru.ifru_flags = attached ? xb_IFF_ATTACH_QUEUE : xb_IFF_DETACH_QUEUE
-        guard xb_ioctl_pointer(queues[index].fileDescriptor, xb_TUNSETQUEUE, &request) == 0 else {
-            throw .system(call: attached ? "TUNSETQUEUE attach \(index)" : "TUNSETQUEUE detach \(index)", interface: name, errno: errno)
+        _ = try networkCall(attached ? "TUNSETQUEUE attach \(index)" : "TUNSETQUEUE detach \(index)", interface: name) {
+            xb_ioctl_pointer(queues[index].fileDescriptor, xb_TUNSETQUEUE, &request)
         }
     }
 
     /// The flags TUNGETIFF reports for a queue (IFF_TAP, IFF_VNET_HDR, IFF_MULTI_QUEUE, ...).
     public func interfaceFlags(queue index: Int = 0) throws(NetworkError) -> Int16 {
         var request = ifreq()
-        guard xb_ioctl_pointer(queues[index].fileDescriptor, xb_TUNGETIFF, &request) == 0 else {
-            throw .system(call: "TUNGETIFF", interface: name, errno: errno)
-        }
+        _ = try networkCall("TUNGETIFF", interface: name) { xb_ioctl_pointer(queues[index].fileDescriptor, xb_TUNGETIFF, &request) }
         return request.ifr_ifru.ifru_flags
     }
 
@@ -195,13 +184,10 @@ public struct TapQueue: Sendable {
     /// A malformed frame or header fails with EINVAL.
     @inline(__always)
     public func write(_ vectors: UnsafeBufferPointer<iovec>) throws(NetworkError) -> Int? {
-        while true {
-            let n = writev(fileDescriptor, vectors.baseAddress, Int32(vectors.count))
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "writev", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.writev(fileDescriptor, vectors) }
+        } catch {
+            throw .system(error)
         }
     }
 
@@ -212,13 +198,10 @@ public struct TapQueue: Sendable {
     /// header + MTU + 14 (+4 for a VLAN tag).
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(NetworkError) -> Int? {
-        while true {
-            let n = Glibc.read(fileDescriptor, buffer.baseAddress, buffer.count)
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "read", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.read(fileDescriptor, buffer.baseAddress, buffer.count) }
+        } catch {
+            throw .system(error)
         }
     }
 
@@ -226,13 +209,10 @@ public struct TapQueue: Sendable {
     /// header into one place and the frame straight into another.
     @inline(__always)
     public func read(_ vectors: UnsafeBufferPointer<iovec>) throws(NetworkError) -> Int? {
-        while true {
-            let n = readv(fileDescriptor, vectors.baseAddress, Int32(vectors.count))
-            if n >= 0 { return n }
-            let e = errno
-            if e == EINTR { continue }
-            if e == EAGAIN { return nil }
-            throw .system(call: "readv", interface: "", errno: e)
+        do {
+            return try Syscall.unlessWouldBlock { () throws(SystemError) in try Syscall.readv(fileDescriptor, vectors) }
+        } catch {
+            throw .system(error)
         }
     }
 }

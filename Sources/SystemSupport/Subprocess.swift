@@ -71,23 +71,23 @@ public func runProcess(_ arguments: [String], environment: [String: String], tim
     var buffer = [UInt8](repeating: 0, count: 65536)
     while !open.isEmpty {
         var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-        if poll(&fds, nfds_t(fds.count), -1) < 0 {
-            if errno == EINTR { continue }
+        do throws(SystemError) {
+            _ = try Syscall.poll(&fds, fds.count, timeoutMilliseconds: -1)
+        } catch {
             break
         }
         for entry in fds where entry.revents != 0 {
-            let n = read(entry.fd, &buffer, buffer.count)
+            let n = (try? Syscall.read(entry.fd, &buffer, buffer.count)) ?? -1
             if n > 0 {
                 output[entry.fd]!.append(contentsOf: buffer[0..<n])
-            } else if n == 0 || errno != EINTR {
+            } else {
                 Glibc.close(entry.fd)
                 open.removeAll { $0 == entry.fd }
             }
         }
     }
     open.forEach { _ = Glibc.close($0) }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    let status = (try? Syscall.waitpid(pid))?.status ?? 0
     // WIFEXITED / WEXITSTATUS; a signal death reads as 128 + signal, as in a shell.
     let exitStatus = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     return ProcessResult(status: exitStatus,

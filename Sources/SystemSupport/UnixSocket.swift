@@ -28,9 +28,11 @@ public enum UnixSocket {
         guard fd >= 0 else { throw SystemError("socket", errno: errno) }
         do throws(SystemError) {
             try withAddress(path) { (addr, len) throws(SystemError) in
-                var rc: Int32
-                repeat { rc = Glibc.connect(fd, addr, len) } while rc != 0 && errno == EINTR
-                guard rc == 0 else { throw SystemError("connect \(path)", errno: errno) }
+                do throws(SystemError) {
+                    try Syscall.connect(fd, addr, len)
+                } catch {
+                    throw SystemError("connect \(path)", errno: error.errno)
+                }
             }
         } catch {
             Glibc.close(fd)
@@ -69,13 +71,10 @@ public enum UnixSocket {
 public func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
     var offset = 0
     while offset < bytes.count {
-        let n = bytes.withUnsafeBytes { raw in
-            send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+        let sent = bytes.withUnsafeBytes { raw in
+            try? Syscall.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
         }
-        if n < 0 {
-            if errno == EINTR { continue }
-            return false
-        }
+        guard let n = sent else { return false }
         offset += n
     }
     return true

@@ -27,14 +27,6 @@ public struct Wakeup: Sendable {
     public func close() { Glibc.close(fd) }
 }
 
-/// A failed system call: which one, and errno.
-public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
-    public var call: String
-    public var errno: Int32
-    public init(_ call: String, errno: Int32) { self.call = call; self.errno = errno }
-    public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
-}
-
 /// `mkdir -p`: creates `path` and its missing parents.
 public func makeDirectories(_ path: String, mode: mode_t = 0o755) throws(SystemError) {
     var prefix = path.hasPrefix("/") ? "" : "."

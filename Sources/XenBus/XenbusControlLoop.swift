@@ -82,9 +82,10 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
         defer { jobs.stop() }
         while true {
             if locked({ stopRequested }) { return }
-            let n = poll(&fds, nfds_t(fds.count), -1)
-            if n < 0 && errno != EINTR {
-                logger.error("control loop poll failed", metadata: ["errno": "\(errno)"])
+            do {
+                _ = try Syscall.poll(&fds, fds.count, timeoutMilliseconds: -1)
+            } catch {
+                logger.error("control loop poll failed", metadata: ["error": "\(error)"])
                 return
             }
             if fds[1].revents != 0 { wakeup.drain() }

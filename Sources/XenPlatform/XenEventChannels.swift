@@ -1,6 +1,7 @@
 import CXenStableLibs
 import Glibc
 import Hypervisor
+import SystemSupport
 
 /// Event channels over libxenevtchn (/dev/xen/evtchn). Every port bound
 /// through this handle delivers to its file descriptor; the Linux driver
@@ -13,15 +14,19 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public init() throws(HypervisorError) {
         // A NULL logger: libxenevtchn's Linux calls log nothing themselves.
-        guard let h = xenevtchn_open(nil, 0) else {
-            throw HypervisorError("xenevtchn_open", errno: errno, detail: XenHypervisorPlatform.eventChannelDevice)
+        let h: OpaquePointer
+        do {
+            h = try Syscall.retryingOnInterrupt("xenevtchn_open", nonNil: { xenevtchn_open(nil, 0) })
+        } catch {
+            throw HypervisorError(error.call, errno: error.code, detail: XenHypervisorPlatform.eventChannelDevice)
         }
         let fd = xenevtchn_fd(h)
-        let flags = fcntl(fd, F_GETFL)
-        guard fd >= 0, flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
-            let e = errno
+        do throws(SystemError) {
+            let flags = try Syscall.retryingOnInterrupt("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
+            _ = try Syscall.retryingOnInterrupt("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        } catch {
             xenevtchn_close(h)
-            throw HypervisorError("xenevtchn_fd", errno: e, detail: "cannot make the event channel fd non-blocking")
+            throw HypervisorError(error.call, errno: error.code, detail: "cannot make the event channel fd non-blocking")
         }
         handle = h
         fileDescriptor = fd
@@ -43,41 +48,37 @@ public final class XenEventChannels: EventChannelHandle, @unchecked Sendable {  
 
     public func bindInterdomain(remoteDomain: DomID, remotePort: EventChannelPort) throws(HypervisorError) -> EventChannelPort {
         let h = try open("xenevtchn_bind_interdomain")
-        let port = xenevtchn_bind_interdomain(h, UInt32(remoteDomain), remotePort)
-        guard port >= 0 else {
-            throw HypervisorError("xenevtchn_bind_interdomain", errno: errno, detail: "dom\(remoteDomain) port \(remotePort)")
+        let port = try xenLibraryCall("xenevtchn_bind_interdomain", detail: "dom\(remoteDomain) port \(remotePort)") {
+            xenevtchn_bind_interdomain(h, UInt32(remoteDomain), remotePort)
         }
         return EventChannelPort(port)
     }
 
     public func unbind(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_unbind")
-        guard xenevtchn_unbind(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_unbind", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_unbind", detail: "port \(port)") { xenevtchn_unbind(h, port) }
     }
 
     public func notify(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_notify")
-        guard xenevtchn_notify(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_notify", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_notify", detail: "port \(port)") { xenevtchn_notify(h, port) }
     }
 
     public func nextPending() throws(HypervisorError) -> EventChannelPort? {
         let h = try open("xenevtchn_pending")
-        let port = xenevtchn_pending(h)
-        if port >= 0 { return EventChannelPort(port) }
-        let e = errno
-        if e == EAGAIN || e == EINTR { return nil }
-        // EFBIG: the driver's ring of pending ports overflowed (events were lost).
-        throw HypervisorError("xenevtchn_pending", errno: e)
+        do {
+            let port = try Syscall.unlessWouldBlock { () throws(SystemError) in
+                try Syscall.retryingOnInterrupt("xenevtchn_pending") { xenevtchn_pending(h) }
+            }
+            return port.map { EventChannelPort($0) }
+        } catch {
+            // EFBIG: the driver's ring of pending ports overflowed (events were lost).
+            throw HypervisorError(error.call, errno: error.code)
+        }
     }
 
     public func unmask(_ port: EventChannelPort) throws(HypervisorError) {
         let h = try open("xenevtchn_unmask")
-        guard xenevtchn_unmask(h, port) == 0 else {
-            throw HypervisorError("xenevtchn_unmask", errno: errno, detail: "port \(port)")
-        }
+        _ = try xenLibraryCall("xenevtchn_unmask", detail: "port \(port)") { xenevtchn_unmask(h, port) }
     }
 }

@@ -1,6 +1,7 @@
 import CXenStableLibs
 import Glibc
 import Hypervisor
+import SystemSupport
 import XenABI
 
 /// Grant operations over libxengnttab (/dev/xen/gntdev): `map` is
@@ -29,10 +30,11 @@ public final class XenGrantTable: GrantTableHandle, @unchecked Sendable {   // o
     public static let maxPagesPerMapping = 1024
 
     public init() throws(HypervisorError) {
-        guard let h = xengnttab_open(xb_xtl_quiet_logger(), 0) else {
-            throw HypervisorError("xengnttab_open", errno: errno, detail: XenHypervisorPlatform.grantDevice)
+        do {
+            handle = try Syscall.retryingOnInterrupt("xengnttab_open", nonNil: { xengnttab_open(xb_xtl_quiet_logger(), 0) })
+        } catch {
+            throw HypervisorError(error.call, errno: error.code, detail: XenHypervisorPlatform.grantDevice)
         }
-        handle = h
         segmentCapacity = 64
         segments = .allocate(capacity: segmentCapacity)
         segmentSource = .allocate(capacity: segmentCapacity)
@@ -79,8 +81,8 @@ public final class XenGrantTable: GrantTableHandle, @unchecked Sendable {   // o
     /// `unmap`, reporting xengnttab_unmap's failure (EINVAL: not a mapping of this handle).
     public func unmapChecked(_ mapping: GrantMapping) throws(HypervisorError) {
         guard let h = handle else { throw HypervisorError("xengnttab_unmap", errno: EBADF, detail: "handle closed") }
-        guard xengnttab_unmap(h, mapping.address, UInt32(mapping.pageCount)) == 0 else {
-            throw HypervisorError("xengnttab_unmap", errno: errno, detail: "\(mapping.pageCount) page(s)")
+        _ = try xenLibraryCall("xengnttab_unmap", detail: "\(mapping.pageCount) page(s)") {
+            xengnttab_unmap(h, mapping.address, UInt32(mapping.pageCount))
         }
     }
 

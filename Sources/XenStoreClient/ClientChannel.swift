@@ -20,8 +20,12 @@ final class ClientChannel: @unchecked Sendable {  // mutable state below is guar
     private var lastRequestID: UInt32 = 0
 
     init(fd: Int32) throws(XenStoreError) {
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { throw XenStoreError(errno: errno, context: "eventfd") }
+        let eventFD: Int32
+        do {
+            eventFD = try Syscall.retryingOnInterrupt("eventfd") { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
+        } catch {
+            throw XenStoreError(errno: error.code, context: error.call)
+        }
         self.fd = fd
         self.eventFD = eventFD
     }
@@ -84,9 +88,8 @@ final class ClientChannel: @unchecked Sendable {  // mutable state below is guar
         var decoder = XenStoreFrameDecoder()
         var buffer = [UInt8](repeating: 0, count: 16 * 1024)
         reading: while true {
-            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
+            let received = buffer.withUnsafeMutableBytes { raw in try? Syscall.recv(fd, raw.baseAddress!, raw.count) }
+            guard let n = received, n > 0 else { break }   // closed, or failed
             buffer.withUnsafeBytes { decoder.append(UnsafeRawBufferPointer(rebasing: $0[..<n])) }
             do {
                 while let message = try decoder.nextMessage() { deliver(message) }

@@ -8,12 +8,12 @@ import Hypervisor
 package extension UnixSocket {
     /// `listen(at:)`, failing as a xenstore error.
     static func xenStoreListen(at path: String) throws(XenStoreError) -> Int32 {
-        do { return try listen(at: path) } catch { throw XenStoreError(errno: error.errno, context: error.call) }
+        do { return try listen(at: path) } catch { throw XenStoreError(errno: error.code, context: error.call) }
     }
 
     /// `connect(to:)`, failing as a xenstore error.
     static func xenStoreConnect(to path: String) throws(XenStoreError) -> Int32 {
-        do { return try connect(to: path) } catch { throw XenStoreError(errno: error.errno, context: error.call) }
+        do { return try connect(to: path) } catch { throw XenStoreError(errno: error.code, context: error.call) }
     }
 }
 
@@ -21,7 +21,7 @@ package extension NativeThread {
     /// A thread for xenstore's loops, failing as a xenstore error.
     static func forXenStore(name: String, _ body: @escaping @Sendable () -> Void) throws(XenStoreError) -> NativeThread {
         do { return try NativeThread(name: name, body) } catch {
-            throw XenStoreError(errno: error.errno, context: "pthread_create")
+            throw XenStoreError(errno: error.code, context: "pthread_create")
         }
     }
 }

@@ -60,16 +60,14 @@ final class ControlServer: @unchecked Sendable {   // used on the control loop t
     }
 
     private func acceptOne() {
-        let fd = accept(listener, nil, nil)
-        guard fd >= 0 else { return }
+        guard let fd = try? Syscall.accept(listener) else { return }   // none waiting (EAGAIN), or it failed
         defer { Glibc.close(fd) }
         // A client that does not send its line within a second is dropped:
         // the control loop must keep serving xenstore.
         var timeout = timeval(tv_sec: 1, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var buffer = [UInt8](repeating: 0, count: 256)
-        let n = recv(fd, &buffer, buffer.count, 0)
-        guard n > 0 else { return }
+        guard let n = try? Syscall.recv(fd, &buffer, buffer.count), n > 0 else { return }   // closed, timed out or failed
         let request = String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         let reply: Data
         switch request {
