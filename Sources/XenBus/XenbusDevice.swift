@@ -62,7 +62,6 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// The device appeared: reads the toolstack's keys, watches, and offers
     /// the device (or takes over a ring a previous daemon left connected).
     func probe() {
-        defer { probed = true }
         let ctx: XenbusDeviceContext
         do {
             let frontendPath = try store.readFrontendPath(backendPath: backendPath, address: address)
@@ -79,9 +78,11 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             try driver.readToolstackKeys(ctx)
         } catch {
             // What fails here is the toolstack's or the host's: final.
+            probed = true
             fail(Self.reason(error, doing: "probe"), permanent: true)
             return
         }
+        probed = true   // from here on, watch firings are acted on
         if isRunningConnection(ctx) {
             resume(ctx)
         } else if driver.opensBeforeInitWait {

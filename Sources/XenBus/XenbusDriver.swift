@@ -11,7 +11,8 @@ import Logging
 /// device, and never while a control method of the same device runs. A
 /// driver's own mutable state is touched by control methods only; worker
 /// methods work on their arguments and on what `readToolstackKeys` read.
-public protocol XenbusDriver: AnyObject {
+/// (`SendableMetatype`: a job that calls the driver runs on a worker.)
+public protocol XenbusDriver: AnyObject, SendableMetatype {
     /// What the device serves: an open disk, a TAP.
     associatedtype Resource
     /// A running data plane.

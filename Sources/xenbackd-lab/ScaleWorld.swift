@@ -100,7 +100,7 @@ final class ScaleWorld {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: arguments[0])
         p.arguments = Array(arguments.dropFirst())
-        if access(log, F_OK) != 0 { FileManager.default.createFile(atPath: log, contents: nil) }
+        if access(log, F_OK) != 0 { _ = FileManager.default.createFile(atPath: log, contents: nil) }   // a failure shows when it is opened
         let out = FileHandle(forWritingAtPath: log)
         out?.seekToEndOfFile()
         p.standardOutput = FileHandle.nullDevice
