@@ -9,37 +9,27 @@ import Testing
 import XenABI
 import XenBus
 
-/// A file disk whose close takes `seconds` (a slow NBD server or a disk
-/// draining a large cache at unplug): everything else is the file's.
-final class SlowClosingStorage: BlockStorage {
+/// A file disk with one fault of a real host: a close that takes
+/// `closeSeconds` (a slow NBD server, a large cache drained at unplug), or a
+/// completion descriptor epoll refuses (`badDescriptor`, as on a host out of
+/// memory). Everything else is the file's.
+final class FaultyStorage: BlockStorage {
     let inner: any BlockStorage
-    let seconds: UInt32
-    init(_ inner: any BlockStorage, seconds: UInt32) { self.inner = inner; self.seconds = seconds }
+    let closeSeconds: UInt32
+    let badDescriptor: Bool
+    init(_ inner: any BlockStorage, closeSeconds: UInt32 = 0, badDescriptor: Bool = false) {
+        self.inner = inner; self.closeSeconds = closeSeconds; self.badDescriptor = badDescriptor
+    }
     var geometry: StorageGeometry { inner.geometry }
-    var completionFileDescriptor: Int32 { inner.completionFileDescriptor }
+    var completionFileDescriptor: Int32 { badDescriptor ? 1 << 20 : inner.completionFileDescriptor }
     var queueDepth: Int { inner.queueDepth }
     func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int { inner.submit(operations) }
     func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.reapCompletions(body) }
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.pollCompletions(body) }
     func close() {
-        sleep(seconds)
+        sleep(closeSeconds)
         inner.close()
     }
-    func setEventHandler(_ handler: @escaping StorageEventHandler) { inner.setEventHandler(handler) }
-}
-
-/// A file disk whose completion descriptor is not a descriptor at all:
-/// registering it with epoll fails (as it would on a host out of memory).
-final class BadDescriptorStorage: BlockStorage {
-    let inner: any BlockStorage
-    init(_ inner: any BlockStorage) { self.inner = inner }
-    var geometry: StorageGeometry { inner.geometry }
-    var completionFileDescriptor: Int32 { 1 << 20 }
-    var queueDepth: Int { inner.queueDepth }
-    func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int { inner.submit(operations) }
-    func reapCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.reapCompletions(body) }
-    func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { inner.pollCompletions(body) }
-    func close() { inner.close() }
     func setEventHandler(_ handler: @escaping StorageEventHandler) { inner.setEventHandler(handler) }
 }
 
@@ -57,11 +47,12 @@ struct SlowDiskTests {
             return try FileStorage.open(path: String(params.dropFirst("slow-open:".count)), readOnly: readOnly, queueDepth: depth)
         }
         if params.hasPrefix("bad-fd:") {
-            return BadDescriptorStorage(try FileStorage.open(path: String(params.dropFirst("bad-fd:".count)), readOnly: readOnly, queueDepth: depth))
+            let inner = try FileStorage.open(path: String(params.dropFirst("bad-fd:".count)), readOnly: readOnly, queueDepth: depth)
+            return FaultyStorage(inner, badDescriptor: true)
         }
         if params.hasPrefix("slow-close:") {
             let inner = try FileStorage.open(path: String(params.dropFirst("slow-close:".count)), readOnly: readOnly, queueDepth: depth)
-            return SlowClosingStorage(inner, seconds: slowSeconds)
+            return FaultyStorage(inner, closeSeconds: slowSeconds)
         }
         return try FileStorage.open(path: params, readOnly: readOnly, queueDepth: depth)
     }
