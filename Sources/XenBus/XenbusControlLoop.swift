@@ -110,10 +110,6 @@ public final class XenbusControlLoop: @unchecked Sendable {   // handlers, tasks
     /// collects what finished jobs report).
     func runPostedTasks() { runTasks() }
 
-    /// Ends the workers (after what is queued); for an owner that never
-    /// calls `run()`. Idempotent.
-    public func stopWorkers() { jobs.stop() }
-
     private func runTasks() {
         let pending: [() -> Void] = locked {
             let t = tasks

@@ -322,7 +322,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// frontend is gone). `message` holds guest bytes only escaped
     /// (`GuestText`). A frontend starting over (Closed, then Initialising)
     /// gets the device again unless the failure is `permanent`.
-    public func fail(_ message: String, permanent: Bool = false, errno code: Int32 = EINVAL) {
+    public func fail(_ message: String, permanent: Bool = false) {
         guard !removing, !quiescing else { return }
         if busy {
             if failureWhileBusy == nil || permanent { failureWhileBusy = (message, permanent) }
@@ -333,7 +333,8 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         if permanent { mayOfferAgain = false }
         // Not into a directory the toolstack already removed (a write would create it again).
         if ((try? store.read(backendPath + "/frontend")) ?? nil) != nil {
-            try? store.write(errorPath + "/error", "\(code) \(message)")
+            // EINVAL, as Linux's backends give for what a peer or toolstack wrote.
+            try? store.write(errorPath + "/error", "\(EINVAL) \(message)")
             try? store.write(backendPath + "/error", message)
         }
         stopServing { [self] in
