@@ -41,6 +41,8 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     private var tapPolled = true
 
     private var publishedStats = NetStatistics()
+    private var notificationsSent: UInt64 = 0
+    private var eventsReceived: UInt64 = 0
     private let statsBox = NetStatisticsBox()
     private var lastPublish = 0
     private let txCounter: Counter
@@ -220,8 +222,14 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     @inline(__always)
     private func apply(_ step: NetEngineStep, now: Int) {
         publishStatistics(now: preciseClock ? Self.coarseNanoseconds() : now, force: false)
-        if step.notifyTx { try? events.notify(txPort) }
-        if step.notifyRx && (rxPort != txPort || !step.notifyTx) { try? events.notify(rxPort) }
+        if step.notifyTx {
+            try? events.notify(txPort)
+            notificationsSent &+= 1
+        }
+        if step.notifyRx && (rxPort != txPort || !step.notifyTx) {
+            try? events.notify(rxPort)
+            notificationsSent &+= 1
+        }
         if step.pollTap != tapPolled {
             tapPolled = step.pollTap
             _ = xb_epoll_mod(epoll, tap.fileDescriptor, tapPolled ? xb_EPOLLIN : 0, Token.tap.rawValue)
@@ -230,6 +238,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
 
     private func drainEventChannel() {
         while let port = try? events.nextPending() {
+            eventsReceived &+= 1
             try? events.unmask(port)
         }
     }
@@ -252,7 +261,9 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     }
 
     private func publishStatistics(now: Int, force: Bool) {
-        let stats = engine.statistics
+        var stats = engine.statistics
+        stats.notificationsSent = notificationsSent
+        stats.eventsReceived = eventsReceived
         guard stats != publishedStats else { return }
         statsBox.publish(stats)
         guard force || now - lastPublish >= 50_000_000 else { return }

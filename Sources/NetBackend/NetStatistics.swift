@@ -20,6 +20,11 @@ public struct NetStatistics: Equatable, Sendable {
     public var rxDropped: UInt64 = 0
     /// Rx buffers the guest granted that could not be written.
     public var rxErrors: UInt64 = 0
+    /// Event-channel notifications sent to the guest (tx and rx ports
+    /// counted apart when split), and wake-ups by its notifications (one
+    /// per port delivered): the loop's counts, not the engine's.
+    public var notificationsSent: UInt64 = 0
+    public var eventsReceived: UInt64 = 0
     public init() {}
 
     public func adding(_ o: NetStatistics) -> NetStatistics {
@@ -27,6 +32,7 @@ public struct NetStatistics: Equatable, Sendable {
         s.txPackets &+= o.txPackets; s.txBytes &+= o.txBytes; s.txErrors &+= o.txErrors
         s.txMalformed &+= o.txMalformed; s.txDropped &+= o.txDropped
         s.rxPackets &+= o.rxPackets; s.rxBytes &+= o.rxBytes; s.rxDropped &+= o.rxDropped; s.rxErrors &+= o.rxErrors
+        s.notificationsSent &+= o.notificationsSent; s.eventsReceived &+= o.eventsReceived
         return s
     }
 }
@@ -35,7 +41,7 @@ public struct NetStatistics: Equatable, Sendable {
 /// each one atomically (no lock on its path); readers on other threads may
 /// see one pass's counters partly updated, never torn values.
 final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 9
+    private static let fields = 11
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -51,6 +57,8 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         xb_store_release_u64(counters + 6, s.rxBytes)
         xb_store_release_u64(counters + 7, s.rxDropped)
         xb_store_release_u64(counters + 8, s.rxErrors)
+        xb_store_release_u64(counters + 9, s.notificationsSent)
+        xb_store_release_u64(counters + 10, s.eventsReceived)
     }
 
     func read() -> NetStatistics {
@@ -64,6 +72,8 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         s.rxBytes = xb_load_acquire_u64(counters + 6)
         s.rxDropped = xb_load_acquire_u64(counters + 7)
         s.rxErrors = xb_load_acquire_u64(counters + 8)
+        s.notificationsSent = xb_load_acquire_u64(counters + 9)
+        s.eventsReceived = xb_load_acquire_u64(counters + 10)
         return s
     }
 }

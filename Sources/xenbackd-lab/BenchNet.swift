@@ -46,14 +46,14 @@ struct BenchNet: ParsableCommand {
         let rows = Self.rows.filter { only == nil || $0.name.contains(only!) }
 
         say("xenbackd-lab bench net: iperf3, \(seconds) s per row; reference: two namespaces joined by a veth pair")
-        var reference: [String: Double] = [:]
+        var reference: [String: Measurement] = [:]
         if !noReference {
             let veth = try VethPair()
             defer { veth.tearDown() }
             for row in rows where reference[kindKey(row.kind)] == nil {
                 progress("reference: \(kindKey(row.kind)) over veth")
-                reference[kindKey(row.kind)] = try iperf(kind: row.kind, client: veth.clientNamespace,
-                                                         server: veth.serverNamespace, address: veth.serverAddress)
+                reference[kindKey(row.kind)] = try measure(kind: row.kind, client: veth.clientNamespace,
+                                                           server: veth.serverNamespace, address: veth.serverAddress)
             }
         }
 
@@ -62,31 +62,84 @@ struct BenchNet: ParsableCommand {
         let outside = try bed.addOutsideHost(address: "10.99.0.200")
         let a = try bed.addGuest(1)
         let b = try bed.addGuest(2)
+        var cpuLines: [String] = []
         say("")
         say(pad("row", 26) + pad("xenbackd", 16) + pad("veth", 16) + "ratio")
         for row in rows {
             progress("\(row.name)")
             let server = row.toOutside ? outside : b.namespace
             let address = row.toOutside ? "10.99.0.200" : b.address
-            let ours = try iperf(kind: row.kind, client: a.namespace, server: server, address: address)
+            let before = Notifications(bed: bed, guests: [a, b])
+            let ours = try measure(kind: row.kind, client: a.namespace, server: server, address: address)
+            let after = Notifications(bed: bed, guests: [a, b])
             let ref = reference[kindKey(row.kind)]
             let unit = row.kind == .tcp ? "Gbit/s" : "kpps"
             let scale = row.kind == .tcp ? 1e-9 : 1e-3
-            let refText = ref.map { format($0 * scale) + " " + unit } ?? "-"
-            let ratio = ref.map { format(ours / $0) } ?? "-"
-            say(pad(row.name, 26) + pad(format(ours * scale) + " " + unit, 16) + pad(refText, 16) + ratio)
+            let refText = ref.map { format($0.rate * scale) + " " + unit } ?? "-"
+            let ratio = ref.map { format(ours.rate / $0.rate) } ?? "-"
+            say(pad(row.name, 26) + pad(format(ours.rate * scale) + " " + unit, 16) + pad(refText, 16) + ratio)
+            let perPacket = { (ns: UInt64) in String(Int((Double(ns) / max(ours.packets, 1)).rounded())) }
+            let toBackend = Double(after.fromGuests &- before.fromGuests) / max(ours.packets, 1)
+            let toGuests = Double(after.fromBackend &- before.fromBackend) / max(ours.packets, 1)
+            var line = pad(row.name, 26) + pad(perPacket(ours.cpu.backend), 9) + pad(perPacket(ours.cpu.guests), 9)
+                + pad(perPacket(ours.cpu.iperf), 9) + pad(perPacket(ours.cpu.softirq), 9) + pad(perPacket(ours.cpu.total), 9)
+            if let ref {
+                let refPerPacket = { (ns: UInt64) in String(Int((Double(ns) / max(ref.packets, 1)).rounded())) }
+                line += pad(refPerPacket(ref.cpu.iperf), 9) + pad(refPerPacket(ref.cpu.softirq), 9) + pad(refPerPacket(ref.cpu.total), 9)
+            } else {
+                line += pad("-", 9) + pad("-", 9) + pad("-", 9)
+            }
+            line += pad(String(format: "%.3f", toBackend), 9) + String(format: "%.3f", toGuests)
+            cpuLines.append(line)
         }
+        say("\nCPU per packet, ns (packets: UDP datagrams received; TCP bytes received / 1448, one MSS each);"
+            + " notifications per packet")
+        say(pad("", 26) + pad("--------------- xenbackd ----------------", 45) + pad("----------- veth -----------", 27)
+            + "-- notifications --")
+        say(pad("row", 26) + pad("backend", 9) + pad("guests", 9) + pad("iperf3", 9) + pad("softirq", 9) + pad("total", 9)
+            + pad("iperf3", 9) + pad("softirq", 9) + pad("total", 9) + pad("to back", 9) + "to guests")
+        for line in cpuLines { say(line) }
         if let s = bed.vifStatus(a)?.statistics {
             say("\nvif1.0: tx \(s.txPackets) frames \(s.txBytes) bytes, malformed \(s.txMalformed), dropped \(s.txDropped); "
                 + "rx \(s.rxPackets) frames, dropped \(s.rxDropped)")
         }
     }
 
+    /// One row's traffic and the CPU it took.
+    struct Measurement {
+        /// Bits per second (TCP) or packets per second (UDP) received.
+        var rate: Double
+        /// Packets received in the run (TCP: bytes / 1448).
+        var packets: Double
+        var cpu: ThreadCPU.Delta
+    }
+
+    private func measure(kind: Kind, client: String, server: String, address: String) throws -> Measurement {
+        let start = ThreadCPU.sample()
+        let r = try iperf(kind: kind, client: client, server: server, address: address)
+        let cpu = ThreadCPU.sample().since(start)
+        let packets = kind == .tcp ? r.bytes / 1448 : r.packets
+        return Measurement(rate: kind == .tcp ? r.bytes * 8 / r.seconds : r.packets / r.seconds, packets: packets, cpu: cpu)
+    }
+
+    /// Event-channel notifications sent so far, both ways, over the guests' vifs.
+    struct Notifications {
+        var fromGuests: UInt64 = 0
+        var fromBackend: UInt64 = 0
+        init(bed: NetworkBed, guests: [BedGuest]) {
+            for g in guests {
+                fromGuests &+= g.frontend.statistics.notificationsSent
+                fromBackend &+= bed.vifStatus(g)?.statistics.notificationsSent ?? 0
+            }
+        }
+    }
+
     private func kindKey(_ k: Kind) -> String { k == .tcp ? "tcp" : "udp-64B" }
 
-    /// One iperf3 run; TCP: bits per second received; UDP: packets per
-    /// second received (64-byte payloads, unthrottled).
-    private func iperf(kind: Kind, client: String, server: String, address: String) throws -> Double {
+    /// One iperf3 run: what was received (TCP: bytes; UDP: 64-byte
+    /// datagrams, unthrottled, the lost ones not counted) over how long.
+    private func iperf(kind: Kind, client: String, server: String, address: String) throws
+        -> (bytes: Double, packets: Double, seconds: Double) {
         let serverResult = Handoff<Result<String, Error>>()
         let serverThread = try NativeThread(name: "iperf3-server") {
             serverResult.put(Result {
@@ -113,13 +166,13 @@ struct BenchNet: ParsableCommand {
         switch kind {
         case .tcp:
             let received = end?["sum_received"] as? [String: Any]
-            return received?["bits_per_second"] as? Double ?? 0
+            let bytes = (received?["bytes"] as? Double) ?? Double(received?["bytes"] as? Int ?? 0)
+            return (bytes, 0, max(received?["seconds"] as? Double ?? Double(seconds), 0.001))
         case .udp64:
             let sum = end?["sum"] as? [String: Any]
             let packets = (sum?["packets"] as? Double) ?? Double(sum?["packets"] as? Int ?? 0)
             let lost = (sum?["lost_packets"] as? Double) ?? Double(sum?["lost_packets"] as? Int ?? 0)
-            let secs = sum?["seconds"] as? Double ?? Double(seconds)
-            return (packets - lost) / max(secs, 0.001)
+            return (0, packets - lost, max(sum?["seconds"] as? Double ?? Double(seconds), 0.001))
         }
     }
 
@@ -158,5 +211,68 @@ struct VethPair {
     func tearDown() {
         _ = try? sh(["ip", "netns", "delete", clientNamespace])
         _ = try? sh(["ip", "netns", "delete", serverNamespace])
+    }
+}
+
+/// CPU time by who spent it, from the kernel's per-task run time
+/// (`/proc/PID/task/TID/schedstat`, nanoseconds on the CPU, user and system
+/// together): this process's vif queue threads (`vif-*`, the backend) and
+/// netfront threads (`netfront-*`, the guests' drivers), the iperf3
+/// processes (children, from `getrusage(RUSAGE_CHILDREN)` once waited for),
+/// and the kernel's `ksoftirqd` threads (softirq work that ran outside the
+/// task that raised it; softirqs run on the way out of a system call are in
+/// that task's time). The kernel's stacks of the "guests" are in the iperf3
+/// and softirq figures, as they are for the veth pair.
+enum ThreadCPU {
+    struct Sample {
+        var backend: UInt64 = 0
+        var guests: UInt64 = 0
+        var softirq: UInt64 = 0
+        var children: UInt64 = 0
+
+        func since(_ s: Sample) -> Delta {
+            Delta(backend: backend &- s.backend, guests: guests &- s.guests, iperf: children &- s.children,
+                  softirq: softirq &- s.softirq)
+        }
+    }
+
+    struct Delta {
+        var backend: UInt64
+        var guests: UInt64
+        var iperf: UInt64
+        var softirq: UInt64
+        var total: UInt64 { backend + guests + iperf + softirq }
+    }
+
+    static func sample() -> Sample {
+        var s = Sample()
+        let pid = getpid()
+        for tid in entries("/proc/\(pid)/task") {
+            let base = "/proc/\(pid)/task/\(tid)"
+            guard let comm = firstLine(base + "/comm") else { continue }
+            let ns = runTime(base + "/schedstat")
+            if comm.hasPrefix("vif-") { s.backend &+= ns } else if comm.hasPrefix("netfront-") { s.guests &+= ns }
+        }
+        for p in entries("/proc") where p.allSatisfy(\.isNumber) {
+            if firstLine("/proc/\(p)/comm")?.hasPrefix("ksoftirqd/") == true { s.softirq &+= runTime("/proc/\(p)/schedstat") }
+        }
+        var usage = rusage()
+        getrusage(RUSAGE_CHILDREN.rawValue, &usage)
+        let micros = { (t: timeval) in UInt64(t.tv_sec) * 1_000_000 + UInt64(t.tv_usec) }
+        s.children = (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000
+        return s
+    }
+
+    private static func entries(_ directory: String) -> [String] {
+        (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+    }
+
+    private static func firstLine(_ path: String) -> String? {
+        (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").first.map(String.init)
+    }
+
+    /// The first field of a schedstat file: nanoseconds on the CPU.
+    private static func runTime(_ path: String) -> UInt64 {
+        firstLine(path).flatMap { $0.split(separator: " ").first }.flatMap { UInt64($0) } ?? 0
     }
 }
