@@ -236,8 +236,17 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         }
     }
 
+    /// Takes the delivered ports, then unmasks them. A delivered port stays
+    /// masked, so it is not delivered again until its unmask: once every
+    /// bound port has been read, one more read could only say "nothing"
+    /// (a system call per wake-up, here and on Xen): it is not made. A
+    /// port delivered again after its unmask keeps the descriptor readable
+    /// for the next `epoll_wait`.
     private func drainEventChannel() {
-        while let port = try? events.nextPending() {
+        let bound = rxPort == txPort ? 1 : 2
+        var taken = 0
+        while taken < bound, let port = try? events.nextPending() {
+            taken += 1
             eventsReceived &+= 1
             try? events.unmask(port)
         }

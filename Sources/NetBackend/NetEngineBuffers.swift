@@ -26,6 +26,8 @@ public final class NetEngineBuffers {
     let txFrames: UnsafeMutableRawPointer
     let txPackets: UnsafeMutablePointer<TxPacket>
     let txCopies: UnsafeMutableBufferPointer<GrantCopyOperation>
+    /// One chain's fragments between taking and validating it.
+    let txFragments: UnsafeMutablePointer<(gref: UInt32, offset: UInt16, size: UInt16)>
     /// rxBatch buffers, plus one for a frame held while the guest has no buffers.
     let rxBuffers: UnsafeMutablePointer<UnsafeMutableRawPointer>
     let rxFrames: UnsafeMutablePointer<RxFrame>
@@ -79,6 +81,8 @@ public final class NetEngineBuffers {
         txPackets = .allocate(capacity: Self.txBatch)
         txPackets.initialize(repeating: TxPacket(), count: Self.txBatch)
         txCopies = .allocate(capacity: Self.txCopyCapacity)
+        txFragments = .allocate(capacity: TxChainRules.maxSlots)
+        txFragments.initialize(repeating: (0, 0, 0), count: TxChainRules.maxSlots)
         rxFrames = .allocate(capacity: Self.rxBatch)
         rxFrames.initialize(repeating: RxFrame(), count: Self.rxBatch)
         rxCopies = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
@@ -97,6 +101,7 @@ public final class NetEngineBuffers {
         }
         txPackets.deallocate()
         txCopies.deallocate()
+        txFragments.deallocate()
         rxBuffers.deallocate()
         rxFrames.deallocate()
         rxCopies.deallocate()

@@ -111,7 +111,10 @@ extension NetQueueEngine {
         var fragmentBytes = 0
         var more = first.flags & NetifTxFlags.moreData != 0
         var position = 0   // where the next fragment lands, after the head
-        var deferred = InlineArray<18, (gref: UInt32, offset: UInt16, size: UInt16)>(repeating: (0, 0, 0))
+        // The fragments' grants, copied once the chain is known to be good
+        // (a preallocated array: an InlineArray here cost ~60 instructions a
+        // packet to initialise).
+        let deferred = buffers.txFragments
         while more {
             guard consumed < available else {
                 declareBroken(TxChainRejection.incompleteChain(slots: consumed).description)

@@ -43,7 +43,11 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
     private let txHeader = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
     private let rxHeader = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
     private let txVectors = UnsafeMutablePointer<iovec>.allocate(capacity: 1 + maxTxFragments)
+    /// Tx ids (pages) held for the next frame read from the TAP, with their
+    /// vectors in `txVectors`; kept from frame to frame, so a small frame
+    /// takes one id from the free list, not a whole frame's.
     private let reserved = UnsafeMutablePointer<UInt16>.allocate(capacity: maxTxFragments)
+    private var reservedCount = 0
     /// Where the first bytes of a received frame are gathered when its first
     /// buffer holds less than its headers.
     private static let headerWindowSize = 256
@@ -102,6 +106,11 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             if queue.txResponsesWaiting || queue.rxResponsesWaiting { continue }
             sleep()
         }
+        // The queue goes back to its owner with every free id on its list.
+        while reservedCount > 0 {
+            reservedCount -= 1
+            queue.pushTxID(reserved[reservedCount])
+        }
         statistics.publish(queue.stats, queue: index)
     }
 
@@ -123,7 +132,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
     // MARK: TAP -> tx ring
 
     private var txHasRoomForFrame: Bool {
-        queue.tx.freeRequests > UInt32(Self.maxTxFragments) && queue.txFreeIDs >= Self.maxTxFragments
+        queue.tx.freeRequests > UInt32(Self.maxTxFragments) && queue.txFreeIDs + reservedCount >= Self.maxTxFragments
     }
 
     /// Reads frames from the TAP onto the tx ring while it has room.
@@ -132,10 +141,11 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
         let firstPage = headerSize > 0 ? 1 : 0
         if headerSize > 0 { txVectors[0] = iovec(iov_base: txHeader, iov_len: headerSize) }
         while frames < Self.batch && tapUsable && txHasRoomForFrame {
-            for i in 0..<Self.maxTxFragments {
+            while reservedCount < Self.maxTxFragments {
                 let id = queue.popTxID()!
-                reserved[i] = id
-                txVectors[firstPage + i] = iovec(iov_base: queue.txPage(id), iov_len: XenPage.size)
+                reserved[reservedCount] = id
+                txVectors[firstPage + reservedCount] = iovec(iov_base: queue.txPage(id), iov_len: XenPage.size)
+                reservedCount += 1
             }
             let n: Int?
             do {
@@ -144,26 +154,25 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
                 tapUsable = false
                 n = nil
             }
-            guard let n else {
-                returnReserved(from: 0)
-                break
-            }
+            guard let n else { break }
             frames += 1
             let used = n >= headerSize ? send(frameLength: n - headerSize) : 0
             if used == 0 { queue.stats.txDropped &+= 1 }
-            returnReserved(from: used)
+            dropReserved(used, vectorsFrom: firstPage)
         }
         return frames
     }
 
-    /// Gives back the reserved ids a frame did not use (in the order they
-    /// were taken, so the next frame takes the same pages).
-    private func returnReserved(from first: Int) {
-        var i = Self.maxTxFragments - 1
-        while i >= first {
-            queue.pushTxID(reserved[i])
-            i -= 1
+    /// The first `used` reserved ids are on the ring now: the others move
+    /// to the front (with their vectors), for the next frame.
+    private func dropReserved(_ used: Int, vectorsFrom firstPage: Int) {
+        guard used > 0 else { return }
+        let kept = reservedCount - used
+        if kept > 0 {
+            memmove(reserved, reserved + used, kept * MemoryLayout<UInt16>.stride)
+            memmove(txVectors + firstPage, txVectors + firstPage + used, kept * MemoryLayout<iovec>.stride)
         }
+        reservedCount = kept
     }
 
     /// Puts the frame in the reserved pages on the ring: the first request
