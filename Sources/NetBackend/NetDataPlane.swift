@@ -43,6 +43,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     private var publishedStats = NetStatistics()
     private var notificationsSent: UInt64 = 0
     private var eventsReceived: UInt64 = 0
+    private var waits: UInt64 = 0
     private let statsBox = NetStatisticsBox()
     private var lastPublish = 0
     private let txCounter: Counter
@@ -193,6 +194,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             // More work at once: step again without a system call, as long as
             // nobody asked to stop; epoll collects the kicks meanwhile.
             if step.idle {
+                waits &+= 1
                 let n = xb_epoll_wait(epoll, tokens, evs, 4, sleepMilliseconds(until: step.deadline))
                 for i in 0..<Int(max(n, 0)) {
                     switch tokens[i] {
@@ -273,6 +275,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         var stats = engine.statistics
         stats.notificationsSent = notificationsSent
         stats.eventsReceived = eventsReceived
+        stats.waits = waits
         guard stats != publishedStats else { return }
         statsBox.publish(stats)
         guard force || now - lastPublish >= 50_000_000 else { return }

@@ -25,6 +25,8 @@ public struct NetStatistics: Equatable, Sendable {
     /// per port delivered): the loop's counts, not the engine's.
     public var notificationsSent: UInt64 = 0
     public var eventsReceived: UInt64 = 0
+    /// Times the loop waited in epoll (went to sleep, or found events at once).
+    public var waits: UInt64 = 0
     public init() {}
 
     public func adding(_ o: NetStatistics) -> NetStatistics {
@@ -32,7 +34,7 @@ public struct NetStatistics: Equatable, Sendable {
         s.txPackets &+= o.txPackets; s.txBytes &+= o.txBytes; s.txErrors &+= o.txErrors
         s.txMalformed &+= o.txMalformed; s.txDropped &+= o.txDropped
         s.rxPackets &+= o.rxPackets; s.rxBytes &+= o.rxBytes; s.rxDropped &+= o.rxDropped; s.rxErrors &+= o.rxErrors
-        s.notificationsSent &+= o.notificationsSent; s.eventsReceived &+= o.eventsReceived
+        s.notificationsSent &+= o.notificationsSent; s.eventsReceived &+= o.eventsReceived; s.waits &+= o.waits
         return s
     }
 }
@@ -41,7 +43,7 @@ public struct NetStatistics: Equatable, Sendable {
 /// each one atomically (no lock on its path); readers on other threads may
 /// see one pass's counters partly updated, never torn values.
 final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 11
+    private static let fields = 12
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -59,6 +61,7 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         xb_store_release_u64(counters + 8, s.rxErrors)
         xb_store_release_u64(counters + 9, s.notificationsSent)
         xb_store_release_u64(counters + 10, s.eventsReceived)
+        xb_store_release_u64(counters + 11, s.waits)
     }
 
     func read() -> NetStatistics {
@@ -74,6 +77,7 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         s.rxErrors = xb_load_acquire_u64(counters + 8)
         s.notificationsSent = xb_load_acquire_u64(counters + 9)
         s.eventsReceived = xb_load_acquire_u64(counters + 10)
+        s.waits = xb_load_acquire_u64(counters + 11)
         return s
     }
 }

@@ -122,6 +122,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             pollFDs[2] = pollfd(fd: tap.fileDescriptor, events: Int16(POLLIN), revents: 0)
             count = 3
         }
+        queue.stats.waits &+= 1
         // A failed poll: just go round (an interrupted one is retried inside).
         guard let ready = try? Syscall.poll(pollFDs, count, timeoutMilliseconds: -1), ready > 0 else { return }
         if pollFDs[0].revents != 0 { queue.drainEvents() }

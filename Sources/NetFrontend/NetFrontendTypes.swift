@@ -112,6 +112,8 @@ public struct NetFrontendStatistics: Equatable, Sendable {
     /// Event channel notifications we sent, and event deliveries we took.
     public var notificationsSent: UInt64 = 0
     public var eventsReceived: UInt64 = 0
+    /// Times the pump slept in poll (or found something at once).
+    public var waits: UInt64 = 0
     public init() {}
 
     /// Field by field sum (for the totals over queues).
@@ -134,6 +136,7 @@ public struct NetFrontendStatistics: Equatable, Sendable {
         s.protocolErrors = a.protocolErrors &+ b.protocolErrors
         s.notificationsSent = a.notificationsSent &+ b.notificationsSent
         s.eventsReceived = a.eventsReceived &+ b.eventsReceived
+        s.waits = a.waits &+ b.waits
         return s
     }
 }
