@@ -31,6 +31,8 @@ let package = Package(
         // macros that do not import into Swift (O_DIRECT, eventfd, ioctls).
         .target(name: "CXenBackSupport"),
         .systemLibrary(name: "CLibAIO", path: "Sources/CLibAIO"),
+        // liburing behind an opaque handle (its headers clash with the kernel's, which swift-system imports).
+        .target(name: "CLibURing", linkerSettings: [.linkedLibrary("uring")]),
         .systemLibrary(name: "CLibNBD", path: "Sources/CLibNBD", pkgConfig: "libnbd"),
         .systemLibrary(name: "CLibXenStore", path: "Sources/CLibXenStore", pkgConfig: "xenstore"),
         // libxengnttab + libxenevtchn (module map links both; the shim defines __XEN_TOOLS__).
@@ -63,7 +65,7 @@ let package = Package(
         ], swiftSettings: strict),
         .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibNBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
         // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
-        .target(name: "NetworkPlumbing", dependencies: ["CXenBackSupport", "SystemSupport"], swiftSettings: strict),
+        .target(name: "NetworkPlumbing", dependencies: ["CLibURing", "CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),

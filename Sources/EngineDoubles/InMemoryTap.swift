@@ -17,6 +17,15 @@ public final class InMemoryTap: TapPort {
     public var writeError: NetworkError?
     /// Calls to `read`, frames or not: a test checks the engine stopped polling.
     public private(set) var reads = 0
+    /// Calls to `writeFrames` and the frames each carried, in order: a test
+    /// checks a pass's frames go to the TAP together.
+    public private(set) var batches: [Int] = []
+    /// Writes (counted from 0 over the tap's life, `write` and each frame
+    /// of `writeFrames` alike) that find the queue full (nil) or that the
+    /// kernel refuses (the error), whatever `full` and `writeError` say.
+    public var fullAtWrite: Set<Int> = []
+    public var refusedAtWrite: [Int: NetworkError] = [:]
+    public private(set) var writes = 0
 
     public init() {}
 
@@ -48,6 +57,10 @@ public final class InMemoryTap: TapPort {
         full = false
         writeError = nil
         reads = 0
+        batches.removeAll(keepingCapacity: true)
+        fullAtWrite = []
+        refusedAtWrite = [:]
+        writes = 0
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(NetworkError) -> Int? {
@@ -62,7 +75,16 @@ public final class InMemoryTap: TapPort {
         return n
     }
 
+    public func writeFrames(_ frames: UnsafeBufferPointer<iovec>, results: UnsafeMutablePointer<Int>) {
+        batches.append(frames.count)
+        writeFramesOneByOne(self, frames, results: results)
+    }
+
     public func write(_ vectors: UnsafeBufferPointer<iovec>) throws(NetworkError) -> Int? {
+        let index = writes
+        writes += 1
+        if let e = refusedAtWrite[index] { throw e }
+        if fullAtWrite.contains(index) { return nil }
         if let writeError { throw writeError }
         if full { return nil }
         var frame: [UInt8] = []

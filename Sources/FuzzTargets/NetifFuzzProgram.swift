@@ -96,7 +96,17 @@ final class NetifFuzzProgram {
         case .tapFull:
             world.tap.full = b.bool()
         case .tapError:
-            world.tap.writeError = b.u8() & 7 == 0 ? .system(call: "writev", interface: "", errno: 22) : nil
+            // Every write fails, or one of the next eight (a frame in the
+            // middle of a batch: the others go out), or none.
+            let v = b.u8()
+            let refused = NetworkError.system(call: "writev", interface: "", errno: 22)
+            let which = world.tap.writes + Int(v >> 3 & 7)
+            switch v & 7 {
+            case 0: world.tap.writeError = refused
+            case 1: world.tap.refusedAtWrite[which] = refused
+            case 2: world.tap.fullAtWrite.insert(which)
+            default: world.tap.writeError = nil
+            }
         case .kick:
             step(.kicked)
         case .tick:

@@ -25,7 +25,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     private let rxMapping: GrantMapping
     private let txPort: EventChannelPort
     private let rxPort: EventChannelPort
-    private let engine: NetQueueEngine<TapQueue>
+    private let engine: NetQueueEngine<BatchingTapQueue>
     /// The credit scheduler needs a fine clock; otherwise the coarse one
     /// (a few ns, where CLOCK_MONOTONIC cost 8% of a busy queue's time in
     /// profiles on this VM's clocksource) is plenty for the rx stall limit.
@@ -120,7 +120,12 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
                 throw HypervisorError(error.call, errno: error.code, detail: "cannot watch the \(token) descriptor")
             }
         }
-        engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: tap,
+        // Each pass's frames for the TAP go in one io_uring submission (one by one if io_uring is refused).
+        let batching = BatchingTapQueue(tap)
+        if let refusal = batching.uringRefusal {
+            logger.notice("io_uring refused, frames to the TAP are written one by one", metadata: ["device": "\(name)", "reason": "\(refusal)"])
+        }
+        engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: batching,
                                 configuration: c, buffers: buffers,
                                 now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds())
         stopFlag = .allocate(capacity: 1)

@@ -34,7 +34,13 @@ public final class NetEngineBuffers {
     let rxCopies: UnsafeMutableBufferPointer<GrantCopyOperation>
     /// Request ids taken for one pass's frames, in ring order.
     let rxTaken: UnsafeMutablePointer<UInt16>
-    let iov: UnsafeMutablePointer<iovec>
+    /// One pass's frames for the TAP (one buffer each, virtio header
+    /// first), the packet each belongs to, and what each write returned.
+    let txWrites: UnsafeMutablePointer<iovec>
+    let txWriteOwners: UnsafeMutablePointer<Int32>
+    let txWriteResults: UnsafeMutablePointer<Int>
+    /// Each packet's answer between writing the batch and answering it.
+    let txStatuses: UnsafeMutablePointer<Int16>
     /// One ring slot, copied out of shared memory before it is decoded.
     let scratch: UnsafeMutableRawPointer
 
@@ -87,7 +93,14 @@ public final class NetEngineBuffers {
         rxFrames.initialize(repeating: RxFrame(), count: Self.rxBatch)
         rxCopies = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
         rxTaken = .allocate(capacity: Self.rxBatch * Self.maxRxSlots)
-        iov = .allocate(capacity: 1)
+        txWrites = .allocate(capacity: Self.txBatch)
+        txWrites.initialize(repeating: iovec(), count: Self.txBatch)
+        txWriteOwners = .allocate(capacity: Self.txBatch)
+        txWriteOwners.initialize(repeating: 0, count: Self.txBatch)
+        txWriteResults = .allocate(capacity: Self.txBatch)
+        txWriteResults.initialize(repeating: 0, count: Self.txBatch)
+        txStatuses = .allocate(capacity: Self.txBatch)
+        txStatuses.initialize(repeating: 0, count: Self.txBatch)
         scratch = .allocate(byteCount: 16, alignment: 16)
     }
 
@@ -106,7 +119,10 @@ public final class NetEngineBuffers {
         rxFrames.deallocate()
         rxCopies.deallocate()
         rxTaken.deallocate()
-        iov.deallocate()
+        txWrites.deallocate()
+        txWriteOwners.deallocate()
+        txWriteResults.deallocate()
+        txStatuses.deallocate()
         scratch.deallocate()
     }
 

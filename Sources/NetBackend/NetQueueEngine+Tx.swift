@@ -192,32 +192,76 @@ extension NetQueueEngine {
     }
 
     /// Writes the batch's packets to the TAP from `txNext` on, answering
-    /// each; stops early when the rate limit has no credit left.
+    /// each; stops early when the rate limit has no credit left. The frames
+    /// ready at once go to the TAP in one `writeFrames` (one system call
+    /// with io_uring), then every packet up to there is answered in order.
     private func writeTxPackets(now: Int) {
+        let frames = buffers.txWrites
+        let statuses = buffers.txStatuses
         // A breach found on the way (too many malformed in a row) ends the
-        // batch: nothing more is answered on a ring no longer trusted.
+        // batch: nothing after that packet is answered on a ring no longer trusted.
         while txNext < txCount && brokenReason == nil {
-            let i = txNext
-            let p = buffers.txPackets[i]
-            var status = p.status
-            if status == NetifStatus.okay {
-                let first = Int(p.copyStart)
-                for c in first..<(first + Int(p.copyCount)) where buffers.txCopies[c].status != 0 {
-                    status = NetifStatus.error   // a revoked or bad grant
+            var end = txNext
+            var writes = 0
+            var blocked = false
+            while end < txCount && brokenReason == nil {
+                let p = buffers.txPackets[end]
+                var status = p.status
+                if status == NetifStatus.okay {
+                    let first = Int(p.copyStart)
+                    for c in first..<(first + Int(p.copyCount)) where buffers.txCopies[c].status != 0 {
+                        status = NetifStatus.error   // a revoked or bad grant
+                    }
+                    if status == NetifStatus.okay, credit != nil, !credit!.consume(p.frameLength, now: now) {
+                        txBlockedUntil = credit!.nextRefill
+                        blocked = true
+                        break
+                    }
                 }
-                if status == NetifStatus.okay, credit != nil, !credit!.consume(p.frameLength, now: now) {
-                    txBlockedUntil = credit!.nextRefill
-                    return
+                if status == NetifStatus.okay {
+                    if let frame = prepareFrame(end) {
+                        frames[writes] = frame
+                        buffers.txWriteOwners[writes] = Int32(end)
+                        writes += 1
+                    } else {
+                        status = NetifStatus.error
+                    }
+                } else {
+                    statistics.txErrors &+= 1
+                }
+                statuses[end] = status
+                end += 1
+            }
+            if writes > 0 {
+                tap.writeFrames(UnsafeBufferPointer(start: frames, count: writes), results: buffers.txWriteResults)
+                for w in 0..<writes {
+                    let i = Int(buffers.txWriteOwners[w])
+                    let result = buffers.txWriteResults[w]
+                    if result >= 0 {
+                        statistics.txPackets &+= 1
+                        statistics.txBytes &+= UInt64(buffers.txPackets[i].frameLength)
+                    } else if result == -Int(EAGAIN) {
+                        statistics.txDropped &+= 1
+                        statuses[i] = NetifStatus.dropped
+                    } else {
+                        // The kernel refused the frame or its header (EINVAL), or the
+                        // interface is down (EIO): this frame fails, the ring goes on.
+                        statistics.txErrors &+= 1
+                        statuses[i] = NetifStatus.error
+                    }
                 }
             }
-            if status == NetifStatus.okay { status = transmit(i) } else { statistics.txErrors &+= 1 }
-            respondTx(p, status: status)
-            txNext += 1
+            while txNext < end {
+                respondTx(buffers.txPackets[txNext], status: statuses[txNext])
+                txNext += 1
+            }
+            if blocked { return }
         }
     }
 
-    /// Puts the virtio header in front of packet `i` and writes it.
-    private func transmit(_ i: Int) -> Int16 {
+    /// Puts the virtio header in front of packet `i`; the frame to write,
+    /// or nil when its offload request cannot be honoured (counted).
+    private func prepareFrame(_ i: Int) -> iovec? {
         let p = buffers.txPackets[i]
         let frame = buffers.txFrame(i)
         var header = VirtioNetHeader()
@@ -226,7 +270,7 @@ extension NetQueueEngine {
             guard let layout = FrameLayout.parse(UnsafeRawBufferPointer(start: frame, count: p.frameLength)) else {
                 statistics.txErrors &+= 1
                 noteMalformed(.unparseableOffload)
-                return NetifStatus.error
+                return nil
             }
             header.flags = VirtioNetHeader.flagNeedsChecksum
             header.checksumStart = UInt16(layout.transportOffset)
@@ -236,7 +280,7 @@ extension NetQueueEngine {
                 guard layout.transport == .tcp, layout.network == (v4 ? .ipv4 : .ipv6) else {
                     statistics.txErrors &+= 1
                     noteMalformed(.gsoMismatch)
-                    return NetifStatus.error
+                    return nil
                 }
                 header.gsoType = v4 ? VirtioNetHeader.gsoTCPv4 : VirtioNetHeader.gsoTCPv6
                 header.gsoSize = p.gsoSize
@@ -247,21 +291,7 @@ extension NetQueueEngine {
         }
         let start = frame - VirtioNetHeader.size
         header.encode(to: start)
-        buffers.iov.pointee = iovec(iov_base: start, iov_len: VirtioNetHeader.size + p.frameLength)
-        do {
-            guard try tap.write(UnsafeBufferPointer(start: buffers.iov, count: 1)) != nil else {
-                statistics.txDropped &+= 1
-                return NetifStatus.dropped
-            }
-        } catch {
-            // The kernel refused the frame or its header (EINVAL), or the
-            // interface is down (EIO): this frame fails, the ring goes on.
-            statistics.txErrors &+= 1
-            return NetifStatus.error
-        }
-        statistics.txPackets &+= 1
-        statistics.txBytes &+= UInt64(p.frameLength)
-        return NetifStatus.okay
+        return iovec(iov_base: start, iov_len: VirtioNetHeader.size + p.frameLength)
     }
 
     /// One response per slot the packet used, in ring order: the first

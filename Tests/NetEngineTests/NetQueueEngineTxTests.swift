@@ -1,3 +1,4 @@
+import Glibc
 import NetBackend
 import NetworkPlumbing
 import Testing
@@ -197,5 +198,48 @@ import XenABI
         guard case .broken(let reason) = s.outcome else { Issue.record("\(s.outcome)"); return }
         #expect(reason.contains("more than 256 slots ahead"))
         #expect(h.txResponses().isEmpty && h.tap.written.count == 1)
+    }
+}
+
+/// A pass's frames go to the TAP in one `writeFrames` (one io_uring
+/// submission in the daemon), and each packet is answered with its own
+/// frame's result.
+@Suite struct NetQueueEngineTxBatchTests {
+    @Test func aPassWritesItsFramesInOneBatchAndAnswersEachByItsResult() {
+        let h = EngineHarness()
+        let frames = (0..<4).map { TestFrame.ipv4(length: 60 + $0, tcp: false) }
+        for (i, f) in frames.enumerated() { h.grantPage(UInt32(2 + i), f) }
+        h.tap.fullAtWrite = [1]
+        h.tap.refusedAtWrite = [2: .system(call: "writev", interface: "", errno: EINVAL)]
+        var chains: [EngineHarness.TxSlot] = []
+        for i in 0..<4 {
+            chains.append(.request(NetifTxRequest(gref: UInt32(2 + i), offset: 0, flags: 0, id: UInt16(10 + i), size: UInt16(60 + i))))
+        }
+        h.pushTx(chains)
+        let s = h.step()
+        #expect(h.tap.batches == [4])
+        #expect(h.tap.written == [VirtioNetHeader().bytes + frames[0], VirtioNetHeader().bytes + frames[3]])
+        #expect(h.txResponses() == [NetifTxResponse(id: 10, status: NetifStatus.okay), NetifTxResponse(id: 11, status: NetifStatus.dropped),
+                                    NetifTxResponse(id: 12, status: NetifStatus.error), NetifTxResponse(id: 13, status: NetifStatus.okay)])
+        let st = h.engine.statistics
+        #expect(st.txPackets == 2 && st.txBytes == 123 && st.txDropped == 1 && st.txErrors == 1 && st.txMalformed == 0)
+        #expect(s.notifyTx && s.idle)
+    }
+
+    /// Refused chains and failed grant copies take no place in the batch.
+    @Test func framesThatFailBeforeTheTapAreNotInTheBatch() {
+        let h = EngineHarness()
+        let frame = TestFrame.ipv4(length: 70, tcp: false)
+        h.grantPage(2, frame)
+        h.grantPage(3, frame)
+        h.guest.revoke(3)
+        h.pushTx([.request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: 1, size: 10)),   // shorter than Ethernet
+                  .request(NetifTxRequest(gref: 3, offset: 0, flags: 0, id: 2, size: 70)),   // revoked
+                  .request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: 3, size: 70))])
+        h.step()
+        #expect(h.tap.batches == [1])
+        #expect(h.tap.written == [VirtioNetHeader().bytes + frame])
+        #expect(h.txResponses() == [NetifTxResponse(id: 1, status: NetifStatus.error), NetifTxResponse(id: 2, status: NetifStatus.error),
+                                    NetifTxResponse(id: 3, status: NetifStatus.okay)])
     }
 }

@@ -1,0 +1,61 @@
+import Glibc
+import NetworkPlumbing
+import Testing
+
+/// BatchingTapQueue writes a batch of frames in io_uring submissions: each
+/// frame arrives whole, in order, with its own result. A non-blocking
+/// SOCK_SEQPACKET pair stands in for the TAP (one frame per message).
+@Suite("a TAP queue's batched writes through io_uring")
+struct BatchingTapQueueTests {
+    /// 70 frames (more than one submission's 64) of different sizes and bytes.
+    @Test("every frame of a batch arrives whole and in order, each with its length")
+    func framesArriveInOrder() throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer { pair.forEach { _ = close($0) } }
+        var size = 1 << 20
+        setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(pair[1], SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12))
+        #expect(batching.usesURing, "io_uring refused: \(batching.uringRefusal ?? "")")
+        let frames: [[UInt8]] = (0..<70).map { i in (0..<(60 + i * 7)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) } }
+        var results = [Int](repeating: 0, count: frames.count)
+        let buffers = frames.map { f -> UnsafeMutableRawPointer in
+            let b = UnsafeMutableRawPointer.allocate(byteCount: f.count, alignment: 8)
+            b.copyMemory(from: f, byteCount: f.count)
+            return b
+        }
+        defer { buffers.forEach { $0.deallocate() } }
+        let vectors = zip(buffers, frames).map { iovec(iov_base: $0, iov_len: $1.count) }
+        vectors.withUnsafeBufferPointer { v in
+            results.withUnsafeMutableBufferPointer { batching.writeFrames(v, results: $0.baseAddress!) }
+        }
+        #expect(results == frames.map(\.count))
+        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        var received: [[UInt8]] = []
+        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
+        #expect(received == frames)
+    }
+
+    @Test("a frame the kernel refuses gets its -errno, a full queue -EAGAIN, and nothing blocks")
+    func failuresAreResults() throws {
+        let closed = BatchingTapQueue(TapQueue(fileDescriptor: -1, vnetHeaderSize: 0))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 100, alignment: 8)
+        defer { buffer.deallocate() }
+        let two = [iovec(iov_base: buffer, iov_len: 100), iovec(iov_base: buffer, iov_len: 50)]
+        var results = [0, 0]
+        two.withUnsafeBufferPointer { v in results.withUnsafeMutableBufferPointer { closed.writeFrames(v, results: $0.baseAddress!) } }
+        #expect(results == [-Int(EBADF), -Int(EBADF)])
+
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer { pair.forEach { _ = close($0) } }
+        let full = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 0))
+        // Fill the socket: the peer reads nothing.
+        while send(pair[0], buffer, 100, Int32(MSG_DONTWAIT)) > 0 {}
+        two.withUnsafeBufferPointer { v in results.withUnsafeMutableBufferPointer { full.writeFrames(v, results: $0.baseAddress!) } }
+        #expect(results == [-Int(EAGAIN), -Int(EAGAIN)])
+    }
+}
