@@ -50,7 +50,9 @@ final class EngineHarness {
         range.map { guest.page(frame).load(fromByteOffset: $0, as: UInt8.self) }
     }
 
-    func pushTx(_ slots: [TxSlot]) {
+    /// Publishes the slots; whether the backend asked to be notified (req_event).
+    @discardableResult
+    func pushTx(_ slots: [TxSlot]) -> Bool {
         for slot in slots {
             switch slot {
             case .request(let r): r.encode(to: tx.nextRequestSlot())
@@ -58,7 +60,7 @@ final class EngineHarness {
             }
             tx.commitRequest()
         }
-        _ = tx.pushRequests()
+        return tx.pushRequests()
     }
 
     func postRx(_ requests: [(id: UInt16, ref: GrantRef)]) {

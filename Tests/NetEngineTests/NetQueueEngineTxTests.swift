@@ -243,3 +243,34 @@ import XenABI
                                     NetifTxResponse(id: 3, status: NetifStatus.okay)])
     }
 }
+
+/// Notification suppression, both ways: the backend notifies only when the
+/// frontend armed rsp_event past the responses it pushes, and the frontend
+/// is asked to notify only when the backend's final check armed req_event.
+@Suite struct NetQueueEngineNotificationTests {
+    @Test func eachSideIsNotifiedOnlyWhenItAsked() {
+        let h = EngineHarness()
+        let frame = TestFrame.ipv4(length: 60, tcp: false)
+        h.grantPage(2, frame)
+        let request = { (id: UInt16) in EngineHarness.TxSlot.request(NetifTxRequest(gref: 2, offset: 0, flags: 0, id: id, size: 60)) }
+        // A fresh ring asks for the first request and the first response.
+        #expect(h.pushTx([request(1)]))
+        #expect(h.step().notifyTx)
+        // The engine slept after a final check (req_event armed): the next request is announced.
+        #expect(h.pushTx([request(2)]))
+        // The frontend has not consumed the first response, so rsp_event is
+        // still behind: this response goes out unannounced.
+        #expect(!h.step().notifyTx)
+        // Published while the backend has not looked again since it armed req_event at 3.
+        #expect(h.pushTx([request(3)]))
+        // Nor did the backend re-arm: without a step in between, a further request is not announced.
+        #expect(!h.pushTx([request(4)]))
+        #expect(!h.step().notifyTx)
+        // The frontend consumes all four and re-arms rsp_event: the next response is announced.
+        #expect(h.txResponses().map(\.id) == [1, 2, 3, 4])
+        h.pushTx([request(5)])
+        #expect(h.step().notifyTx)
+        #expect(h.txResponses().map(\.id) == [5])
+        #expect(h.tap.written.count == 5)
+    }
+}
