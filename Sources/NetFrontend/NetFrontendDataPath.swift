@@ -13,8 +13,9 @@ import XenABI
 /// ring has room for a whole frame).
 ///
 /// Per pass: reap tx responses (their pages are free again), take rx
-/// packets to the TAP and post their buffers again, read frames from the
-/// TAP onto the tx ring; when nothing moved, arm rsp_event on both rings
+/// packets to the TAP (written together, one io_uring submission, before
+/// their buffers are posted again), read frames from the TAP onto the tx
+/// ring; when nothing moved, arm rsp_event on both rings
 /// (RING_FINAL_CHECK_FOR_RESPONSES), look once more, and sleep.
 ///
 /// No allocation per frame: frames are read from the TAP straight into the
@@ -29,6 +30,19 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
 
     private let queue: NetFrontendQueue
     private let tap: TapQueue
+    /// Received packets go to the TAP together, one io_uring submission
+    /// per pass (as the backend's tx does).
+    private let tapWriter: BatchingTapQueue
+    /// One pass's received packets waiting for that write: each packet's
+    /// vectors (its virtio header's first) at `slotVectors` per packet,
+    /// how many, and its header. The vectors point into rx buffers the
+    /// pass does not post again before the write.
+    private static let slotVectors = 1 + NetFrontendQueue.maxRxDataSlots
+    private let outVectors = UnsafeMutablePointer<iovec>.allocate(capacity: NetFrontendPump.batch * NetFrontendPump.slotVectors)
+    private let outCounts = UnsafeMutablePointer<Int>.allocate(capacity: NetFrontendPump.batch)
+    private let outHeaders = UnsafeMutableRawPointer.allocate(byteCount: NetFrontendPump.batch * 16, alignment: 16)
+    private let outResults = UnsafeMutablePointer<Int>.allocate(capacity: NetFrontendPump.batch)
+    private var outCount = 0
     private let negotiated: NetFrontendNegotiated
     private let postRx: Bool
     private let statistics: StatisticsBox
@@ -41,7 +55,6 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
 
     private let headerSize: Int
     private let txHeader = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
-    private let rxHeader = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
     private let txVectors = UnsafeMutablePointer<iovec>.allocate(capacity: 1 + maxTxFragments)
     /// Tx ids (pages) held for the next frame read from the TAP, with their
     /// vectors in `txVectors`; kept from frame to frame, so a small frame
@@ -59,6 +72,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
          statistics: StatisticsBox, index: Int = 0, name: String) throws(SystemError) {
         self.queue = queue
         self.tap = tap
+        tapWriter = BatchingTapQueue(tap)
         self.negotiated = negotiated
         self.postRx = postRx
         self.statistics = statistics
@@ -71,8 +85,9 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
     }
 
     deinit {
-        txHeader.deallocate(); rxHeader.deallocate(); txVectors.deallocate(); reserved.deallocate()
+        txHeader.deallocate(); txVectors.deallocate(); reserved.deallocate()
         headerWindow.deallocate(); pollFDs.deallocate()
+        outVectors.deallocate(); outCounts.deallocate(); outHeaders.deallocate(); outResults.deallocate()
     }
 
     func start() throws(SystemError) {
@@ -96,6 +111,7 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             var worked = false
             if queue.reapTxResponses() > 0 { worked = true }
             if queue.receive(limit: Self.batch, { deliver($0) }) > 0 { worked = true }
+            writeReceived()   // before postRx gives their buffers back
             if postRx { queue.postRx() }
             if transmitFromTap() > 0 { worked = true }
             statistics.publish(queue.stats, queue: index)
@@ -296,16 +312,28 @@ final class NetFrontendPump: @unchecked Sendable {  // everything below is the p
             header.flags = VirtioNetHeader.flagDataValid
         }
 
-        let vectors: UnsafeBufferPointer<iovec>
+        // Queued for the pass's write (`writeReceived`).
+        let out = outVectors + outCount * Self.slotVectors
+        var n = 0
         if headerSize > 0 {
-            header.encode(to: rxHeader)
-            packet.vectors[0] = iovec(iov_base: rxHeader, iov_len: headerSize)
-            vectors = UnsafeBufferPointer(start: packet.vectors, count: 1 + packet.fragmentCount)
-        } else {
-            vectors = UnsafeBufferPointer(start: packet.vectors + 1, count: packet.fragmentCount)
+            let h = outHeaders + outCount * 16
+            header.encode(to: h)
+            out[0] = iovec(iov_base: h, iov_len: headerSize)
+            n = 1
         }
-        let written: Int?
-        do { written = try tap.write(vectors) } catch { written = nil }
-        if written == nil { queue.stats.rxDropped &+= 1 }
+        (out + n).update(from: packet.vectors + 1, count: packet.fragmentCount)
+        outCounts[outCount] = n + packet.fragmentCount
+        outCount += 1
+    }
+
+    /// Writes the pass's received packets to the TAP in one submission.
+    private func writeReceived() {
+        guard outCount > 0 else { return }
+        let vectors = outVectors, counts = outCounts
+        tapWriter.writeFrames(outCount, results: outResults) {
+            UnsafeBufferPointer(start: vectors + $0 * Self.slotVectors, count: counts[$0])
+        }
+        for i in 0..<outCount where outResults[i] < 0 { queue.stats.rxDropped &+= 1 }
+        outCount = 0
     }
 }

@@ -75,20 +75,29 @@ public final class BatchingTapQueue: TapPort {
     }
 
     public func writeFrames(_ frames: UnsafeBufferPointer<iovec>, results: UnsafeMutablePointer<Int>) {
+        writeFrames(frames.count, results: results) { UnsafeBufferPointer(start: frames.baseAddress! + $0, count: 1) }
+    }
+
+    /// Writes `total` frames in order, frame i gathered from `vectors(i)`
+    /// (which must stay valid until this returns); `results` as for
+    /// `writeFrames(_:results:)`.
+    public func writeFrames(_ total: Int, results: UnsafeMutablePointer<Int>,
+                            vectors: (Int) -> UnsafeBufferPointer<iovec>) {
         guard let ring else {
-            writeFramesOneByOne(queue, frames, results: results)
+            writeOneByOne(0..<total, results: results, vectors: vectors)
             return
         }
         var start = 0
-        while start < frames.count {
-            let count = min(Self.entries, frames.count - start)
+        while start < total {
+            let count = min(Self.entries, total - start)
             var queued = 0
             // The ring has room (every entry of the last submission was
             // reaped); should an entry be refused all the same, the frames
             // from there on are written one by one after the queued ones, in order.
-            while queued < count,
-                  xb_uring_queue_writev_nowait(ring, UInt64(start + queued), queue.fileDescriptor,
-                                               frames.baseAddress! + start + queued, 1) == 0 {
+            while queued < count {
+                let v = vectors(start + queued)
+                guard xb_uring_queue_writev_nowait(ring, UInt64(start + queued), queue.fileDescriptor,
+                                                   v.baseAddress!, UInt32(v.count)) == 0 else { break }
                 queued += 1
             }
             // Not taken now (the kernel short of memory): in the ring still,
@@ -106,11 +115,19 @@ public final class BatchingTapQueue: TapPort {
                     waitForCompletions()
                 }
             }
-            if queued < count {
-                writeFramesOneByOne(queue, UnsafeBufferPointer(rebasing: frames[(start + queued)..<(start + count)]),
-                                    results: results + start + queued)
-            }
+            if queued < count { writeOneByOne((start + queued)..<(start + count), results: results, vectors: vectors) }
             start += count
+        }
+    }
+
+    private func writeOneByOne(_ frames: Range<Int>, results: UnsafeMutablePointer<Int>,
+                               vectors: (Int) -> UnsafeBufferPointer<iovec>) {
+        for i in frames {
+            do {
+                results[i] = try queue.write(vectors(i)) ?? -Int(EAGAIN)
+            } catch {
+                results[i] = -Int(error.errno ?? EIO)
+            }
         }
     }
 

@@ -26,8 +26,7 @@ extension TapPort {
     }
 }
 
-/// `writeFrames` as one `write` per frame: the default, and what
-/// `BatchingTapQueue` does without io_uring.
+/// `writeFrames` as one `write` per frame: the default (test doubles).
 @inline(__always)
 public func writeFramesOneByOne<Tap: TapPort>(_ tap: Tap, _ frames: UnsafeBufferPointer<iovec>,
                                              results: UnsafeMutablePointer<Int>) {

@@ -39,6 +39,39 @@ struct BatchingTapQueueTests {
         #expect(received == frames)
     }
 
+    @Test("frames gathered from several vectors each arrive whole, in order")
+    func gatheredFrames() throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer { pair.forEach { _ = close($0) } }
+        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12))
+        // Frame i: a 12-byte header, then two parts of 40 + i and 3 bytes.
+        let parts: [[[UInt8]]] = (0..<5).map { i in
+            [[UInt8](repeating: UInt8(i), count: 12), (0..<(40 + i)).map { UInt8(truncatingIfNeeded: $0 + i) }, [0xaa, 0xbb, UInt8(i)]]
+        }
+        let storage = parts.flatMap { $0 }.map { p -> UnsafeMutableRawPointer in
+            let b = UnsafeMutableRawPointer.allocate(byteCount: p.count, alignment: 8)
+            b.copyMemory(from: p, byteCount: p.count)
+            return b
+        }
+        defer { storage.forEach { $0.deallocate() } }
+        let vectors = zip(storage, parts.flatMap { $0 }).map { iovec(iov_base: $0, iov_len: $1.count) }
+        var results = [Int](repeating: 0, count: parts.count)
+        vectors.withUnsafeBufferPointer { v in
+            results.withUnsafeMutableBufferPointer { r in
+                batching.writeFrames(parts.count, results: r.baseAddress!) { UnsafeBufferPointer(rebasing: v[($0 * 3)..<($0 * 3 + 3)]) }
+            }
+        }
+        let frames = parts.map { $0.flatMap { $0 } }
+        #expect(results == frames.map(\.count))
+        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        var received: [[UInt8]] = []
+        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
+        #expect(received == frames)
+    }
+
     @Test("a frame the kernel refuses gets its -errno, a full queue -EAGAIN, and nothing blocks")
     func failuresAreResults() throws {
         let closed = BatchingTapQueue(TapQueue(fileDescriptor: -1, vnetHeaderSize: 0))
