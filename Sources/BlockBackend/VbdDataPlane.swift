@@ -319,10 +319,12 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         rejectionsNotLogged = 0
     }
 
+    /// This handle binds one port, which stays masked from its delivery
+    /// to its unmask: one pending read per wakeup finds it, and a second
+    /// read would only say "nothing" (a system call per wakeup for
+    /// nothing). Anything left keeps the level-triggered epoll readable.
     private func drainEventChannel() {
-        while let port = try? events.nextPending() {
-            try? events.unmask(port)
-        }
+        if let port = try? events.nextPending() { try? events.unmask(port) }
     }
 
     @inline(__always)

@@ -272,7 +272,8 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
             if left <= 0 { return 0 }
             var pfd = pollfd(fd: events.fileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&pfd, 1, Int32(min(left, 1) * 1000) + 1)
-            while let p = try events.nextPending() { try events.unmask(p) }
+            // One port on this handle, masked until unmasked: one read finds it.
+            if let p = try events.nextPending() { try events.unmask(p) }
         }
     }
 
