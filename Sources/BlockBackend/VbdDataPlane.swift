@@ -15,9 +15,10 @@ public struct VbdRingConfiguration: Sendable {
     /// The frontend's unbound port, from its `event-channel` key.
     public var remotePort: EventChannelPort
     public var limits: DiskLimits
-    /// After the ring goes idle, keep looking for new requests this long
+    /// After the ring goes idle, keep looking for new requests up to this long
     /// before sleeping on the event channel (0: sleep at once). Saves the
-    /// frontend's notification and our wakeup when requests come back to back.
+    /// frontend's notification and our wakeup when requests come back to
+    /// back; the window actually polled is `AdaptivePollWindow`'s.
     public var pollMicroseconds: Int
     /// Both ends agreed on feature-persistent: keep data pages mapped.
     public var persistentGrants: Bool

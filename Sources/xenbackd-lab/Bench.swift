@@ -32,9 +32,9 @@ struct BenchBlock: ParsableCommand {
     var seconds: Double = 5
     @Option(help: "Ring size as a power of two pages (0-4).")
     var ringPageOrder: Int = 2
-    @Option(help: "Microseconds the guest polls for responses before sleeping (0: sleep at once).")
+    @Option(help: "Most microseconds the guest polls for responses before sleeping (0: sleep at once; adaptive, as the backend's).")
     var spinMicroseconds = 50
-    @Option(name: .customLong("poll-us"), help: "Microseconds the backend polls an idle ring before sleeping.")
+    @Option(name: .customLong("poll-us"), help: "Most microseconds the backend polls an idle ring before sleeping (adaptive: ARCHITECTURE.md step 9).")
     var pollMicroseconds = 50
     @Flag(help: "Do not use persistent grants (every segment is grant-copied).")
     var noPersistentGrants = false
