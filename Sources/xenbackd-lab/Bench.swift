@@ -200,15 +200,13 @@ struct BenchBlock: ParsableCommand {
     private func measure(_ row: Row, on frontends: [LoopbackBlockFrontend]) throws -> Figures {
         let processStart = Self.cpuSeconds(CLOCK_PROCESS_CPUTIME_ID)
         let seconds = self.seconds
-        var runs: [Handoff<Result<GuestRun, ValidationError>>] = []
+        var runs: [Handoff<Result<GuestRun, any Error>>] = []
         var threads: [NativeThread] = []
         for (job, fe) in frontends.enumerated() {
-            let handoff = Handoff<Result<GuestRun, ValidationError>>()
+            let handoff = Handoff<Result<GuestRun, any Error>>()
             runs.append(handoff)
             threads.append(try NativeThread(name: "guest-\(job + 1)") {
-                handoff.put(Result { () throws(ValidationError) in
-                    try Self.drive(row, on: fe, seconds: seconds, seed: 99 + UInt64(job))
-                })
+                handoff.put(Result { try Self.drive(row, on: fe, seconds: seconds, seed: 99 + UInt64(job)) })
             })
         }
         for t in threads { t.join() }
@@ -238,7 +236,7 @@ struct BenchBlock: ParsableCommand {
     /// in flight (a 1 MiB I/O is split into blkif requests of up to
     /// `--segments-per-request` pages, as blkfront splits a bio), for `seconds`.
     private static func drive(_ row: Row, on fe: LoopbackBlockFrontend, seconds: Double,
-                              seed: UInt64) throws(ValidationError) -> GuestRun {
+                              seed: UInt64) throws -> GuestRun {
         let sectorsPerIO = row.blockSize / Blkif.sectorSize
         let maxPerRequest = fe.maxSectorsPerRequest
         let requestsPerIO = (sectorsPerIO + maxPerRequest - 1) / maxPerRequest
@@ -277,7 +275,6 @@ struct BenchBlock: ParsableCommand {
             started[io] = MonotonicClock.seconds()
         }
 
-        do {
         while true {
             if !stopping {
                 while let io = freeIOs.popLast() { try issue(io) }
@@ -296,9 +293,6 @@ struct BenchBlock: ParsableCommand {
             }
             if !stopping && MonotonicClock.seconds() - start >= seconds { stopping = true }
             if stopping && freeIOs.count == row.queueDepth { break }
-        }
-        } catch {
-            throw ValidationError("\(row.name): \(error)")
         }
         let elapsed = MonotonicClock.seconds() - start
         if errors > 0 { throw ValidationError("\(row.name): \(errors) requests failed") }
