@@ -36,9 +36,16 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
     private var generation: UInt64 = 0
     private let responseScratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
 
-    /// Before sleeping for responses, look for them this long (a guest that
-    /// polls; the benchmark uses it to take our own wakeups out of the figures).
-    public var spinMicroseconds = 0
+    /// Before sleeping for responses, look for them up to this long (a guest
+    /// that polls; the benchmark uses it to take our own wakeups out of the
+    /// figures). The window actually spun adapts to what spinning wins and
+    /// stops while the CPU is contended (`AdaptivePollWindow`).
+    public var spinMicroseconds = 0 {
+        didSet { spinWindow = AdaptivePollWindow(maximumNanoseconds: spinMicroseconds * 1000) }
+    }
+    private var spinWindow = AdaptivePollWindow(maximumNanoseconds: 0)
+    /// When the last spin for responses began (0: none since the last response).
+    private var idleSince = 0
     /// The most segments one request carries on this connection (see
     /// `LoopbackBlockFrontend.segmentsPerRequest`).
     public private(set) var segmentsPerRequest = Blkif.maxSegmentsPerRequest
@@ -267,31 +274,54 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
             }
             if got > 0 { return got }
             if spinMicroseconds > 0 && spinForResponses(r) { continue }
-            if r.ring.finalCheckForResponses() { continue }
+            if r.ring.finalCheckForResponses() {
+                idleSince = 0
+                continue
+            }
             let left = deadline - MonotonicClock.seconds()
             if left <= 0 { return 0 }
             var pfd = pollfd(fd: events.fileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&pfd, 1, Int32(min(left, 1) * 1000) + 1)
+            if idleSince != 0 {
+                spinWindow.woke(afterNanoseconds: MonotonicClock.nanoseconds() - idleSince)
+                idleSince = 0
+            }
             // One port on this handle, masked until unmasked: one read finds it.
             if let p = try events.nextPending() { try events.unmask(p) }
         }
     }
 
-    /// Looks for responses for up to `spinMicroseconds`: a few microseconds
-    /// of pure spinning (fast storage answers within them), then spinning
-    /// that yields the CPU, which a storage worker may need.
+    /// Looks for responses for up to the window `spinWindow` gives: a few
+    /// microseconds of pure spinning (fast storage answers within them), then
+    /// spinning that yields the CPU, which a storage worker may need. A jump
+    /// of the clock between two looks (the thread was descheduled: the CPU
+    /// is contended) ends it at once.
     private func spinForResponses(_ r: RingHolder) -> Bool {
         let start = MonotonicClock.nanoseconds()
-        let yieldAfter = start + 5_000
-        let deadline = start + spinMicroseconds * 1000
+        idleSince = start
+        let window = spinWindow.beginIdle()
+        guard window > 0 else { return false }
+        var last = start
         var spins = 0
         while true {
-            if r.ring.unconsumedResponses() > 0 { return true }
+            if r.ring.unconsumedResponses() > 0 {
+                spinWindow.found(afterNanoseconds: last - start)
+                idleSince = 0
+                return true
+            }
             spins += 1
             if spins & 15 == 0 {
                 let now = MonotonicClock.nanoseconds()
-                if now >= deadline { return false }
-                if now >= yieldAfter { sched_yield() }
+                if AdaptivePollWindow.isPreemption(gapNanoseconds: now - last) {
+                    spinWindow.preempted()
+                    return false
+                }
+                last = now
+                if now - start >= window {
+                    spinWindow.expired()
+                    return false
+                }
+                if now - start >= 5_000 { sched_yield() }
             }
         }
     }

@@ -22,7 +22,7 @@ struct Run: ParsableCommand {
     @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
     var root: String = "/run/xenbackd/loopback"
 
-    @Option(name: .customLong("poll-us"), help: "Microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once).")
+    @Option(name: .customLong("poll-us"), help: "Most microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once); the window adapts to what polling wins and stops while the CPU is contended.")
     var pollMicroseconds: Int = 50
 
     @Flag(help: "Do not offer persistent grants (feature-persistent).")
