@@ -79,6 +79,8 @@ public extension BlockStorage {
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { reapCompletions(body) }
     /// Storages with nothing to report (a file) ignore the handler.
     func setEventHandler(_ handler: @escaping StorageEventHandler) {}
+    /// One queue only, unless the storage says otherwise.
+    func openAnotherQueue() throws -> (any BlockStorage)? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -109,6 +111,12 @@ public protocol BlockStorage: AnyObject {
     /// Where to report what an operator should know (a connection lost or
     /// regained). Called on the data-plane thread, on such changes only.
     func setEventHandler(_ handler: @escaping StorageEventHandler)
+    /// Another handle on the same disk for another ring of the same device
+    /// (multi-queue blkif), used by another data-plane thread: its own
+    /// `queueDepth` operations and completion descriptor, and a flush
+    /// through either handle covers writes completed through both. Nil
+    /// when this storage cannot give one. Call before the data plane starts.
+    func openAnotherQueue() throws -> (any BlockStorage)?
 }
 
 /// Receives a storage's events, as one line of text each.

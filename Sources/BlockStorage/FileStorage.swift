@@ -57,6 +57,20 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
         }
         let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth)
+    }
+
+    /// The same file again, through this handle's descriptor (so it is the
+    /// very file even if its path was renamed or replaced since), with the
+    /// same mode and O_DIRECT choice, and an AIO context of its own. One
+    /// file's fdatasync covers every descriptor's writes.
+    public func openAnotherQueue() throws -> (any BlockStorage)? {
+        let disk = try DiskProbe.openDisk(path: "/proc/self/fd/\(fd)", readOnly: geometry.readOnly,
+                                          direct: directIO ? .always : .never)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth)
+    }
+
+    private convenience init(opened disk: OpenedDisk, path: String, queueDepth: Int) throws(StorageError) {
         let eventFD: Int32
         do {
             eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
@@ -71,7 +85,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             Glibc.close(disk.fd)
             throw StorageError("io_setup(\(queueDepth))", errno: -result, path: path)
         }
-        return FileStorage(path: path, disk: disk, eventFD: eventFD, context: context, queueDepth: queueDepth)
+        self.init(path: path, disk: disk, eventFD: eventFD, context: context, queueDepth: queueDepth)
     }
 
     private init(path: String, disk: OpenedDisk, eventFD: Int32, context: io_context_t?, queueDepth: Int) {
