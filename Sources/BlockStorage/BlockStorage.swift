@@ -79,6 +79,7 @@ public extension BlockStorage {
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { reapCompletions(body) }
     /// Storages with nothing to report (a file) ignore the handler.
     func setEventHandler(_ handler: @escaping StorageEventHandler) {}
+    var ioEngineName: String? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -109,6 +110,9 @@ public protocol BlockStorage: AnyObject {
     /// Where to report what an operator should know (a connection lost or
     /// regained). Called on the data-plane thread, on such changes only.
     func setEventHandler(_ handler: @escaping StorageEventHandler)
+    /// The kernel interface behind the disk ("io_uring", "libaio"), for
+    /// `xenbackd status`; nil for a storage without a choice (NBD).
+    var ioEngineName: String? { get }
 }
 
 /// Receives a storage's events, as one line of text each.

@@ -39,6 +39,8 @@ struct BenchBlock: ParsableCommand {
     var noPersistentGrants = false
     @Option(help: "Pages per blkif request: 11 (direct requests) or up to \(VbdDataPlane.indirectSegmentsLimit) (indirect requests; the backend offers at least this many).")
     var segmentsPerRequest = Blkif.maxSegmentsPerRequest
+    @Option(help: "The backend's kernel interface for the file: auto, io_uring or libaio (fio uses libaio either way).")
+    var ioEngine: IOEngineChoice = .auto
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
@@ -81,7 +83,8 @@ struct BenchBlock: ParsableCommand {
         if nbd == nil { try prepareFile() }
         let indirect = segmentsPerRequest > Blkif.maxSegmentsPerRequest
         let offered = max(BlockBackendOptions.defaultMaxIndirectSegments, segmentsPerRequest)
-        let host = try LoopbackHost(logger: logger, options: .init(pollMicroseconds: pollMicroseconds,
+        let host = try LoopbackHost(logger: logger, openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
+                                    options: .init(pollMicroseconds: pollMicroseconds,
                                                                    persistentGrants: !noPersistentGrants,
                                                                    maxIndirectSegments: offered))
         defer { host.shutdown() }
@@ -99,7 +102,7 @@ struct BenchBlock: ParsableCommand {
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
+              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(resolvedEngine)" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
               + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : ""))
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
@@ -117,6 +120,14 @@ struct BenchBlock: ParsableCommand {
             say(line)
         }
         try fe.disconnect()
+    }
+
+    /// The backend's kernel interface for the file, as `--io-engine` resolves here.
+    private var resolvedEngine: String {
+        switch ioEngine {
+        case .auto: IOEngineChoice.ioUringRefusal() == nil ? "io_uring" : "libaio (io_uring refused)"
+        case .ioUring, .libaio: ioEngine.rawValue
+        }
     }
 
     /// Whether the backend's storage uses O_DIRECT on this file (fio must match).
@@ -282,3 +293,5 @@ struct LatencyHistogram {
     }
 }
 
+
+extension IOEngineChoice: ExpressibleByArgument {}

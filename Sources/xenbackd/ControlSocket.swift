@@ -16,6 +16,7 @@ extension DeviceReport {
         rejected = s.statistics.rejected.total > 0 ? s.statistics.rejected.named : nil
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
+        ioEngine = s.ioEngine
     }
 
     /// A vif in the same columns: bytes the guest received count as read,

@@ -1,0 +1,35 @@
+#ifndef XB_URING_H
+#define XB_URING_H
+// io_uring for the file storage, through liburing, behind an opaque handle:
+// liburing's headers carry their own copy of the kernel's io_uring structs,
+// which Swift cannot import beside the kernel's own (swift-system's).
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct xb_uring;
+
+/// A ring of `entries` submission entries (twice as many completion
+/// entries) whose completions signal `eventfd`. 0, or -errno with
+/// `*failed_call` naming the liburing call that refused.
+int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **ring, const char **failed_call);
+void xb_uring_close(struct xb_uring *ring);
+
+/// Queue one entry (not yet submitted); `tag` comes back with its
+/// completion. 0, or -EBUSY when the submission queue is full.
+int xb_uring_queue_readv(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
+                         unsigned count, uint64_t offset);
+int xb_uring_queue_writev(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
+                          unsigned count, uint64_t offset);
+int xb_uring_queue_fdatasync(struct xb_uring *ring, uint64_t tag, int fd);
+
+/// io_uring_submit: hands the kernel every queued entry. Returns how many
+/// stay queued because the kernel did not take them now (0 normally).
+unsigned xb_uring_submit(struct xb_uring *ring);
+/// Queued entries the kernel has not taken yet.
+unsigned xb_uring_unsubmitted(struct xb_uring *ring);
+
+/// Copies up to `max` completions (tag, result: bytes or -errno) out of the
+/// completion ring and releases them; no system call. Returns how many.
+unsigned xb_uring_reap(struct xb_uring *ring, uint64_t *tags, int64_t *results, unsigned max);
+
+#endif

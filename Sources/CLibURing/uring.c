@@ -1,0 +1,90 @@
+#include "xb_uring.h"
+#include <errno.h>
+#include <liburing.h>
+#include <stdlib.h>
+
+struct xb_uring {
+    struct io_uring ring;
+};
+
+int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **out, const char **failed_call) {
+    struct xb_uring *handle = calloc(1, sizeof *handle);
+    if (!handle) { *failed_call = "calloc"; return -ENOMEM; }
+    // SUBMIT_ALL (5.18): an entry refused at submission completes with its
+    // error and the rest of the batch still goes in; older kernels: without.
+    struct io_uring_params params = { .flags = IORING_SETUP_SUBMIT_ALL };
+    int result = io_uring_queue_init_params(entries, &handle->ring, &params);
+    if (result == -EINVAL) {
+        struct io_uring_params plain = { 0 };
+        result = io_uring_queue_init_params(entries, &handle->ring, &plain);
+    }
+    if (result < 0) {
+        free(handle);
+        *failed_call = "io_uring_queue_init";
+        return result;
+    }
+    result = io_uring_register_eventfd(&handle->ring, eventfd);
+    if (result < 0) {
+        io_uring_queue_exit(&handle->ring);
+        free(handle);
+        *failed_call = "io_uring_register_eventfd";
+        return result;
+    }
+    *out = handle;
+    return 0;
+}
+
+void xb_uring_close(struct xb_uring *handle) {
+    io_uring_queue_exit(&handle->ring);
+    free(handle);
+}
+
+int xb_uring_queue_readv(struct xb_uring *handle, uint64_t tag, int fd, const struct iovec *iovecs,
+                         unsigned count, uint64_t offset) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_readv(sqe, fd, iovecs, count, offset);
+    io_uring_sqe_set_data64(sqe, tag);
+    return 0;
+}
+
+int xb_uring_queue_writev(struct xb_uring *handle, uint64_t tag, int fd, const struct iovec *iovecs,
+                          unsigned count, uint64_t offset) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev(sqe, fd, iovecs, count, offset);
+    io_uring_sqe_set_data64(sqe, tag);
+    return 0;
+}
+
+int xb_uring_queue_fdatasync(struct xb_uring *handle, uint64_t tag, int fd) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+    io_uring_sqe_set_data64(sqe, tag);
+    return 0;
+}
+
+unsigned xb_uring_submit(struct xb_uring *handle) {
+    // Interrupted, or short of memory (EAGAIN, EBUSY): what was not taken
+    // stays in the submission ring for the next call.
+    (void)io_uring_submit(&handle->ring);
+    return io_uring_sq_ready(&handle->ring);
+}
+
+unsigned xb_uring_unsubmitted(struct xb_uring *handle) {
+    return io_uring_sq_ready(&handle->ring);
+}
+
+unsigned xb_uring_reap(struct xb_uring *handle, uint64_t *tags, int64_t *results, unsigned max) {
+    unsigned head, count = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(&handle->ring, head, cqe) {
+        if (count == max) break;
+        tags[count] = io_uring_cqe_get_data64(cqe);
+        results[count] = cqe->res;
+        count++;
+    }
+    io_uring_cq_advance(&handle->ring, count);
+    return count;
+}
