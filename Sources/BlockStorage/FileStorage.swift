@@ -76,6 +76,8 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
                 queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
             case .libaio:
                 queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+            case .auto where !disk.isBlockDevice && Self.isOnTmpfs(disk.fd):
+                queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
             case .auto:
                 do throws(KernelQueueSetupError) {
                     queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
@@ -91,6 +93,15 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         }
         return FileStorage(path: path, disk: disk, eventFD: eventFD, queue: queue, ioUringRefusal: refusal,
                            queueDepth: queueDepth)
+    }
+
+    /// tmpfs offers io_uring no non-blocking path: every operation would
+    /// go to an io_uring worker thread (a thread hop each; measured in
+    /// docs/PERFORMANCE.md), where libaio does the copy inside io_submit.
+    static func isOnTmpfs(_ fd: Int32) -> Bool {
+        var type: Int64 = 0
+        guard (try? Syscall.retryingOnInterrupt("fstatfs", { xb_file_system_type(fd, &type) })) != nil else { return false }
+        return type == tmpfsMagic
     }
 
     private init(path: String, disk: OpenedDisk, eventFD: Int32, queue: any KernelQueue, ioUringRefusal: String?,
@@ -355,6 +366,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
 
     private func drainEventCounter() { Wakeup(adopting: eventFD).drain() }
 }
+
+/// statfs's f_type of tmpfs (linux/magic.h TMPFS_MAGIC).
+let tmpfsMagic = 0x0102_1994
 
 /// How a taken operation will complete.
 enum SlotWork {

@@ -4,7 +4,9 @@ import Glibc
 /// Which kernel interface a `FileStorage` hands its reads, writes and
 /// flushes to (`xenbackd run --io-engine`).
 public enum IOEngineChoice: String, Sendable, CaseIterable {
-    /// io_uring when the kernel lets this process set one up, libaio otherwise.
+    /// io_uring when the kernel lets this process set one up, libaio
+    /// otherwise, and for a file on tmpfs (io_uring would hand each of its
+    /// operations to a worker thread).
     case auto
     case ioUring = "io_uring"
     case libaio

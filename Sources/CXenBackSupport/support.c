@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/prctl.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <stddef.h>
@@ -116,4 +117,11 @@ int xb_thread_refuse_io_uring_setup(int error) {
     // Without SECCOMP_FILTER_FLAG_TSYNC the filter is this thread's alone.
     return (int)syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter);
 #endif
+}
+
+int xb_file_system_type(int fd, int64_t *type) {
+    struct statfs status;
+    int result = fstatfs(fd, &status);
+    if (result == 0) *type = (int64_t)status.f_type;
+    return result;
 }

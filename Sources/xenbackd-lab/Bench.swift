@@ -102,7 +102,7 @@ struct BenchBlock: ParsableCommand {
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(resolvedEngine)" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
+              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(host.blockStatus.first?.ioEngine ?? "?")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
               + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : ""))
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
@@ -120,14 +120,6 @@ struct BenchBlock: ParsableCommand {
             say(line)
         }
         try fe.disconnect()
-    }
-
-    /// The backend's kernel interface for the file, as `--io-engine` resolves here.
-    private var resolvedEngine: String {
-        switch ioEngine {
-        case .auto: IOEngineChoice.ioUringRefusal() == nil ? "io_uring" : "libaio (io_uring refused)"
-        case .ioUring, .libaio: ioEngine.rawValue
-        }
     }
 
     /// Whether the backend's storage uses O_DIRECT on this file (fio must match).

@@ -14,6 +14,15 @@ import Testing
         defer { storage.close() }
         #expect(storage.ioEngine == .ioUring)
         #expect(storage.ioUringRefusal == nil)
+        // A file on tmpfs: libaio (io_uring would punt each operation to a worker).
+        let shm = try TempFile(directory: "/dev/shm", size: mebibyte)
+        let onTmpfs = try FileStorage.open(path: shm.path, readOnly: false, queueDepth: 8)
+        defer { onTmpfs.close() }
+        #expect(onTmpfs.ioEngine == .libaio)
+        #expect(onTmpfs.ioUringRefusal == nil)
+        let forced = try FileStorage.open(path: shm.path, readOnly: false, queueDepth: 8, engine: .ioUring)
+        defer { forced.close() }
+        #expect(forced.ioEngine == .ioUring)
         let libaio = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: .libaio)
         defer { libaio.close() }
         #expect(libaio.ioEngine == .libaio)
