@@ -30,6 +30,14 @@ int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **out, const ch
         *failed_call = "io_uring_register_eventfd";
         return result;
     }
+    // What the kernel cannot do without blocking (an fdatasync, a write that
+    // allocates blocks, a bio that must be split, anything on tmpfs) runs on
+    // the submitting thread's io-wq workers, one kernel thread per such
+    // operation in flight by default. A few per ring are enough to keep the
+    // disk busy; bounded, so that 200 disks cannot make thousands of threads.
+    // Applied to whichever thread submits (Linux >= 5.15; ignored before).
+    unsigned limits[2] = { XB_URING_MAX_WORKERS, XB_URING_MAX_WORKERS };
+    (void)io_uring_register_iowq_max_workers(&handle->ring, limits);
     *out = handle;
     return 0;
 }

@@ -8,6 +8,10 @@
 
 struct xb_uring;
 
+/// io-wq worker threads (each kind: bounded and unbounded work) one ring's
+/// submitting thread may have for operations that would block.
+#define XB_URING_MAX_WORKERS 4
+
 /// A ring of `entries` submission entries (twice as many completion
 /// entries) whose completions signal `eventfd`. 0, or -errno with
 /// `*failed_call` naming the liburing call that refused.
