@@ -80,6 +80,7 @@ public extension BlockStorage {
     /// Storages with nothing to report (a file) ignore the handler.
     func setEventHandler(_ handler: @escaping StorageEventHandler) {}
     var ioEngineName: String? { nil }
+    var maxIovecsPerOperation: Int? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -113,6 +114,11 @@ public protocol BlockStorage: AnyObject {
     /// The kernel interface behind the disk ("io_uring", "libaio"), for
     /// `xenbackd status`; nil for a storage without a choice (NBD).
     var ioEngineName: String? { get }
+    /// Operations with more iovecs than this take a slow path, so a caller
+    /// merging requests stops there; nil: no such limit. (io_uring on a
+    /// block device: a bio the device must split cannot be issued without
+    /// blocking, and the whole operation goes to a worker thread.)
+    var maxIovecsPerOperation: Int? { get }
 }
 
 /// Receives a storage's events, as one line of text each.

@@ -34,6 +34,12 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     /// The kernel interface in use.
     public var ioEngine: IOEngine { queue.engine }
     public var ioEngineName: String? { queue.engine.rawValue }
+    /// With io_uring, the device's `max_segments`: a larger operation is a
+    /// bio the block layer must split, which io_uring cannot issue without
+    /// blocking, so it hands the whole operation to a worker thread
+    /// (measured: 1 MiB reads on a loop device, docs/PERFORMANCE.md).
+    /// libaio blocks in io_submit instead: no limit.
+    public let maxIovecsPerOperation: Int?
     /// Why `.auto` fell back to libaio (io_uring's setup call and its
     /// error), nil when it did not.
     public let ioUringRefusal: String?
@@ -115,6 +121,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         self.eventFD = eventFD
         self.queue = queue
         self.ioUringRefusal = ioUringRefusal
+        maxIovecsPerOperation = queue.engine == .ioUring ? DiskProbe.maxSegments(device: disk.device) : nil
         slots = .allocate(capacity: queueDepth)
         slots.initialize(repeating: OperationSlot(), count: queueDepth)
         freeSlots = .allocate(capacity: queueDepth)

@@ -18,6 +18,10 @@ import Testing
         defer { storage.close() }
 
         #expect(storage.ioEngine.rawValue == engine.rawValue)
+        // io_uring: merged operations stop at the device's max_segments (a split bio would go to a worker).
+        let maxSegments = try String(contentsOfFile: "/sys/block/\(loop.path.split(separator: "/").last!)/queue/max_segments",
+                                     encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(storage.maxIovecsPerOperation == (engine == .ioUring ? Int(maxSegments) : nil))
         #expect(storage.isBlockDevice == true)
         #expect(storage.directIO == true)
         #expect(openFlags(of: loop.path).map { $0 & oDirectFlag } == oDirectFlag)
