@@ -1,3 +1,4 @@
+import Glibc
 import Hypervisor
 import Logging
 import XenABI
@@ -33,15 +34,25 @@ public struct BlockBackendOptions: Sendable {
     /// N = 200); an io_uring is charged nothing there.
     /// 128 operations in flight saturate a file or a block device as 512 do.
     public static let storageQueueDepth = 128
+    /// Rings one vbd may use (`multi-queue-max-queues`, offered when above
+    /// 1 and the disk can take a handle per ring: files and block devices,
+    /// not NBD exports). Each ring has its own data-plane thread and its
+    /// own storage handle, as Linux blkback gives each ring a thread.
+    public var maxQueues: Int
+    /// Linux blkback's default (xenblk_max_queues): the host's online CPUs.
+    public static var defaultMaxQueues: Int { min(max(Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))), 1), maxQueuesLimit) }
+    public static let maxQueuesLimit = 16
     public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true,
                 maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments,
-                ringJournalDirectory: String? = nil) {
+                ringJournalDirectory: String? = nil, maxQueues: Int = BlockBackendOptions.defaultMaxQueues) {
         precondition((0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments),
                      "max indirect segments \(maxIndirectSegments) is outside 0...\(VbdDataPlane.indirectSegmentsLimit)")
+        precondition((1...Self.maxQueuesLimit).contains(maxQueues), "max queues \(maxQueues) is outside 1...\(Self.maxQueuesLimit)")
         self.pollMicroseconds = pollMicroseconds
         self.persistentGrants = persistentGrants
         self.maxIndirectSegments = maxIndirectSegments
         self.ringJournalDirectory = ringJournalDirectory
+        self.maxQueues = maxQueues
     }
 }
 

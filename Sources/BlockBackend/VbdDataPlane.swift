@@ -15,9 +15,10 @@ public struct VbdRingConfiguration: Sendable {
     /// The frontend's unbound port, from its `event-channel` key.
     public var remotePort: EventChannelPort
     public var limits: DiskLimits
-    /// After the ring goes idle, keep looking for new requests this long
+    /// After the ring goes idle, keep looking for new requests up to this long
     /// before sleeping on the event channel (0: sleep at once). Saves the
-    /// frontend's notification and our wakeup when requests come back to back.
+    /// frontend's notification and our wakeup when requests come back to
+    /// back; the window actually polled is `AdaptivePollWindow`'s.
     public var pollMicroseconds: Int
     /// Both ends agreed on feature-persistent: keep data pages mapped.
     public var persistentGrants: Bool
@@ -49,6 +50,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let engine: VbdEngine
     private let localPort: EventChannelPort
     private let pollNanoseconds: Int
+    /// The idle-poll window, adapted to what polling wins (thread-confined).
+    private var pollWindow: AdaptivePollWindow
+    /// When the ring last went idle before a poll (0: not idle).
+    private var idleSince = 0
     private let epoll: Int32
     private let wakeup: Wakeup
     private let onFatal: @Sendable (String) -> Void
@@ -93,6 +98,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         self.logger = logger
         self.storage = storage
         self.pollNanoseconds = c.pollMicroseconds * 1000
+        self.pollWindow = AdaptivePollWindow(maximumNanoseconds: c.pollMicroseconds * 1000)
         self.onFatal = onFatal
         let pageCount = c.ringRefs.count
         guard [1, 2, 4, 8, 16].contains(pageCount) else {
@@ -280,12 +286,16 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 if pollForWork() { continue }
                 let armed = engine.step(.kicked, armIfIdle: true)
                 if armed.notify { notifyFrontend() }
-                if armed.wait != .idle { continue }
+                if armed.wait != .idle {
+                    idleSince = 0
+                    continue
+                }
             case .idle, .storage:
                 break
             }
             // Nothing to do until a wakeup.
             let n = xb_epoll_wait(epoll, tokens, evs, 4, -1)
+            wokeAfterIdle()
             for i in 0..<Int(max(n, 0)) {
                 switch tokens[i] {
                 case Token.eventChannel.rawValue: drainEventChannel()
@@ -319,30 +329,64 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         rejectionsNotLogged = 0
     }
 
+    /// This handle binds one port, which stays masked from its delivery
+    /// to its unmask: one pending read per wakeup finds it, and a second
+    /// read would only say "nothing" (a system call per wakeup for
+    /// nothing). Anything left keeps the level-triggered epoll readable.
     private func drainEventChannel() {
-        while let port = try? events.nextPending() {
-            try? events.unmask(port)
-        }
+        if let port = try? events.nextPending() { try? events.unmask(port) }
     }
 
     @inline(__always)
     private func notifyFrontend() { try? events.notify(localPort) }
 
     /// Busy-polls the engine for new requests or completions for up to the
-    /// poll window. With requests in flight it yields the CPU on every few
-    /// turns: the storage may need it (a loop device's worker thread, an
-    /// interrupt's bottom half).
+    /// window `pollWindow` gives this idle period, and tells it what came of
+    /// it. After the first microseconds it yields the CPU every few turns:
+    /// a thread waiting for this CPU gets it (the guest's, whose next request
+    /// we wait for; a loop device's worker), and a busy process there takes
+    /// it for its whole slice, which shows as a jump of the clock between two
+    /// looks: the CPU is contended, stop at once.
     private func pollForWork() -> Bool {
-        let deadline = MonotonicClock.nanoseconds() + pollNanoseconds
+        idleSince = MonotonicClock.nanoseconds()
+        let window = pollWindow.beginIdle()
+        guard window > 0 else { return false }
+        let start = idleSince
+        var last = start
         var spins = 0
         while true {
-            if engine.hasWork() { return true }
+            if engine.hasWork() {
+                pollWindow.found(afterNanoseconds: last - start)
+                idleSince = 0
+                return true
+            }
             spins += 1
             if spins & 15 == 0 {
-                if engine.storageInFlight > 0 { sched_yield() }
-                if xb_load_acquire_u32(stopFlag) != 0 || MonotonicClock.nanoseconds() >= deadline { return false }
+                if last - start >= Self.pureSpinNanoseconds { sched_yield() }
+                if xb_load_acquire_u32(stopFlag) != 0 { return false }
+                let now = MonotonicClock.nanoseconds()
+                if AdaptivePollWindow.isPreemption(gapNanoseconds: now - last) {
+                    pollWindow.preempted()
+                    return false
+                }
+                last = now
+                if now - start >= window {
+                    pollWindow.expired()
+                    return false
+                }
             }
         }
+    }
+
+    /// How long a poll spins before it starts yielding: what fast storage
+    /// and a polling frontend answer within.
+    static let pureSpinNanoseconds = 5_000
+
+    /// After a sleep that followed an idle poll: how soon work came back.
+    private func wokeAfterIdle() {
+        guard idleSince != 0 else { return }
+        pollWindow.woke(afterNanoseconds: MonotonicClock.nanoseconds() - idleSince)
+        idleSince = 0
     }
 
     // MARK: statistics

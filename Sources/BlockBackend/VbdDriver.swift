@@ -16,6 +16,8 @@ public struct VbdStatus: Sendable {
     public var params: String
     public var diskOpen: Bool
     public var ringPages: Int
+    /// Rings in use (multi-queue blkif; 0 when not connected).
+    public var queues: Int
     public var statistics: VbdStatistics
     public var lastError: String?
     /// The storage's last report (an NBD connection lost or regained).
@@ -30,7 +32,7 @@ public struct VbdStatus: Sendable {
 /// machine, watches and errors are the framework's.
 final class VbdDriver: XenbusDriver {
     typealias Resource = any BlockStorage
-    typealias Connection = VbdDataPlane
+    typealias Connection = VbdQueues
 
     static let queueDepth = BlockBackendOptions.storageQueueDepth
 
@@ -48,6 +50,11 @@ final class VbdDriver: XenbusDriver {
     private var readOnly = false
     /// The toolstack's `discard-enable` (libxl writes 0 for `discard=off`).
     private var discardEnabled = true
+    /// `multi-queue-max-queues` as offered: 1 (no key) for an NBD export,
+    /// whose one handle already spreads over every connection the server
+    /// allows, and whose server may not make a flush on one connection
+    /// cover writes acknowledged on another.
+    private var offeredQueues = 1
 
     // Control thread only.
     private var retiredStatistics = VbdStatistics()
@@ -65,7 +72,8 @@ final class VbdDriver: XenbusDriver {
         var s = retiredStatistics
         if let live = device.connection?.statistics { s = s.adding(live) }
         return VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
-                         ringPages: device.connection?.ringPages ?? 0, statistics: s, lastError: device.lastError,
+                         ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
+                         statistics: s, lastError: device.lastError,
                          lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName)
     }
 
@@ -89,14 +97,18 @@ final class VbdDriver: XenbusDriver {
             throw DeviceFailure("type \(GuestText.quoted(type)) is not served here (phy or file)")
         }
         discardEnabled = try store.readFlag(d.backendPath, "discard-enable", default: true)
+        let isNBD: Bool
+        if case .nbd? = (try? DiskTarget.parse(p))?.location { isNBD = true } else { isNBD = false }
+        offeredQueues = isNBD ? 1 : options.maxQueues
     }
 
-    /// max-ring-page-order, and feature-max-indirect-segments before InitWait
-    /// as Linux blkback writes it since 4.6 (some frontends read it before
-    /// Connected): absent, not 0, when not offered (blkif.h); a key an
-    /// earlier run wrote goes.
+    /// max-ring-page-order, multi-queue-max-queues, and
+    /// feature-max-indirect-segments before InitWait as Linux blkback
+    /// writes it since 4.6 (some frontends read it before Connected):
+    /// absent, not 0, when not offered (blkif.h); a key an earlier run wrote goes.
     func offerKeys(_ d: XenbusDeviceContext) -> [(key: String, value: String?)] {
         [("max-ring-page-order", String(SharedRingLayout.maxPageOrder)),
+         ("multi-queue-max-queues", offeredQueues > 1 ? String(offeredQueues) : nil),
          ("feature-max-indirect-segments", options.maxIndirectSegments > 0 ? String(options.maxIndirectSegments) : nil)]
     }
 
@@ -121,8 +133,8 @@ final class VbdDriver: XenbusDriver {
     }
 
     func close(_ d: XenbusDeviceContext, resource storage: any BlockStorage, flush: Bool) {
-        // The ring is gone for good (not a daemon restart): so is its journal.
-        if let journalPath { unlink(journalPath) }
+        // The rings are gone for good (not a daemon restart): so are their journals.
+        for queue in 0..<BlockBackendOptions.maxQueuesLimit { if let path = journalPath(queue: queue) { unlink(path) } }
         if flush && storage.geometry.supportsFlush {
             let result = storage.flushAndWait()
             if result < 0 { d.logger.error("flush before close failed", metadata: ["errno": "\(-result)"]) }
@@ -140,41 +152,69 @@ final class VbdDriver: XenbusDriver {
     // MARK: the ring
 
     func connect(_ d: XenbusDeviceContext, resource storage: any BlockStorage, resuming: Bool) throws
-        -> (connection: VbdDataPlane, keys: [(key: String, value: String)]) {
-        let ring = try readRingKeys(d)
+        -> (connection: VbdQueues, keys: [(key: String, value: String)]) {
+        let rings = try readRingKeys(d, resuming: resuming)
         let g = storage.geometry
         let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
                                 flush: g.supportsFlush, barrier: g.supportsFlush,
                                 discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
                                 maxIndirectSegments: resuming ? publishedIndirectSegments(d) : options.maxIndirectSegments)
-        var config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
-                                          remotePort: ring.port, limits: limits,
-                                          pollMicroseconds: options.pollMicroseconds,
-                                          persistentGrants: ring.persistent)
-        config.journalPath = journalPath
-        config.resuming = resuming
-        let plane: VbdDataPlane
+        let queues = VbdQueues()
         do {
-            plane = try VbdDataPlane(name: "\(address.frontendDomain).\(address.devid)", platform: platform, storage: storage,
-                                     configuration: config, logger: d.logger, onFatal: d.fail)
+            for (index, ring) in rings.enumerated() {
+                let queueStorage: any BlockStorage
+                if index == 0 {
+                    queueStorage = storage
+                } else {
+                    do {
+                        guard let another = try storage.openAnotherQueue() else {
+                            throw DeviceFailure("the disk serves one ring, not \(rings.count)")
+                        }
+                        queueStorage = another
+                    } catch let failure as DeviceFailure {
+                        throw failure
+                    } catch {
+                        throw DeviceFailure("cannot open the disk for ring \(index): \(GuestText.escaped("\(error)", limit: 256))")
+                    }
+                    queues.ownedStorages.append(queueStorage)
+                }
+                var config = VbdRingConfiguration(frontendDomain: address.frontendDomain, ringRefs: ring.refs,
+                                                  remotePort: ring.port, limits: limits,
+                                                  pollMicroseconds: options.pollMicroseconds,
+                                                  persistentGrants: ring.persistent)
+                config.journalPath = journalPath(queue: index)
+                config.resuming = resuming
+                let name = "\(address.frontendDomain).\(address.devid)" + (rings.count > 1 ? "q\(index)" : "")
+                let plane: VbdDataPlane
+                do {
+                    plane = try VbdDataPlane(name: name, platform: platform, storage: queueStorage,
+                                             configuration: config, logger: d.logger, onFatal: d.fail)
+                } catch {
+                    throw DeviceFailure("cannot map ring \(index) or bind its event channel: \(error)")
+                }
+                queues.planes.append(plane)
+            }
+            for (index, plane) in queues.planes.enumerated() {
+                do { try plane.start() } catch {
+                    throw DeviceFailure("cannot start the data plane of ring \(index): \(error)")
+                }
+            }
         } catch {
-            throw DeviceFailure("cannot map ring or bind event channel: \(error)")
+            queues.stop()
+            throw error
         }
-        do { try plane.start() } catch {
-            plane.stop()
-            throw DeviceFailure("cannot start the data plane: \(error)")
-        }
-        d.logger.info("connected", metadata: ["ringPages": "\(ring.refs.count)", "port": "\(ring.port)",
-                                              "persistentGrants": "\(ring.persistent)"])
-        return (plane, connectedKeys(geometry: g, limits: limits))
+        d.logger.info("connected", metadata: ["queues": "\(rings.count)", "ringPages": "\(rings[0].refs.count)",
+                                              "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
+                                              "persistentGrants": "\(rings[0].persistent)"])
+        return (queues, connectedKeys(geometry: g, limits: limits))
     }
 
-    func disconnect(_ d: XenbusDeviceContext, resource: any BlockStorage, connection plane: VbdDataPlane) {
-        plane.stop()
+    func disconnect(_ d: XenbusDeviceContext, resource: any BlockStorage, connection queues: VbdQueues) {
+        queues.stop()
     }
 
-    func retired(_ plane: VbdDataPlane) {
-        retiredStatistics = retiredStatistics.adding(plane.statistics)
+    func retired(_ queues: VbdQueues) {
+        retiredStatistics = retiredStatistics.adding(queues.statistics)
     }
 
     /// What the previous daemon offered this frontend, which may still send
@@ -187,38 +227,63 @@ final class VbdDriver: XenbusDriver {
         return min(Int(v), VbdDataPlane.indirectSegmentsLimit)
     }
 
-    /// The frontend's ring keys, as Linux blkback reads them: without
-    /// `ring-page-order`, one page named by `ring-ref`; with it (0
-    /// included), 2^order pages named by `ring-ref0`... (`ring-ref` is
-    /// then ignored).
-    private func readRingKeys(_ d: XenbusDeviceContext) throws -> (refs: [GrantRef], port: EventChannelPort, persistent: Bool) {
+    struct RingKeys {
+        var refs: [GrantRef]
+        var port: EventChannelPort
+        var persistent: Bool
+    }
+
+    /// The frontend's rings, as Linux blkback reads them: one, with its
+    /// keys in the frontend's directory, unless `multi-queue-num-queues`
+    /// (at most what we offered) asks for more, whose keys are then under
+    /// `queue-0/`, `queue-1/`...; `ring-page-order` (shared by every ring)
+    /// stays at the top. Without it, one page named by `ring-ref`; with it
+    /// (0 included), 2^order pages named by `ring-ref0`... (`ring-ref` is
+    /// then ignored). A resumed device accepts up to the most rings any
+    /// daemon offers: a previous one may have offered more than we do.
+    private func readRingKeys(_ d: XenbusDeviceContext, resuming: Bool) throws -> [RingKeys] {
         let store = d.store, fe = d.frontendPath
         let protocolName = (try store.read(fe + "/protocol")) ?? "x86_64-abi"
         guard protocolName == "x86_64-abi" else {
             throw DeviceFailure("unsupported protocol \(GuestText.quoted(protocolName))")
         }
-        var refs: [GrantRef] = []
-        if let order = try store.readNumber(fe, "ring-page-order", as: UInt32.self) {
-            guard order <= SharedRingLayout.maxPageOrder else {
-                throw DeviceFailure("ring-page-order \(order) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
+        let ceiling = resuming ? BlockBackendOptions.maxQueuesLimit : offeredQueues
+        let count: Int
+        if let n = try store.readNumber(fe, "multi-queue-num-queues", as: UInt32.self) {
+            guard n >= 1, n <= ceiling else {
+                throw DeviceFailure("multi-queue-num-queues \(n) is not within 1...\(ceiling)")
             }
-            for i in 0..<(1 << order) {
-                guard let r = try store.readNumber(fe, "ring-ref\(i)", as: GrantRef.self) else {
-                    throw DeviceFailure("missing ring-ref\(i) (ring-page-order is \(order))")
-                }
-                refs.append(r)
-            }
+            count = Int(n)
         } else {
-            guard let r = try store.readNumber(fe, "ring-ref", as: GrantRef.self) else {
-                throw DeviceFailure("missing ring-ref (no ring-page-order)")
-            }
-            refs = [r]
+            count = 1
         }
-        guard let port = try store.readNumber(fe, "event-channel", as: EventChannelPort.self) else {
-            throw DeviceFailure("missing event-channel")
+        let order = try store.readNumber(fe, "ring-page-order", as: UInt32.self)
+        if let order, order > SharedRingLayout.maxPageOrder {
+            throw DeviceFailure("ring-page-order \(order) is above max-ring-page-order \(SharedRingLayout.maxPageOrder)")
         }
         let persistent = try store.readFlag(fe, "feature-persistent", default: false) && options.persistentGrants
-        return (refs, port, persistent)
+        return try (0..<count).map { queue in
+            let dir = count == 1 ? fe : fe + "/queue-\(queue)"
+            let shown = count == 1 ? "" : "queue-\(queue)/"
+            var refs: [GrantRef] = []
+            if let order {
+                for i in 0..<(1 << order) {
+                    guard let r = try store.readNumber(dir, "ring-ref\(i)", as: GrantRef.self) else {
+                        throw DeviceFailure("missing \(shown)ring-ref\(i) (ring-page-order is \(order))")
+                    }
+                    refs.append(r)
+                }
+            } else {
+                guard let r = try store.readNumber(dir, "ring-ref", as: GrantRef.self) else {
+                    throw DeviceFailure("missing \(shown)ring-ref (no ring-page-order)")
+                }
+                refs = [r]
+            }
+            guard let port = try store.readNumber(dir, "event-channel", as: EventChannelPort.self) else {
+                throw DeviceFailure("missing \(shown)event-channel")
+            }
+            return RingKeys(refs: refs, port: port, persistent: persistent)
+        }
     }
 
     /// Everything the frontend reads at connect; the framework writes them
@@ -241,9 +306,30 @@ final class VbdDriver: XenbusDriver {
         return keys
     }
 
-    /// This vbd's ring journal (see VbdRingJournal), if the daemon keeps them.
-    private var journalPath: String? {
-        options.ringJournalDirectory.map { "\($0)/vbd-\(address.frontendDomain)-\(address.devid).journal" }
+    /// The journal of this vbd's ring `queue` (see VbdRingJournal), if the
+    /// daemon keeps them; ring 0's name is the one a single ring always had.
+    private func journalPath(queue: Int) -> String? {
+        options.ringJournalDirectory.map {
+            "\($0)/vbd-\(address.frontendDomain)-\(address.devid)" + (queue == 0 ? "" : ".q\(queue)") + ".journal"
+        }
+    }
+}
+
+/// A connected vbd's rings: one data plane per ring, and the storage
+/// handles of rings 1... (ring 0 serves the device's own disk handle).
+final class VbdQueues: @unchecked Sendable {   // built and stopped on one worker at a time; status reads planes' boxes
+    var planes: [VbdDataPlane] = []
+    var ownedStorages: [any BlockStorage] = []
+
+    var ringPages: Int { planes.first?.ringPages ?? 0 }
+    var statistics: VbdStatistics { planes.reduce(VbdStatistics()) { $0.adding($1.statistics) } }
+
+    /// Every ring's requests answered and its thread gone, then the extra
+    /// handles closed (nothing is in flight on them any more).
+    func stop() {
+        for plane in planes { plane.stop() }
+        for storage in ownedStorages { storage.close() }
+        ownedStorages = []
     }
 }
 

@@ -12,20 +12,32 @@ public final class BystanderGuest: Sendable {
 
     /// `verifyAtEnd`: once stopped, read the whole disk back and check every
     /// sector the workload's model knows (`finish()` reports it).
-    public init(frontend fe: LoopbackBlockFrontend, seed: UInt64 = 5, queueDepth: Int = 8, verifyAtEnd: Bool = false) {
+    public convenience init(frontend fe: LoopbackBlockFrontend, seed: UInt64 = 5, queueDepth: Int = 8, verifyAtEnd: Bool = false) {
+        self.init(ring: fe.queues.first, disk: fe.info, sectors: fe.info.sectors, seed: seed, queueDepth: queueDepth,
+                  verifyAtEnd: verifyAtEnd)
+    }
+
+    /// The workload on one ring of a disk, over its sectors
+    /// `firstSector..<firstSector + sectors` (one bystander per ring of a
+    /// multi-queue disk, each on its own range).
+    public init(ring: BlockFrontendRing?, disk: BlockDiskInfo, firstSector: UInt64 = 0, sectors: UInt64, seed: UInt64 = 5,
+                queueDepth: Int = 8, verifyAtEnd: Bool = false) {
         let state = BystanderState()
-        let box = UncheckedSendableBox(fe)
+        let box = UncheckedSendableBox(ring)
         thread = try! NativeThread(name: "bystander") {
-            let fe = box.value
-            var w = VerifiedWorkload(sectors: fe.info.sectors, seed: seed, queueDepth: queueDepth,
-                                     canDiscard: fe.info.discard, canFlush: fe.info.flush)
+            guard let ring = box.value else {
+                state.fail("not connected")
+                return
+            }
+            var w = VerifiedWorkload(sectors: sectors, firstSector: firstSector, seed: seed, queueDepth: queueDepth,
+                                     canDiscard: disk.discard, canFlush: disk.flush)
             do {
                 while !state.stop.load(ordering: .acquiring) {
-                    let s = try w.run(on: fe, seconds: 0.2)
+                    let s = try w.run(on: ring, seconds: 0.2)
                     state.add(s)
                 }
                 if verifyAtEnd {
-                    let full = try w.verifyAll(on: fe)
+                    let full = try w.verifyAll(on: ring)
                     state.setFullCheck(verified: full.verified, mismatches: full.mismatches)
                 }
             } catch {

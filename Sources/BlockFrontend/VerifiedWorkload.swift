@@ -33,6 +33,9 @@ public struct VerifiedWorkload {
     private var versions: [UInt32]
     private var nextVersion: UInt32 = 1
     private var rng: Xorshift
+    /// The workload's sectors are the disk's `firstSector..<firstSector + sectors`
+    /// (workloads on several rings of one disk each keep to their own range).
+    public let firstSector: UInt64
     public let sectors: UInt64
     public var mix = Mix()
     public var queueDepth: Int
@@ -43,7 +46,8 @@ public struct VerifiedWorkload {
     private let canDiscard: Bool
     private let canFlush: Bool
 
-    public init(sectors: UInt64, seed: UInt64, queueDepth: Int = 16, canDiscard: Bool, canFlush: Bool) {
+    public init(sectors: UInt64, firstSector: UInt64 = 0, seed: UInt64, queueDepth: Int = 16, canDiscard: Bool, canFlush: Bool) {
+        self.firstSector = firstSector
         self.sectors = sectors
         self.versions = [UInt32](repeating: 0, count: Int(sectors))
         self.rng = Xorshift(seed: seed)
@@ -64,14 +68,15 @@ public struct VerifiedWorkload {
     /// Writes into `p` the 512 bytes the model expects at `sector`; false
     /// when the model does not know (never written).
     public func expectedSector(_ sector: UInt64, into p: UnsafeMutableRawPointer) -> Bool {
-        let v = versions[Int(sector)]
+        guard sector >= firstSector, sector - firstSector < sectors else { return false }
+        let v = versions[Int(sector - firstSector)]
         if v == 0 { return false }
         if v == UInt32.max { memset(p, 0, Blkif.sectorSize) } else { Self.fill(p, sector: sector, version: v) }
         return true
     }
 
     private struct InFlight {
-        var ticket: LoopbackBlockFrontend.Ticket
+        var ticket: BlockFrontendRing.Ticket
         var kind: UInt8
         var sector: UInt64
         var count: Int
@@ -83,6 +88,13 @@ public struct VerifiedWorkload {
     /// about once a second. Throws on a protocol failure; data mismatches
     /// are counted in the summary.
     public mutating func run(on fe: LoopbackBlockFrontend, seconds: Double, operations: Int = .max,
+                             progress: (Summary) -> Void = { _ in }) throws -> Summary {
+        guard let ring = fe.queues.first else { throw FrontendError("not connected") }
+        return try run(on: ring, seconds: seconds, operations: operations, progress: progress)
+    }
+
+    /// `run` on one ring of a disk (its other rings may be driven by other threads).
+    public mutating func run(on fe: BlockFrontendRing, seconds: Double, operations: Int = .max,
                              progress: (Summary) -> Void = { _ in }) throws -> Summary {
         var summary = Summary()
         var inFlight: [InFlight] = []
@@ -120,7 +132,7 @@ public struct VerifiedWorkload {
         return summary
     }
 
-    private mutating func issue(on fe: LoopbackBlockFrontend, avoiding busy: [InFlight]) throws -> InFlight? {
+    private mutating func issue(on fe: BlockFrontendRing, avoiding busy: [InFlight]) throws -> InFlight? {
         let total = mix.write + mix.read + mix.flush + mix.discard
         var pick = Int(rng.next() % UInt64(total))
         var kind: UInt8
@@ -156,23 +168,23 @@ public struct VerifiedWorkload {
                 for s in 0..<count {
                     let byte = (first + s) * Blkif.sectorSize
                     Self.fill(fe.dataPage(slot: slot, segment: byte / XenPage.size) + byte % XenPage.size,
-                              sector: sector + UInt64(s), version: version)
+                              sector: firstSector + sector + UInt64(s), version: version)
                 }
-                let t = try fe.submit(.write(sector: sector, count: count, firstSectorInPage: first))
+                let t = try fe.submit(.write(sector: firstSector + sector, count: count, firstSectorInPage: first))
                 precondition(t.slot == slot)
                 return InFlight(ticket: t, kind: kind, sector: sector, count: count, first: first, version: version)
             case BlkifOperation.read:
-                let t = try fe.submit(.read(sector: sector, count: count, firstSectorInPage: first))
+                let t = try fe.submit(.read(sector: firstSector + sector, count: count, firstSectorInPage: first))
                 return InFlight(ticket: t, kind: kind, sector: sector, count: count, first: first, version: 0)
             default:
-                let t = try fe.submit(.discard(sector: sector, count: UInt64(count)))
+                let t = try fe.submit(.discard(sector: firstSector + sector, count: UInt64(count)))
                 return InFlight(ticket: t, kind: kind, sector: sector, count: count, first: 0, version: 0)
             }
         }
         return nil
     }
 
-    private mutating func complete(_ op: InFlight, status: Int16, fe: LoopbackBlockFrontend,
+    private mutating func complete(_ op: InFlight, status: Int16, fe: BlockFrontendRing,
                                    scratch: UnsafeMutableRawPointer, summary: inout Summary) {
         guard status == BlkifStatus.okay else {
             summary.errors += 1
@@ -198,7 +210,7 @@ public struct VerifiedWorkload {
                 if v == UInt32.max {
                     memset(scratch, 0, Blkif.sectorSize)
                 } else {
-                    Self.fill(scratch, sector: sector, version: v)
+                    Self.fill(scratch, sector: firstSector + sector, version: v)
                 }
                 let byte = (op.first + s) * Blkif.sectorSize
                 let got = fe.dataPage(slot: op.ticket.slot, segment: byte / XenPage.size) + byte % XenPage.size
@@ -218,6 +230,13 @@ public struct VerifiedWorkload {
     /// (a quick read-back of what a short workload wrote or discarded).
     public func verifyAll(on fe: LoopbackBlockFrontend, knownOnly: Bool = false,
                           progress: (UInt64) -> Void = { _ in }) throws -> (verified: UInt64, mismatches: Int) {
+        guard let ring = fe.queues.first else { throw FrontendError("not connected") }
+        return try verifyAll(on: ring, knownOnly: knownOnly, progress: progress)
+    }
+
+    /// `verifyAll` through one ring of a disk.
+    public func verifyAll(on fe: BlockFrontendRing, knownOnly: Bool = false,
+                          progress: (UInt64) -> Void = { _ in }) throws -> (verified: UInt64, mismatches: Int) {
         var verified: UInt64 = 0
         var mismatches = 0
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.sectorSize, alignment: 16)
@@ -230,12 +249,18 @@ public struct VerifiedWorkload {
                 sector += UInt64(count)
                 continue
             }
-            let (status, data) = try fe.read(sector: sector, count: count)
-            guard status == BlkifStatus.okay else { throw FrontendError("read at sector \(sector) failed: \(status)") }
+            let (status, data) = try fe.read(sector: firstSector + sector, count: count)
+            guard status == BlkifStatus.okay else {
+                throw FrontendError("read at sector \(firstSector + sector) failed: \(status)")
+            }
             for s in 0..<count {
                 let v = versions[Int(sector) + s]
                 if v == 0 { continue }
-                if v == UInt32.max { memset(scratch, 0, Blkif.sectorSize) } else { Self.fill(scratch, sector: sector + UInt64(s), version: v) }
+                if v == UInt32.max {
+                    memset(scratch, 0, Blkif.sectorSize)
+                } else {
+                    Self.fill(scratch, sector: firstSector + sector + UInt64(s), version: v)
+                }
                 let same = data.withUnsafeBytes { memcmp($0.baseAddress! + s * Blkif.sectorSize, scratch, Blkif.sectorSize) == 0 }
                 if !same { mismatches += 1 }
                 verified += 1

@@ -81,6 +81,8 @@ public extension BlockStorage {
     func setEventHandler(_ handler: @escaping StorageEventHandler) {}
     var ioEngineName: String? { nil }
     var maxIovecsPerOperation: Int? { nil }
+    /// One queue only, unless the storage says otherwise.
+    func openAnotherQueue() throws -> (any BlockStorage)? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -119,6 +121,12 @@ public protocol BlockStorage: AnyObject {
     /// block device: a bio the device must split cannot be issued without
     /// blocking, and the whole operation goes to a worker thread.)
     var maxIovecsPerOperation: Int? { get }
+    /// Another handle on the same disk for another ring of the same device
+    /// (multi-queue blkif), used by another data-plane thread: its own
+    /// `queueDepth` operations and completion descriptor, and a flush
+    /// through either handle covers writes completed through both. Nil
+    /// when this storage cannot give one. Call before the data plane starts.
+    func openAnotherQueue() throws -> (any BlockStorage)?
 }
 
 /// Receives a storage's events, as one line of text each.

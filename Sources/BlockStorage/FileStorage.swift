@@ -67,6 +67,22 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
         }
         let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth, engine: engine)
+    }
+
+    /// The same file again, through this handle's descriptor (so it is the
+    /// very file even if its path was renamed or replaced since), with the
+    /// same mode, O_DIRECT choice and engine, and a kernel queue of its own.
+    /// One file's fdatasync covers every descriptor's writes.
+    public func openAnotherQueue() throws -> (any BlockStorage)? {
+        let disk = try DiskProbe.openDisk(path: "/proc/self/fd/\(fd)", readOnly: geometry.readOnly,
+                                          direct: directIO ? .always : .never)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth,
+                               engine: ioEngine == .ioUring ? .ioUring : .libaio)
+    }
+
+    private convenience init(opened disk: OpenedDisk, path: String, queueDepth: Int,
+                             engine: IOEngineChoice) throws(StorageError) {
         let eventFD: Int32
         do {
             eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
@@ -97,8 +113,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             Glibc.close(disk.fd)
             throw StorageError(error.call, errno: error.errno, path: path)
         }
-        return FileStorage(path: path, disk: disk, eventFD: eventFD, queue: queue, ioUringRefusal: refusal,
-                           queueDepth: queueDepth)
+        self.init(path: path, disk: disk, eventFD: eventFD, queue: queue, ioUringRefusal: refusal, queueDepth: queueDepth)
     }
 
     /// tmpfs offers io_uring no non-blocking path: every operation would

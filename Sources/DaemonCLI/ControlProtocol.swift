@@ -45,6 +45,8 @@ public struct DeviceReport: Codable, Sendable {
     public var state: String
     public var params: String
     public var ringPages: Int
+    /// vbds: rings in use (multi-queue blkif), when connected.
+    public var queues: Int?
     public var requests: UInt64
     public var bytesRead: UInt64
     public var bytesWritten: UInt64

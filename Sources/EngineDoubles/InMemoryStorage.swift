@@ -37,6 +37,9 @@ public final class InMemoryStorage: BlockStorage {
     public var maxIovecsPerOperation: Int?
     public private(set) var submittedOperations = 0
     public private(set) var closed = false
+    /// What `openAnotherQueue` gives a multi-queue connection (nil: this
+    /// disk serves one ring).
+    public var anotherQueue: (() -> any BlockStorage)?
 
     public init(sizeBytes: Int, queueDepth: Int = 64, readOnly: Bool = false, discard: Bool = true) {
         geometry = StorageGeometry(sizeBytes: UInt64(sizeBytes), logicalSectorSize: 512, physicalSectorSize: 4096,
@@ -104,6 +107,7 @@ public final class InMemoryStorage: BlockStorage {
     }
 
     public func close() { closed = true }
+    public func openAnotherQueue() throws -> (any BlockStorage)? { anotherQueue?() }
 
     /// Completes pending operation `index`: its effect happens now, or it
     /// fails with `-errno` and has none.

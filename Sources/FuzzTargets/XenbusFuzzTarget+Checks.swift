@@ -14,8 +14,8 @@ extension XenbusFuzzTarget.World {
             findings.append("step \(step): the well-behaved guest's vif has no carrier")
         }
         for device in Device.allCases { check(device) }
-        // Both guests' vbds (the hostile one up to order 4) and vifs.
-        let rings = (Target.ringGrants + 1) + (2 * Target.maxQueues + 2)
+        // Both guests' vbds (the hostile one up to maxQueues rings of order 4) and vifs.
+        let rings = (Target.maxQueues * Target.ringGrants + 1) + (2 * Target.maxQueues + 2)
         if platform.mappedPages > rings {
             findings.append("step \(step): \(platform.mappedPages) pages mapped, at most \(rings) rings")
         }
@@ -47,25 +47,35 @@ extension XenbusFuzzTarget.World {
 
     private func key(_ device: Device, _ k: String) -> String? { (try? store.read(frontend(device) + "/" + k)) ?? nil }
 
-    /// What Linux blkback would connect with: a valid protocol, a port
-    /// that is open, refs that are granted for the pages the order asks.
+    /// What Linux blkback would connect with: a valid protocol, 1...maxQueues
+    /// rings (keys under queue-N/ when more than one), each with a port that
+    /// is open and refs that are granted for the pages the order asks.
     func keysAreGood() -> Bool {
         func key(_ k: String) -> String? { self.key(.vbd, k) }
         if let p = key("protocol"), p != "x86_64-abi" { return false }
-        guard let port = key("event-channel").flatMap({ XenStoreNumber.parse($0, as: UInt32.self) }),
-              Target.openPorts.contains(port) else { return false }
-        var refs: [String?] = []
-        if let o = key("ring-page-order") {
-            guard let order = XenStoreNumber.parse(o, as: UInt32.self), order <= 4 else { return false }
-            refs = (0..<(1 << order)).map { key("ring-ref\($0)") }
-        } else {
-            refs = [key("ring-ref")]
+        var queues = 1
+        if let n = key("multi-queue-num-queues") {
+            guard let n = XenStoreNumber.parse(n, as: UInt32.self), n >= 1, n <= Target.maxQueues else { return false }
+            queues = Int(n)
         }
-        let parsed = refs.map { $0.flatMap { XenStoreNumber.parse($0, as: UInt32.self) } }
-        guard parsed.allSatisfy({ $0 != nil }) else { return false }
-        let frames = parsed.map { Int($0!) }
-        // The in-memory grant table maps consecutive frames only.
-        return frames.allSatisfy { $0 < Target.ringGrants } && frames.enumerated().allSatisfy { $0.element == frames[0] + $0.offset }
+        var order: UInt32?
+        if let o = key("ring-page-order") {
+            guard let parsed = XenStoreNumber.parse(o, as: UInt32.self), parsed <= 4 else { return false }
+            order = parsed
+        }
+        for q in 0..<queues {
+            let prefix = queues == 1 ? "" : "queue-\(q)/"
+            guard let port = key(prefix + "event-channel").flatMap({ XenStoreNumber.parse($0, as: UInt32.self) }),
+                  Target.openPorts.contains(port) else { return false }
+            let refs = order.map { o in (0..<(1 << o)).map { key(prefix + "ring-ref\($0)") } } ?? [key(prefix + "ring-ref")]
+            let parsed = refs.map { $0.flatMap { XenStoreNumber.parse($0, as: UInt32.self) } }
+            guard parsed.allSatisfy({ $0 != nil }) else { return false }
+            let frames = parsed.map { Int($0!) }
+            // The in-memory grant table maps consecutive frames only.
+            guard frames.allSatisfy({ $0 < Target.ringGrants }),
+                  frames.enumerated().allSatisfy({ $0.element == frames[0] + $0.offset }) else { return false }
+        }
+        return true
     }
 
     /// What netback (xen/io/netif.h) connects with: rx-copy and

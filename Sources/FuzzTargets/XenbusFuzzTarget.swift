@@ -41,12 +41,14 @@ public enum XenbusFuzzTarget: FuzzTarget {
     static let openPort: EventChannelPort = 3
     /// Two, so that split event channels (tx != rx) can connect.
     static let openPorts: Set<EventChannelPort> = [3, 4]
-    /// multi-queue-max-queues of the vifs.
+    /// multi-queue-max-queues of the vbds and the vifs.
     static let maxQueues = 2
 
     static let keys = ["ring-ref", "ring-ref0", "ring-ref1", "ring-ref2", "ring-ref3", "ring-page-order", "event-channel",
                        "protocol", "feature-persistent", "state", "multi-queue-num-queues", "backend", "backend-id",
-                       "feature-large-sector-size", "ring-ref15", "ring-ref16"]
+                       "feature-large-sector-size", "ring-ref15", "ring-ref16",
+                       "queue-0/ring-ref", "queue-0/event-channel", "queue-1/ring-ref", "queue-1/event-channel",
+                       "queue-0/ring-ref0", "queue-1/ring-ref0", "queue-1/ring-ref1", "queue-2/ring-ref"]
     static let vifKeys = ["tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx",
                           "multi-queue-num-queues", "request-rx-copy", "feature-rx-notify", "state",
                           "queue-0/tx-ring-ref", "queue-0/rx-ring-ref", "queue-0/event-channel",
@@ -134,10 +136,17 @@ public enum XenbusFuzzTarget: FuzzTarget {
             loop = XenbusControlLoop(store: store, logger: logger, workers: .inline)
             service = BlockBackendService(platform: platform, loop: loop, openStorage: { params, _, depth in
                 guard params.hasPrefix("mem:") else { throw StorageError("open", errno: ENOENT, path: params) }
-                let disk = InMemoryStorage(sizeBytes: 1 << 16, queueDepth: depth)
-                disk.completesAtOnce = true   // the flush at unplug is waited for
-                return disk
-            }, options: .init(pollMicroseconds: 0, persistentGrants: true, maxIndirectSegments: 32), logger: logger)
+                func disk() -> InMemoryStorage {
+                    let disk = InMemoryStorage(sizeBytes: 1 << 16, queueDepth: depth)
+                    disk.completesAtOnce = true   // the flush at unplug is waited for
+                    return disk
+                }
+                let first = disk()
+                // Rings 1...: a handle of their own (the handshake is fuzzed here, not the data).
+                first.anotherQueue = { disk() }
+                return first
+            }, options: .init(pollMicroseconds: 0, persistentGrants: true, maxIndirectSegments: 32, maxQueues: maxQueues),
+               logger: logger)
             net = NetBackendService(platform: platform, loop: loop,
                                     options: .init(maxQueues: maxQueues, interfaces: interfaces), logger: logger)
             toolstack = LoopbackToolstack(store: store)

@@ -6,6 +6,7 @@ import BlockStorage
 import Foundation
 import Glibc
 import LoopbackHost
+import Hypervisor
 import LoopbackHypervisor
 import XenABI
 import SystemSupport
@@ -13,7 +14,7 @@ import SystemSupport
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure a backend against the raw limit of the same machine.",
-        subcommands: [BenchBlock.self, BenchNet.self, BenchScale.self])
+        subcommands: [BenchBlock.self, BenchNet.self, BenchScale.self, BenchBusyLoop.self])
 }
 
 /// `xenbackd-lab bench blk`: the block backend on the loopback hypervisor,
@@ -31,9 +32,9 @@ struct BenchBlock: ParsableCommand {
     var seconds: Double = 5
     @Option(help: "Ring size as a power of two pages (0-4).")
     var ringPageOrder: Int = 2
-    @Option(help: "Microseconds the guest polls for responses before sleeping (0: sleep at once).")
+    @Option(help: "Most microseconds the guest polls for responses before sleeping (0: sleep at once; adaptive, as the backend's).")
     var spinMicroseconds = 50
-    @Option(name: .customLong("poll-us"), help: "Microseconds the backend polls an idle ring before sleeping.")
+    @Option(name: .customLong("poll-us"), help: "Most microseconds the backend polls an idle ring before sleeping (adaptive: ARCHITECTURE.md step 9).")
     var pollMicroseconds = 50
     @Flag(help: "Do not use persistent grants (every segment is grant-copied).")
     var noPersistentGrants = false
@@ -45,6 +46,12 @@ struct BenchBlock: ParsableCommand {
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
     var only: String?
+    @Option(help: "Busy-looping processes to run beside both xenbackd and fio for the whole run (a busy dom0).")
+    var contention = 0
+    @Option(help: "Guests measured at once, each with its own vbd on the same disk, against fio with as many jobs (aggregate IOPS).")
+    var jobs = 1
+    @Option(help: "Rings each guest asks for (multi-queue blkif; the backend offers as many), each driven by a guest thread of its own, against fio with as many jobs in all.")
+    var queues = 1
 
     @OptionGroup var logging: LoggingOptions
 
@@ -70,6 +77,11 @@ struct BenchBlock: ParsableCommand {
 
     func validate() throws {
         guard (file == nil) != (nbd == nil) else { throw ValidationError("give exactly one of --file and --nbd") }
+        guard (0...64).contains(contention) else { throw ValidationError("--contention must be 0 to 64") }
+        guard (1...64).contains(jobs) else { throw ValidationError("--jobs must be 1 to 64") }
+        guard (1...BlockBackendOptions.maxQueuesLimit).contains(queues), jobs * queues <= 64 else {
+            throw ValidationError("--queues must be 1 to \(BlockBackendOptions.maxQueuesLimit), and --jobs × --queues at most 64")
+        }
         guard (Blkif.maxSegmentsPerRequest...VbdDataPlane.indirectSegmentsLimit).contains(segmentsPerRequest) else {
             throw ValidationError("--segments-per-request must be \(Blkif.maxSegmentsPerRequest) to \(VbdDataPlane.indirectSegmentsLimit)")
         }
@@ -86,28 +98,47 @@ struct BenchBlock: ParsableCommand {
         let host = try LoopbackHost(logger: logger, openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
                                     options: .init(pollMicroseconds: pollMicroseconds,
                                                                    persistentGrants: !noPersistentGrants,
-                                                                   maxIndirectSegments: offered))
+                                                                   maxIndirectSegments: offered, maxQueues: queues))
         defer { host.shutdown() }
         // Every slot's data and descriptor pages, the ring, and room to spare.
         let slots = SharedRingLayout.slots(pages: 1 << min(max(ringPageOrder, 0), 4), entrySize: Blkif.slotSize)
         let pagesNeeded = slots * (segmentsPerRequest + 1) + 1024
-        let guest = try host.createGuest(1, memoryPages: max(65536, pagesNeeded), grantEntries: max(8192, pagesNeeded))
-        let fe = try host.attachDisk(to: guest, .init(params: params))
-        fe.maxIndirectSegments = indirect ? segmentsPerRequest : 0
-        try fe.connect(ringPageOrder: ringPageOrder)
-        guard fe.segmentsPerRequest == segmentsPerRequest else {
-            throw ValidationError("the backend agreed on \(fe.segmentsPerRequest) segments per request, not \(segmentsPerRequest)")
+        // One guest per job, each with its own vbd on the same disk (fio's
+        // jobs share its file the same way).
+        var frontends: [LoopbackBlockFrontend] = []
+        for job in 0..<jobs {
+            let guest = try host.createGuest(DomID(job + 1), memoryPages: max(65536, pagesNeeded),
+                                             grantEntries: max(8192, pagesNeeded))
+            let fe = try host.attachDisk(to: guest, .init(params: params))
+            fe.maxIndirectSegments = indirect ? segmentsPerRequest : 0
+            fe.requestedQueues = queues
+            try fe.connect(ringPageOrder: ringPageOrder)
+            guard fe.segmentsPerRequest == segmentsPerRequest else {
+                throw ValidationError("the backend agreed on \(fe.segmentsPerRequest) segments per request, not \(segmentsPerRequest)")
+            }
+            guard fe.queues.count == queues else {
+                throw ValidationError("the backend agreed on \(fe.queues.count) rings, not \(queues) (an NBD export gets one)")
+            }
+            fe.spinMicroseconds = spinMicroseconds
+            frontends.append(fe)
         }
-        fe.spinMicroseconds = spinMicroseconds
+        let fe = frontends[0]
+        let busy = try BusyLoops(count: contention)
+        defer { busy.stop() }
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
               + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(host.blockStatus.first?.ioEngine ?? "?")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
-              + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : ""))
-        say("row                   xenbackd IOPS     MB/s   p50 us   p99 us |      fio IOPS     MB/s   p50 us   p99 us | ratio")
+              + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : "")
+              + (jobs > 1 ? ", \(jobs) guests" : "") + (queues > 1 ? ", \(queues) rings each" : "")
+              + (streams > 1 ? ", \(streams) fio jobs" : "")
+              + (contention > 0 ? ", \(contention) busy-looping processes beside" : ""))
+        say("cpu: xenbackd's is dom0's (the process but the guests' threads, polling included), fio's its own; "
+              + "us/IO per I/O, % of one CPU")
+        say("row                   xenbackd IOPS     MB/s   p50 us   p99 us us/IO  cpu% |      fio IOPS     MB/s   p50 us   p99 us us/IO  cpu% | ratio")
         for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
             progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
-            let ours = try measure(row, on: fe)
+            let ours = try measure(row, on: frontends.flatMap(\.queues), sectors: fe.info.sectors)
             if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
             let theirs = noFio ? nil : runFio(row, direct: direct, sizeBytes: exportBytes)
             progressLine("")
@@ -119,7 +150,7 @@ struct BenchBlock: ParsableCommand {
             }
             say(line)
         }
-        try fe.disconnect()
+        for fe in frontends { try fe.disconnect() }
     }
 
     /// Whether the backend's storage uses O_DIRECT on this file (fio must match).
@@ -154,25 +185,82 @@ struct BenchBlock: ParsableCommand {
         var mbps: Double
         var p50us: Double
         var p99us: Double
+        /// CPU seconds per I/O and CPU seconds per second (nil: not known).
+        var cpuPerIO: Double?
+        var cpuShare: Double?
     }
 
     private func figures(_ f: Figures) -> String {
         pad(fixed(f.iops, 0), 13, right: true) + pad(fixed(f.mbps, 1), 9, right: true)
             + pad(fixed(f.p50us, 0), 9, right: true) + pad(fixed(f.p99us, 0), 9, right: true)
+            + pad(f.cpuPerIO.map { fixed($0 * 1e6, 1) } ?? "-", 6, right: true)
+            + pad(f.cpuShare.map { fixed($0 * 100, 0) } ?? "-", 6, right: true)
+    }
+
+    /// What one guest's thread measured.
+    struct GuestRun: Sendable {
+        var completedIOs = 0
+        var elapsed = 0.0
+        var cpuSeconds = 0.0
+        var histogram = LatencyHistogram()
+    }
+
+    /// I/O streams: one per ring of each guest, as many fio jobs.
+    private var streams: Int { jobs * queues }
+
+    /// Drives `row` on every ring of every guest at once, each from a
+    /// thread of its own (the guests' vCPUs), and sums them: IOPS and MB/s
+    /// add up, latencies are percentiles of all I/Os. dom0's CPU is the
+    /// process's over the run but the guests' threads: the backend's data
+    /// planes (their idle polling too), its control loop and the loopback xenstored.
+    private func measure(_ row: Row, on rings: [BlockFrontendRing], sectors: UInt64) throws -> Figures {
+        let processStart = Self.cpuSeconds(CLOCK_PROCESS_CPUTIME_ID)
+        let seconds = self.seconds
+        var runs: [Handoff<Result<GuestRun, any Error>>] = []
+        var threads: [NativeThread] = []
+        for (stream, ring) in rings.enumerated() {
+            let handoff = Handoff<Result<GuestRun, any Error>>()
+            runs.append(handoff)
+            threads.append(try NativeThread(name: "guest-\(stream + 1)") {
+                handoff.put(Result { try Self.drive(row, on: ring, sectors: sectors, seconds: seconds, seed: 99 + UInt64(stream)) })
+            })
+        }
+        for t in threads { t.join() }
+        let processCPU = Self.cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - processStart
+        var total = GuestRun()
+        for handoff in runs {
+            let run = try handoff.take().get()
+            total.completedIOs += run.completedIOs
+            total.elapsed = max(total.elapsed, run.elapsed)
+            total.cpuSeconds += run.cpuSeconds
+            total.histogram.add(run.histogram)
+        }
+        let iops = Double(total.completedIOs) / total.elapsed
+        let dom0 = max(processCPU - total.cpuSeconds, 0)
+        return Figures(iops: iops, mbps: iops * Double(row.blockSize) / 1e6,
+                       p50us: total.histogram.percentile(0.50) * 1e6, p99us: total.histogram.percentile(0.99) * 1e6,
+                       cpuPerIO: dom0 / Double(max(total.completedIOs, 1)), cpuShare: dom0 / total.elapsed)
+    }
+
+    static func cpuSeconds(_ clock: clockid_t) -> Double {
+        var ts = timespec()
+        clock_gettime(clock, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 
     /// Drives `row` through the frontend: `queueDepth` I/Os of `blockSize`
     /// in flight (a 1 MiB I/O is split into blkif requests of up to
     /// `--segments-per-request` pages, as blkfront splits a bio), for `seconds`.
-    private func measure(_ row: Row, on fe: LoopbackBlockFrontend) throws -> Figures {
+    private static func drive(_ row: Row, on fe: BlockFrontendRing, sectors: UInt64, seconds: Double,
+                              seed: UInt64) throws -> GuestRun {
         let sectorsPerIO = row.blockSize / Blkif.sectorSize
         let maxPerRequest = fe.maxSectorsPerRequest
         let requestsPerIO = (sectorsPerIO + maxPerRequest - 1) / maxPerRequest
         guard requestsPerIO * row.queueDepth <= fe.ringSlots else {
             throw ValidationError("\(row.name) needs \(requestsPerIO * row.queueDepth) ring slots; use a larger --ring-page-order")
         }
-        let ios = fe.info.sectors / UInt64(sectorsPerIO)
-        var rng = Xorshift(seed: 99)
+        let ios = sectors / UInt64(sectorsPerIO)
+        var rng = Xorshift(seed: seed)
         var nextSequential: UInt64 = 0
         var histogram = LatencyHistogram()
         // Per I/O in flight: requests left and start time; requests map to their I/O by slot.
@@ -182,6 +270,7 @@ struct BenchBlock: ParsableCommand {
         var freeIOs = Array(0..<row.queueDepth)
         var completedIOs = 0
         var errors = 0
+        let cpuStart = cpuSeconds(CLOCK_THREAD_CPUTIME_ID)
         let start = MonotonicClock.seconds()
         var stopping = false
 
@@ -223,9 +312,8 @@ struct BenchBlock: ParsableCommand {
         }
         let elapsed = MonotonicClock.seconds() - start
         if errors > 0 { throw ValidationError("\(row.name): \(errors) requests failed") }
-        let iops = Double(completedIOs) / elapsed
-        return Figures(iops: iops, mbps: iops * Double(row.blockSize) / 1e6,
-                       p50us: histogram.percentile(0.50) * 1e6, p99us: histogram.percentile(0.99) * 1e6)
+        return GuestRun(completedIOs: completedIOs, elapsed: elapsed,
+                        cpuSeconds: cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - cpuStart, histogram: histogram)
     }
 
     /// fio on the same storage, same block size, depth and direct mode:
@@ -237,6 +325,7 @@ struct BenchBlock: ParsableCommand {
                     "--rw=\(row.fioRW)", "--bs=\(row.blockSize)", "--iodepth=\(row.queueDepth)",
                     "--runtime=\(Int(seconds))", "--time_based", "--output-format=json",
                     "--lat_percentiles=1", "--size=\(sizeBytes)"]
+            + (streams > 1 ? ["--numjobs=\(streams)", "--group_reporting"] : [])
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = args
@@ -259,19 +348,76 @@ struct BenchBlock: ParsableCommand {
         let pct = lat?["percentile"] as? [String: Any]
         let p50 = (pct?["50.000000"] as? Double) ?? Double(pct?["50.000000"] as? Int ?? 0)
         let p99 = (pct?["99.000000"] as? Double) ?? Double(pct?["99.000000"] as? Int ?? 0)
-        return Figures(iops: iops, mbps: bw / 1e6, p50us: p50 / 1000, p99us: p99 / 1000)
+        // fio's own CPU: usr_cpu and sys_cpu are percentages of job_runtime
+        // (ms; with group_reporting the sum of the jobs' runtimes).
+        let cpuPercent = number(job["usr_cpu"]) + number(job["sys_cpu"])
+        let runtime = number(job["job_runtime"]) / 1000
+        let cpu = cpuPercent / 100 * runtime
+        let ios = number(side["total_ios"])
+        return Figures(iops: iops, mbps: bw / 1e6, p50us: p50 / 1000, p99us: p99 / 1000,
+                       cpuPerIO: ios > 0 ? cpu / ios : nil, cpuShare: runtime > 0 ? cpu / (runtime / Double(streams)) : nil)
     }
 
 }
 
+private func number(_ value: Any?) -> Double {
+    (value as? Double) ?? Double(value as? Int ?? 0)
+}
+
+/// `count` processes that spin on a CPU each until `stop` (or until this
+/// process dies: they watch their parent): a busy dom0.
+final class BusyLoops {
+    private var processes: [Process] = []
+
+    init(count: Int) throws {
+        guard count > 0 else { return }
+        let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        for _ in 0..<count {
+            let p = Process()
+            p.executableURL = me
+            p.arguments = ["bench", "busy-loop", "--parent", "\(getpid())"]
+            try p.run()
+            processes.append(p)
+        }
+    }
+
+    func stop() {
+        for p in processes where p.isRunning { p.terminate() }
+        for p in processes { p.waitUntilExit() }
+        processes = []
+    }
+}
+
+/// `xenbackd-lab bench busy-loop`: spins until killed or its parent is gone.
+struct BenchBusyLoop: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "busy-loop", abstract: "Spin on one CPU (bench blk --contention).",
+                                                    shouldDisplay: false)
+    @Option(help: "Exit once this process is no longer the parent.")
+    var parent: Int32
+
+    func run() {
+        var x: UInt64 = 1
+        while getppid() == parent {
+            for _ in 0..<(1 << 20) { x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407 }
+            busyLoopSink = x
+        }
+    }
+}
+
+nonisolated(unsafe) private var busyLoopSink: UInt64 = 0
+
 /// Latency histogram with 1 µs buckets up to 100 ms (longer goes in the last).
-struct LatencyHistogram {
+struct LatencyHistogram: Sendable {
     private var buckets = [UInt64](repeating: 0, count: 100_001)
     private var count: UInt64 = 0
     mutating func record(seconds: Double) {
         let us = min(Int(seconds * 1e6), buckets.count - 1)
         buckets[max(us, 0)] += 1
         count += 1
+    }
+    mutating func add(_ other: LatencyHistogram) {
+        for i in buckets.indices { buckets[i] += other.buckets[i] }
+        count += other.count
     }
     func percentile(_ p: Double) -> Double {
         guard count > 0 else { return 0 }

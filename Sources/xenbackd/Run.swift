@@ -23,7 +23,7 @@ struct Run: ParsableCommand {
     @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
     var root: String = "/run/xenbackd/loopback"
 
-    @Option(name: .customLong("poll-us"), help: "Microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once).")
+    @Option(name: .customLong("poll-us"), help: "Most microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once); the window adapts to what polling wins and stops while the CPU is contended.")
     var pollMicroseconds: Int = 50
 
     @Flag(help: "Do not offer persistent grants (feature-persistent).")
@@ -31,6 +31,9 @@ struct Run: ParsableCommand {
 
     @Option(help: "Segments per indirect request offered to blkfronts (feature-max-indirect-segments, at most \(VbdDataPlane.indirectSegmentsLimit); 0: no indirect requests).")
     var maxIndirectSegments = BlockBackendOptions.defaultMaxIndirectSegments
+
+    @Option(help: "Rings one vbd may use (multi-queue-max-queues, 1 to \(BlockBackendOptions.maxQueuesLimit); each ring gets its own thread; NBD disks use one). Default: the host's online CPUs, \(BlockBackendOptions.defaultMaxQueues) here.")
+    var maxQueues = BlockBackendOptions.defaultMaxQueues
 
     @Option(help: "Where each ring's journal lives, so that a daemon restarted after a kill answers every request exactly once: a tmpfs that outlives the daemon (default: /run/xenbackd/rings on Xen, ROOT/rings on the loopback hypervisor).")
     var ringJournalDir: String?
@@ -46,6 +49,9 @@ struct Run: ParsableCommand {
     func validate() throws {
         guard (0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments) else {
             throw ValidationError("--max-indirect-segments must be 0 to \(VbdDataPlane.indirectSegmentsLimit)")
+        }
+        guard (1...BlockBackendOptions.maxQueuesLimit).contains(maxQueues) else {
+            throw ValidationError("--max-queues must be 1 to \(BlockBackendOptions.maxQueuesLimit)")
         }
     }
 
@@ -84,7 +90,8 @@ struct Run: ParsableCommand {
                                                          persistentGrants: !noPersistentGrants,
                                                          maxIndirectSegments: maxIndirectSegments,
                                                          ringJournalDirectory: ringJournalDir
-                                                             ?? (hypervisor.name == "xen" ? "/run/xenbackd/rings" : root + "/rings")),
+                                                             ?? (hypervisor.name == "xen" ? "/run/xenbackd/rings" : root + "/rings"),
+                                                         maxQueues: maxQueues),
                                           logger: logger)
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)

@@ -23,7 +23,7 @@ struct Status: ParsableCommand {
               + pad("READ MB", 10, right: true) + pad("WRITTEN MB", 12, right: true) + pad("ERRORS", 8, right: true)
               + "  PARAMS / LAST ERROR")
         for d in devices {
-            var line = pad(d.device, 18) + pad(d.state, 13) + pad(d.ringPages > 0 ? "\(d.ringPages)p" : "-", 6)
+            var line = pad(d.device, 18) + pad(d.state, 13) + pad(ringColumn(d), 6)
             line += pad("\(d.requests)", 12, right: true)
             line += pad(String(d.bytesRead / 1_000_000), 10, right: true)
             line += pad(String(d.bytesWritten / 1_000_000), 12, right: true)
@@ -39,5 +39,11 @@ struct Status: ParsableCommand {
             print(line)
         }
         if devices.isEmpty { print("(no devices)") }
+    }
+
+    /// Pages per ring, and the number of rings when more than one ("4px2").
+    private func ringColumn(_ d: DeviceReport) -> String {
+        guard d.ringPages > 0 else { return "-" }
+        return "\(d.ringPages)p" + (d.queues.map { $0 > 1 ? "x\($0)" : "" } ?? "")
     }
 }

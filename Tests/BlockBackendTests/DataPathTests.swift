@@ -32,6 +32,23 @@ struct DataPathTests {
         #expect(disk.expectHolds(w, sectors: fe.info.sectors, every: 97) > 100)
     }
 
+    @Test("verified I/O with both ends polling: the backend's idle poll and our blkfront's spin (adaptive windows)")
+    func verifiedIOWithBothEndsPolling() throws {
+        let bed = try TestBed()
+        defer { bed.close() }
+        let (fe, _) = try bed.guestWithDisk(1, megabytes: 16)
+        fe.spinMicroseconds = 50
+        var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 4321, queueDepth: 4, canDiscard: true, canFlush: true)
+        let s = try w.run(on: fe, seconds: 60, operations: 3000)
+        #expect(s.errors == 0)
+        #expect(s.mismatches == 0)
+        #expect(s.writes > 500 && s.reads > 500)
+        let full = try w.verifyAll(on: fe)
+        #expect(full.mismatches == 0)
+        #expect(full.verified > 5_000)
+        try fe.disconnect()
+    }
+
     @Test("every ring size from 1 to 16 pages serves verified I/O", arguments: [0, 1, 2, 3, 4])
     func ringSizes(order: Int) throws {
         let bed = try TestBed()

@@ -70,11 +70,12 @@ final class TestBed {
     /// A guest with one connected disk. `indirectSegments`: the frontend's
     /// max_indirect_segments (0: direct requests only).
     func guestWithDisk(_ domid: DomID, megabytes: Int = 16, readOnly: Bool = false, ringPageOrder: Int = 0,
-                       indirectSegments: Int = 0, persistentGrants: Bool = true) throws
+                       indirectSegments: Int = 0, persistentGrants: Bool = true, queues: Int = 1) throws
         -> (LoopbackBlockFrontend, TempDisk) {
-        let (fe, disk) = try guestWithAttachedDisk(domid, megabytes: megabytes, largeRequests: indirectSegments > 0) {
+        let (fe, disk) = try guestWithAttachedDisk(domid, megabytes: megabytes, largeRequests: indirectSegments > 0 || queues > 1) {
             $0.readOnly = readOnly
         }
+        fe.requestedQueues = queues
         fe.maxIndirectSegments = indirectSegments
         fe.offerPersistentGrants = persistentGrants
         try fe.connect(ringPageOrder: ringPageOrder)

@@ -14,11 +14,12 @@ import json
 import sys
 
 BACKENDS = ["xenbackd", "kernel", "qdisk"]
-ORDER = ["randread-4k", "randwrite-4k", "seqread-1m", "seqwrite-1m",
+ORDER = ["randread-4k", "randwrite-4k", "randread-4k-2jobs", "seqread-1m", "seqwrite-1m",
          "tcp-from-guest", "tcp-to-guest", "udp64-from-guest", "udp64-to-guest"]
 LABEL = {
     "randread-4k": "4 KiB random read, QD32",
     "randwrite-4k": "4 KiB random write, QD32",
+    "randread-4k-2jobs": "4 KiB random read, 2 jobs × QD32 (2 vCPUs)",
     "seqread-1m": "1 MiB sequential read, QD8",
     "seqwrite-1m": "1 MiB sequential write, QD8",
     "tcp-from-guest": "TCP guest → dom0",
@@ -29,7 +30,8 @@ LABEL = {
 
 
 def figures(tool, doc):
-    """(value, unit, p50 µs, p99 µs) of one run."""
+    """(value, unit, p50 µs, p99 µs, operations per second) of one run:
+    I/Os for fio, packets for UDP, None for TCP."""
     if tool == "fio":
         job = doc["jobs"][0]
         side = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
@@ -37,14 +39,14 @@ def figures(tool, doc):
         p50 = pct.get("50.000000", 0) / 1000
         p99 = pct.get("99.000000", 0) / 1000
         if job["jobname"].endswith("-1m"):
-            return side["bw_bytes"] / 1e6, "MB/s", p50, p99
-        return side["iops"], "IOPS", p50, p99
+            return side["bw_bytes"] / 1e6, "MB/s", p50, p99, side["iops"]
+        return side["iops"], "IOPS", p50, p99, side["iops"]
     end = doc["end"]
     if doc["start"]["test_start"]["protocol"] == "TCP":
-        return end["sum_received"]["bits_per_second"] / 1e9, "Gbit/s", None, None
+        return end["sum_received"]["bits_per_second"] / 1e9, "Gbit/s", None, None, None
     s = end["sum"]
     delivered = (s["packets"] - s.get("lost_packets", 0)) / s["seconds"]
-    return delivered / 1e3, "kpps", None, None
+    return delivered / 1e3, "kpps", None, None, delivered
 
 
 def main():
@@ -55,13 +57,18 @@ def main():
             continue
         cycle, backend, workload, tool, elapsed, dom0, own, blob = parts
         try:
-            value, unit, p50, p99 = figures(tool, json.loads(blob))
+            value, unit, p50, p99, rate = figures(tool, json.loads(blob))
         except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
             print(f"bench-table: {backend} {workload}: unreadable result ({e})", file=sys.stderr)
             continue
         elapsed = max(int(elapsed), 1)
+        # CPU per operation: CPU seconds per second over the run, divided
+        # by operations per second, in µs (the run's start-up and ramp
+        # count as CPU time, alike for every backend).
+        per_op = (lambda ticks: 1e6 * int(ticks) / elapsed / rate) if rate else (lambda ticks: None)
         rows[(cycle, backend, workload)] = dict(value=value, unit=unit, p50=p50, p99=p99,
-                                                dom0=100 * int(dom0) / elapsed, own=100 * int(own) / elapsed)
+                                                dom0=100 * int(dom0) / elapsed, own=100 * int(own) / elapsed,
+                                                dom0_op=per_op(dom0), own_op=per_op(own))
     cycles = sorted({c for c, _, _ in rows}, key=int)
 
     def cells(backend, workload, key, fmt):
@@ -91,8 +98,9 @@ def main():
         print(f"| {LABEL.get(w, w)} | {unit} | " + " | ".join(cells(b, w, "value", fmt) for b in BACKENDS)
               + f" | {ratios(w, 'kernel')} | {ratios(w, 'qdisk')} |")
     print()
-    print("| workload | backend | p50 / p99 latency, µs | dom0 CPU % | backend's own CPU % |")
-    print("|---|---|---|---|---|")
+    print("| workload | backend | p50 / p99 latency, µs | dom0 CPU % | backend's own CPU % "
+          "| dom0 CPU µs per I/O or packet | backend's own µs per I/O or packet |")
+    print("|---|---|---|---|---|---|---|")
     for w in workloads:
         for b in BACKENDS:
             if not any(k[1] == b and k[2] == w for k in rows):
@@ -100,7 +108,8 @@ def main():
             has_latency = any(r["p50"] is not None for k, r in rows.items() if k[1] == b and k[2] == w)
             lat = " · ".join(f"{cells(b, w, 'p50', '{:.0f}').split(' / ')[i]}/{cells(b, w, 'p99', '{:.0f}').split(' / ')[i]}"
                              for i in range(len(cycles))) if has_latency else "–"
-            print(f"| {LABEL.get(w, w)} | {b} | {lat} | {cells(b, w, 'dom0', '{:.0f}')} | {cells(b, w, 'own', '{:.0f}')} |")
+            print(f"| {LABEL.get(w, w)} | {b} | {lat} | {cells(b, w, 'dom0', '{:.0f}')} | {cells(b, w, 'own', '{:.0f}')} "
+                  f"| {cells(b, w, 'dom0_op', '{:.1f}')} | {cells(b, w, 'own_op', '{:.1f}')} |")
 
 
 if __name__ == "__main__":
