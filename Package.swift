@@ -63,7 +63,7 @@ let package = Package(
             "Hypervisor", "XenABI", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
-        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibNBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
+        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibURing", "CLibNBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
         // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
         .target(name: "NetworkPlumbing", dependencies: ["CLibURing", "CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [
@@ -161,7 +161,7 @@ let package = Package(
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
-        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "NBDTestSupport"], swiftSettings: strict),
+        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "NBDTestSupport", "CXenBackSupport"], swiftSettings: strict),
         .testTarget(name: "NetworkPlumbingTests", dependencies: ["NetworkPlumbing", "SystemSupport"], swiftSettings: strict),
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.
         // check-disk and the daemon's opener (BlockBackend's DiskParameters) are compared with the script here.

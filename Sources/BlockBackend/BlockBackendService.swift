@@ -28,9 +28,10 @@ public struct BlockBackendOptions: Sendable {
     public var ringJournalDirectory: String?
     /// Storage operations one disk may have in flight (a ring may hold
     /// more requests: the engine submits the rest as earlier ones finish).
-    /// Each file or block device's io_setup charges this against the
-    /// host's fs.aio-max-nr (65536 by default): 128 lets 512 disks open,
-    /// where the largest ring's 512 let 127 (`bench scale` at N = 200).
+    /// With libaio, each file or block device's io_setup charges this
+    /// against the host's fs.aio-max-nr (65536 by default): 128 lets 512
+    /// disks open, where the largest ring's 512 let 127 (`bench scale` at
+    /// N = 200); an io_uring is charged nothing there.
     /// 128 operations in flight saturate a file or a block device as 512 do.
     public static let storageQueueDepth = 128
     /// Rings one vbd may use (`multi-queue-max-queues`, offered when above

@@ -2,7 +2,7 @@ import BlockStorage
 
 /// The daemon's side of `params`: `DiskTarget` parses it (the same parser
 /// `xenbackd check-disk`, and through it the block hotplug script, uses),
-/// and opens a file or block device with libaio, an NBD export with libnbd.
+/// and opens a file or block device with io_uring or libaio, an NBD export with libnbd.
 public enum DiskParameters {
     public static let prefixes = DiskTarget.formatPrefixes
 
@@ -11,10 +11,16 @@ public enum DiskParameters {
         DiskTarget.strippingFormatPrefixes(params)
     }
 
-    /// The default opener. A target that does not parse fails with
-    /// `DiskTargetError`'s one-line reason.
-    public static let fileStorageOpener: StorageOpener = { params, readOnly, queueDepth in
-        try DiskTarget.parse(params).open(readOnly: readOnly, queueDepth: queueDepth, nbdConnections: nbdConnections)
+    /// The default opener (io_uring where the kernel allows it, else
+    /// libaio). A target that does not parse fails with `DiskTargetError`'s one-line reason.
+    public static let fileStorageOpener: StorageOpener = storageOpener(ioEngine: .auto)
+
+    /// The opener with files and block devices on `ioEngine` (`--io-engine`).
+    public static func storageOpener(ioEngine: IOEngineChoice) -> StorageOpener {
+        { params, readOnly, queueDepth in
+            try DiskTarget.parse(params).open(readOnly: readOnly, queueDepth: queueDepth,
+                                              nbdConnections: nbdConnections, ioEngine: ioEngine)
+        }
     }
 
     /// Connections per NBD disk when the server allows multi-conn.

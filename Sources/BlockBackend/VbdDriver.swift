@@ -22,6 +22,8 @@ public struct VbdStatus: Sendable {
     public var lastError: String?
     /// The storage's last report (an NBD connection lost or regained).
     public var lastStorageEvent: String?
+    /// The open disk's kernel interface ("io_uring", "libaio"; nil: NBD or closed).
+    public var ioEngine: String?
 }
 
 /// The vbd type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -72,7 +74,7 @@ final class VbdDriver: XenbusDriver {
         return VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
                          ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
                          statistics: s, lastError: device.lastError,
-                         lastStorageEvent: lastStorageEvent)
+                         lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName)
     }
 
     // MARK: toolstack keys, InitWait

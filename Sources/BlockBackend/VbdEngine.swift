@@ -121,6 +121,9 @@ public final class VbdEngine {
     /// iovecs of a slot's merge area: room for two requests of the largest
     /// kind, so indirect requests merge too (at most 512, below IOV_MAX).
     private let iovecsPerMerge: Int
+    /// iovecs a merged operation may reach: the area, or less when the
+    /// storage says larger operations are slower (`maxIovecsPerOperation`).
+    private let mergeIovecLimit: Int
     static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
     /// The segments of the request in `scratch`, decoded as validation checked them.
@@ -263,6 +266,7 @@ public final class VbdEngine {
         copyOutSlots = .allocate(capacity: slotCount)
         submissions = .allocate(capacity: slotCount * 2)
         iovecsPerMerge = max(Self.minimumIovecsPerMerge, 2 * indirectSegments)
+        mergeIovecLimit = min(iovecsPerMerge, storage.maxIovecsPerOperation ?? .max)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
         stagedSegments = .allocate(capacity: Blkif.maxSegmentsPerRequest)
@@ -700,7 +704,7 @@ public final class VbdEngine {
         guard op.kind == head.kind, op.kind == .read || op.kind == .write,
               slots[Int(op.tag)].phase == slots[Int(head.tag)].phase,
               head.offset + head.length == op.offset,
-              Int(head.iovecCount + op.iovecCount) <= iovecsPerMerge else { return false }
+              Int(head.iovecCount + op.iovecCount) <= mergeIovecLimit else { return false }
         var merged = head
         let area = mergedIovecs + Int(head.tag) * iovecsPerMerge
         if head.iovecs! != area {

@@ -79,6 +79,8 @@ public extension BlockStorage {
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int { reapCompletions(body) }
     /// Storages with nothing to report (a file) ignore the handler.
     func setEventHandler(_ handler: @escaping StorageEventHandler) {}
+    var ioEngineName: String? { nil }
+    var maxIovecsPerOperation: Int? { nil }
     /// One queue only, unless the storage says otherwise.
     func openAnotherQueue() throws -> (any BlockStorage)? { nil }
 }
@@ -111,6 +113,14 @@ public protocol BlockStorage: AnyObject {
     /// Where to report what an operator should know (a connection lost or
     /// regained). Called on the data-plane thread, on such changes only.
     func setEventHandler(_ handler: @escaping StorageEventHandler)
+    /// The kernel interface behind the disk ("io_uring", "libaio"), for
+    /// `xenbackd status`; nil for a storage without a choice (NBD).
+    var ioEngineName: String? { get }
+    /// Operations with more iovecs than this take a slow path, so a caller
+    /// merging requests stops there; nil: no such limit. (io_uring on a
+    /// block device: a bio the device must split cannot be issued without
+    /// blocking, and the whole operation goes to a worker thread.)
+    var maxIovecsPerOperation: Int? { get }
     /// Another handle on the same disk for another ring of the same device
     /// (multi-queue blkif), used by another data-plane thread: its own
     /// `queueDepth` operations and completion descriptor, and a flush

@@ -19,6 +19,8 @@ struct OpenedDisk {
     var isBlockDevice: Bool
     var directIO: Bool
     var geometry: StorageGeometry
+    /// The block device itself, or the one holding the file.
+    var device: dev_t
 }
 
 /// Shape of an open file or block device, independent of O_DIRECT.
@@ -52,7 +54,8 @@ enum DiskProbe {
                 readOnly: readOnly,
                 supportsFlush: !readOnly,
                 discard: readOnly ? nil : discardSupport(fd: fd, shape: shape))
-            return OpenedDisk(fd: fd, isBlockDevice: shape.isBlockDevice, directIO: directIO, geometry: geometry)
+            return OpenedDisk(fd: fd, isBlockDevice: shape.isBlockDevice, directIO: directIO, geometry: geometry,
+                              device: shape.device)
         } catch {
             Glibc.close(fd)
             throw error
@@ -194,5 +197,25 @@ enum DiskProbe {
         guard count > 0 else { return nil }
         let text = String(decoding: bytes[0..<count], as: UTF8.self)
         return UInt64(text.filter { !$0.isWhitespace })
+    }
+}
+
+extension DiskProbe {
+    /// The block layer's `max_segments` of `device` (a partition's: its
+    /// disk's), from sysfs; nil when there is none (tmpfs, NFS).
+    static func maxSegments(device: dev_t) -> Int? {
+        var major: UInt32 = 0, minor: UInt32 = 0
+        xb_device_numbers(UInt64(device), &major, &minor)
+        for path in ["/sys/dev/block/\(major):\(minor)/queue/max_segments",
+                     "/sys/dev/block/\(major):\(minor)/../queue/max_segments"] {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            defer { close(fd) }
+            var bytes = [UInt8](repeating: 0, count: 32)
+            let count = (try? Syscall.retryingOnInterrupt("read") { read(fd, &bytes, bytes.count) }) ?? 0
+            let text = String(decoding: bytes.prefix(max(0, count)), as: UTF8.self).filter(\.isNumber)
+            if let value = Int(text), value > 0 { return value }
+        }
+        return nil
     }
 }

@@ -91,11 +91,12 @@ public struct DiskTarget: Equatable, Sendable, CustomStringConvertible {
         return nil
     }
 
-    /// Opens the target as the daemon serves it.
-    public func open(readOnly: Bool, queueDepth: Int, nbdConnections: Int) throws(StorageError) -> any BlockStorage {
+    /// Opens the target as the daemon serves it (`ioEngine`: for files and block devices).
+    public func open(readOnly: Bool, queueDepth: Int, nbdConnections: Int,
+                     ioEngine: IOEngineChoice = .auto) throws(StorageError) -> any BlockStorage {
         switch location {
         case .path(let path):
-            return try FileStorage.open(path: path, readOnly: readOnly, queueDepth: queueDepth)
+            return try FileStorage.open(path: path, readOnly: readOnly, queueDepth: queueDepth, engine: ioEngine)
         case .nbd(let address):
             return try NBDStorage.open(address: address, readOnly: readOnly, queueDepth: queueDepth,
                                        connections: nbdConnections)

@@ -1,13 +1,14 @@
-import CLibAIO
 import CXenBackSupport
 import Glibc
 import SystemSupport
 
 /// A regular file or a block device (loop device, LVM volume, partition)
-/// behind a block backend, driven through Linux AIO (libaio).
+/// behind a block backend, driven through io_uring or Linux AIO (libaio):
+/// `ioEngine`, chosen at open (`IOEngineChoice`).
 ///
-/// - Reads are `preadv`, writes `pwritev`, flushes `fdsync` iocbs, all
-///   signalling `completionFileDescriptor` (an eventfd).
+/// - Reads are `preadv`, writes `pwritev`, flushes `fdatasync` (libaio
+///   iocbs or io_uring entries, one submission per batch), all signalling
+///   `completionFileDescriptor` (an eventfd).
 /// - Discards run synchronously at submit time (hole punch for files,
 ///   BLKDISCARD for devices) and complete through the same path, as does a
 ///   flush when the kernel refuses an asynchronous fsync (EINVAL).
@@ -17,8 +18,9 @@ import SystemSupport
 /// - Short transfers: a short write is -EIO; a short read that stops at the
 ///   file's current end (the file shrank after open) is completed with zeros
 ///   and counts as a full read, like a sparse tail; any other short read is -EIO.
-/// - In buffered mode (`directIO == false`) the kernel performs AIO
-///   synchronously inside `submit`.
+/// - In buffered mode (`directIO == false`) the kernel performs libaio's
+///   I/O synchronously inside `submit`; io_uring hands what would block
+///   to its own worker threads.
 ///
 /// Opened on a control thread, then used by one data-plane thread only.
 public final class FileStorage: BlockStorage, @unchecked Sendable {
@@ -29,48 +31,58 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     public let geometry: StorageGeometry
     public let queueDepth: Int
     public var completionFileDescriptor: Int32 { eventFD }
+    /// The kernel interface in use.
+    public var ioEngine: IOEngine { queue.engine }
+    public var ioEngineName: String? { queue.engine.rawValue }
+    /// With io_uring, the device's `max_segments`: a larger operation is a
+    /// bio the block layer must split, which io_uring cannot issue without
+    /// blocking, so it hands the whole operation to a worker thread
+    /// (measured: 1 MiB reads on a loop device, docs/PERFORMANCE.md).
+    /// libaio blocks in io_submit instead: no limit.
+    public let maxIovecsPerOperation: Int?
+    /// Why `.auto` fell back to libaio (io_uring's setup call and its
+    /// error), nil when it did not.
+    public let ioUringRefusal: String?
     /// Flushes run as a synchronous fdatasync because the kernel refused an
     /// asynchronous one. Settable internally so tests can force the path.
     public internal(set) var synchronousFlush = false
 
     private let fd: Int32
     private let eventFD: Int32
-    private var context: io_context_t?
+    private let queue: any KernelQueue
     private var closed = false
 
     // Everything below is allocated at open: one entry per queue slot.
-    private let iocbs: UnsafeMutablePointer<iocb>
     private let slots: UnsafeMutablePointer<OperationSlot>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeSlotCount: Int
     /// Slots taken by the current `submit`, in operation order.
     private let batchSlots: UnsafeMutablePointer<Int32>
-    /// The iocb pointer list handed to io_submit.
-    private let submitList: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
-    private let events: UnsafeMutablePointer<io_event>
     /// Slots completed at submit time, waiting to be reaped (FIFO).
     private var finished: SlotQueue
 
-    public static func open(path: String, readOnly: Bool, queueDepth: Int,
-                            direct: DirectIOMode = .auto) throws(StorageError) -> FileStorage {
+    public static func open(path: String, readOnly: Bool, queueDepth: Int, direct: DirectIOMode = .auto,
+                            engine: IOEngineChoice = .auto) throws(StorageError) -> FileStorage {
         guard queueDepth >= 1, queueDepth <= Int(Int32.max) else {
             throw StorageError("open (queue depth \(queueDepth))", errno: EINVAL, path: path)
         }
         let disk = try DiskProbe.openDisk(path: path, readOnly: readOnly, direct: direct)
-        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth, engine: engine)
     }
 
     /// The same file again, through this handle's descriptor (so it is the
     /// very file even if its path was renamed or replaced since), with the
-    /// same mode and O_DIRECT choice, and an AIO context of its own. One
-    /// file's fdatasync covers every descriptor's writes.
+    /// same mode, O_DIRECT choice and engine, and a kernel queue of its own.
+    /// One file's fdatasync covers every descriptor's writes.
     public func openAnotherQueue() throws -> (any BlockStorage)? {
         let disk = try DiskProbe.openDisk(path: "/proc/self/fd/\(fd)", readOnly: geometry.readOnly,
                                           direct: directIO ? .always : .never)
-        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth)
+        return try FileStorage(opened: disk, path: path, queueDepth: queueDepth,
+                               engine: ioEngine == .ioUring ? .ioUring : .libaio)
     }
 
-    private convenience init(opened disk: OpenedDisk, path: String, queueDepth: Int) throws(StorageError) {
+    private convenience init(opened disk: OpenedDisk, path: String, queueDepth: Int,
+                             engine: IOEngineChoice) throws(StorageError) {
         let eventFD: Int32
         do {
             eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
@@ -78,17 +90,43 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             Glibc.close(disk.fd)
             throw error
         }
-        var context: io_context_t?
-        let result = io_setup(Int32(queueDepth), &context)
-        guard result == 0 else {
+        var refusal: String?
+        let queue: any KernelQueue
+        do throws(KernelQueueSetupError) {
+            switch engine {
+            case .ioUring:
+                queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
+            case .libaio:
+                queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+            case .auto where !disk.isBlockDevice && Self.isOnTmpfs(disk.fd):
+                queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+            case .auto:
+                do throws(KernelQueueSetupError) {
+                    queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
+                } catch {
+                    refusal = "\(error.call): \(String(cString: strerror(error.errno)))"
+                    queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+                }
+            }
+        } catch {
             Glibc.close(eventFD)
             Glibc.close(disk.fd)
-            throw StorageError("io_setup(\(queueDepth))", errno: -result, path: path)
+            throw StorageError(error.call, errno: error.errno, path: path)
         }
-        self.init(path: path, disk: disk, eventFD: eventFD, context: context, queueDepth: queueDepth)
+        self.init(path: path, disk: disk, eventFD: eventFD, queue: queue, ioUringRefusal: refusal, queueDepth: queueDepth)
     }
 
-    private init(path: String, disk: OpenedDisk, eventFD: Int32, context: io_context_t?, queueDepth: Int) {
+    /// tmpfs offers io_uring no non-blocking path: every operation would
+    /// go to an io_uring worker thread (a thread hop each; measured in
+    /// docs/PERFORMANCE.md), where libaio does the copy inside io_submit.
+    static func isOnTmpfs(_ fd: Int32) -> Bool {
+        var type: Int64 = 0
+        guard (try? Syscall.retryingOnInterrupt("fstatfs", { xb_file_system_type(fd, &type) })) != nil else { return false }
+        return type == tmpfsMagic
+    }
+
+    private init(path: String, disk: OpenedDisk, eventFD: Int32, queue: any KernelQueue, ioUringRefusal: String?,
+                 queueDepth: Int) {
         self.path = path
         self.directIO = disk.directIO
         self.isBlockDevice = disk.isBlockDevice
@@ -96,9 +134,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         self.queueDepth = queueDepth
         self.fd = disk.fd
         self.eventFD = eventFD
-        self.context = context
-        iocbs = .allocate(capacity: queueDepth)
-        iocbs.initialize(repeating: iocb(), count: queueDepth)
+        self.queue = queue
+        self.ioUringRefusal = ioUringRefusal
+        maxIovecsPerOperation = queue.engine == .ioUring ? DiskProbe.maxSegments(device: disk.device) : nil
         slots = .allocate(capacity: queueDepth)
         slots.initialize(repeating: OperationSlot(), count: queueDepth)
         freeSlots = .allocate(capacity: queueDepth)
@@ -106,29 +144,21 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         freeSlotCount = queueDepth
         batchSlots = .allocate(capacity: queueDepth)
         batchSlots.initialize(repeating: 0, count: queueDepth)
-        submitList = .allocate(capacity: queueDepth)
-        submitList.initialize(repeating: nil, count: queueDepth)
-        events = .allocate(capacity: queueDepth)
-        events.initialize(repeating: io_event(), count: queueDepth)
         finished = SlotQueue(capacity: queueDepth)
     }
 
     deinit {
         close()
-        iocbs.deallocate()
         slots.deinitialize(count: queueDepth)
         slots.deallocate()
         freeSlots.deallocate()
         batchSlots.deallocate()
-        submitList.deallocate()
-        events.deallocate()
     }
 
     public func close() {
         guard !closed else { return }
         closed = true
-        if let context { io_destroy(context) }
-        context = nil
+        queue.close()
         Glibc.close(fd)
         Glibc.close(eventFD)
     }
@@ -138,58 +168,46 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     public func submit(_ operations: UnsafeMutableBufferPointer<StorageOperation>) -> Int {
         let candidates = min(operations.count, freeSlotCount)
         guard candidates > 0 else { return 0 }
-        var kernelCount = 0
         for index in 0..<candidates {
             let slot = takeFreeSlot()
             batchSlots[index] = slot
-            if prepare(operations[index], slot: Int(slot)) {
-                submitList[kernelCount] = iocbs + Int(slot)
-                kernelCount += 1
-            }
+            prepare(operations[index], slot: Int(slot))
         }
-        var accepted = 0
-        var refusal: Int32 = 0
-        if kernelCount > 0 {
-            let result = io_submit(context, kernelCount, submitList)
-            if result >= 0 { accepted = Int(result) } else if result != -EAGAIN { refusal = -result }
-        }
+        let (accepted, refusal) = queue.submitQueued()
         return settleBatch(candidates: candidates, kernelAccepted: accepted, firstRefusal: refusal)
     }
 
-    /// Records the operation in its slot and preps its iocb. Returns false
-    /// when the operation does not go to the kernel (done at settle time).
-    private func prepare(_ operation: StorageOperation, slot: Int) -> Bool {
+    /// Records the operation in its slot and queues it with the kernel
+    /// queue, unless it does not go to the kernel (done at settle time).
+    private func prepare(_ operation: StorageOperation, slot: Int) {
         let bytes = operation.kind == .read || operation.kind == .write
             ? transferLength(operation.iovecs, operation.iovecCount) : operation.length
         slots[slot] = OperationSlot(tag: operation.tag, kind: operation.kind, offset: operation.offset,
                                     length: bytes, iovecs: operation.iovecs, iovecCount: operation.iovecCount)
-        let control = iocbs + slot
         switch operation.kind {
         case .read:
             guard let error = rangeError(operation.offset, bytes) else {
-                io_prep_preadv(control, fd, operation.iovecs, operation.iovecCount, Int64(operation.offset))
-                io_set_eventfd(control, eventFD)
-                return true
+                queue.queueRead(slot: slot, fd: fd, iovecs: operation.iovecs, count: operation.iovecCount,
+                                offset: operation.offset)
+                return
             }
             slots[slot].work = .finished(-Int64(error))
         case .write:
             guard let error = geometry.readOnly ? EROFS : rangeError(operation.offset, bytes) else {
-                io_prep_pwritev(control, fd, operation.iovecs, operation.iovecCount, Int64(operation.offset))
-                io_set_eventfd(control, eventFD)
-                return true
+                queue.queueWrite(slot: slot, fd: fd, iovecs: operation.iovecs, count: operation.iovecCount,
+                                 offset: operation.offset)
+                return
             }
             slots[slot].work = .finished(-Int64(error))
         case .flush:
             guard synchronousFlush else {
-                io_prep_fdsync(control, fd)
-                io_set_eventfd(control, eventFD)
-                return true
+                queue.queueFlush(slot: slot, fd: fd)
+                return
             }
             slots[slot].work = .synchronousFlush
         case .discard:
             slots[slot].work = discardWork(operation.offset, bytes)
         }
-        return false
     }
 
     private func discardWork(_ offset: UInt64, _ length: UInt64) -> SlotWork {
@@ -205,7 +223,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         return length > size || offset > size - length ? EINVAL : nil
     }
 
-    /// Walks the batch in order after io_submit: kernel operations up to the
+    /// Walks the batch in order after the submission: kernel operations up to the
     /// number it accepted are taken; operations done here (discard, synchronous
     /// flush, early errors) run and are taken; the batch stops at the first
     /// kernel operation not accepted. If the kernel refused that one outright
@@ -309,23 +327,12 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         return reaped
     }
 
+    /// Both engines answer "nothing" from a ring shared with the kernel, without a system call.
     private func reapKernelEvents(_ body: (StorageCompletion) -> Void) -> Int {
-        // A zero timeout lets libaio answer "nothing" from the shared ring
-        // without a system call.
-        var noWait = timespec(tv_sec: 0, tv_nsec: 0)
-        var reaped = 0
-        while true {
-            let count = Int(io_getevents(context, 0, queueDepth, events, &noWait))
-            guard count > 0 else { return reaped }
-            for index in 0..<count {
-                let event = events[index]
-                let slot = iocbs.distance(to: event.obj)
-                let completion = StorageCompletion(tag: slots[slot].tag,
-                                                   result: kernelResult(slot, Int64(Int(bitPattern: event.res))))
-                releaseSlot(Int32(slot))
-                body(completion)
-            }
-            reaped += count
+        queue.reap { slot, result in
+            let completion = StorageCompletion(tag: slots[slot].tag, result: kernelResult(slot, result))
+            releaseSlot(Int32(slot))
+            body(completion)
         }
     }
 
@@ -382,9 +389,12 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     private func drainEventCounter() { Wakeup(adopting: eventFD).drain() }
 }
 
+/// statfs's f_type of tmpfs (linux/magic.h TMPFS_MAGIC).
+let tmpfsMagic = 0x0102_1994
+
 /// How a taken operation will complete.
 enum SlotWork {
-    /// An iocb handed to io_submit.
+    /// Handed to the kernel queue (libaio or io_uring).
     case kernel
     /// Hole punch or BLKDISCARD, run in submit.
     case discard
@@ -394,7 +404,7 @@ enum SlotWork {
     case finished(Int64)
 }
 
-/// Bookkeeping for one in-flight operation; slot i owns iocb i.
+/// Bookkeeping for one in-flight operation; slot i owns the kernel queue's entry i (libaio) or is its user_data (io_uring).
 struct OperationSlot {
     var tag: UInt64 = 0
     var kind: StorageOperationKind = .read

@@ -1,6 +1,8 @@
+#define _GNU_SOURCE
 #include "xb_uring.h"
 #include <errno.h>
 #include <liburing.h>
+#include <linux/fs.h>
 #include <stdlib.h>
 
 struct xb_uring {
@@ -30,6 +32,14 @@ int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **out, const ch
         *failed_call = "io_uring_register_eventfd";
         return result;
     }
+    // What the kernel cannot do without blocking (an fdatasync, a write that
+    // allocates blocks, a bio that must be split, anything on tmpfs) runs on
+    // the submitting thread's io-wq workers, one kernel thread per such
+    // operation in flight by default. A few per ring are enough to keep the
+    // disk busy; bounded, so that 200 disks cannot make thousands of threads.
+    // Applied to whichever thread submits (Linux >= 5.15; ignored before).
+    unsigned limits[2] = { XB_URING_MAX_WORKERS, XB_URING_MAX_WORKERS };
+    (void)io_uring_register_iowq_max_workers(&handle->ring, limits);
     *out = handle;
     return 0;
 }
@@ -53,6 +63,16 @@ int xb_uring_queue_writev(struct xb_uring *handle, uint64_t tag, int fd, const s
     struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
     if (!sqe) return -EBUSY;
     io_uring_prep_writev(sqe, fd, iovecs, count, offset);
+    io_uring_sqe_set_data64(sqe, tag);
+    return 0;
+}
+
+int xb_uring_queue_writev_nowait(struct xb_uring *handle, uint64_t tag, int fd, const struct iovec *iovecs,
+                                 unsigned count) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev(sqe, fd, iovecs, count, 0);
+    sqe->rw_flags = RWF_NOWAIT;
     io_uring_sqe_set_data64(sqe, tag);
     return 0;
 }

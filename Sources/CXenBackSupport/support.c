@@ -10,6 +10,14 @@
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/prctl.h>
+#include <sys/vfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <stddef.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 
 const int xb_O_DIRECT = O_DIRECT;
 const int xb_O_CLOEXEC = O_CLOEXEC;
@@ -82,4 +90,38 @@ int xb_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align) {
 void xb_device_numbers(uint64_t dev, uint32_t *major_number, uint32_t *minor_number) {
     *major_number = major((dev_t)dev);
     *minor_number = minor((dev_t)dev);
+}
+
+#if defined(__x86_64__)
+#define XB_AUDIT_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define XB_AUDIT_ARCH AUDIT_ARCH_AARCH64
+#endif
+
+int xb_thread_refuse_io_uring_setup(int error) {
+#ifndef XB_AUDIT_ARCH
+    errno = ENOSYS;
+    return -1;
+#else
+    struct sock_filter program[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, XB_AUDIT_ARCH, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (error & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog filter = { .len = sizeof(program) / sizeof(program[0]), .filter = program };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    // Without SECCOMP_FILTER_FLAG_TSYNC the filter is this thread's alone.
+    return (int)syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &filter);
+#endif
+}
+
+int xb_file_system_type(int fd, int64_t *type) {
+    struct statfs status;
+    int result = fstatfs(fd, &status);
+    if (result == 0) *type = (int64_t)status.f_type;
+    return result;
 }

@@ -60,6 +60,8 @@ public struct DeviceReport: Codable, Sendable {
     public var malformed: UInt64?
     /// vbds: requests refused without being done, by reason (only those seen).
     public var rejected: [String: UInt64]?
+    /// vbds on a file or block device: the kernel interface ("io_uring", "libaio").
+    public var ioEngine: String?
 
     public init(device: String, type: String, domain: Int, devid: Int, state: String, params: String, ringPages: Int,
                 requests: UInt64, bytesRead: UInt64, bytesWritten: UInt64, errors: UInt64) {

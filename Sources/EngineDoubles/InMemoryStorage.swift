@@ -33,6 +33,8 @@ public final class InMemoryStorage: BlockStorage {
     /// Complete each operation as soon as it is submitted (tests that do
     /// not care about timing).
     public var completesAtOnce = false
+    /// What the storage tells a merging caller (nil: no limit).
+    public var maxIovecsPerOperation: Int?
     public private(set) var submittedOperations = 0
     public private(set) var closed = false
     /// What `openAnotherQueue` gives a multi-queue connection (nil: this

@@ -9,6 +9,8 @@ struct BlkifFuzzConfiguration: Equatable {
     var queueDepth: Int
     /// Where the frontend starts its indices: near 0 or just below 2^32.
     var startIndex: UInt32
+    /// The storage's `maxIovecsPerOperation` (io_uring's max_segments): merges stop there.
+    var storageMaxIovecs: Int? = nil
 
     static func decode(_ bytes: inout BlkifProgramBytes) -> Self {
         let a = bytes.u8(), b = bytes.u8()
@@ -19,13 +21,14 @@ struct BlkifFuzzConfiguration: Equatable {
                     maxIndirectSegments: [0, 16, 32, 16][Int(a >> 3) & 3],
                     secureDiscard: a & 0x20 != 0,
                     queueDepth: 2 + Int(b & 15) % 15,
-                    startIndex: nearWrap ? UInt32.max &- offset : offset)
+                    startIndex: nearWrap ? UInt32.max &- offset : offset,
+                    storageMaxIovecs: a & 0x80 != 0 ? 3 : nil)
     }
 
     /// Ring B's: a plain well-behaved frontend, a little different from A.
     var bystander: Self {
         Self(ringPages: 1, persistentGrants: !persistentGrants, maxIndirectSegments: 16, secureDiscard: false,
-             queueDepth: 4, startIndex: startIndex &+ 0x8000_0000)
+             queueDepth: 4, startIndex: startIndex &+ 0x8000_0000, storageMaxIovecs: storageMaxIovecs == nil ? 16 : nil)
     }
 }
 

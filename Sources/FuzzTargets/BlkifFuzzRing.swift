@@ -204,6 +204,7 @@ final class BlkifFuzzRing {
         let slots = SharedRingLayout.slots(pages: configuration.ringPages, entrySize: Blkif.slotSize)
         journal = VbdRingJournal(memory: journalMemory, byteCount: journalBytes, ringSlots: slots)
         // Pages from the page store: nothing here can fail for want of memory.
+        disk.maxIovecsPerOperation = configuration.storageMaxIovecs
         return try! VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
                          storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
                          indirectBouncePages: 64, journal: journal, identity: journalIdentity, recover: recover,

@@ -40,6 +40,8 @@ struct BenchBlock: ParsableCommand {
     var noPersistentGrants = false
     @Option(help: "Pages per blkif request: 11 (direct requests) or up to \(VbdDataPlane.indirectSegmentsLimit) (indirect requests; the backend offers at least this many).")
     var segmentsPerRequest = Blkif.maxSegmentsPerRequest
+    @Option(help: "The backend's kernel interface for the file: auto, io_uring or libaio (fio uses libaio either way).")
+    var ioEngine: IOEngineChoice = .auto
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")
@@ -93,7 +95,8 @@ struct BenchBlock: ParsableCommand {
         if nbd == nil { try prepareFile() }
         let indirect = segmentsPerRequest > Blkif.maxSegmentsPerRequest
         let offered = max(BlockBackendOptions.defaultMaxIndirectSegments, segmentsPerRequest)
-        let host = try LoopbackHost(logger: logger, options: .init(pollMicroseconds: pollMicroseconds,
+        let host = try LoopbackHost(logger: logger, openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
+                                    options: .init(pollMicroseconds: pollMicroseconds,
                                                                    persistentGrants: !noPersistentGrants,
                                                                    maxIndirectSegments: offered, maxQueues: queues))
         defer { host.shutdown() }
@@ -125,7 +128,7 @@ struct BenchBlock: ParsableCommand {
         let direct = nbd == nil && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
+              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(host.blockStatus.first?.ioEngine ?? "?")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
               + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : "")
               + (jobs > 1 ? ", \(jobs) guests" : "") + (queues > 1 ? ", \(queues) rings each" : "")
               + (streams > 1 ? ", \(streams) fio jobs" : "")
@@ -428,3 +431,5 @@ struct LatencyHistogram: Sendable {
     }
 }
 
+
+extension IOEngineChoice: ExpressibleByArgument {}

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockBackend
 import BlockFrontend
+import BlockStorage
 import Foundation
 import Glibc
 import LoopbackHypervisor
@@ -137,9 +138,11 @@ struct BenchScale: ParsableCommand {
         while access(file, F_OK) == 0 && MonotonicClock.seconds() < deadline { usleep(50_000) }
     }
 
-    /// Each vbd's storage reserves `storageQueueDepth` aio events
-    /// (io_setup); past fs.aio-max-nr the next disk cannot be opened. Said up front.
+    /// With libaio (io_uring refused here), each vbd's storage reserves
+    /// `storageQueueDepth` aio events (io_setup); past fs.aio-max-nr the
+    /// next disk cannot be opened. Said up front.
     private func warnIfAIOEventsShort(vbds: Int) {
+        guard IOEngineChoice.ioUringRefusal() != nil else { return }
         func number(_ file: String) -> Int? {
             (try? String(contentsOfProcFile: file)).flatMap { Int($0.filter(\.isNumber)) }
         }

@@ -6,7 +6,11 @@ import SystemSupport
 /// not grow while the same devices are connected.
 struct DaemonFootprint: CustomStringConvertible {
     var descriptors: Int
+    /// The daemon's own threads: without io_uring's workers (`iou-wrk-N`),
+    /// which the kernel starts for operations that would block and ends
+    /// after 5 s idle, at most XB_URING_MAX_WORKERS per ring and kind.
     var threads: Int
+    var ioUringWorkers: Int
     var residentKB: Int
 
     /// The process serving the control socket at `socket`.
@@ -29,16 +33,29 @@ struct DaemonFootprint: CustomStringConvertible {
         closedir(dir)
         descriptors = n
         threads = 0
+        ioUringWorkers = 0
         residentKB = 0
+        if let tasks = opendir("/proc/\(pid)/task") {
+            while let entry = readdir(tasks) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard !name.hasPrefix("."),
+                      let comm = try? String(contentsOfProcFile: "/proc/\(pid)/task/\(name)/comm") else { continue }
+                if comm.hasPrefix("iou-wrk-") { ioUringWorkers += 1 }
+            }
+            closedir(tasks)
+        }
         guard let status = try? String(contentsOfProcFile: "/proc/\(pid)/status") else { return nil }
         for line in status.split(separator: "\n") {
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-            if fields.first == "Threads:", fields.count > 1 { threads = Int(fields[1]) ?? 0 }
+            if fields.first == "Threads:", fields.count > 1 { threads = (Int(fields[1]) ?? 0) - ioUringWorkers }
             if fields.first == "VmRSS:", fields.count > 1 { residentKB = Int(fields[1]) ?? 0 }
         }
     }
 
-    var description: String { "\(descriptors) descriptors, \(threads) threads, \(residentKB / 1024) MB resident" }
+    var description: String {
+        "\(descriptors) descriptors, \(threads) threads"
+            + (ioUringWorkers > 0 ? " (+\(ioUringWorkers) io_uring workers)" : "") + ", \(residentKB / 1024) MB resident"
+    }
 }
 
 extension String {

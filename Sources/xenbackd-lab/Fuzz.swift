@@ -165,6 +165,10 @@ struct Fuzz: ParsableCommand {
                 endFailures.append("the daemon holds \(after.descriptors) descriptors and \(after.threads) threads, "
                                    + "\(before.descriptors) and \(before.threads) at the start with the same devices connected")
             }
+            // Two rings, each thread's io-wq capped at 4 bounded and 4 unbounded workers (CLibURing).
+            if after.ioUringWorkers > 2 * 2 * 4 {
+                endFailures.append("the daemon has \(after.ioUringWorkers) io_uring workers for two disks")
+            }
         }
         if fatal == nil {
             do { try hostile.verifyDisk() } catch { endFailures.append("final check of the hostile disk: \(error)") }

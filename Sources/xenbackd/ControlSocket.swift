@@ -17,6 +17,7 @@ extension DeviceReport {
         queues = s.queues > 0 ? s.queues : nil
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
+        ioEngine = s.ioEngine
     }
 
     /// A vif in the same columns: bytes the guest received count as read,

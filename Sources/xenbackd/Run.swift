@@ -1,6 +1,7 @@
 import DaemonCLI
 import ArgumentParser
 import BlockBackend
+import BlockStorage
 import NetBackend
 import Glibc
 import Hypervisor
@@ -36,6 +37,9 @@ struct Run: ParsableCommand {
 
     @Option(help: "Where each ring's journal lives, so that a daemon restarted after a kill answers every request exactly once: a tmpfs that outlives the daemon (default: /run/xenbackd/rings on Xen, ROOT/rings on the loopback hypervisor).")
     var ringJournalDir: String?
+
+    @Option(help: "Kernel interface for files and block devices: auto (io_uring where the kernel allows it, else libaio), io_uring or libaio.")
+    var ioEngine: IOEngineChoice = .auto
 
     @Option(help: "Control socket for `xenbackd status`.")
     var controlSocket: String = ControlServer.defaultPath
@@ -81,7 +85,7 @@ struct Run: ParsableCommand {
         }
         let loop = XenbusControlLoop(store: store, logger: logger)
         let service = BlockBackendService(platform: hypervisor, loop: loop,
-                                          openStorage: DiskParameters.fileStorageOpener,
+                                          openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
                                           options: .init(pollMicroseconds: pollMicroseconds,
                                                          persistentGrants: !noPersistentGrants,
                                                          maxIndirectSegments: maxIndirectSegments,
@@ -103,6 +107,10 @@ struct Run: ParsableCommand {
                 net.quiesce()
                 loop.requestStop()
             }
+        }
+        if ioEngine != .libaio, let refusal = IOEngineChoice.ioUringRefusal() {
+            logger.warning(ioEngine == .auto ? "io_uring refused (\(refusal)): files and block devices use libaio"
+                                             : "io_uring refused (\(refusal)): files and block devices will fail to open")
         }
         logger.notice("xenbackd serving", metadata: ["platform": "\(hypervisor.name)", "domain": "\(hypervisor.ownDomain)"])
         loop.run()
@@ -137,3 +145,5 @@ struct RefusalError: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
 }
+
+extension IOEngineChoice: ExpressibleByArgument {}

@@ -1,4 +1,5 @@
 import BlockFrontend
+import BlockStorage
 import Foundation
 import Glibc
 import Testing
@@ -8,8 +9,9 @@ import XenABI
 /// file storage code, here over a loop device, through the ring.
 @Suite("blkback on a block device")
 struct BlockDeviceDiskTests {
-    @Test("a loop device served through the ring: verified I/O, and the backing file agrees", arguments: [false, true])
-    func loopDevice(directIO: Bool) throws {
+    @Test("a loop device served through the ring: verified I/O, and the backing file agrees",
+          arguments: [false, true], [IOEngineChoice.ioUring, .libaio])
+    func loopDevice(directIO: Bool, engine: IOEngineChoice) throws {
         guard getuid() == 0 else { try Test.cancel("needs root for losetup") }
         let backing = TempDisk(megabytes: 16)
         defer { backing.remove() }
@@ -17,11 +19,12 @@ struct BlockDeviceDiskTests {
             try Test.cancel("losetup -f --show failed (no loop devices here)")
         }
         defer { _ = shell(["losetup", "-d", device]) }
-        let bed = try TestBed()
+        let bed = try TestBed(ioEngine: engine)
         defer { bed.close() }
         let guest = try bed.host.createGuest(1)
         let fe = try bed.host.attachDisk(to: guest, .init(params: "phy:" + device))
         try fe.connect()
+        #expect(bed.host.blockStatus.map(\.ioEngine) == [engine.rawValue])
         #expect(fe.info.sectors == 16 * 2048)
         #expect(fe.info.sectorSize == 512)
         var w = VerifiedWorkload(sectors: fe.info.sectors, seed: 9, queueDepth: 16,

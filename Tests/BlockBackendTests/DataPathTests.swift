@@ -1,5 +1,6 @@
 import BlockBackend
 import BlockFrontend
+import BlockStorage
 import Glibc
 import Testing
 import XenABI
@@ -7,11 +8,13 @@ import XenBus
 
 @Suite("blkback data path, end to end over the loopback hypervisor")
 struct DataPathTests {
-    @Test("random reads and writes of random sizes and offsets, verified by checksum, also from the file")
-    func randomVerifiedIO() throws {
-        let bed = try TestBed()
+    @Test("random reads and writes of random sizes and offsets, verified by checksum, also from the file",
+          arguments: [IOEngineChoice.ioUring, .libaio])
+    func randomVerifiedIO(engine: IOEngineChoice) throws {
+        let bed = try TestBed(ioEngine: engine)
         defer { bed.close() }
         let (fe, disk) = try bed.guestWithDisk(1, megabytes: 32)
+        #expect(bed.host.blockStatus.map(\.ioEngine) == [engine.rawValue])
         #expect(fe.info.sectors == 32 * 2048)
         #expect(fe.info.sectorSize == 512)
         #expect(fe.info.flush && fe.info.barrier && fe.info.discard && !fe.info.readOnly)

@@ -1,6 +1,7 @@
 import BlockBackend
 import EngineDoubles
 import BlockFrontend
+import BlockStorage
 import Foundation
 import Glibc
 import Logging
@@ -59,10 +60,11 @@ final class TestBed {
     private var disks: [TempDisk] = []
 
     /// `log`: keep the backend's log lines (info and above) there.
-    init(options: BlockBackendOptions = .init(), log: CapturedLog? = nil) throws {
+    init(options: BlockBackendOptions = .init(), log: CapturedLog? = nil, ioEngine: IOEngineChoice = .auto) throws {
         var logger = log.map { log in Logger(label: "test") { _ in LineLogHandler { log.append($0, $1) } } } ?? Logger(label: "test")
         logger.logLevel = log == nil ? .error : .info
-        host = try LoopbackHost(logger: logger, options: options)
+        host = try LoopbackHost(logger: logger, openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
+                                options: options)
     }
 
     /// A guest with one connected disk. `indirectSegments`: the frontend's

@@ -14,10 +14,12 @@ final class EngineBed {
     let disk: InMemoryStorage
     let engine: VbdEngine
 
-    init(sectors: Int = 2048, queueDepth: Int = 32, maxIndirectSegments: Int = 0, persistent: Bool = false) throws {
+    init(sectors: Int = 2048, queueDepth: Int = 32, maxIndirectSegments: Int = 0, persistent: Bool = false,
+         storageMaxIovecs: Int? = nil) throws {
         front = InMemoryBlkfront(guest: guest, ringPages: 1)
         grants = InMemoryGrantTable(guests: [guest])
         disk = InMemoryStorage(sizeBytes: sectors * 512, queueDepth: queueDepth)
+        disk.maxIovecsPerOperation = storageMaxIovecs
         for f in 8..<64 { guest.grant(GrantRef(100 + f), frame: f) }
         let limits = DiskLimits(sectors: UInt64(sectors), readOnly: false, flush: true, barrier: true, discard: true,
                                 maxIndirectSegments: maxIndirectSegments)
@@ -66,6 +68,28 @@ struct EngineStepTests {
         #expect(bed.diskBytes(bed.disk.written, sector: 16, count: 8) == [UInt8](repeating: 0xAB, count: 4096))
         #expect(bed.front.requestEvent == bed.front.requestProducer &+ 1)
         #expect(bed.engine.step(.stop) == VbdEngineStep(notify: false, wait: .drained))
+    }
+
+    /// Sequential one-page writes merge into one operation, but no larger
+    /// than the storage's `maxIovecsPerOperation` (io_uring: the device's max_segments).
+    @Test("merged operations stop at the storage's iovec limit", arguments: [nil, 3] as [Int?])
+    func mergeStopsAtTheStorageLimit(limit: Int?) throws {
+        let bed = try EngineBed(storageMaxIovecs: limit)
+        for index in 0..<7 {
+            bed.fill(frame: 8 + index, with: UInt8(0x10 + index))
+            bed.front.queue(bed.request(BlkifOperation.write, id: UInt64(index), sector: UInt64(index * 8), frame: 8 + index))
+        }
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        let shapes = bed.disk.pending.map { [Int($0.offset / 512), Int($0.operation.iovecCount)] }
+        #expect(shapes == (limit == nil ? [[0, 7]] : [[0, 3], [24, 3], [48, 1]]))
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        #expect(bed.front.responses() == (0..<7).map { ok(UInt64($0), BlkifOperation.write) })
+        for index in 0..<7 {
+            #expect(bed.diskBytes(bed.disk.written, sector: index * 8, count: 8)
+                    == [UInt8](repeating: UInt8(0x10 + index), count: 4096))
+        }
     }
 
     @Test("responses follow completions, not requests; a read returns what the disk holds")

@@ -6,17 +6,22 @@ import Testing
 
 /// Loop devices and mounts: serialized, root only, always detached.
 @Suite(.serialized) struct BlockDeviceTests {
-    @Test(arguments: [false, true])
-    func loopDeviceThroughTheSameCode(loopDirectIO: Bool) throws {
+    @Test(arguments: [false, true], kernelEngines)
+    func loopDeviceThroughTheSameCode(loopDirectIO: Bool, engine: IOEngineChoice) throws {
         try requireLoopDevices()
         let backing = try TempFile(directory: "/tmp", size: 16 * mebibyte, randomSeed: 99)
         guard let loop = LoopDevice(backing: backing.path, directIO: loopDirectIO) else {
             try Test.cancel("loop-device test skipped: losetup -f --show failed")
         }
         defer { loop.detach() }
-        let storage = try FileStorage.open(path: loop.path, readOnly: false, queueDepth: 16)
+        let storage = try FileStorage.open(path: loop.path, readOnly: false, queueDepth: 16, engine: engine)
         defer { storage.close() }
 
+        #expect(storage.ioEngine.rawValue == engine.rawValue)
+        // io_uring: merged operations stop at the device's max_segments (a split bio would go to a worker).
+        let maxSegments = try String(contentsOfFile: "/sys/block/\(loop.path.split(separator: "/").last!)/queue/max_segments",
+                                     encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(storage.maxIovecsPerOperation == (engine == .ioUring ? Int(maxSegments) : nil))
         #expect(storage.isBlockDevice == true)
         #expect(storage.directIO == true)
         #expect(openFlags(of: loop.path).map { $0 & oDirectFlag } == oDirectFlag)

@@ -7,13 +7,14 @@ let fileDirectories = ["/tmp", "/dev/shm"]
 let mebibyte = 1 << 20
 
 @Suite struct FileStorageTests {
-    @Test(arguments: fileDirectories)
-    func randomWritesReadBackLikePread(directory: String) throws {
+    @Test(arguments: fileDirectories, kernelEngines)
+    func randomWritesReadBackLikePread(directory: String, engine: IOEngineChoice) throws {
         let file = try TempFile(directory: directory, size: 8 * mebibyte, randomSeed: 11)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 16)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 16, engine: engine)
         defer { storage.close() }
         #expect(storage.directIO == true)
         #expect(storage.isBlockDevice == false)
+        #expect(storage.ioEngine.rawValue == engine.rawValue)
         exerciseRandomIO(storage, inspectPath: file.path, seed: 0xC0FFEE)
     }
 
@@ -30,10 +31,10 @@ let mebibyte = 1 << 20
             discard: DiscardSupport(granularity: 4096, alignment: 0, zeroesData: true)))
     }
 
-    @Test(arguments: fileDirectories)
-    func flushCompletesWithZero(directory: String) throws {
+    @Test(arguments: fileDirectories, kernelEngines)
+    func flushCompletesWithZero(directory: String, engine: IOEngineChoice) throws {
         let file = try TempFile(directory: directory, size: mebibyte)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         #expect(writeThroughStorage(storage, offset: 4096, bytes: [UInt8](repeating: 7, count: 4096)) == 4096)
         #expect(singleOperation(storage, .flush) == 0)
@@ -43,10 +44,10 @@ let mebibyte = 1 << 20
         #expect(singleOperation(storage, .flush) == 0)
     }
 
-    @Test(arguments: fileDirectories)
-    func discardZeroesAndFreesBlocks(directory: String) throws {
+    @Test(arguments: fileDirectories, kernelEngines)
+    func discardZeroesAndFreesBlocks(directory: String, engine: IOEngineChoice) throws {
         let file = try TempFile(directory: directory, size: mebibyte, randomSeed: 5)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         let blocksBefore = file.allocatedBlocks
         #expect(blocksBefore == mebibyte / 512)
@@ -69,9 +70,10 @@ let mebibyte = 1 << 20
         #expect(readThroughStorage(storage, offset: 4096, length: 4096).bytes == expected)
     }
 
-    @Test func readOnlyRejectsWritesAndDiscards() throws {
+    @Test(arguments: kernelEngines)
+    func readOnlyRejectsWritesAndDiscards(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 9)
-        let storage = try FileStorage.open(path: file.path, readOnly: true, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: true, queueDepth: 4, engine: engine)
         defer { storage.close() }
         #expect(storage.geometry == StorageGeometry(
             sizeBytes: UInt64(mebibyte), logicalSectorSize: 512, physicalSectorSize: 4096,
@@ -88,9 +90,10 @@ let mebibyte = 1 << 20
         #expect(read.bytes == before)
     }
 
-    @Test func queueDepthLimitsWhatSubmitTakes() throws {
+    @Test(arguments: kernelEngines)
+    func queueDepthLimitsWhatSubmitTakes(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 3)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         let pages = Pages(count: 10)
         let segments = SegmentList(capacity: 10)
@@ -125,9 +128,10 @@ let mebibyte = 1 << 20
         withExtendedLifetime(segments) {}
     }
 
-    @Test func mixedBatchInOneSubmit() throws {
+    @Test(arguments: kernelEngines)
+    func mixedBatchInOneSubmit(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 21)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: engine)
         defer { storage.close() }
         let pages = Pages(count: 2)
         let segments = SegmentList(capacity: 2)
@@ -150,9 +154,10 @@ let mebibyte = 1 << 20
         withExtendedLifetime(segments) {}
     }
 
-    @Test func completionDescriptorSignalsAndDrains() throws {
+    @Test(arguments: kernelEngines)
+    func completionDescriptorSignalsAndDrains(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
         #expect(poll(&poller, 1, 0) == 0)
@@ -166,9 +171,10 @@ let mebibyte = 1 << 20
         #expect(storage.reapCompletions { _ in Issue.record("nothing should be left") } == 0)
     }
 
-    @Test func operationsPastTheEndFailWithEINVAL() throws {
+    @Test(arguments: kernelEngines)
+    func operationsPastTheEndFailWithEINVAL(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         let einval = -Int64(EINVAL)
         #expect(readThroughStorage(storage, offset: mebibyte, length: 4096).result == einval)
@@ -182,10 +188,10 @@ let mebibyte = 1 << 20
 
     /// A read the file's end cuts short (the file shrank after open) reads
     /// zeros past the end and counts as complete.
-    @Test(arguments: fileDirectories)
-    func readPastEndOfShrunkFileReadsZeros(directory: String) throws {
+    @Test(arguments: fileDirectories, kernelEngines)
+    func readPastEndOfShrunkFileReadsZeros(directory: String, engine: IOEngineChoice) throws {
         let file = try TempFile(directory: directory, size: mebibyte, randomSeed: 33)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
         defer { storage.close() }
         let kept = preadBytes(file.path, offset: mebibyte - 8192, length: 2048)
         #expect(truncate(file.path, off_t(mebibyte - 8192 + 2048)) == 0)
@@ -197,12 +203,12 @@ let mebibyte = 1 << 20
         #expect(beyond.bytes == [UInt8](repeating: 0, count: 4096))
     }
 
-    /// The kernel refuses an iocb with more than IOV_MAX vectors at io_submit.
+    /// libaio refuses an iocb with more than IOV_MAX vectors at io_submit.
     /// Behind a good one, the batch stops there; at the head of a batch it is
     /// taken and completes with the refusal.
     @Test func operationRefusedAtSubmit() throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 4)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: .libaio)
         defer { storage.close() }
         let pages = Pages(count: 3)
         let good = SegmentList(capacity: 2)
@@ -254,10 +260,10 @@ let mebibyte = 1 << 20
         }
     }
 
-    @Test(arguments: fileDirectories)
-    func neverMeansBuffered(directory: String) throws {
+    @Test(arguments: fileDirectories, kernelEngines)
+    func neverMeansBuffered(directory: String, engine: IOEngineChoice) throws {
         let file = try TempFile(directory: directory, size: 4 * mebibyte, randomSeed: 8)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, direct: .never)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, direct: .never, engine: engine)
         defer { storage.close() }
         #expect(storage.directIO == false)
         #expect(openFlags(of: file.path).map { $0 & oDirectFlag } == 0)

@@ -3,6 +3,9 @@ import Glibc
 import Testing
 @testable import BlockStorage
 
+/// The kernel interfaces every FileStorage behaviour is checked with.
+let kernelEngines: [IOEngineChoice] = [.ioUring, .libaio]
+
 /// Small deterministic generator (SystemRandomNumberGenerator is slow in loops).
 struct XorShift: RandomNumberGenerator {
     var state: UInt64

@@ -8,6 +8,10 @@
 
 struct xb_uring;
 
+/// io-wq worker threads (each kind: bounded and unbounded work) one ring's
+/// submitting thread may have for operations that would block.
+#define XB_URING_MAX_WORKERS 4
+
 /// A ring of `entries` submission entries (twice as many completion
 /// entries) whose completions signal `eventfd`. 0, or -errno with
 /// `*failed_call` naming the liburing call that refused.
@@ -21,6 +25,13 @@ int xb_uring_queue_readv(struct xb_uring *ring, uint64_t tag, int fd, const stru
 int xb_uring_queue_writev(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
                           unsigned count, uint64_t offset);
 int xb_uring_queue_fdatasync(struct xb_uring *ring, uint64_t tag, int fd);
+/// A writev that must never wait (a TAP queue's frames): with RWF_NOWAIT,
+/// a write that would block completes at once with -EAGAIN instead of
+/// waiting for room (io_uring otherwise waits for a pollable file such as
+/// a TAP or a socket to become writable, whatever its O_NONBLOCK). 0, or
+/// -EBUSY when the submission queue is full.
+int xb_uring_queue_writev_nowait(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
+                                 unsigned count);
 
 /// io_uring_submit: hands the kernel every queued entry. Returns how many
 /// stay queued because the kernel did not take them now (0 normally).

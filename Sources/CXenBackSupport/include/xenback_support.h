@@ -96,6 +96,13 @@ int xb_block_device_size(int fd, uint64_t *size);
 int xb_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
 /// BLKDISCARD on [offset, offset+len).
 int xb_block_device_discard(int fd, uint64_t offset, uint64_t len);
+/// The file system's type (fstatfs's f_type, a linux/magic.h number).
+int xb_file_system_type(int fd, int64_t *type);
+
+/// Makes io_uring_setup fail with `error` on the calling thread only (a
+/// seccomp filter, after PR_SET_NO_NEW_PRIVS on this thread), as a container's
+/// seccomp profile would: tests of the io_uring fallback. 0, or -1 and errno.
+int xb_thread_refuse_io_uring_setup(int error);
 
 // epoll, because struct epoll_event is packed and imports awkwardly.
 int xb_epoll_create(void);

@@ -1,0 +1,93 @@
+import CLibAIO
+import Glibc
+
+/// Linux AIO (libaio): one iocb per slot, one `io_submit` per batch, events
+/// read from the context's shared ring (`io_getevents` with a zero timeout
+/// answers "nothing" without a system call). Each `io_setup` charges its
+/// depth against the host's `fs.aio-max-nr`.
+final class LibAIOQueue: KernelQueue {
+    let engine = IOEngine.libaio
+    private let depth: Int
+    private let eventFD: Int32
+    private var context: io_context_t?
+    private let iocbs: UnsafeMutablePointer<iocb>
+    /// The iocb pointer list handed to io_submit.
+    private let submitList: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
+    private var queuedCount = 0
+    private let events: UnsafeMutablePointer<io_event>
+
+    static func make(depth: Int, eventFD: Int32) throws(KernelQueueSetupError) -> LibAIOQueue {
+        var context: io_context_t?
+        let result = io_setup(Int32(depth), &context)
+        guard result == 0 else { throw KernelQueueSetupError(call: "io_setup(\(depth))", errno: -result) }
+        return LibAIOQueue(depth: depth, eventFD: eventFD, context: context)
+    }
+
+    private init(depth: Int, eventFD: Int32, context: io_context_t?) {
+        self.depth = depth
+        self.eventFD = eventFD
+        self.context = context
+        iocbs = .allocate(capacity: depth)
+        iocbs.initialize(repeating: iocb(), count: depth)
+        submitList = .allocate(capacity: depth)
+        submitList.initialize(repeating: nil, count: depth)
+        events = .allocate(capacity: depth)
+        events.initialize(repeating: io_event(), count: depth)
+    }
+
+    deinit {
+        close()
+        iocbs.deallocate()
+        submitList.deallocate()
+        events.deallocate()
+    }
+
+    func close() {
+        if let context { io_destroy(context) }
+        context = nil
+    }
+
+    func queueRead(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64) {
+        io_prep_preadv(iocbs + slot, fd, iovecs, count, Int64(offset))
+        enqueue(slot)
+    }
+
+    func queueWrite(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64) {
+        io_prep_pwritev(iocbs + slot, fd, iovecs, count, Int64(offset))
+        enqueue(slot)
+    }
+
+    func queueFlush(slot: Int, fd: Int32) {
+        io_prep_fdsync(iocbs + slot, fd)
+        enqueue(slot)
+    }
+
+    private func enqueue(_ slot: Int) {
+        io_set_eventfd(iocbs + slot, eventFD)
+        submitList[queuedCount] = iocbs + slot
+        queuedCount += 1
+    }
+
+    func submitQueued() -> (accepted: Int, refusal: Int32) {
+        let count = queuedCount
+        queuedCount = 0
+        guard count > 0 else { return (0, 0) }
+        let result = io_submit(context, count, submitList)
+        if result >= 0 { return (Int(result), 0) }
+        return (0, result == -EAGAIN ? 0 : -result)
+    }
+
+    func reap(_ body: (Int, Int64) -> Void) -> Int {
+        var noWait = timespec(tv_sec: 0, tv_nsec: 0)
+        var reaped = 0
+        while true {
+            let count = Int(io_getevents(context, 0, depth, events, &noWait))
+            guard count > 0 else { return reaped }
+            for index in 0..<count {
+                let event = events[index]
+                body(iocbs.distance(to: event.obj), Int64(Int(bitPattern: event.res)))
+            }
+            reaped += count
+        }
+    }
+}
