@@ -11,7 +11,12 @@ import SystemSupport
 /// within the submission, and a full queue completes with -EAGAIN at once
 /// (without it io_uring would wait for room, O_NONBLOCK or not). When the
 /// kernel refuses io_uring (an old kernel, a seccomp filter,
-/// `kernel.io_uring_disabled`), batches are written one by one.
+/// `kernel.io_uring_disabled`), batches are written one by one; so they
+/// are from the first batch whose writes all come back -EOPNOTSUPP, or
+/// -EAGAIN while the TAP has room: that kernel cannot write a TAP without
+/// waiting (Linux 6.1, Debian 12's, refuses RWF_NOWAIT on a file without
+/// FMODE_NOWAIT with EOPNOTSUPP; seen on real Xen as a guest whose every
+/// frame failed), and those frames are written again one by one.
 ///
 /// One thread at a time (the queue's data-plane thread).
 public final class BatchingTapQueue: TapPort {
@@ -26,9 +31,19 @@ public final class BatchingTapQueue: TapPort {
     /// Frames one submission takes; a larger batch goes in several.
     public static let entries = 64
     /// Why io_uring is not used (the call and errno), or nil when it is.
-    public let uringRefusal: String?
+    public private(set) var uringRefusal: String?
+    /// A RWF_NOWAIT write to this TAP has succeeded: no more checks.
+    private var nowaitWorks = false
+    /// Batches go through the ring (false: refused, at open or since).
+    private var batching: Bool
+    /// Tests: play a kernel whose io_uring answers every RWF_NOWAIT write
+    /// to a TAP with this errno (nothing is submitted); 0: the real kernel.
+    let refusesNowaitForTesting: Int32
 
-    public init(_ queue: TapQueue) {
+    public convenience init(_ queue: TapQueue) { self.init(queue, refusesNowaitForTesting: 0) }
+
+    init(_ queue: TapQueue, refusesNowaitForTesting: Int32) {
+        self.refusesNowaitForTesting = refusesNowaitForTesting
         self.queue = queue
         tags = .allocate(capacity: Self.entries)
         codes = .allocate(capacity: Self.entries)
@@ -52,6 +67,7 @@ public final class BatchingTapQueue: TapPort {
         self.ring = ring
         self.completions = completions
         uringRefusal = refusal
+        batching = ring != nil
     }
 
     deinit {
@@ -62,7 +78,7 @@ public final class BatchingTapQueue: TapPort {
     }
 
     /// Whether batches go through io_uring.
-    public var usesURing: Bool { ring != nil }
+    public var usesURing: Bool { batching }
 
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(NetworkError) -> Int? {
@@ -83,7 +99,7 @@ public final class BatchingTapQueue: TapPort {
     /// `writeFrames(_:results:)`.
     public func writeFrames(_ total: Int, results: UnsafeMutablePointer<Int>,
                             vectors: (Int) -> UnsafeBufferPointer<iovec>) {
-        guard let ring else {
+        guard batching, let ring else {
             writeOneByOne(0..<total, results: results, vectors: vectors)
             return
         }
@@ -94,6 +110,10 @@ public final class BatchingTapQueue: TapPort {
             // The ring has room (every entry of the last submission was
             // reaped); should an entry be refused all the same, the frames
             // from there on are written one by one after the queued ones, in order.
+            if refusesNowaitForTesting != 0 {
+                for i in start..<(start + count) { results[i] = -Int(refusesNowaitForTesting) }
+                queued = count
+            }
             while queued < count {
                 let v = vectors(start + queued)
                 guard xb_uring_queue_writev_nowait(ring, UInt64(start + queued), queue.fileDescriptor,
@@ -102,8 +122,8 @@ public final class BatchingTapQueue: TapPort {
             }
             // Not taken now (the kernel short of memory): in the ring still,
             // taken by the next submit below.
-            var unsubmitted = queued > 0 ? xb_uring_submit(ring) : 0
-            var done = 0
+            var unsubmitted = queued > 0 && refusesNowaitForTesting == 0 ? xb_uring_submit(ring) : 0
+            var done = refusesNowaitForTesting != 0 ? queued : 0
             while done < queued {
                 let n = Int(xb_uring_reap(ring, tags, codes, UInt32(Self.entries)))
                 for j in 0..<n { results[Int(tags[j])] = Int(codes[j]) }
@@ -115,9 +135,33 @@ public final class BatchingTapQueue: TapPort {
                     waitForCompletions()
                 }
             }
+            if !nowaitWorks && nowaitRefused(start..<(start + queued), results: results) {
+                // Every write of this chunk was refused and none written: again, one by one, and so from now on.
+                batching = false
+                uringRefusal = "this kernel's io_uring refuses RWF_NOWAIT writes to a TAP"
+                writeOneByOne(start..<total, results: results, vectors: vectors)
+                return
+            }
             if queued < count { writeOneByOne((start + queued)..<(start + count), results: results, vectors: vectors) }
             start += count
         }
+    }
+
+    /// Whether the chunk's results show a kernel that refuses RWF_NOWAIT
+    /// on a TAP: all -EOPNOTSUPP, or all -EAGAIN while the TAP has room. A
+    /// success on the way settles that it works.
+    private func nowaitRefused(_ frames: Range<Int>, results: UnsafeMutablePointer<Int>) -> Bool {
+        guard !frames.isEmpty else { return false }
+        let first = results[frames.lowerBound]
+        for i in frames where results[i] >= 0 || results[i] != first {
+            if results[i] >= 0 { nowaitWorks = true }
+            return false
+        }
+        if first == -Int(EOPNOTSUPP) { return true }
+        guard first == -Int(EAGAIN) else { return false }
+        var p = pollfd(fd: queue.fileDescriptor, events: Int16(POLLOUT), revents: 0)
+        let ready = (try? Syscall.poll(&p, 1, timeoutMilliseconds: 0)) ?? 0
+        return ready > 0 && p.revents & Int16(POLLOUT) != 0
     }
 
     private func writeOneByOne(_ frames: Range<Int>, results: UnsafeMutablePointer<Int>,

@@ -1,5 +1,5 @@
 import Glibc
-import NetworkPlumbing
+@testable import NetworkPlumbing
 import Testing
 
 /// BatchingTapQueue writes a batch of frames in io_uring submissions: each
@@ -90,5 +90,42 @@ struct BatchingTapQueueTests {
         while send(pair[0], buffer, 100, Int32(MSG_DONTWAIT)) > 0 {}
         two.withUnsafeBufferPointer { v in results.withUnsafeMutableBufferPointer { full.writeFrames(v, results: $0.baseAddress!) } }
         #expect(results == [-Int(EAGAIN), -Int(EAGAIN)])
+    }
+
+    /// Linux 6.1 (Debian 12's dom0 kernel) answers every RWF_NOWAIT write
+    /// to a TAP with -EOPNOTSUPP: seen on real Xen as a guest whose every
+    /// frame failed. The queue must notice (all refused while the file has
+    /// room), write those frames one by one, and stop batching.
+    @Test("a kernel that refuses RWF_NOWAIT on a TAP: the batch is written one by one, in order, and so is every later one",
+          arguments: [EOPNOTSUPP, EAGAIN])
+    func nowaitRefusedFallsBackToOneByOne(refusal: Int32) throws {
+        var pair: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        defer { pair.forEach { _ = close($0) } }
+        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12), refusesNowaitForTesting: refusal)
+        try #require(batching.usesURing)
+        let frames: [[UInt8]] = (0..<6).map { i in [UInt8](repeating: UInt8(i + 1), count: 64 + i) }
+        let buffers = frames.map { f -> UnsafeMutableRawPointer in
+            let b = UnsafeMutableRawPointer.allocate(byteCount: f.count, alignment: 8)
+            b.copyMemory(from: f, byteCount: f.count)
+            return b
+        }
+        defer { buffers.forEach { $0.deallocate() } }
+        let vectors = zip(buffers, frames).map { iovec(iov_base: $0, iov_len: $1.count) }
+        for half in [0..<3, 3..<6] {
+            var results = [Int](repeating: 0, count: half.count)
+            Array(vectors[half]).withUnsafeBufferPointer { v in
+                results.withUnsafeMutableBufferPointer { batching.writeFrames(v, results: $0.baseAddress!) }
+            }
+            #expect(results == frames[half].map(\.count))
+        }
+        #expect(!batching.usesURing)
+        #expect(batching.uringRefusal?.contains("RWF_NOWAIT") == true)
+        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+        defer { buffer.deallocate() }
+        var received: [[UInt8]] = []
+        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
+        #expect(received == frames)
     }
 }
