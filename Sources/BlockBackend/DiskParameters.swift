@@ -11,9 +11,9 @@ public enum DiskParameters {
         DiskTarget.strippingFormatPrefixes(params)
     }
 
-    /// The default opener (io_uring where the kernel allows it, else
-    /// libaio). A target that does not parse fails with `DiskTargetError`'s one-line reason.
-    public static let fileStorageOpener: StorageOpener = storageOpener(ioEngine: .auto)
+    /// The default opener (libaio, the daemon's default `--io-engine`). A
+    /// target that does not parse fails with `DiskTargetError`'s one-line reason.
+    public static let fileStorageOpener: StorageOpener = storageOpener(ioEngine: .libaio)
 
     /// The opener with files and block devices on `ioEngine` (`--io-engine`).
     public static func storageOpener(ioEngine: IOEngineChoice) -> StorageOpener {

@@ -40,8 +40,8 @@ struct BenchBlock: ParsableCommand {
     var noPersistentGrants = false
     @Option(help: "Pages per blkif request: 11 (direct requests) or up to \(VbdDataPlane.indirectSegmentsLimit) (indirect requests; the backend offers at least this many).")
     var segmentsPerRequest = Blkif.maxSegmentsPerRequest
-    @Option(help: "The backend's kernel interface for the file: auto, io_uring or libaio (fio uses libaio either way).")
-    var ioEngine: IOEngineChoice = .auto
+    @Option(help: "The backend's kernel interface for the file: libaio (the daemon's default), io_uring or auto (fio uses libaio either way).")
+    var ioEngine: IOEngineChoice = .libaio
     @Flag(help: "Skip the fio runs.")
     var noFio = false
     @Option(help: "Only rows whose name contains this.")

@@ -138,11 +138,10 @@ struct BenchScale: ParsableCommand {
         while access(file, F_OK) == 0 && MonotonicClock.seconds() < deadline { usleep(50_000) }
     }
 
-    /// With libaio (io_uring refused here), each vbd's storage reserves
-    /// `storageQueueDepth` aio events (io_setup); past fs.aio-max-nr the
-    /// next disk cannot be opened. Said up front.
+    /// With libaio (the daemon's default engine), each vbd's storage
+    /// reserves `storageQueueDepth` aio events (io_setup); past
+    /// fs.aio-max-nr the next disk cannot be opened. Said up front.
     private func warnIfAIOEventsShort(vbds: Int) {
-        guard IOEngineChoice.ioUringRefusal() != nil else { return }
         func number(_ file: String) -> Int? {
             (try? String(contentsOfProcFile: file)).flatMap { Int($0.filter(\.isNumber)) }
         }

@@ -38,8 +38,10 @@ struct Run: ParsableCommand {
     @Option(help: "Where each ring's journal lives, so that a daemon restarted after a kill answers every request exactly once: a tmpfs that outlives the daemon (default: /run/xenbackd/rings on Xen, ROOT/rings on the loopback hypervisor).")
     var ringJournalDir: String?
 
-    @Option(help: "Kernel interface for files and block devices: auto (io_uring where the kernel allows it, else libaio), io_uring or libaio.")
-    var ioEngine: IOEngineChoice = .auto
+    // libaio by default: io_uring without registered buffers cost more dom0
+    // CPU per I/O and ran slower at QD32 on a loop device (docs/PERFORMANCE.md).
+    @Option(help: "Kernel interface for files and block devices: libaio (the default), io_uring, or auto (io_uring where the kernel allows it, else libaio).")
+    var ioEngine: IOEngineChoice = .libaio
 
     @Option(help: "Control socket for `xenbackd status`.")
     var controlSocket: String = ControlServer.defaultPath
