@@ -10,8 +10,7 @@ struct BatchingTapQueueTests {
     /// 70 frames (more than one submission's 64) of different sizes and bytes.
     @Test("every frame of a batch arrives whole and in order, each with its length")
     func framesArriveInOrder() throws {
-        var pair: [Int32] = [-1, -1]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        let pair = try seqpacketPair()
         defer { pair.forEach { _ = close($0) } }
         var size = 1 << 20
         setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
@@ -20,42 +19,26 @@ struct BatchingTapQueueTests {
         #expect(batching.usesURing, "io_uring refused: \(batching.uringRefusal ?? "")")
         let frames: [[UInt8]] = (0..<70).map { i in (0..<(60 + i * 7)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) } }
         var results = [Int](repeating: 0, count: frames.count)
-        let buffers = frames.map { f -> UnsafeMutableRawPointer in
-            let b = UnsafeMutableRawPointer.allocate(byteCount: f.count, alignment: 8)
-            b.copyMemory(from: f, byteCount: f.count)
-            return b
-        }
+        let (buffers, vectors) = copies(of: frames)
         defer { buffers.forEach { $0.deallocate() } }
-        let vectors = zip(buffers, frames).map { iovec(iov_base: $0, iov_len: $1.count) }
         vectors.withUnsafeBufferPointer { v in
             results.withUnsafeMutableBufferPointer { batching.writeFrames(v, results: $0.baseAddress!) }
         }
         #expect(results == frames.map(\.count))
-        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
-        defer { buffer.deallocate() }
-        var received: [[UInt8]] = []
-        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
-        #expect(received == frames)
+        #expect(try framesWaiting(on: pair[1]) == frames)
     }
 
     @Test("frames gathered from several vectors each arrive whole, in order")
     func gatheredFrames() throws {
-        var pair: [Int32] = [-1, -1]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        let pair = try seqpacketPair()
         defer { pair.forEach { _ = close($0) } }
         let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12))
         // Frame i: a 12-byte header, then two parts of 40 + i and 3 bytes.
         let parts: [[[UInt8]]] = (0..<5).map { i in
             [[UInt8](repeating: UInt8(i), count: 12), (0..<(40 + i)).map { UInt8(truncatingIfNeeded: $0 + i) }, [0xaa, 0xbb, UInt8(i)]]
         }
-        let storage = parts.flatMap { $0 }.map { p -> UnsafeMutableRawPointer in
-            let b = UnsafeMutableRawPointer.allocate(byteCount: p.count, alignment: 8)
-            b.copyMemory(from: p, byteCount: p.count)
-            return b
-        }
+        let (storage, vectors) = copies(of: parts.flatMap { $0 })
         defer { storage.forEach { $0.deallocate() } }
-        let vectors = zip(storage, parts.flatMap { $0 }).map { iovec(iov_base: $0, iov_len: $1.count) }
         var results = [Int](repeating: 0, count: parts.count)
         vectors.withUnsafeBufferPointer { v in
             results.withUnsafeMutableBufferPointer { r in
@@ -64,12 +47,7 @@ struct BatchingTapQueueTests {
         }
         let frames = parts.map { $0.flatMap { $0 } }
         #expect(results == frames.map(\.count))
-        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
-        defer { buffer.deallocate() }
-        var received: [[UInt8]] = []
-        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
-        #expect(received == frames)
+        #expect(try framesWaiting(on: pair[1]) == frames)
     }
 
     @Test("a frame the kernel refuses gets its -errno, a full queue -EAGAIN, and nothing blocks")
@@ -82,8 +60,7 @@ struct BatchingTapQueueTests {
         two.withUnsafeBufferPointer { v in results.withUnsafeMutableBufferPointer { closed.writeFrames(v, results: $0.baseAddress!) } }
         #expect(results == [-Int(EBADF), -Int(EBADF)])
 
-        var pair: [Int32] = [-1, -1]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        let pair = try seqpacketPair()
         defer { pair.forEach { _ = close($0) } }
         let full = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 0))
         // Fill the socket: the peer reads nothing.
@@ -99,19 +76,13 @@ struct BatchingTapQueueTests {
     @Test("a kernel that refuses RWF_NOWAIT on a TAP: the batch is written one by one, in order, and so is every later one",
           arguments: [EOPNOTSUPP, EAGAIN])
     func nowaitRefusedFallsBackToOneByOne(refusal: Int32) throws {
-        var pair: [Int32] = [-1, -1]
-        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+        let pair = try seqpacketPair()
         defer { pair.forEach { _ = close($0) } }
         let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12), refusesNowaitForTesting: refusal)
         try #require(batching.usesURing)
         let frames: [[UInt8]] = (0..<6).map { i in [UInt8](repeating: UInt8(i + 1), count: 64 + i) }
-        let buffers = frames.map { f -> UnsafeMutableRawPointer in
-            let b = UnsafeMutableRawPointer.allocate(byteCount: f.count, alignment: 8)
-            b.copyMemory(from: f, byteCount: f.count)
-            return b
-        }
+        let (buffers, vectors) = copies(of: frames)
         defer { buffers.forEach { $0.deallocate() } }
-        let vectors = zip(buffers, frames).map { iovec(iov_base: $0, iov_len: $1.count) }
         for half in [0..<3, 3..<6] {
             var results = [Int](repeating: 0, count: half.count)
             Array(vectors[half]).withUnsafeBufferPointer { v in
@@ -121,11 +92,33 @@ struct BatchingTapQueueTests {
         }
         #expect(!batching.usesURing)
         #expect(batching.uringRefusal?.contains("RWF_NOWAIT") == true)
-        let reader = TapQueue(fileDescriptor: pair[1], vnetHeaderSize: 12)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
-        defer { buffer.deallocate() }
-        var received: [[UInt8]] = []
-        while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
-        #expect(received == frames)
+        #expect(try framesWaiting(on: pair[1]) == frames)
     }
+}
+
+/// A non-blocking SOCK_SEQPACKET pair: one frame per message, as a TAP queue.
+private func seqpacketPair() throws -> [Int32] {
+    var pair: [Int32] = [-1, -1]
+    try #require(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+    return pair
+}
+
+/// Each chunk in memory of its own (the caller frees it), and iovecs naming them.
+private func copies(of chunks: [[UInt8]]) -> (buffers: [UnsafeMutableRawPointer], vectors: [iovec]) {
+    let buffers = chunks.map { c -> UnsafeMutableRawPointer in
+        let b = UnsafeMutableRawPointer.allocate(byteCount: c.count, alignment: 8)
+        b.copyMemory(from: c, byteCount: c.count)
+        return b
+    }
+    return (buffers, zip(buffers, chunks).map { iovec(iov_base: $0, iov_len: $1.count) })
+}
+
+/// Every frame waiting on `fd`, in order.
+private func framesWaiting(on fd: Int32) throws -> [[UInt8]] {
+    let reader = TapQueue(fileDescriptor: fd, vnetHeaderSize: 12)
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+    defer { buffer.deallocate() }
+    var received: [[UInt8]] = []
+    while let n = try reader.read(into: buffer) { received.append(Array(buffer[..<n])) }
+    return received
 }
