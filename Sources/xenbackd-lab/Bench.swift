@@ -22,7 +22,7 @@ struct Bench: ParsableCommand {
 struct BenchBlock: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "blk", abstract: "Benchmark the block backend against fio.")
 
-    @Option(help: "File or block device to serve (created with --size if missing).")
+    @Option(help: "File or block device to serve (created with --size-mi-b if missing).")
     var file: String?
     @Option(help: "An NBD export to serve instead (nbd://, nbd+unix:// or nbd:HOST:PORT); fio then uses its nbd engine.")
     var nbd: String?
