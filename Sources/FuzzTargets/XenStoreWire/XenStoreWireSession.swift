@@ -17,6 +17,11 @@ final class XenStoreWireSession {
     private var guestReplies = XenStoreFrameDecoder()
     /// Requests sent, oldest first; those before `answered` have had their reply.
     private var requests: [XenStoreMessage] = []
+    /// Per request, whether it reads a node the guest could not read in the
+    /// step that sent it (the server answers in that step; a guest that is
+    /// not reading takes the reply later, perhaps after dom0 changed the
+    /// node's permissions: the reply is judged by the tree it was made from).
+    private var readsSecret: [Bool] = []
     private var answered = 0
     private var unansweredCount: Int { requests.count - answered }
     /// Watches just set whose initial event (path as requested, token) is still to come.
@@ -118,6 +123,7 @@ final class XenStoreWireSession {
         guestRequests = XenStoreFrameDecoder()
         guestReplies = XenStoreFrameDecoder()
         requests.removeAll()
+        readsSecret.removeAll()
         answered = 0
         initialFirings.removeAll()
         framingBroken = false
@@ -166,6 +172,16 @@ final class XenStoreWireSession {
     /// operation granted; a connection closed only for a reason.
     private func collectGuestOutput(before: [String: XenStoreNode], after: [String: XenStoreNode]) {
         let open = server.isOpen(guestConnection)
+        while readsSecret.count < requests.count {
+            let request = requests[readsSecret.count]
+            var secret = false
+            if let type = request.type, Self.readTypes.contains(type), request.transactionID == 0,
+               let raw = XenStorePayload.strings(request.payload).first,
+               let path = XenStorePath.resolve(raw, domain: Self.guest) {
+                secret = isSecret(path, before, after)
+            }
+            readsSecret.append(secret)
+        }
         if guestReads || !open {
             // Like a client's read loop: taking replies makes room for more.
             while case let replies = server.takeReplies(of: guestConnection), !replies.isEmpty {
@@ -181,6 +197,7 @@ final class XenStoreWireSession {
             }
             if answered == requests.count {
                 requests.removeAll(keepingCapacity: true)
+                readsSecret.removeAll(keepingCapacity: true)
                 answered = 0
             }
         }
@@ -213,6 +230,7 @@ final class XenStoreWireSession {
         }
         guard unansweredCount > 0 else { return finding("reply \(Self.describe(message)) to no request") }
         let request = requests[answered]
+        let secret = readsSecret[answered]
         answered += 1
         guard message.requestID == request.requestID, message.transactionID == request.transactionID,
               message.rawType == request.rawType || message.type == .error else {
@@ -226,10 +244,9 @@ final class XenStoreWireSession {
         if let type = request.type, Self.privilegedTypes.contains(type), message.payload != XenStorePayload.errorReply(errno: XenStoreError.accessDenied) {
             finding("guest's \(type) answered \(Self.describe(message)), not EACCES")
         }
-        if let type = request.type, Self.readTypes.contains(type), request.transactionID == 0, message.type != .error,
-           let raw = XenStorePayload.strings(request.payload).first,
-           let path = XenStorePath.resolve(raw, domain: Self.guest), isSecret(path, before, after) {
-            finding("guest's \(type) of \(path) (which it may not read) answered \(Self.describe(message))")
+        if secret, let type = request.type, message.type != .error {
+            let raw = XenStorePayload.strings(request.payload).first ?? ""
+            finding("guest's \(type) of \(raw) (which it may not read) answered \(Self.describe(message))")
         }
         if request.type == .watch, message.type == .watch {
             initialFirings.append(Array(XenStorePayload.strings(request.payload).prefix(2)))
