@@ -23,8 +23,12 @@ struct Run: ParsableCommand {
     @Option(help: "Loopback hypervisor root folder (with the loopback xenstored's socket).")
     var root: String = "/run/xenbackd/loopback"
 
-    @Option(name: .customLong("poll-us"), help: "Most microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once); the window adapts to what polling wins and stops while the CPU is contended.")
-    var pollMicroseconds: Int = 50
+    @Option(name: .customLong("poll-us"), help: "Most microseconds a ring's thread keeps polling an idle ring before sleeping (0: sleep at once); the window adapts to what polling wins and stops while the CPU is contended. Default: 0 on Xen, as blkback (a dom0 that polls takes CPU time from guests that share its CPUs; opt in where dom0 has CPUs of its own), \(Self.loopbackPollMicroseconds) on the loopback hypervisor.")
+    var pollMicroseconds: Int?
+
+    /// The loopback hypervisor's guests are threads of this host: there,
+    /// polling saves their notification and our wakeup (docs/PERFORMANCE.md).
+    static let loopbackPollMicroseconds = 50
 
     @Flag(help: "Do not offer persistent grants (feature-persistent).")
     var noPersistentGrants = false
@@ -52,6 +56,7 @@ struct Run: ParsableCommand {
         guard (0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments) else {
             throw ValidationError("--max-indirect-segments must be 0 to \(VbdDataPlane.indirectSegmentsLimit)")
         }
+        guard (pollMicroseconds ?? 0) >= 0 else { throw ValidationError("--poll-us must be 0 or more") }
         guard (1...BlockBackendOptions.maxQueuesLimit).contains(maxQueues) else {
             throw ValidationError("--max-queues must be 1 to \(BlockBackendOptions.maxQueuesLimit)")
         }
@@ -86,9 +91,10 @@ struct Run: ParsableCommand {
             throw ValidationError("cannot reach xenstore on the \(hypervisor.name) platform: \(error)")
         }
         let loop = XenbusControlLoop(store: store, logger: logger)
+        let poll = pollMicroseconds ?? (hypervisor.name == "xen" ? 0 : Self.loopbackPollMicroseconds)
         let service = BlockBackendService(platform: hypervisor, loop: loop,
                                           openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
-                                          options: .init(pollMicroseconds: pollMicroseconds,
+                                          options: .init(pollMicroseconds: poll,
                                                          persistentGrants: !noPersistentGrants,
                                                          maxIndirectSegments: maxIndirectSegments,
                                                          ringJournalDirectory: ringJournalDir
@@ -114,7 +120,7 @@ struct Run: ParsableCommand {
             logger.warning(ioEngine == .auto ? "io_uring refused (\(refusal)): files and block devices use libaio"
                                              : "io_uring refused (\(refusal)): files and block devices will fail to open")
         }
-        logger.notice("xenbackd serving", metadata: ["platform": "\(hypervisor.name)", "domain": "\(hypervisor.ownDomain)"])
+        logger.notice("xenbackd serving", metadata: ["platform": "\(hypervisor.name)", "domain": "\(hypervisor.ownDomain)", "pollMicroseconds": "\(poll)"])
         loop.run()
         logger.notice("xenbackd stopped")
     }
