@@ -146,6 +146,9 @@ public final class VbdEngine {
     private var stopping = false
     /// The storage's completion descriptor was reported readable since the last reap.
     private var storageSignalled = false
+    /// Completions were reaped by polling since the descriptor was last
+    /// reset: it may be readable with nothing left to reap.
+    private var reapedSinceReset = false
     /// Why the frontend was declared broken (the loop reports it once).
     public private(set) var breach: String?
     /// A pass answered or submitted something: look again before waiting.
@@ -384,6 +387,14 @@ public final class VbdEngine {
                 if try ring.finalCheckForRequests() {
                     if notify { return VbdEngineStep(notify: true, wait: .busy) }
                     continue
+                }
+                // What finished inside io_submit (tmpfs, a RAM disk) was
+                // reaped, but its eventfd would wake the loop at once for
+                // nothing: one read now saves that wakeup (an epoll_wait, a
+                // read and a pass), per batch on such storage.
+                if reapedSinceReset && storageInFlight == 0 {
+                    storage.resetCompletionSignal()
+                    reapedSinceReset = false
                 }
                 return VbdEngineStep(notify: notify, wait: .idle)
             } catch {
@@ -730,6 +741,7 @@ public final class VbdEngine {
     private func reapCompletions(polling: Bool = false) -> Int {
         let reaped = polling ? storage.pollCompletions { completeOperation($0) }
                              : storage.reapCompletions { completeOperation($0) }
+        if !polling { reapedSinceReset = false } else if reaped > 0 { reapedSinceReset = true }
         // Read data goes back to the guest in one batch of copies.
         guard copyCount > 0 else { return reaped }
         runCopies()

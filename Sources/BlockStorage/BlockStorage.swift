@@ -83,6 +83,8 @@ public extension BlockStorage {
     var maxIovecsPerOperation: Int? { nil }
     /// One queue only, unless the storage says otherwise.
     func openAnotherQueue() throws -> (any BlockStorage)? { nil }
+    /// Storages whose descriptor goes quiet once reaped need nothing.
+    func resetCompletionSignal() {}
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -108,6 +110,12 @@ public protocol BlockStorage: AnyObject {
     /// a caller that polls instead of sleeping. A later `reapCompletions`
     /// resets the descriptor.
     func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int
+    /// Clears the completion descriptor's readiness left by operations
+    /// that `pollCompletions` already reaped. Call only with nothing in
+    /// flight (a completion signalled later would be lost): storage that
+    /// finishes inside `submit` (tmpfs, the page cache, a RAM disk) has
+    /// signalled it, and a loop about to sleep would wake at once for nothing.
+    func resetCompletionSignal()
     /// Releases the disk. Call only with nothing in flight.
     func close()
     /// Where to report what an operator should know (a connection lost or

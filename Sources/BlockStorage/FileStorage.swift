@@ -314,6 +314,8 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         reapFinished(body) + reapKernelEvents(body)
     }
 
+    public func resetCompletionSignal() { drainEventCounter() }
+
     /// Completions of operations done at submit time. A slot is released
     /// before `body` runs, so `body` may submit again.
     private func reapFinished(_ body: (StorageCompletion) -> Void) -> Int {

@@ -80,6 +80,8 @@ public final class InMemoryStorage: BlockStorage {
         writeLogBase = 0
         completesAtOnce = false
         submittedOperations = 0
+        completionSignalResets = 0
+        completionSignalResetsInFlight = 0
         closed = false
     }
 
@@ -107,6 +109,15 @@ public final class InMemoryStorage: BlockStorage {
     }
 
     public func close() { closed = true }
+
+    /// How often the engine reset the completion signal, and how many of
+    /// those came with operations in flight (a completion could be lost).
+    public private(set) var completionSignalResets = 0
+    public private(set) var completionSignalResetsInFlight = 0
+    public func resetCompletionSignal() {
+        completionSignalResets += 1
+        if !pending.isEmpty || !finished.isEmpty { completionSignalResetsInFlight += 1 }
+    }
     public func openAnotherQueue() throws -> (any BlockStorage)? { anotherQueue?() }
 
     /// Completes pending operation `index`: its effect happens now, or it

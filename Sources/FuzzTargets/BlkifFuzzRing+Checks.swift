@@ -195,6 +195,11 @@ extension BlkifFuzzRing {
     /// Memory the engine holds is what it allocated for the ring, whatever the guest does.
     /// `reaped`: after a step, which reaps every completion there is.
     func checkBounds(reaped: Bool = true) {
+        if disk.completionSignalResetsInFlight > reportedResetsInFlight {
+            reportedResetsInFlight = disk.completionSignalResetsInFlight
+            report("the completion signal is reset only with nothing in flight (else a completion's wakeup is lost)",
+                   "storage pending \(disk.pending.count), storageInFlight \(engine.storageInFlight)")
+        }
         if engine.outstanding > engine.ringSlots {
             report("requests held are bounded by the ring", "\(engine.outstanding) > \(engine.ringSlots)")
         }

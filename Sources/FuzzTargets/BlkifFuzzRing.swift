@@ -85,6 +85,8 @@ final class BlkifFuzzRing {
     /// they stay in the journal for the next engine, unanswered by this one.
     var leftInJournal = false
     var lastWait: VbdEngineStep.Wait = .idle
+    /// Resets of the completion signal with I/O in flight already reported.
+    var reportedResetsInFlight = 0
     /// The engine is inside `step` (a rewrite now races it).
     var inStep = false
     /// Print responses as they are taken (BLKIF_FUZZ_TRACE).
@@ -195,6 +197,7 @@ final class BlkifFuzzRing {
         leftInJournal = false
         heldByRewritten = false
         lastWait = .idle
+        reportedResetsInFlight = 0
         engine = makeEngine(recover: false)
     }
 

@@ -56,4 +56,50 @@ struct NotificationTests {
         #expect(armed.wait == .idle)
         #expect(bed.front.requestEvent == bed.front.requestProducer &+ 1)
     }
+
+    @Test("storage that finished inside submit has its completion signal reset before the loop sleeps, and never with I/O in flight")
+    func completionSignalResetBeforeSleeping() throws {
+        let bed = try EngineBed()
+        // Finished inside submit (tmpfs, a RAM disk): reaped by the pass's
+        // poll, so the signal it left is reset once, before going idle.
+        bed.disk.completesAtOnce = true
+        for i in 0..<3 { bed.front.queue(bed.request(BlkifOperation.write, id: UInt64(i), sector: UInt64(i) * 64, frame: 8 + i)) }
+        bed.front.push()
+        #expect(bed.engine.step(.kicked).wait == .idle)
+        #expect(bed.front.responses() == (0..<3).map { ok(UInt64($0), BlkifOperation.write) })
+        #expect(bed.disk.completionSignalResets == 1)
+        // Nothing reaped since: no further reset.
+        #expect(bed.engine.step(.kicked).wait == .idle)
+        #expect(bed.disk.completionSignalResets == 1)
+
+        // Finished later and reported by the loop: that reap reset it.
+        bed.disk.completesAtOnce = false
+        bed.front.queue(bed.request(BlkifOperation.read, id: 9, sector: 0, frame: 12))
+        bed.front.push()
+        #expect(bed.engine.step(.kicked).wait == .idle)
+        #expect(bed.disk.pending.count == 1)
+        bed.disk.completeAll()
+        #expect(bed.engine.step(.storageReady).wait == .idle)
+        #expect(bed.front.responses() == [ok(9, BlkifOperation.read)])
+        #expect(bed.disk.completionSignalResets == 1)
+
+        // Reaped by a poll while another operation is still in flight: not
+        // reset then (its completion would be lost), only once both are done.
+        for (id, sector) in [(10, 256), (11, 512)] {
+            bed.front.queue(bed.request(BlkifOperation.write, id: UInt64(id), sector: UInt64(sector), frame: 13))
+        }
+        bed.front.push()
+        #expect(bed.engine.step(.kicked, armIfIdle: false).wait == .ringEmpty)
+        #expect(bed.disk.pending.count == 2)
+        bed.disk.complete(0)
+        #expect(bed.engine.hasWork())
+        #expect(bed.engine.step(.kicked).wait == .idle)
+        #expect(bed.disk.completionSignalResets == 1)
+        bed.disk.complete(0)
+        #expect(bed.engine.hasWork())
+        #expect(bed.engine.step(.kicked).wait == .idle)
+        #expect(bed.front.responses() == [ok(10, BlkifOperation.write), ok(11, BlkifOperation.write)])
+        #expect(bed.disk.completionSignalResets == 2)
+        #expect(bed.disk.completionSignalResetsInFlight == 0)
+    }
 }
