@@ -154,6 +154,9 @@ let mebibyte = 1 << 20
         withExtendedLifetime(segments) {}
     }
 
+    /// A reap drains the descriptor; a poll (the engine's look while it
+    /// spins) leaves it signalled until `resetCompletionSignal`, which the
+    /// engine calls before it sleeps, or its loop would wake for nothing.
     @Test(arguments: kernelEngines)
     func completionDescriptorSignalsAndDrains(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte)
@@ -161,35 +164,23 @@ let mebibyte = 1 << 20
         defer { storage.close() }
         var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
         #expect(poll(&poller, 1, 0) == 0)
-        var discard = [StorageOperation(tag: 1, kind: .discard, offset: 0, length: 4096)]
-        #expect(discard.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
-        #expect(poll(&poller, 1, 0) == 1)
-        var completions: [StorageCompletion] = []
-        #expect(storage.reapCompletions { completions.append($0) } == 1)
-        #expect(completions == [StorageCompletion(tag: 1, result: 0)])
-        #expect(poll(&poller, 1, 0) == 0)
-        #expect(storage.reapCompletions { _ in Issue.record("nothing should be left") } == 0)
-    }
-
-    /// What the engine does before sleeping after completions it reaped by
-    /// polling: the descriptor they signalled is quiet again, or the loop
-    /// would wake at once for nothing.
-    @Test(arguments: kernelEngines)
-    func polledCompletionsLeaveTheSignalUntilReset(engine: IOEngineChoice) throws {
-        let file = try TempFile(directory: "/tmp", size: mebibyte)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
-        defer { storage.close() }
-        var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
-        // A discard runs inside submit: finished, and signalled, at once.
-        var discard = [StorageOperation(tag: 7, kind: .discard, offset: 0, length: 4096)]
-        #expect(discard.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
-        var completions: [StorageCompletion] = []
-        #expect(storage.pollCompletions { completions.append($0) } == 1)
-        #expect(completions == [StorageCompletion(tag: 7, result: 0)])
-        #expect(poll(&poller, 1, 0) == 1, "polling leaves the descriptor alone")
-        storage.resetCompletionSignal()
-        #expect(poll(&poller, 1, 0) == 0)
-        #expect(storage.reapCompletions { _ in Issue.record("nothing should be left") } == 0)
+        for polled in [false, true] {
+            // A discard runs inside submit: finished, and signalled, at once.
+            var discard = [StorageOperation(tag: polled ? 2 : 1, kind: .discard, offset: 0, length: 4096)]
+            #expect(discard.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
+            #expect(poll(&poller, 1, 0) == 1)
+            var completions: [StorageCompletion] = []
+            let reaped = polled ? storage.pollCompletions { completions.append($0) }
+                                : storage.reapCompletions { completions.append($0) }
+            #expect(reaped == 1)
+            #expect(completions == [StorageCompletion(tag: polled ? 2 : 1, result: 0)])
+            if polled {
+                #expect(poll(&poller, 1, 0) == 1, "a poll leaves the descriptor alone")
+                storage.resetCompletionSignal()
+            }
+            #expect(poll(&poller, 1, 0) == 0)
+            #expect(storage.reapCompletions { _ in Issue.record("nothing should be left") } == 0)
+        }
     }
 
     @Test(arguments: kernelEngines)
