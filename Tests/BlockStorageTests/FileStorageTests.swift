@@ -219,28 +219,15 @@ let mebibyte = 1 << 20
     /// Behind a good one, the batch stops there; at the head of a batch it is
     /// taken and completes with the refusal.
     @Test func operationRefusedAtSubmit() throws {
-        let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 4)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: .libaio)
-        defer { storage.close() }
-        let pages = Pages(count: 3)
-        let good = SegmentList(capacity: 2)
-        good.append(pages.page(0), 4096)
-        good.append(pages.page(1), 4096)
-        let tooMany = SegmentList(capacity: 1025)
-        for _ in 0..<1025 { tooMany.append(pages.page(2), 512) }
-        let goodRead = { (tag: UInt64, index: Int) in
-            StorageOperation(tag: tag, kind: .read, offset: 0, iovecs: good.iovecs + index, iovecCount: 1)
-        }
-        let badRead = StorageOperation(tag: 2, kind: .read, offset: 0, iovecs: tooMany.iovecs, iovecCount: 1025)
-
-        var first = [goodRead(1, 0), badRead, goodRead(3, 1)]
+        let bed = try OverLongVectorsBed(engine: .libaio)
+        let storage = bed.storage
+        var first = [bed.goodRead(tag: 1, into: 0), bed.tooManyRead(tag: 2), bed.goodRead(tag: 3, into: 1)]
         #expect(first.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
-        var second = [badRead, goodRead(3, 1)]
+        var second = [bed.tooManyRead(tag: 2), bed.goodRead(tag: 3, into: 1)]
         #expect(second.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
-        var third = [goodRead(3, 1)]
+        var third = [bed.goodRead(tag: 3, into: 1)]
         #expect(third.withUnsafeMutableBufferPointer { storage.submit($0) } == 1)
         #expect(reap(storage, count: 3) == [1: 4096, 2: -Int64(EINVAL), 3: 4096])
-        withExtendedLifetime((pages, good, tooMany)) {}
     }
 
     @Test func openFailures() throws {

@@ -106,25 +106,12 @@ import Testing
     /// batch stops there, FileStorageTests.operationRefusedAtSubmit); io_uring
     /// takes the whole batch and completes that entry alone with -EINVAL.
     @Test func ioUringCompletesAnEntryItRefusesAndTakesTheRest() throws {
-        let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 4)
-        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: .ioUring)
-        defer { storage.close() }
-        let pages = Pages(count: 3)
-        let good = SegmentList(capacity: 2)
-        good.append(pages.page(0), 4096)
-        good.append(pages.page(1), 4096)
-        let tooMany = SegmentList(capacity: 1025)
-        for _ in 0..<1025 { tooMany.append(pages.page(2), 512) }
-        var batch = [
-            StorageOperation(tag: 1, kind: .read, offset: 0, iovecs: good.iovecs, iovecCount: 1),
-            StorageOperation(tag: 2, kind: .read, offset: 0, iovecs: tooMany.iovecs, iovecCount: 1025),
-            StorageOperation(tag: 3, kind: .read, offset: 8192, iovecs: good.iovecs + 1, iovecCount: 1),
-        ]
-        #expect(batch.withUnsafeMutableBufferPointer { storage.submit($0) } == 3)
-        #expect(reap(storage, count: 3) == [1: 4096, 2: -Int64(EINVAL), 3: 4096])
-        #expect(Array(UnsafeRawBufferPointer(start: pages.page(1), count: 4096))
-                == preadBytes(file.path, offset: 8192, length: 4096))
-        withExtendedLifetime((pages, good, tooMany)) {}
+        let bed = try OverLongVectorsBed(engine: .ioUring)
+        var batch = [bed.goodRead(tag: 1, into: 0), bed.tooManyRead(tag: 2), bed.goodRead(tag: 3, into: 1, offset: 8192)]
+        #expect(batch.withUnsafeMutableBufferPointer { bed.storage.submit($0) } == 3)
+        #expect(reap(bed.storage, count: 3) == [1: 4096, 2: -Int64(EINVAL), 3: 4096])
+        #expect(Array(UnsafeRawBufferPointer(start: bed.pages.page(1), count: 4096))
+                == preadBytes(bed.file.path, offset: 8192, length: 4096))
     }
 
     /// 256 disks of the daemon's depth open at once with io_uring (rings

@@ -257,3 +257,34 @@ final class LoopDevice {
 func requireLoopDevices() throws {
     if getuid() != 0 { try Test.cancel("loop-device test skipped: not running as root") }
 }
+
+/// What the tests of an operation with more than IOV_MAX vectors start
+/// from, on either engine: a 1 MiB file, a storage of depth 8 on it, two
+/// page-sized iovecs over pages 0 and 1, and 1025 vectors of 512 bytes
+/// over page 2.
+final class OverLongVectorsBed {
+    let file: TempFile
+    let storage: FileStorage
+    let pages = Pages(count: 3)
+    let good = SegmentList(capacity: 2)
+    let tooMany = SegmentList(capacity: 1025)
+
+    init(engine: IOEngineChoice) throws {
+        file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 4)
+        storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 8, engine: engine)
+        good.append(pages.page(0), 4096)
+        good.append(pages.page(1), 4096)
+        for _ in 0..<1025 { tooMany.append(pages.page(2), 512) }
+    }
+
+    deinit { storage.close() }
+
+    /// A page read at `offset` into page `index` (0 or 1).
+    func goodRead(tag: UInt64, into index: Int, offset: UInt64 = 0) -> StorageOperation {
+        StorageOperation(tag: tag, kind: .read, offset: offset, iovecs: good.iovecs + index, iovecCount: 1)
+    }
+
+    func tooManyRead(tag: UInt64) -> StorageOperation {
+        StorageOperation(tag: tag, kind: .read, offset: 0, iovecs: tooMany.iovecs, iovecCount: 1025)
+    }
+}
