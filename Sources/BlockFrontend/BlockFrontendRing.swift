@@ -369,27 +369,30 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
     /// Copies request data laid out from sector `first` of page 0 into the slot's pages.
     public func copyIn(slot: Int, first: Int, from data: [UInt8]) {
         data.withUnsafeBytes { src in
-            var offset = 0
-            var page = 0
-            var start = first * Blkif.sectorSize
-            while offset < src.count {
-                let n = min(src.count - offset, XenPage.size - start)
-                memcpy(dataPage(slot: slot, segment: page) + start, src.baseAddress! + offset, n)
-                offset += n; start = 0; page += 1
+            forEachRun(slot: slot, first: first, count: src.count) { page, offset, n in
+                memcpy(page, src.baseAddress! + offset, n)
             }
         }
     }
 
     public func copyOut(slot: Int, first: Int, into data: inout [UInt8]) {
         data.withUnsafeMutableBytes { dst in
-            var offset = 0
-            var page = 0
-            var start = first * Blkif.sectorSize
-            while offset < dst.count {
-                let n = min(dst.count - offset, XenPage.size - start)
-                memcpy(dst.baseAddress! + offset, dataPage(slot: slot, segment: page) + start, n)
-                offset += n; start = 0; page += 1
+            forEachRun(slot: slot, first: first, count: dst.count) { page, offset, n in
+                memcpy(dst.baseAddress! + offset, page, n)
             }
+        }
+    }
+
+    /// The slot's pages as runs of `count` bytes laid out from sector
+    /// `first` of page 0: each run's address, its offset in the data, its length.
+    private func forEachRun(slot: Int, first: Int, count: Int, _ body: (UnsafeMutableRawPointer, Int, Int) -> Void) {
+        var offset = 0
+        var page = 0
+        var start = first * Blkif.sectorSize
+        while offset < count {
+            let n = min(count - offset, XenPage.size - start)
+            body(dataPage(slot: slot, segment: page) + start, offset, n)
+            offset += n; start = 0; page += 1
         }
     }
 }
