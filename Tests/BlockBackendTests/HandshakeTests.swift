@@ -389,7 +389,7 @@ struct HandshakeRestartTests {
         try fe.connect()
         #expect(try fe.store.read(fe.frontendPath + "/ring-page-order") == "0")
         #expect(try fe.store.read(fe.frontendPath + "/ring-ref") == nil)
-        #expect(bed.host.blockStatus.first?.ringPages == 1)
+        #expect(try bed.connectedBlockStatus().ringPages == 1)
         try expectServes(fe, seed: 44)
     }
 }

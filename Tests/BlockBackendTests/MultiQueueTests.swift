@@ -25,7 +25,7 @@ struct MultiQueueTests {
         // As Linux blkfront: the count and queue-N/ only with more than one ring.
         #expect(try store.read(fe.frontendPath + "/multi-queue-num-queues") == (queues > 1 ? "\(queues)" : nil))
         #expect(try store.read(fe.frontendPath + "/queue-0/event-channel") == (queues > 1 ? "\(fe.queues[0].port)" : nil))
-        #expect(bed.host.blockStatus.first?.queues == queues)
+        #expect(try bed.connectedBlockStatus().queues == queues)
 
         // Each ring on its own thread and its own quarter of the disk.
         let span = fe.info.sectors / UInt64(queues)

@@ -97,6 +97,19 @@ final class TestBed {
         return (try host.attachDisk(to: guest, spec), disk)
     }
 
+    /// The backend's status of its first vbd once its control thread has
+    /// taken the connection in. A frontend sees Connected as soon as the
+    /// connecting worker publishes it, a moment before that: reading the
+    /// status right after `connect` could find no ring yet.
+    func connectedBlockStatus() throws -> VbdStatus {
+        var found: VbdStatus?
+        try waitUntil("the backend to record the connection") {
+            found = host.blockStatus.first { $0.state == .connected }
+            return found != nil
+        }
+        return found!
+    }
+
     func backendState(_ fe: LoopbackBlockFrontend) -> XenbusState? {
         host.toolstack.store.readState(fe.backendPath)
     }
