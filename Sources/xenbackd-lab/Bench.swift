@@ -327,6 +327,7 @@ struct BenchBlock: ParsableCommand {
         var next: UInt64 = 0
         var inFlight = 0
         var errors = 0
+        var shown: UInt64 = 0
         while next < sectors || inFlight > 0 {
             while next < sectors && inFlight < max(fe.ringSlots / 2, 1) {
                 let n = Int(min(perRequest, sectors - next))
@@ -336,7 +337,11 @@ struct BenchBlock: ParsableCommand {
             }
             fe.kick()
             inFlight -= try fe.collect(timeout: 10) { if $0.status != BlkifStatus.okay { errors += 1 } }
-            if next % (64 * 2048) < perRequest { progressLine("writing the export whole: \(next / 2048)/\(sectors / 2048) MiB") }
+            let mebibytes = next / 2048
+            if mebibytes / 64 != shown / 64 {
+                shown = mebibytes
+                progressLine("writing the export whole: \(mebibytes)/\(sectors / 2048) MiB")
+            }
         }
         progressLine("")
         if errors > 0 { throw ValidationError("writing the export whole: \(errors) requests failed") }
