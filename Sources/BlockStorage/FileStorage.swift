@@ -7,8 +7,9 @@ import SystemSupport
 /// `ioEngine`, chosen at open (`IOEngineChoice`).
 ///
 /// - Reads are `preadv`, writes `pwritev`, flushes `fdatasync` (libaio
-///   iocbs or io_uring entries, one submission per batch), all signalling
-///   `completionFileDescriptor` (an eventfd).
+///   iocbs or io_uring entries, one submission per batch), all making
+///   `completionFileDescriptor` readable (libaio's eventfd; with io_uring an
+///   epoll over the ring, quiet again once its completions are reaped).
 /// - Discards run synchronously at submit time (hole punch for files,
 ///   BLKDISCARD for devices) and complete through the same path, as does a
 ///   flush when the kernel refuses an asynchronous fsync (EINVAL).
@@ -30,7 +31,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     public let isBlockDevice: Bool
     public let geometry: StorageGeometry
     public let queueDepth: Int
-    public var completionFileDescriptor: Int32 { eventFD }
+    public var completionFileDescriptor: Int32 { queue.completionFileDescriptor }
     /// The kernel interface in use.
     public var ioEngine: IOEngine { queue.engine }
     public var ioEngineName: String? { queue.engine.rawValue }
@@ -48,7 +49,6 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     public internal(set) var synchronousFlush = false
 
     private let fd: Int32
-    private let eventFD: Int32
     private let queue: any KernelQueue
     private var closed = false
 
@@ -83,37 +83,29 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
 
     private convenience init(opened disk: OpenedDisk, path: String, queueDepth: Int,
                              engine: IOEngineChoice) throws(StorageError) {
-        let eventFD: Int32
-        do {
-            eventFD = try storageCall("eventfd", path: path) { xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC) }
-        } catch {
-            Glibc.close(disk.fd)
-            throw error
-        }
         var refusal: String?
         let queue: any KernelQueue
         do throws(KernelQueueSetupError) {
             switch engine {
             case .ioUring:
-                queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
+                queue = try URingQueue.make(depth: queueDepth)
             case .libaio:
-                queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+                queue = try LibAIOQueue.make(depth: queueDepth)
             case .auto where !disk.isBlockDevice && Self.isOnTmpfs(disk.fd):
-                queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+                queue = try LibAIOQueue.make(depth: queueDepth)
             case .auto:
                 do throws(KernelQueueSetupError) {
-                    queue = try URingQueue.make(depth: queueDepth, eventFD: eventFD)
+                    queue = try URingQueue.make(depth: queueDepth)
                 } catch {
                     refusal = "\(error.call): \(String(cString: strerror(error.errno)))"
-                    queue = try LibAIOQueue.make(depth: queueDepth, eventFD: eventFD)
+                    queue = try LibAIOQueue.make(depth: queueDepth)
                 }
             }
         } catch {
-            Glibc.close(eventFD)
             Glibc.close(disk.fd)
             throw StorageError(error.call, errno: error.errno, path: path)
         }
-        self.init(path: path, disk: disk, eventFD: eventFD, queue: queue, ioUringRefusal: refusal, queueDepth: queueDepth)
+        self.init(path: path, disk: disk, queue: queue, ioUringRefusal: refusal, queueDepth: queueDepth)
     }
 
     /// tmpfs offers io_uring no non-blocking path: every operation would
@@ -125,7 +117,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         return type == tmpfsMagic
     }
 
-    private init(path: String, disk: OpenedDisk, eventFD: Int32, queue: any KernelQueue, ioUringRefusal: String?,
+    private init(path: String, disk: OpenedDisk, queue: any KernelQueue, ioUringRefusal: String?,
                  queueDepth: Int) {
         self.path = path
         self.directIO = disk.directIO
@@ -133,7 +125,6 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         self.geometry = disk.geometry
         self.queueDepth = queueDepth
         self.fd = disk.fd
-        self.eventFD = eventFD
         self.queue = queue
         self.ioUringRefusal = ioUringRefusal
         maxIovecsPerOperation = queue.engine == .ioUring ? DiskProbe.maxSegments(device: disk.device) : nil
@@ -160,7 +151,6 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         closed = true
         queue.close()
         Glibc.close(fd)
-        Glibc.close(eventFD)
     }
 
     // MARK: Submission
@@ -363,7 +353,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         return Int64(offset) + moved >= Int64(status.st_size)
     }
 
-    // MARK: Slots, finished ring and eventfd
+    // MARK: Slots, finished ring and the completion signal
 
     private func takeFreeSlot() -> Int32 {
         freeSlotCount -= 1
@@ -386,9 +376,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     }
 
     /// Wakes the poller for completions that did not come from the kernel.
-    private func signalCompletion() { Wakeup(adopting: eventFD).signal() }
+    private func signalCompletion() { queue.signal() }
 
-    private func drainEventCounter() { Wakeup(adopting: eventFD).drain() }
+    private func drainEventCounter() { queue.clearSignal() }
 }
 
 /// statfs's f_type of tmpfs (linux/magic.h TMPFS_MAGIC).

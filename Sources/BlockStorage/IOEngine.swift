@@ -17,11 +17,8 @@ extension IOEngineChoice {
     /// and its error): what `auto` would fall back to libaio for, said once
     /// by the daemon at start.
     public static func ioUringRefusal() -> String? {
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { return "eventfd: \(String(cString: strerror(errno)))" }
-        defer { Glibc.close(eventFD) }
         do throws(KernelQueueSetupError) {
-            try URingQueue.make(depth: 1, eventFD: eventFD).close()
+            try URingQueue.make(depth: 1).close()
             return nil
         } catch {
             return "\(error.call): \(String(cString: strerror(error.errno)))"
@@ -43,6 +40,16 @@ public enum IOEngine: String, Sendable, Equatable {
 /// Confined to the storage's thread; no allocation after open.
 protocol KernelQueue: AnyObject {
     var engine: IOEngine { get }
+    /// Readable while completions wait to be reaped: the storage's
+    /// `completionFileDescriptor`, owned by the queue.
+    var completionFileDescriptor: Int32 { get }
+    /// Makes it readable for completions that do not come from the kernel
+    /// (operations finished at submit time).
+    func signal()
+    /// Clears the readiness the queue's own signals left (and libaio's
+    /// completions, which signal an eventfd); called before reaping, so
+    /// that a completion after it makes the descriptor readable again.
+    func clearSignal()
     func queueRead(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64)
     func queueWrite(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64)
     func queueFlush(slot: Int, fd: Int32)

@@ -1,10 +1,14 @@
 import CLibAIO
+import CXenBackSupport
 import Glibc
+import SystemSupport
 
 /// Linux AIO (libaio): one iocb per slot, one `io_submit` per batch, events
-/// read from the context's shared ring (`io_getevents` with a zero timeout
-/// answers "nothing" without a system call). Each `io_setup` charges its
-/// depth against the host's `fs.aio-max-nr`.
+/// read from the context's shared ring in user space, as fio's
+/// `userspace_reap` does (libaio's `io_getevents` enters the kernel whenever
+/// the ring holds events: a system call per batch, which a PV dom0 pays
+/// through Xen). Each `io_setup` charges its depth against the host's
+/// `fs.aio-max-nr`.
 final class LibAIOQueue: KernelQueue {
     let engine = IOEngine.libaio
     private let depth: Int
@@ -15,11 +19,18 @@ final class LibAIOQueue: KernelQueue {
     private let submitList: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
     private var queuedCount = 0
     private let events: UnsafeMutablePointer<io_event>
+    /// The ring has the layout we read (else `io_getevents` reaps).
+    let reapsInUserSpace: Bool
 
-    static func make(depth: Int, eventFD: Int32) throws(KernelQueueSetupError) -> LibAIOQueue {
+    static func make(depth: Int) throws(KernelQueueSetupError) -> LibAIOQueue {
+        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard eventFD >= 0 else { throw KernelQueueSetupError(call: "eventfd", errno: errno) }
         var context: io_context_t?
         let result = io_setup(Int32(depth), &context)
-        guard result == 0 else { throw KernelQueueSetupError(call: "io_setup(\(depth))", errno: -result) }
+        guard result == 0 else {
+            Glibc.close(eventFD)
+            throw KernelQueueSetupError(call: "io_setup(\(depth))", errno: -result)
+        }
         return LibAIOQueue(depth: depth, eventFD: eventFD, context: context)
     }
 
@@ -27,6 +38,7 @@ final class LibAIOQueue: KernelQueue {
         self.depth = depth
         self.eventFD = eventFD
         self.context = context
+        reapsInUserSpace = xb_aio_ring_usable(context) != 0
         iocbs = .allocate(capacity: depth)
         iocbs.initialize(repeating: iocb(), count: depth)
         submitList = .allocate(capacity: depth)
@@ -42,10 +54,22 @@ final class LibAIOQueue: KernelQueue {
         events.deallocate()
     }
 
+    /// Events the context's ring holds (0 when it is not read in user space).
+    var ringEntries: Int { reapsInUserSpace ? Int(xb_aio_ring_entries(context)) : 0 }
+
     func close() {
-        if let context { io_destroy(context) }
-        context = nil
+        guard let context else { return }
+        io_destroy(context)
+        self.context = nil
+        Glibc.close(eventFD)
     }
+
+    /// Every operation signals the eventfd when it completes.
+    var completionFileDescriptor: Int32 { eventFD }
+
+    func signal() { Wakeup(adopting: eventFD).signal() }
+
+    func clearSignal() { Wakeup(adopting: eventFD).drain() }
 
     func queueRead(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64) {
         io_prep_preadv(iocbs + slot, fd, iovecs, count, Int64(offset))
@@ -78,10 +102,12 @@ final class LibAIOQueue: KernelQueue {
     }
 
     func reap(_ body: (Int, Int64) -> Void) -> Int {
+        guard let context else { return 0 }
         var noWait = timespec(tv_sec: 0, tv_nsec: 0)
         var reaped = 0
         while true {
-            let count = Int(io_getevents(context, 0, depth, events, &noWait))
+            var count = reapsInUserSpace ? Int(xb_aio_ring_reap(context, events, Int32(depth))) : -1
+            if count < 0 { count = Int(io_getevents(context, 0, depth, events, &noWait)) }
             guard count > 0 else { return reaped }
             for index in 0..<count {
                 let event = events[index]

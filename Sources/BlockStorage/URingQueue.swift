@@ -1,12 +1,22 @@
 import CLibURing
+import CXenBackSupport
 import Glibc
 import SystemSupport
 
 /// io_uring: one submission entry per queued operation (`readv`, `writev`,
 /// `fsync` with DATASYNC; the slot is its tag), one `io_uring_submit` per
 /// batch, completions read from the shared completion ring with no system
-/// call; the storage's eventfd is registered with the ring, so the kernel
-/// signals it for every completion.
+/// call.
+///
+/// The storage's descriptor is an epoll over the ring's own descriptor,
+/// readable while the completion ring holds entries and quiet again once
+/// they are reaped, and an eventfd for completions that are not the
+/// kernel's (operations finished at submit time, entries the kernel did not
+/// take), read only after it was signalled. An eventfd registered with the
+/// ring instead would be signalled by every completion and cost a `read` to
+/// clear before each sleep: a system call per batch on storage that
+/// finishes inside the submission (a RAM disk, the page cache), which a PV
+/// dom0 pays through Xen.
 ///
 /// Memory: a ring of `depth` entries (and twice that many completion
 /// entries, so it cannot overflow with at most `depth` in flight) is about
@@ -17,6 +27,10 @@ final class URingQueue: KernelQueue {
     let engine = IOEngine.ioUring
     private let depth: Int
     private let eventFD: Int32
+    /// Watches the ring's descriptor and `eventFD`.
+    private let pollFD: Int32
+    /// `eventFD` has been signalled since it was last read.
+    private var signalled = false
     private var ring: OpaquePointer?
     /// Entries queued since the last submission.
     private var queuedCount = 0
@@ -25,20 +39,39 @@ final class URingQueue: KernelQueue {
     private let finishedSlots: UnsafeMutablePointer<UInt64>
     private let finishedResults: UnsafeMutablePointer<Int64>
 
-    static func make(depth: Int, eventFD: Int32) throws(KernelQueueSetupError) -> URingQueue {
+    static func make(depth: Int) throws(KernelQueueSetupError) -> URingQueue {
+        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
+        guard eventFD >= 0 else { throw KernelQueueSetupError(call: "eventfd", errno: errno) }
         var ring: OpaquePointer?
         var failedCall: UnsafePointer<CChar>?
-        let result = xb_uring_open(UInt32(depth), eventFD, &ring, &failedCall)
+        let result = xb_uring_open(UInt32(depth), -1, &ring, &failedCall)
         guard result == 0, let ring else {
+            Glibc.close(eventFD)
             let call = failedCall.map { String(cString: $0) } ?? "io_uring_queue_init"
             throw KernelQueueSetupError(call: "\(call)(\(depth))", errno: -result)
         }
-        return URingQueue(depth: depth, eventFD: eventFD, ring: ring)
+        let pollFD: Int32
+        do throws(SystemError) {
+            pollFD = try Syscall.epollCreate()
+            do throws(SystemError) {
+                try Syscall.epollAdd(pollFD, xb_uring_fd(ring), events: xb_EPOLLIN, token: 0)
+                try Syscall.epollAdd(pollFD, eventFD, events: xb_EPOLLIN, token: 1)
+            } catch {
+                Glibc.close(pollFD)
+                throw error
+            }
+        } catch {
+            xb_uring_close(ring)
+            Glibc.close(eventFD)
+            throw KernelQueueSetupError(call: error.call, errno: error.code)
+        }
+        return URingQueue(depth: depth, eventFD: eventFD, pollFD: pollFD, ring: ring)
     }
 
-    private init(depth: Int, eventFD: Int32, ring: OpaquePointer) {
+    private init(depth: Int, eventFD: Int32, pollFD: Int32, ring: OpaquePointer) {
         self.depth = depth
         self.eventFD = eventFD
+        self.pollFD = pollFD
         self.ring = ring
         finishedSlots = .allocate(capacity: depth)
         finishedSlots.initialize(repeating: 0, count: depth)
@@ -53,8 +86,25 @@ final class URingQueue: KernelQueue {
     }
 
     func close() {
-        if let ring { xb_uring_close(ring) }
-        ring = nil
+        guard let ring else { return }
+        xb_uring_close(ring)
+        self.ring = nil
+        Glibc.close(pollFD)
+        Glibc.close(eventFD)
+    }
+
+    var completionFileDescriptor: Int32 { pollFD }
+
+    func signal() {
+        Wakeup(adopting: eventFD).signal()
+        signalled = true
+    }
+
+    /// Reaping the completion ring is what quiets the ring's descriptor.
+    func clearSignal() {
+        guard signalled else { return }
+        signalled = false
+        Wakeup(adopting: eventFD).drain()
     }
 
     // The submission queue has `depth` entries and the storage never has
@@ -82,7 +132,7 @@ final class URingQueue: KernelQueue {
     /// takes it sooner or later, so the whole batch is accepted; an entry
     /// the kernel refuses completes with its error. What the kernel did not
     /// take now (short of memory, or interrupted) stays in the ring: the
-    /// eventfd is signalled so that a reap comes and submits it again.
+    /// queue signals itself so that a reap comes and submits it again.
     func submitQueued() -> (accepted: Int, refusal: Int32) {
         let count = queuedCount
         queuedCount = 0
@@ -92,7 +142,7 @@ final class URingQueue: KernelQueue {
     }
 
     private func submit() {
-        if xb_uring_submit(ring) > 0 { Wakeup(adopting: eventFD).signal() }
+        if xb_uring_submit(ring) > 0 { signal() }
     }
 
     func reap(_ body: (Int, Int64) -> Void) -> Int {

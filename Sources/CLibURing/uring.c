@@ -25,7 +25,7 @@ int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **out, const ch
         *failed_call = "io_uring_queue_init";
         return result;
     }
-    result = io_uring_register_eventfd(&handle->ring, eventfd);
+    result = eventfd < 0 ? 0 : io_uring_register_eventfd(&handle->ring, eventfd);
     if (result < 0) {
         io_uring_queue_exit(&handle->ring);
         free(handle);
@@ -42,6 +42,10 @@ int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **out, const ch
     (void)io_uring_register_iowq_max_workers(&handle->ring, limits);
     *out = handle;
     return 0;
+}
+
+int xb_uring_fd(const struct xb_uring *handle) {
+    return handle->ring.ring_fd;
 }
 
 void xb_uring_close(struct xb_uring *handle) {

@@ -183,6 +183,46 @@ let mebibyte = 1 << 20
         }
     }
 
+    /// Completions from the kernel: the descriptor turns readable; with
+    /// io_uring, reaping them is what quiets it again (no read of an
+    /// eventfd before sleeping), while libaio's eventfd stays signalled
+    /// until it is reset.
+    @Test(arguments: kernelEngines)
+    func kernelCompletionsQuietTheDescriptorOnIOUring(engine: IOEngineChoice) throws {
+        let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 17)
+        let storage = try FileStorage.open(path: file.path, readOnly: false, queueDepth: 4, engine: engine)
+        defer { storage.close() }
+        let pages = Pages(count: 2)
+        var vectors = [iovec(iov_base: pages.page(0), iov_len: 4096), iovec(iov_base: pages.page(1), iov_len: 4096)]
+        var poller = pollfd(fd: storage.completionFileDescriptor, events: Int16(POLLIN), revents: 0)
+        for round in 0..<3 {
+            let submitted = vectors.withUnsafeMutableBufferPointer { v in
+                var ops = [StorageOperation(tag: 10, kind: .read, offset: UInt64(round * 8192), iovecs: v.baseAddress, iovecCount: 1),
+                           StorageOperation(tag: 11, kind: .read, offset: UInt64(round * 8192 + 4096),
+                                            iovecs: v.baseAddress! + 1, iovecCount: 1)]
+                return ops.withUnsafeMutableBufferPointer { storage.submit($0) }
+            }
+            #expect(submitted == 2)
+            var completions: [StorageCompletion] = []
+            for _ in 0..<100 where completions.count < 2 {
+                #expect(poll(&poller, 1, 1000) == 1, "completions make the descriptor readable")
+                _ = storage.pollCompletions { completions.append($0) }
+            }
+            #expect(completions.sorted { $0.tag < $1.tag } == [StorageCompletion(tag: 10, result: 4096),
+                                                               StorageCompletion(tag: 11, result: 4096)])
+            #expect([UInt8](UnsafeRawBufferPointer(start: pages.page(1), count: 4096))
+                == preadBytes(file.path, offset: round * 8192 + 4096, length: 4096))
+            switch storage.ioEngine {
+            case .ioUring:
+                #expect(poll(&poller, 1, 0) == 0, "reaped: quiet without a reset")
+            case .libaio:
+                #expect(poll(&poller, 1, 0) == 1, "the eventfd counts every completion")
+                storage.resetCompletionSignal()
+                #expect(poll(&poller, 1, 0) == 0)
+            }
+        }
+    }
+
     @Test(arguments: kernelEngines)
     func operationsPastTheEndFailWithEINVAL(engine: IOEngineChoice) throws {
         let file = try TempFile(directory: "/tmp", size: mebibyte)

@@ -129,4 +129,56 @@ import Testing
             #expect(readThroughStorage(storage, offset: 512 * 1024, length: 4096).bytes == expected)
         }
     }
+
+    /// libaio's completions are read from the context's ring in user space,
+    /// not through io_getevents: every event arrives once, with its slot and
+    /// result, across several wraps of the ring, with one to four per reap.
+    @Test func libaioReadsItsCompletionRingAcrossWraps() throws {
+        let file = try TempFile(directory: "/tmp", size: mebibyte, randomSeed: 43)
+        let fd = open(file.path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { Glibc.close(fd) }
+        let depth = 4
+        let queue = try LibAIOQueue.make(depth: depth)
+        defer { queue.close() }
+        #expect(queue.reapsInUserSpace)
+        let entries = queue.ringEntries
+        #expect(entries >= depth)
+        let pages = Pages(count: depth)
+        var vectors = (0..<depth).map { iovec(iov_base: pages.page($0), iov_len: 512) }
+        var rng = XorShift(seed: 5)
+        var done = 0
+        // Batches of 1...4 reads at random sectors, until the ring has wrapped three times.
+        while done < 3 * entries + 1 {
+            let batch = Int(rng.next() % UInt64(depth)) + 1
+            var sectors: [Int] = []
+            for slot in 0..<batch {
+                let sector = Int(rng.next() % UInt64(mebibyte / 512))
+                sectors.append(sector)
+                memset(pages.page(slot), 0, 512)
+                vectors.withUnsafeMutableBufferPointer {
+                    queue.queueRead(slot: slot, fd: fd, iovecs: $0.baseAddress! + slot, count: 1, offset: UInt64(sector * 512))
+                }
+            }
+            let submitted = queue.submitQueued()
+            #expect(submitted.accepted == batch && submitted.refusal == 0)
+            var seen = [Int64](repeating: -1, count: batch)
+            var reaped = 0
+            for _ in 0..<1000 where reaped < batch {
+                reaped += queue.reap { slot, result in
+                    #expect(slot < batch && seen[slot] == -1, "slot \(slot) reaped once")
+                    if slot < batch { seen[slot] = result }
+                }
+                if reaped < batch { usleep(100) }
+            }
+            #expect(seen == [Int64](repeating: 512, count: batch))
+            for slot in 0..<batch {
+                let read = [UInt8](UnsafeRawBufferPointer(start: pages.page(slot), count: 512))
+                #expect(read == preadBytes(file.path, offset: sectors[slot] * 512, length: 512))
+            }
+            #expect(queue.reap { slot, _ in Issue.record("slot \(slot) reaped twice") } == 0)
+            queue.clearSignal()
+            done += batch
+        }
+    }
 }

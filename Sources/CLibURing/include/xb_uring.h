@@ -13,10 +13,13 @@ struct xb_uring;
 #define XB_URING_MAX_WORKERS 4
 
 /// A ring of `entries` submission entries (twice as many completion
-/// entries) whose completions signal `eventfd`. 0, or -errno with
-/// `*failed_call` naming the liburing call that refused.
+/// entries) whose completions signal `eventfd` (none when it is -1: the
+/// ring's own descriptor polls readable while completions wait). 0, or
+/// -errno with `*failed_call` naming the liburing call that refused.
 int xb_uring_open(unsigned entries, int eventfd, struct xb_uring **ring, const char **failed_call);
 void xb_uring_close(struct xb_uring *ring);
+/// The ring's descriptor: readable while its completion ring holds entries.
+int xb_uring_fd(const struct xb_uring *ring);
 
 /// Queue one entry (not yet submitted); `tag` comes back with its
 /// completion. 0, or -EBUSY when the submission queue is full.
