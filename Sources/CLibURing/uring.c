@@ -81,6 +81,20 @@ int xb_uring_queue_writev_nowait(struct xb_uring *handle, uint64_t tag, int fd, 
     return 0;
 }
 
+int xb_uring_queue_writev_linked(struct xb_uring *handle, uint64_t tag, int fd, const struct iovec *iovecs,
+                                 unsigned count, int link, int async) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev(sqe, fd, iovecs, count, 0);
+    io_uring_sqe_set_data64(sqe, tag);
+    io_uring_sqe_set_flags(sqe, (link ? IOSQE_IO_LINK : 0) | (async ? IOSQE_ASYNC : 0));
+    return 0;
+}
+
+int xb_uring_submit_and_wait(struct xb_uring *handle, unsigned want) {
+    return io_uring_submit_and_wait(&handle->ring, want);
+}
+
 int xb_uring_queue_fdatasync(struct xb_uring *handle, uint64_t tag, int fd) {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&handle->ring);
     if (!sqe) return -EBUSY;

@@ -11,12 +11,22 @@ import SystemSupport
 /// within the submission, and a full queue completes with -EAGAIN at once
 /// (without it io_uring would wait for room, O_NONBLOCK or not). When the
 /// kernel refuses io_uring (an old kernel, a seccomp filter,
-/// `kernel.io_uring_disabled`), batches are written one by one; so they
-/// are from the first batch whose writes all come back -EOPNOTSUPP, or
-/// -EAGAIN while the TAP has room: that kernel cannot write a TAP without
-/// waiting (Linux 6.1, Debian 12's, refuses RWF_NOWAIT on a file without
-/// FMODE_NOWAIT with EOPNOTSUPP; seen on real Xen as a guest whose every
-/// frame failed), and those frames are written again one by one.
+/// `kernel.io_uring_disabled`), batches are written one by one.
+///
+/// A kernel that cannot write a TAP without waiting (Linux 6.1, Debian
+/// 12's, answers RWF_NOWAIT on a file without FMODE_NOWAIT with
+/// EOPNOTSUPP; seen on real Xen as a guest whose every frame failed) is
+/// noticed at the first batch whose writes all come back -EOPNOTSUPP, or
+/// -EAGAIN while the TAP has room. From then on a batch is a chain of
+/// linked writes without RWF_NOWAIT, submitted and waited for in one
+/// system call: the kernel hands the chain to one of io_uring's worker
+/// threads, which writes the frames one after the other, in order (a link
+/// starts an entry only when the one before has completed). A PV dom0
+/// enters every system call through Xen, so one per batch instead of one
+/// per frame is what this is for. A write that fails cancels the rest of
+/// its chain, and those frames are written one by one after it. A TAP
+/// write does not wait for room (the frame goes to the stack or is
+/// dropped), so the wait is for the worker's copies only.
 ///
 /// One thread at a time (the queue's data-plane thread).
 public final class BatchingTapQueue: TapPort {
@@ -34,16 +44,28 @@ public final class BatchingTapQueue: TapPort {
     public private(set) var uringRefusal: String?
     /// A RWF_NOWAIT write to this TAP has succeeded: no more checks.
     private var nowaitWorks = false
-    /// Batches go through the ring (false: refused, at open or since).
-    private var batching: Bool
+    /// How batches reach the TAP.
+    private var mode: Mode
+    private enum Mode {
+        /// Each frame a RWF_NOWAIT writev, run within the submission.
+        case nowait
+        /// A chain of linked writevs that a worker thread runs in order.
+        case linked
+        /// No io_uring: a writev system call per frame.
+        case oneByOne
+    }
     /// Tests: play a kernel whose io_uring answers every RWF_NOWAIT write
     /// to a TAP with this errno (nothing is submitted); 0: the real kernel.
     let refusesNowaitForTesting: Int32
+    /// Tests: linked writes go to a worker thread at once (IOSQE_ASYNC), as
+    /// on a kernel without FMODE_NOWAIT on a TAP.
+    let linkedWritesOnWorkersForTesting: Bool
 
     public convenience init(_ queue: TapQueue) { self.init(queue, refusesNowaitForTesting: 0) }
 
-    init(_ queue: TapQueue, refusesNowaitForTesting: Int32) {
+    init(_ queue: TapQueue, refusesNowaitForTesting: Int32, linkedWritesOnWorkersForTesting: Bool = false) {
         self.refusesNowaitForTesting = refusesNowaitForTesting
+        self.linkedWritesOnWorkersForTesting = linkedWritesOnWorkersForTesting
         self.queue = queue
         tags = .allocate(capacity: Self.entries)
         codes = .allocate(capacity: Self.entries)
@@ -67,7 +89,7 @@ public final class BatchingTapQueue: TapPort {
         self.ring = ring
         self.completions = completions
         uringRefusal = refusal
-        batching = ring != nil
+        mode = ring != nil ? .nowait : .oneByOne
     }
 
     deinit {
@@ -78,7 +100,10 @@ public final class BatchingTapQueue: TapPort {
     }
 
     /// Whether batches go through io_uring.
-    public var usesURing: Bool { batching }
+    public var usesURing: Bool { mode != .oneByOne }
+    /// Whether batches go through io_uring's worker threads as chains of
+    /// linked writes (this kernel refuses RWF_NOWAIT on a TAP).
+    public var writesThroughWorkers: Bool { mode == .linked }
 
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(NetworkError) -> Int? {
@@ -99,13 +124,18 @@ public final class BatchingTapQueue: TapPort {
     /// `writeFrames(_:results:)`.
     public func writeFrames(_ total: Int, results: UnsafeMutablePointer<Int>,
                             vectors: (Int) -> UnsafeBufferPointer<iovec>) {
-        guard batching, let ring else {
+        guard mode != .oneByOne, let ring else {
             writeOneByOne(0..<total, results: results, vectors: vectors)
             return
         }
         var start = 0
         while start < total {
             let count = min(Self.entries, total - start)
+            if mode == .linked {
+                writeLinked(ring, start..<(start + count), results: results, vectors: vectors)
+                start += count
+                continue
+            }
             var queued = 0
             // The ring has room (every entry of the last submission was
             // reaped); should an entry be refused all the same, the frames
@@ -136,11 +166,10 @@ public final class BatchingTapQueue: TapPort {
                 }
             }
             if !nowaitWorks && nowaitRefused(start..<(start + queued), results: results) {
-                // Every write of this chunk was refused and none written: again, one by one, and so from now on.
-                batching = false
-                uringRefusal = "this kernel's io_uring refuses RWF_NOWAIT writes to a TAP"
-                writeOneByOne(start..<total, results: results, vectors: vectors)
-                return
+                // Every write of this chunk was refused and none written:
+                // again, as a linked chain, and so from now on.
+                mode = .linked
+                continue
             }
             if queued < count { writeOneByOne((start + queued)..<(start + count), results: results, vectors: vectors) }
             start += count
@@ -162,6 +191,57 @@ public final class BatchingTapQueue: TapPort {
         var p = pollfd(fd: queue.fileDescriptor, events: Int16(POLLOUT), revents: 0)
         let ready = (try? Syscall.poll(&p, 1, timeoutMilliseconds: 0)) ?? 0
         return ready > 0 && p.revents & Int16(POLLOUT) != 0
+    }
+
+    /// The frames as one chain of linked writes, submitted and waited for
+    /// in one call; frames after a failed one (cancelled) one by one.
+    private func writeLinked(_ ring: OpaquePointer, _ frames: Range<Int>, results: UnsafeMutablePointer<Int>,
+                             vectors: (Int) -> UnsafeBufferPointer<iovec>) {
+        var queued = 0
+        for i in frames {
+            let v = vectors(i)
+            guard xb_uring_queue_writev_linked(ring, UInt64(i), queue.fileDescriptor, v.baseAddress!, UInt32(v.count),
+                                               i + 1 < frames.upperBound ? 1 : 0,
+                                               linkedWritesOnWorkersForTesting ? 1 : 0) == 0 else { break }
+            queued += 1
+        }
+        // The ring had room for the whole chunk (every entry of the last
+        // submission was reaped); should it not, the rest go one by one.
+        var done = 0
+        while done < queued {
+            let r = xb_uring_submit_and_wait(ring, UInt32(queued - done))
+            let n = reapResults(ring, into: results)
+            done += n
+            if r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && n == 0 {
+                // The ring takes nothing more: no further batch goes through it.
+                mode = .oneByOne
+                uringRefusal = "io_uring_enter: \(String(cString: strerror(-r))) (errno \(-r))"
+                break
+            }
+        }
+        var taken = queued
+        if done < queued {
+            // What the kernel took completes; the tail it did not take is written one by one.
+            taken = queued - Int(xb_uring_unsubmitted(ring))
+            while done < taken {
+                let n = reapResults(ring, into: results)
+                done += n
+                if n == 0 { waitForCompletions() }
+            }
+        }
+        for i in frames.lowerBound..<(frames.lowerBound + taken) where results[i] == -Int(ECANCELED) {
+            writeOneByOne(i..<(i + 1), results: results, vectors: vectors)
+        }
+        if taken < frames.count {
+            writeOneByOne((frames.lowerBound + taken)..<frames.upperBound, results: results, vectors: vectors)
+        }
+    }
+
+    /// Copies the finished entries' results (frame index tags) out of the ring.
+    private func reapResults(_ ring: OpaquePointer, into results: UnsafeMutablePointer<Int>) -> Int {
+        let n = Int(xb_uring_reap(ring, tags, codes, UInt32(Self.entries)))
+        for j in 0..<n { results[Int(tags[j])] = Int(codes[j]) }
+        return n
     }
 
     private func writeOneByOne(_ frames: Range<Int>, results: UnsafeMutablePointer<Int>,

@@ -72,34 +72,67 @@ struct BatchingTapQueueTests {
     /// Linux 6.1 (Debian 12's dom0 kernel) answers every RWF_NOWAIT write
     /// to a TAP with -EOPNOTSUPP: seen on real Xen as a guest whose every
     /// frame failed. The queue must notice (all refused while the file has
-    /// room), write those frames one by one, and stop batching.
-    @Test("a kernel that refuses RWF_NOWAIT on a TAP: the batch is written one by one, in order, and so is every later one",
+    /// room), write that batch again and every later one as a chain of
+    /// linked writes, which io_uring's worker runs in order (forced onto
+    /// the worker here, as on 6.1): 70 frames, more than one chain's 64.
+    @Test("a kernel that refuses RWF_NOWAIT on a TAP: every batch goes as a linked chain through io_uring's worker, in order",
           arguments: [EOPNOTSUPP, EAGAIN])
-    func nowaitRefusedFallsBackToOneByOne(refusal: Int32) throws {
-        let pair = try seqpacketPair()
+    func nowaitRefusedWritesLinkedChains(refusal: Int32) throws {
+        let pair = try seqpacketPair(buffers: 1 << 20)
         defer { pair.forEach { _ = close($0) } }
-        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12), refusesNowaitForTesting: refusal)
+        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12), refusesNowaitForTesting: refusal,
+                                        linkedWritesOnWorkersForTesting: true)
         try #require(batching.usesURing)
-        let frames: [[UInt8]] = (0..<6).map { i in [UInt8](repeating: UInt8(i + 1), count: 64 + i) }
+        #expect(!batching.writesThroughWorkers)
+        let frames: [[UInt8]] = (0..<76).map { i in (0..<(64 + i * 5)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i) } }
         let (buffers, vectors) = copies(of: frames)
         defer { buffers.forEach { $0.deallocate() } }
-        for half in [0..<3, 3..<6] {
-            var results = [Int](repeating: 0, count: half.count)
-            Array(vectors[half]).withUnsafeBufferPointer { v in
+        for part in [0..<3, 3..<76] {
+            var results = [Int](repeating: 0, count: part.count)
+            Array(vectors[part]).withUnsafeBufferPointer { v in
                 results.withUnsafeMutableBufferPointer { batching.writeFrames(v, results: $0.baseAddress!) }
             }
-            #expect(results == frames[half].map(\.count))
+            #expect(results == frames[part].map(\.count))
+            #expect(batching.writesThroughWorkers)
         }
-        #expect(!batching.usesURing)
-        #expect(batching.uringRefusal?.contains("RWF_NOWAIT") == true)
+        #expect(batching.usesURing)
+        #expect(batching.uringRefusal == nil)
         #expect(try framesWaiting(on: pair[1]) == frames)
+    }
+
+    /// A write that fails in a chain cancels the rest of it: the failed
+    /// frame gets its own error, and the cancelled ones are written after
+    /// it, still in order.
+    @Test("a frame that fails in a linked chain gets its error; the frames after it still arrive, in order")
+    func failureInsideALinkedChain() throws {
+        let pair = try seqpacketPair(buffers: 64 << 10)
+        defer { pair.forEach { _ = close($0) } }
+        let batching = BatchingTapQueue(TapQueue(fileDescriptor: pair[0], vnetHeaderSize: 12), refusesNowaitForTesting: EOPNOTSUPP,
+                                        linkedWritesOnWorkersForTesting: true)
+        // Frame 2 is larger than the socket's send buffer: EMSGSIZE.
+        let frames: [[UInt8]] = (0..<6).map { i in [UInt8](repeating: UInt8(i + 1), count: i == 2 ? 1 << 20 : 100 + i) }
+        let (buffers, vectors) = copies(of: frames)
+        defer { buffers.forEach { $0.deallocate() } }
+        var results = [Int](repeating: 0, count: frames.count)
+        vectors.withUnsafeBufferPointer { v in
+            results.withUnsafeMutableBufferPointer { batching.writeFrames(v, results: $0.baseAddress!) }
+        }
+        #expect(batching.writesThroughWorkers)
+        #expect(results == frames.enumerated().map { $0.offset == 2 ? -Int(EMSGSIZE) : $0.element.count })
+        #expect(try framesWaiting(on: pair[1]) == frames.enumerated().filter { $0.offset != 2 }.map(\.element))
     }
 }
 
-/// A non-blocking SOCK_SEQPACKET pair: one frame per message, as a TAP queue.
-private func seqpacketPair() throws -> [Int32] {
+/// A non-blocking SOCK_SEQPACKET pair: one frame per message, as a TAP
+/// queue; with `buffers`, the sender's send and the receiver's receive
+/// buffer set to that many bytes.
+private func seqpacketPair(buffers: Int32? = nil) throws -> [Int32] {
     var pair: [Int32] = [-1, -1]
     try #require(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0)
+    if var size = buffers {
+        setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(pair[1], SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    }
     return pair
 }
 

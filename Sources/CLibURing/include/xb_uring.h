@@ -36,6 +36,17 @@ int xb_uring_queue_fdatasync(struct xb_uring *ring, uint64_t tag, int fd);
 int xb_uring_queue_writev_nowait(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
                                  unsigned count);
 
+/// A writev that may wait, linked to the next entry when `link` is set:
+/// the kernel starts the next only once this one has completed in full,
+/// and cancels the rest of the chain (-ECANCELED) if it fails or is
+/// short. `async` hands it to a worker thread at once (IOSQE_ASYNC, for
+/// tests). 0, or -EBUSY when the submission queue is full.
+int xb_uring_queue_writev_linked(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
+                                 unsigned count, int link, int async);
+/// Hands the kernel every queued entry and waits until `want` completions
+/// are in the ring: what was submitted, or -errno (-EINTR: call again).
+int xb_uring_submit_and_wait(struct xb_uring *ring, unsigned want);
+
 /// io_uring_submit: hands the kernel every queued entry. Returns how many
 /// stay queued because the kernel did not take them now (0 normally).
 unsigned xb_uring_submit(struct xb_uring *ring);
