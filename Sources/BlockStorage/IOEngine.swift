@@ -1,4 +1,3 @@
-import CXenBackSupport
 import Glibc
 
 /// Which kernel interface a `FileStorage` hands its reads, writes and

@@ -92,7 +92,11 @@ int xb_uring_queue_writev_linked(struct xb_uring *handle, uint64_t tag, int fd, 
 }
 
 int xb_uring_submit_and_wait(struct xb_uring *handle, unsigned want) {
-    return io_uring_submit_and_wait(&handle->ring, want);
+    int result;
+    do {
+        result = io_uring_submit_and_wait(&handle->ring, want);
+    } while (result == -EINTR);
+    return result;
 }
 
 int xb_uring_queue_fdatasync(struct xb_uring *handle, uint64_t tag, int fd) {

@@ -205,9 +205,10 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
                     switch tokens[i] {
                     case Token.eventChannel.rawValue:
                         drainEventChannel()
-                        input = .kicked
+                        if input == .tick { input = .kicked }
                     case Token.tap.rawValue:
-                        if input == .tick { input = .tapReadable }
+                        // A pass serves both rings whatever woke it; this tells the engine the TAP has frames.
+                        input = .tapReadable
                     default:
                         wakeup.drain()
                     }

@@ -25,12 +25,22 @@ extension NetQueueEngine {
                 buffer = rxBuffers[rxCount]
             } else {
                 if !tapPolled && !rxDropping { break }
+                if tapFoundEmpty && !rxDropping {
+                    passesWithoutTapLook += 1
+                    if passesWithoutTapLook < Self.tapLookEvery {
+                        tapEmpty = true
+                        break
+                    }
+                }
+                passesWithoutTapLook = 0
                 buffer = rxBuffers[rxCount]
                 do {
                     guard let n = try tap.read(into: UnsafeMutableRawBufferPointer(start: buffer, count: NetEngineBuffers.rxBufferSize)) else {
                         tapEmpty = true
+                        tapFoundEmpty = true
                         break
                     }
+                    tapFoundEmpty = false
                     length = n
                 } catch {
                     tapEmpty = true

@@ -212,7 +212,7 @@ public final class BatchingTapQueue: TapPort {
             let r = xb_uring_submit_and_wait(ring, UInt32(queued - done))
             let n = reapResults(ring, into: results)
             done += n
-            if r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && n == 0 {
+            if r < 0 && r != -EAGAIN && r != -EBUSY && n == 0 {
                 // The ring takes nothing more: no further batch goes through it.
                 mode = .oneByOne
                 uringRefusal = "io_uring_enter: \(String(cString: strerror(-r))) (errno \(-r))"

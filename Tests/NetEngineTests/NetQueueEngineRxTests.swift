@@ -1,3 +1,4 @@
+import EngineDoubles
 import NetBackend
 import NetworkPlumbing
 import Testing
@@ -38,6 +39,40 @@ import XenABI
         #expect(h.bytes(ofPage: 10, 0..<4096) == Array(frame[0..<4096]))
         #expect(h.bytes(ofPage: 12, 0..<904) == Array(frame[4096...]))
         #expect(h.bytes(ofPage: 11, 0..<4096) == [UInt8](repeating: 0, count: 4096))   // the extra's buffer stays untouched
+    }
+
+    /// A TAP found empty is not read again by passes run for tx alone
+    /// (`.tick`) but one in every `tapLookEvery`; a wakeup (`.kicked`,
+    /// `.tapReadable`) reads it at once. A frame queued meanwhile is
+    /// delivered within `tapLookEvery` passes.
+    @Test func anEmptyTapIsNotReadByEveryPass() {
+        let h = EngineHarness()
+        h.grantPage(10); h.grantPage(11)
+        h.postRx([(id: 1, ref: 10), (id: 2, ref: 11)])
+        h.step(.kicked)
+        let afterEmpty = h.tap.reads
+        #expect(afterEmpty >= 1)
+        let every = NetQueueEngine<InMemoryTap>.tapLookEvery
+        for _ in 0..<(every - 1) { h.step(.tick) }
+        #expect(h.tap.reads == afterEmpty, "tx-only passes skip the empty TAP")
+        h.step(.tick)
+        #expect(h.tap.reads == afterEmpty + 1, "but one pass in \(every) looks")
+        h.step(.kicked)
+        #expect(h.tap.reads == afterEmpty + 2, "a wakeup looks at once")
+        let frame = TestFrame.ipv4(length: 200, tcp: false)
+        h.tap.queue(frame)
+        var passes = 0
+        var delivered: [EngineHarness.RxAnswer] = []
+        while delivered.isEmpty && passes < every {
+            h.step(.tick)
+            passes += 1
+            delivered = h.rxResponses()
+        }
+        #expect(passes == every)
+        #expect(delivered == [.data(NetifRxResponse(id: 1, offset: 0, flags: 0, status: 200))])
+        h.tap.queue(frame)
+        h.step(.tapReadable)
+        #expect(h.rxResponses() == [.data(NetifRxResponse(id: 2, offset: 0, flags: 0, status: 200))])
     }
 
     @Test func aReadOnlyBufferIsAnsweredError() {

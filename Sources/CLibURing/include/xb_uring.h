@@ -44,7 +44,8 @@ int xb_uring_queue_writev_nowait(struct xb_uring *ring, uint64_t tag, int fd, co
 int xb_uring_queue_writev_linked(struct xb_uring *ring, uint64_t tag, int fd, const struct iovec *iovecs,
                                  unsigned count, int link, int async);
 /// Hands the kernel every queued entry and waits until `want` completions
-/// are in the ring: what was submitted, or -errno (-EINTR: call again).
+/// are in the ring (a wait interrupted by a signal is taken up again):
+/// what was submitted, or -errno.
 int xb_uring_submit_and_wait(struct xb_uring *ring, unsigned want);
 
 /// io_uring_submit: hands the kernel every queued entry. Returns how many
