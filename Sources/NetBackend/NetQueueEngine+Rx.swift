@@ -37,7 +37,10 @@ extension NetQueueEngine {
                 do {
                     guard let n = try tap.read(into: UnsafeMutableRawBufferPointer(start: buffer, count: NetEngineBuffers.rxBufferSize)) else {
                         tapEmpty = true
-                        tapFoundEmpty = true
+                        // Empty at the pass's first look: nothing is
+                        // coming in. (Frames, then EAGAIN: a stream the
+                        // next pass should keep reading.)
+                        tapFoundEmpty = rxCount == 0
                         break
                     }
                     tapFoundEmpty = false

@@ -45,8 +45,8 @@ public final class NetQueueEngine<Tap: TapPort> {
     /// Stalled past the limit: drop frames until the guest posts buffers.
     var rxDropping = false
     var tapPolled = true
-    /// The TAP's last read found nothing and no wakeup has said otherwise
-    /// since: passes run for tx alone (`.tick`) skip the read that would
+    /// A pass's first read of the TAP found nothing, and no wakeup has said
+    /// otherwise since: passes run for tx alone (`.tick`) skip the read that would
     /// only say EAGAIN (a system call each, through Xen in a PV dom0), but
     /// for one in every `tapLookEvery`, so that frames arriving in a long
     /// tx burst (TCP's acknowledgements) wait a few passes at most.
