@@ -155,9 +155,7 @@ public final class BatchingTapQueue: TapPort {
             var unsubmitted = queued > 0 && refusesNowaitForTesting == 0 ? xb_uring_submit(ring) : 0
             var done = refusesNowaitForTesting != 0 ? queued : 0
             while done < queued {
-                let n = Int(xb_uring_reap(ring, tags, codes, UInt32(Self.entries)))
-                for j in 0..<n { results[Int(tags[j])] = Int(codes[j]) }
-                done += n
+                done += reapResults(ring, into: results)
                 if done < queued {
                     if unsubmitted > 0 { unsubmitted = xb_uring_submit(ring) }
                     // A write the kernel finished outside the submission:
