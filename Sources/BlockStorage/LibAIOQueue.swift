@@ -1,5 +1,4 @@
 import CLibAIO
-import CXenBackSupport
 import Glibc
 import SystemSupport
 
@@ -12,7 +11,7 @@ import SystemSupport
 final class LibAIOQueue: KernelQueue {
     let engine = IOEngine.libaio
     private let depth: Int
-    private let eventFD: Int32
+    private let completions: Wakeup
     private var context: io_context_t?
     private let iocbs: UnsafeMutablePointer<iocb>
     /// The iocb pointer list handed to io_submit.
@@ -23,20 +22,22 @@ final class LibAIOQueue: KernelQueue {
     let reapsInUserSpace: Bool
 
     static func make(depth: Int) throws(KernelQueueSetupError) -> LibAIOQueue {
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { throw KernelQueueSetupError(call: "eventfd", errno: errno) }
+        let completions: Wakeup
+        do throws(SystemError) { completions = try Wakeup() } catch {
+            throw KernelQueueSetupError(call: error.call, errno: error.code)
+        }
         var context: io_context_t?
         let result = io_setup(Int32(depth), &context)
         guard result == 0 else {
-            Glibc.close(eventFD)
+            completions.close()
             throw KernelQueueSetupError(call: "io_setup(\(depth))", errno: -result)
         }
-        return LibAIOQueue(depth: depth, eventFD: eventFD, context: context)
+        return LibAIOQueue(depth: depth, completions: completions, context: context)
     }
 
-    private init(depth: Int, eventFD: Int32, context: io_context_t?) {
+    private init(depth: Int, completions: Wakeup, context: io_context_t?) {
         self.depth = depth
-        self.eventFD = eventFD
+        self.completions = completions
         self.context = context
         reapsInUserSpace = xb_aio_ring_usable(context) != 0
         iocbs = .allocate(capacity: depth)
@@ -61,15 +62,15 @@ final class LibAIOQueue: KernelQueue {
         guard let context else { return }
         io_destroy(context)
         self.context = nil
-        Glibc.close(eventFD)
+        completions.close()
     }
 
     /// Every operation signals the eventfd when it completes.
-    var completionFileDescriptor: Int32 { eventFD }
+    var completionFileDescriptor: Int32 { completions.fd }
 
-    func signal() { Wakeup(adopting: eventFD).signal() }
+    func signal() { completions.signal() }
 
-    func clearSignal() { Wakeup(adopting: eventFD).drain() }
+    func clearSignal() { completions.drain() }
 
     func queueRead(slot: Int, fd: Int32, iovecs: UnsafeMutablePointer<iovec>?, count: Int32, offset: UInt64) {
         io_prep_preadv(iocbs + slot, fd, iovecs, count, Int64(offset))
@@ -87,7 +88,7 @@ final class LibAIOQueue: KernelQueue {
     }
 
     private func enqueue(_ slot: Int) {
-        io_set_eventfd(iocbs + slot, eventFD)
+        io_set_eventfd(iocbs + slot, completions.fd)
         submitList[queuedCount] = iocbs + slot
         queuedCount += 1
     }

@@ -26,10 +26,10 @@ import SystemSupport
 final class URingQueue: KernelQueue {
     let engine = IOEngine.ioUring
     private let depth: Int
-    private let eventFD: Int32
-    /// Watches the ring's descriptor and `eventFD`.
+    private let completions: Wakeup
+    /// Watches the ring's descriptor and `completions`.
     private let pollFD: Int32
-    /// `eventFD` has been signalled since it was last read.
+    /// `completions` has been signalled since it was last read.
     private var signalled = false
     private var ring: OpaquePointer?
     /// Entries queued since the last submission.
@@ -40,13 +40,15 @@ final class URingQueue: KernelQueue {
     private let finishedResults: UnsafeMutablePointer<Int64>
 
     static func make(depth: Int) throws(KernelQueueSetupError) -> URingQueue {
-        let eventFD = xb_eventfd(0, xb_EFD_NONBLOCK | xb_EFD_CLOEXEC)
-        guard eventFD >= 0 else { throw KernelQueueSetupError(call: "eventfd", errno: errno) }
+        let completions: Wakeup
+        do throws(SystemError) { completions = try Wakeup() } catch {
+            throw KernelQueueSetupError(call: error.call, errno: error.code)
+        }
         var ring: OpaquePointer?
         var failedCall: UnsafePointer<CChar>?
         let result = xb_uring_open(UInt32(depth), -1, &ring, &failedCall)
         guard result == 0, let ring else {
-            Glibc.close(eventFD)
+            completions.close()
             let call = failedCall.map { String(cString: $0) } ?? "io_uring_queue_init"
             throw KernelQueueSetupError(call: "\(call)(\(depth))", errno: -result)
         }
@@ -55,22 +57,22 @@ final class URingQueue: KernelQueue {
             pollFD = try Syscall.epollCreate()
             do throws(SystemError) {
                 try Syscall.epollAdd(pollFD, xb_uring_fd(ring), events: xb_EPOLLIN, token: 0)
-                try Syscall.epollAdd(pollFD, eventFD, events: xb_EPOLLIN, token: 1)
+                try Syscall.epollAdd(pollFD, completions.fd, events: xb_EPOLLIN, token: 1)
             } catch {
                 Glibc.close(pollFD)
                 throw error
             }
         } catch {
             xb_uring_close(ring)
-            Glibc.close(eventFD)
+            completions.close()
             throw KernelQueueSetupError(call: error.call, errno: error.code)
         }
-        return URingQueue(depth: depth, eventFD: eventFD, pollFD: pollFD, ring: ring)
+        return URingQueue(depth: depth, completions: completions, pollFD: pollFD, ring: ring)
     }
 
-    private init(depth: Int, eventFD: Int32, pollFD: Int32, ring: OpaquePointer) {
+    private init(depth: Int, completions: Wakeup, pollFD: Int32, ring: OpaquePointer) {
         self.depth = depth
-        self.eventFD = eventFD
+        self.completions = completions
         self.pollFD = pollFD
         self.ring = ring
         finishedSlots = .allocate(capacity: depth)
@@ -90,13 +92,13 @@ final class URingQueue: KernelQueue {
         xb_uring_close(ring)
         self.ring = nil
         Glibc.close(pollFD)
-        Glibc.close(eventFD)
+        completions.close()
     }
 
     var completionFileDescriptor: Int32 { pollFD }
 
     func signal() {
-        Wakeup(adopting: eventFD).signal()
+        completions.signal()
         signalled = true
     }
 
@@ -104,7 +106,7 @@ final class URingQueue: KernelQueue {
     func clearSignal() {
         guard signalled else { return }
         signalled = false
-        Wakeup(adopting: eventFD).drain()
+        completions.drain()
     }
 
     // The submission queue has `depth` entries and the storage never has
