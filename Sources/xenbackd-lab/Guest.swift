@@ -151,14 +151,46 @@ struct Guest: ParsableCommand {
 }
 
 /// Prints a line at once (stdout may be a pipe; progress goes to stderr).
-func say(_ s: String) {
+func say(_ s: String, to fd: Int32 = 1) {
     let line = s + "\n"
-    _ = line.withCString { write(1, $0, strlen($0)) }
+    _ = line.withCString { write(fd, $0, strlen($0)) }
 }
 
-/// Rewrites the current terminal line (stderr, so logs stay separate).
+/// Progress, on stderr so that logs stay separate. On a terminal one line
+/// is rewritten in place; in a log or a pipe, where control sequences are
+/// noise, each update is a plain line, and clearing the line prints
+/// nothing. Updates of one kind (the same text but for its figures: a
+/// workload's counts, a check's percentage) are thinned to one a second;
+/// a new kind (the next bench phase) is printed at once.
 func progressLine(_ s: String) {
-    var line = "\r\u{1B}[2K" + s
-    if s.isEmpty { line = "\r\u{1B}[2K" }
-    _ = line.withCString { write(2, $0, strlen($0)) }
+    ProgressPrinter.shared.show(s)
+}
+
+final class ProgressPrinter: @unchecked Sendable {   // `lastPlainLine` guarded by `lock`
+    static let shared = ProgressPrinter(onTerminal: isatty(2) != 0)
+
+    let onTerminal: Bool
+    private let lock = PThreadMutex()
+    private var lastPlainLine = Int.min / 2
+    private var lastKind = ""
+
+    init(onTerminal: Bool) { self.onTerminal = onTerminal }
+
+    func show(_ s: String) {
+        if onTerminal {
+            let line = "\r\u{1B}[2K" + s
+            _ = line.withCString { write(2, $0, strlen($0)) }
+            return
+        }
+        guard !s.isEmpty else { return }
+        let now = MonotonicClock.nanoseconds()
+        let kind = String(s.unicodeScalars.filter { !("0"..."9").contains($0) })
+        let due: Bool = lock.withLock {
+            guard kind != lastKind || now - lastPlainLine >= 1_000_000_000 else { return false }
+            lastPlainLine = now
+            lastKind = kind
+            return true
+        }
+        if due { say(s, to: 2) }
+    }
 }

@@ -20,10 +20,14 @@ struct BenchBlockTests {
                                     environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"], timeout: 120)
         #expect(result.status == 0, "\(result.stdout)")
         #expect(allocatedBytes(file) == 16 << 20, "the whole export was written")
+        // Not a terminal: progress comes as plain lines, with no control
+        // sequences to garble a log.
+        let output = result.stdout + result.stderr
+        #expect(!output.contains("\u{1b}") && !output.contains("\r"), "\(output)")
+        #expect(result.stderr.split(separator: "\n").contains { $0.hasPrefix("4k-randread-qd1: xenbackd, ") }, "\(result.stderr)")
+        let lines = result.stdout.split(separator: "\n")
         // The row: its name, then IOPS, MB/s, p50, p99, CPU per I/O and share.
-        let row = result.stdout.split(whereSeparator: { $0 == "\n" || $0 == "\r" })
-            .map { $0.replacingOccurrences(of: "\u{1b}[2K", with: "") }
-            .first { $0.hasPrefix("4k-randread-qd1 ") }
+        let row = lines.first { $0.hasPrefix("4k-randread-qd1 ") }
         let fields = try #require(row, "\(result.stdout)").split(separator: " ")
         let iops = try #require(Double(fields[1]), "\(fields)")
         #expect(iops > 100, "\(fields)")
