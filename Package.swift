@@ -169,7 +169,7 @@ let package = Package(
             "LoopbackXenStore", "XenStoreClient", "Hypervisor", "SystemSupport", "NBDTestSupport", "BlockStorage", "BlockBackend",
         ], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
-            "LoopbackHost", "SystemSupport", "NBDTestSupport", "EngineDoubles",
+            "LoopbackHost", "SystemSupport", "NBDTestSupport", "EngineDoubles", "DaemonCLI",
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),
@@ -187,7 +187,7 @@ let package = Package(
             // The net backend end to end: our netfront in namespaces, TAPs, a bridge, ping and iperf3.
         .testTarget(name: "NetBackendTests", dependencies: [
             "LoopbackHost", "NetBackend", "NetFrontend", "NetworkPlumbing", "LoopbackHypervisor", "XenStoreClient",
-            "XenBus", "XenABI", "XenRing", "Hypervisor", "SystemSupport",
+            "XenBus", "XenABI", "XenRing", "Hypervisor", "SystemSupport", "DaemonCLI",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
     ]

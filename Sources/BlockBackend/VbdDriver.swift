@@ -24,6 +24,30 @@ public struct VbdStatus: Sendable {
     public var lastStorageEvent: String?
     /// The open disk's kernel interface ("io_uring", "libaio"; nil: NBD or closed).
     public var ioEngine: String?
+    /// When `lastError` was set (seconds since the Unix epoch).
+    public var lastErrorTime: Double?
+    /// What the frontend and this backend agreed on (nil: not connected).
+    public var negotiated: VbdNegotiation?
+}
+
+/// A connected vbd's terms: the disk as the frontend was told it, and the
+/// ring's features.
+public struct VbdNegotiation: Sendable, Equatable {
+    public var sectors: UInt64
+    public var sectorSize: Int
+    public var physicalSectorSize: Int
+    public var readOnly: Bool
+    public var flush: Bool
+    public var barrier: Bool
+    public var discard: Bool
+    /// feature-max-indirect-segments as offered (0: none).
+    public var maxIndirectSegments: Int
+    /// Both ends use feature-persistent.
+    public var persistentGrants: Bool
+    public var ringPages: Int
+    public var queues: Int
+    /// The frontend's `protocol` (x86_64-abi, the only one served).
+    public var protocolName: String
 }
 
 /// The vbd type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -74,7 +98,8 @@ final class VbdDriver: XenbusDriver {
         return VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
                          ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
                          statistics: s, lastError: device.lastError,
-                         lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName)
+                         lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName,
+                         lastErrorTime: device.lastErrorTime, negotiated: device.connection?.negotiated)
     }
 
     // MARK: toolstack keys, InitWait
@@ -203,6 +228,12 @@ final class VbdDriver: XenbusDriver {
             queues.stop()
             throw error
         }
+        queues.negotiated = VbdNegotiation(sectors: limits.sectors, sectorSize: Int(g.logicalSectorSize),
+                                           physicalSectorSize: Int(g.physicalSectorSize), readOnly: limits.readOnly,
+                                           flush: limits.flush, barrier: limits.barrier, discard: limits.discard,
+                                           maxIndirectSegments: limits.maxIndirectSegments,
+                                           persistentGrants: rings[0].persistent, ringPages: rings[0].refs.count,
+                                           queues: rings.count, protocolName: "x86_64-abi")
         d.logger.info("connected", metadata: ["queues": "\(rings.count)", "ringPages": "\(rings[0].refs.count)",
                                               "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
                                               "persistentGrants": "\(rings[0].persistent)"])
@@ -320,6 +351,8 @@ final class VbdDriver: XenbusDriver {
 final class VbdQueues: @unchecked Sendable {   // built and stopped on one worker at a time; status reads planes' boxes
     var planes: [VbdDataPlane] = []
     var ownedStorages: [any BlockStorage] = []
+    /// Set once every ring is running.
+    var negotiated: VbdNegotiation?
 
     var ringPages: Int { planes.first?.ringPages ?? 0 }
     var statistics: VbdStatistics { planes.reduce(VbdStatistics()) { $0.adding($1.statistics) } }

@@ -36,6 +36,16 @@ public enum ControlProtocol {
     }
 }
 
+/// What `xenbackd status --json` prints: a versioned document whose fields
+/// are those of docs/status.md. A field may be added within a version;
+/// none is renamed, retyped or removed without a new `schemaVersion`.
+public struct StatusDocument: Codable, Sendable {
+    public static let currentSchemaVersion = 1
+    public var schemaVersion: Int
+    public var devices: [DeviceReport]
+    public init(devices: [DeviceReport]) { schemaVersion = Self.currentSchemaVersion; self.devices = devices }
+}
+
 /// What `xenbackd status` prints for one device (the JSON reply's element).
 public struct DeviceReport: Codable, Sendable {
     public var device: String
@@ -62,6 +72,53 @@ public struct DeviceReport: Codable, Sendable {
     public var rejected: [String: UInt64]?
     /// vbds on a file or block device: the kernel interface ("io_uring", "libaio").
     public var ioEngine: String?
+    /// When `lastError` happened, in seconds since the Unix epoch.
+    public var lastErrorTime: Double?
+    /// A connected vbd's disk and ring terms as the frontend was told them.
+    public var vbd: VbdTerms?
+    /// A connected vif's queues and the frontend's features in use.
+    public var vif: VifTerms?
+
+    public struct VbdTerms: Codable, Sendable, Equatable {
+        public var sectors: UInt64
+        public var sectorSize: Int
+        public var physicalSectorSize: Int
+        public var readOnly: Bool
+        public var flush: Bool
+        public var barrier: Bool
+        public var discard: Bool
+        public var maxIndirectSegments: Int
+        public var persistentGrants: Bool
+        public var ringPages: Int
+        public var queues: Int
+        public var `protocol`: String
+
+        public init(sectors: UInt64, sectorSize: Int, physicalSectorSize: Int, readOnly: Bool, flush: Bool, barrier: Bool,
+                    discard: Bool, maxIndirectSegments: Int, persistentGrants: Bool, ringPages: Int, queues: Int,
+                    protocol: String) {
+            self.sectors = sectors; self.sectorSize = sectorSize; self.physicalSectorSize = physicalSectorSize
+            self.readOnly = readOnly; self.flush = flush; self.barrier = barrier; self.discard = discard
+            self.maxIndirectSegments = maxIndirectSegments; self.persistentGrants = persistentGrants
+            self.ringPages = ringPages; self.queues = queues; self.protocol = `protocol`
+        }
+    }
+
+    public struct VifTerms: Codable, Sendable, Equatable {
+        public var queues: Int
+        public var splitEventChannels: Bool
+        public var scatterGather: Bool
+        public var gsoTCPv4: Bool
+        public var gsoTCPv6: Bool
+        public var checksumOffload: Bool
+        public var ipv6ChecksumOffload: Bool
+
+        public init(queues: Int, splitEventChannels: Bool, scatterGather: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool,
+                    checksumOffload: Bool, ipv6ChecksumOffload: Bool) {
+            self.queues = queues; self.splitEventChannels = splitEventChannels; self.scatterGather = scatterGather
+            self.gsoTCPv4 = gsoTCPv4; self.gsoTCPv6 = gsoTCPv6; self.checksumOffload = checksumOffload
+            self.ipv6ChecksumOffload = ipv6ChecksumOffload
+        }
+    }
 
     public init(device: String, type: String, domain: Int, devid: Int, state: String, params: String, ringPages: Int,
                 requests: UInt64, bytesRead: UInt64, bytesWritten: UInt64, errors: UInt64) {

@@ -16,6 +16,10 @@ public struct VifStatus: Sendable {
     public var splitEventChannels: Bool
     public var statistics: NetStatistics
     public var lastError: String?
+    /// When `lastError` was set (seconds since the Unix epoch).
+    public var lastErrorTime: Double?
+    /// The frontend's features in use (nil: not connected).
+    public var frontendFeatures: FrontendNetFeatures?
 }
 
 /// A vif's interface and the TAP queues the kernel steers frames to (the
@@ -30,6 +34,7 @@ final class VifPort {
 struct VifConnection {
     var planes: [NetDataPlane]
     var splitEventChannels: Bool
+    var frontendFeatures: FrontendNetFeatures
 }
 
 /// The vif type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -75,7 +80,8 @@ final class VifDriver: XenbusDriver {
         return VifStatus(address: address, state: device.state, interface: device.resource == nil ? "" : interfaceName,
                          bridge: bridge, queues: device.connection?.planes.count ?? 0,
                          splitEventChannels: device.connection?.splitEventChannels ?? false, statistics: s,
-                         lastError: device.lastError)
+                         lastError: device.lastError, lastErrorTime: device.lastErrorTime,
+                         frontendFeatures: device.connection?.frontendFeatures)
     }
 
     // MARK: toolstack keys, InitWait
@@ -211,7 +217,7 @@ final class VifDriver: XenbusDriver {
         d.logger.info("connected", metadata: ["interface": "\(shownName)", "queues": "\(configs.count)",
                                               "split": "\(split)", "sg": "\(f.scatterGather)",
                                               "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
-        return (VifConnection(planes: planes, splitEventChannels: split), [])
+        return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f), [])
     }
 
     /// Carrier off, every queue stopped.

@@ -19,6 +19,8 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     public let driver: Driver
     public private(set) var state: XenbusState = .initialising
     public private(set) var lastError: String?
+    /// When `lastError` was set, in seconds since the Unix epoch.
+    public private(set) var lastErrorTime: Double?
     public private(set) var resource: Driver.Resource?
     public private(set) var connection: Driver.Connection?
 
@@ -166,6 +168,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             guard offered else { return }
             try store.removeIfPresent(errorPath)
             lastError = nil
+            lastErrorTime = nil
             state = .initWait
         } catch {
             fail(Self.reason(error, doing: "offering the device"), permanent: permanent)
@@ -330,6 +333,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         }
         logger.error("device failed", metadata: ["reason": "\(message)", "final": "\(permanent)"])
         lastError = message
+        lastErrorTime = WallClock.seconds()
         if permanent { mayOfferAgain = false }
         // Not into a directory the toolstack already removed (a write would create it again).
         if ((try? store.read(backendPath + "/frontend")) ?? nil) != nil {

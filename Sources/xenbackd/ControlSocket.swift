@@ -18,6 +18,13 @@ extension DeviceReport {
         lastError = s.lastError
         storageEvent = s.lastStorageEvent
         ioEngine = s.ioEngine
+        lastErrorTime = s.lastErrorTime
+        vbd = s.negotiated.map {
+            VbdTerms(sectors: $0.sectors, sectorSize: $0.sectorSize, physicalSectorSize: $0.physicalSectorSize,
+                     readOnly: $0.readOnly, flush: $0.flush, barrier: $0.barrier, discard: $0.discard,
+                     maxIndirectSegments: $0.maxIndirectSegments, persistentGrants: $0.persistentGrants,
+                     ringPages: $0.ringPages, queues: $0.queues, protocol: $0.protocolName)
+        }
     }
 
     /// A vif in the same columns: bytes the guest received count as read,
@@ -33,6 +40,12 @@ extension DeviceReport {
         rxPackets = s.statistics.rxPackets
         dropped = s.statistics.txDropped &+ s.statistics.rxDropped
         malformed = s.statistics.txMalformed
+        lastErrorTime = s.lastErrorTime
+        vif = s.frontendFeatures.map {
+            VifTerms(queues: s.queues, splitEventChannels: s.splitEventChannels, scatterGather: $0.scatterGather,
+                     gsoTCPv4: $0.gsoTCPv4, gsoTCPv6: $0.gsoTCPv6, checksumOffload: $0.checksumOffload,
+                     ipv6ChecksumOffload: $0.ipv6ChecksumOffload)
+        }
     }
 }
 

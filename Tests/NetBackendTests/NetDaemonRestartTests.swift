@@ -1,3 +1,4 @@
+import DaemonCLI
 import Foundation
 import Glibc
 import Hypervisor
@@ -116,6 +117,21 @@ import XenStoreClient
         #expect(row.contains("Connected") && row.contains("vif1.0 on xenbr0") && row.contains("0 malformed"), "\(status)")
         let bytesSent = row.split(separator: " ", omittingEmptySubsequences: true)
         #expect(bytesSent.count > 5 && (Int(bytesSent[5]) ?? 0) >= 4, "written MB column: \(row)")
+        // And in JSON (docs/status.md), with the features the netfront wrote.
+        let json = try runProcess([binary, "status", "--control-socket", root + "/control.sock", "--json", "vif-1-0"],
+                                  environment: ["PATH": toolPath], timeout: 10).stdout
+        let vif = try JSONDecoder().decode(StatusDocument.self, from: Data(json.utf8)).devices.first
+        #expect(vif?.type == "vif" && vif?.vbd == nil && (vif?.txPackets ?? 0) > 0, "\(json)")
+        let frontend = toolstack.nicFrontendPath(domain: a.domid, devid: 0)
+        func flag(_ key: String) -> Bool {
+            ((try? toolstack.store.read(frontend + "/" + key)).flatMap { $0 }.flatMap { UInt64($0) } ?? 0) != 0
+        }
+        let split = ((try? toolstack.store.read(frontend + "/event-channel-tx")) ?? nil) != nil
+        #expect(vif?.vif == DeviceReport.VifTerms(queues: 1, splitEventChannels: split, scatterGather: flag("feature-sg"),
+                                                   gsoTCPv4: flag("feature-gso-tcpv4"), gsoTCPv6: flag("feature-gso-tcpv6"),
+                                                   checksumOffload: !flag("feature-no-csum-offload"),
+                                                   ipv6ChecksumOffload: flag("feature-ipv6-csum-offload")), "\(json)")
+        #expect(vif?.vif?.scatterGather == true, "our netfront asks for scatter-gather: \(json)")
     }
 }
 
