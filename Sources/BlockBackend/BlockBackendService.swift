@@ -1,4 +1,5 @@
 import Glibc
+import SystemSupport
 import Hypervisor
 import Logging
 import XenABI
@@ -62,9 +63,16 @@ public struct BlockBackendOptions: Sendable {
 public final class BlockBackendService: @unchecked Sendable {   // confined to the control loop thread
     public static let deviceType = "vbd"
     private let devices: XenbusDeviceTable<VbdDriver>
+    private let loop: XenbusControlLoop
+    private let logger: Logger
+    /// How often every connected disk's size is compared with what its
+    /// frontend was told (online resize): one fstat or BLKGETSIZE64 each.
+    public static let sizeCheckMilliseconds: UInt32 = 1000
 
     public init(platform: any HypervisorPlatform, loop: XenbusControlLoop, openStorage: @escaping StorageOpener,
                 options: BlockBackendOptions = .init(), logger: Logger) {
+        self.loop = loop
+        self.logger = logger
         devices = XenbusDeviceTable(loop: loop, backendDomain: platform.ownDomain, type: Self.deviceType,
                                     logger: logger) { [platform, openStorage, options] address, _ in
             VbdDriver(address: address, platform: platform, openStorage: openStorage, options: options)
@@ -73,7 +81,43 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
 
     /// Starts watching; the watch's initial firing finds devices that
     /// already exist. Call on the control loop thread or before it runs.
-    public func start() throws(XenStoreError) { try devices.start() }
+    public func start() throws(XenStoreError) {
+        try devices.start()
+        do {
+            let timer = try IntervalTimer(milliseconds: Self.sizeCheckMilliseconds)
+            loop.whenReadable(timer.fileDescriptor) { [self] in
+                timer.acknowledge()
+                checkDiskSizes()
+            }
+        } catch {
+            logger.warning("no periodic disk size check (online resize needs `xenbackd rescan`)", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Passes every connected disk's new size, if any, to its rings and
+    /// its frontend.
+    public func checkDiskSizes() {
+        for device in devices.all { rescan(device) }
+    }
+
+    /// `xenbackd rescan DEVICE`: the disk's size checked now. Nil: no such
+    /// vbd. Otherwise the sectors the frontend has now, and before if that
+    /// changed.
+    public func rescan(device name: String) -> (sectors: UInt64?, previous: UInt64?)? {
+        guard let device = devices.all.first(where: { $0.address.description == name }) else { return nil }
+        let before = device.connection?.negotiated?.sectors
+        let changed = rescan(device) != nil
+        return (device.connection?.negotiated?.sectors, changed ? before : nil)
+    }
+
+    @discardableResult
+    private func rescan(_ device: XenbusDevice<VbdDriver>) -> [(key: String, value: String)]? {
+        device.republishIfChanged { storage, queues in
+            var deviceLogger = logger
+            deviceLogger[metadataKey: "device"] = "\(device.address)"
+            return device.driver.resizedKeys(storage: storage, queues: queues, logger: deviceLogger)
+        }
+    }
 
     /// Answers every request in flight on every ring and stops the data
     /// planes, leaving xenstore as it is (a restarted daemon resumes).

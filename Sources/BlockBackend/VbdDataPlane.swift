@@ -71,6 +71,9 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     /// taken before a refusal leaked once per failed connect (found by the
     /// xenbus fuzz target).
     private let stopFlag: UnsafeMutablePointer<UInt32>
+    /// The disk's size in sectors as the control thread last set it
+    /// (online resize); the loop applies it to the engine before a pass.
+    private let diskSectors: UnsafeMutablePointer<UInt64>
     private var thread: NativeThread?
 
     // Statistics: status sees every pass's counters (atomic stores, no
@@ -187,6 +190,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
+        diskSectors = .allocate(capacity: 1)
+        diskSectors.initialize(to: c.limits.sectors)
 
         let dims: [(String, String)] = [("device", name)]
         requestCounter = Counter(label: "xenbackd_vbd_requests_total", dimensions: dims)
@@ -210,6 +215,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     deinit {
         if thread == nil { releaseResources() }
         stopFlag.deallocate()
+        diskSectors.deallocate()
     }
 
     public var ringSlots: Int { engine.ringSlots }
@@ -224,6 +230,15 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         } catch {
             throw HypervisorError("start data plane thread", errno: error.code)
         }
+    }
+
+    /// Online resize, from the control thread: requests the ring takes
+    /// from the next pass on are checked against `sectors`. Call before
+    /// the frontend is told, so that it never sends a request the ring
+    /// would still refuse.
+    public func resizeDisk(sectors: UInt64) {
+        xb_store_release_u64(diskSectors, sectors)
+        wakeup.signal()
     }
 
     /// Stops taking requests, completes and answers every one in flight,
@@ -267,6 +282,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
                 stopSent = true
                 input = .stop
             }
+            let sectors = xb_load_acquire_u64(diskSectors)
+            if sectors != engine.limits.sectors { engine.resizeDisk(sectors: sectors) }
             let s = engine.step(input, armIfIdle: pollNanoseconds == 0)
             if s.notify { notifyFrontend() }
             if engine.hasRejections { logRejections() }

@@ -228,7 +228,11 @@ final class VbdDriver: XenbusDriver {
             queues.stop()
             throw error
         }
-        queues.negotiated = VbdNegotiation(sectors: limits.sectors, sectorSize: Int(g.logicalSectorSize),
+        // What the frontend was told: on a resumed ring, the `sectors` the
+        // previous daemon wrote, so a disk resized while no daemon ran is
+        // passed on by the next size check.
+        let told = resuming ? ((try? d.store.readNumber(d.backendPath, "sectors", as: UInt64.self)) ?? nil) : nil
+        queues.negotiated = VbdNegotiation(sectors: told ?? limits.sectors, sectorSize: Int(g.logicalSectorSize),
                                            physicalSectorSize: Int(g.physicalSectorSize), readOnly: limits.readOnly,
                                            flush: limits.flush, barrier: limits.barrier, discard: limits.discard,
                                            maxIndirectSegments: limits.maxIndirectSegments,
@@ -238,6 +242,24 @@ final class VbdDriver: XenbusDriver {
                                               "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
                                               "persistentGrants": "\(rings[0].persistent)"])
         return (queues, connectedKeys(geometry: g, limits: limits))
+    }
+
+    /// Online resize (control thread): the disk's size now, if it is not
+    /// what the frontend was told. Every ring checks requests against the
+    /// new size first; the caller then writes `sectors` and state=Connected
+    /// again, which makes Linux's blkfront read it and set its capacity.
+    /// Growing and shrinking are both passed on, as Linux's blkback does:
+    /// a disk shrunk under a guest is the operator's doing, and requests
+    /// past the new end are refused from then on.
+    func resizedKeys(storage: any BlockStorage, queues: VbdQueues, logger: Logger) -> [(key: String, value: String)]? {
+        guard let told = queues.negotiated, let bytes = storage.currentSizeBytes() else { return nil }
+        let sectors = bytes / UInt64(Blkif.sectorSize)
+        guard sectors != told.sectors else { return nil }
+        for plane in queues.planes { plane.resizeDisk(sectors: sectors) }
+        queues.negotiated?.sectors = sectors
+        logger.notice("disk resized: telling the frontend",
+                      metadata: ["sectors": "\(sectors)", "previousSectors": "\(told.sectors)"])
+        return [("sectors", String(sectors))]
     }
 
     func disconnect(_ d: XenbusDeviceContext, resource: any BlockStorage, connection queues: VbdQueues) {

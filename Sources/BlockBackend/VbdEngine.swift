@@ -51,7 +51,7 @@ public final class VbdEngine {
     private let grants: any GrantTableHandle
     private var ring: BackRing
     private let frontendDomain: DomID
-    public let limits: DiskLimits
+    public private(set) var limits: DiskLimits
     private let usePersistentGrants: Bool
     private var persistent: PersistentGrants
 
@@ -912,5 +912,16 @@ struct RequestSlot {
         case .discard: phase = .discard
         case .barrier: phase = .barrier
         }
+    }
+}
+
+extension VbdEngine {
+    /// Online resize: requests from now on are checked against `sectors`,
+    /// and so is the storage's own range check. Requests already taken
+    /// keep the answer they were validated for, as Linux's blkback, which
+    /// checks each request against the device's size when it takes it.
+    public func resizeDisk(sectors: UInt64) {
+        limits.sectors = sectors
+        storage.sizeChanged(to: sectors * UInt64(Blkif.sectorSize))
     }
 }

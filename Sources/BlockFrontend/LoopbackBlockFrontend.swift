@@ -208,6 +208,19 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         segmentsPerRequest = max(Blkif.maxSegmentsPerRequest, indirect)
     }
 
+    /// What Linux's blkfront does when the backend writes state=Connected
+    /// again while connected (online resize): reads `sectors` and takes it
+    /// as the disk's new capacity. Returns the new size when it changed.
+    @discardableResult
+    public func refreshCapacity() throws -> UInt64? {
+        guard let text = try store.read(backendPath + "/sectors"), let sectors = UInt64(text) else {
+            throw FrontendError("backend gave no sectors")
+        }
+        guard sectors != info.sectors else { return nil }
+        info.sectors = sectors
+        return sectors
+    }
+
     /// Closes the device as blkfront does on unplug: Closing; wait for the
     /// backend's Closing (or Closed, or gone), by which time it has
     /// answered every request and unmapped the ring; Closed; wait for the

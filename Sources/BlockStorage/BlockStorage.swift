@@ -85,6 +85,10 @@ public extension BlockStorage {
     func openAnotherQueue() throws -> (any BlockStorage)? { nil }
     /// Storages whose descriptor goes quiet once reaped need nothing.
     func resetCompletionSignal() {}
+    /// A storage whose size cannot change under it (an NBD export's size
+    /// is fixed for its connection) says nil.
+    func currentSizeBytes() -> UInt64? { nil }
+    func sizeChanged(to bytes: UInt64) {}
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -135,6 +139,14 @@ public protocol BlockStorage: AnyObject {
     /// through either handle covers writes completed through both. Nil
     /// when this storage cannot give one. Call before the data plane starts.
     func openAnotherQueue() throws -> (any BlockStorage)?
+    /// The disk's size as the kernel has it now (a file grown, an LV
+    /// extended): what online resize compares with the size the frontend
+    /// was told. Safe from any thread (the control thread asks while the
+    /// data plane runs): it only asks the kernel. Nil: it cannot change.
+    func currentSizeBytes() -> UInt64?
+    /// The size the frontend is now told; requests are checked against it
+    /// from here on. Called on the data-plane thread.
+    func sizeChanged(to bytes: UInt64)
 }
 
 /// Receives a storage's events, as one line of text each.

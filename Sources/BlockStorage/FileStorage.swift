@@ -29,7 +29,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     /// O_DIRECT is in use (otherwise the page cache).
     public let directIO: Bool
     public let isBlockDevice: Bool
-    public let geometry: StorageGeometry
+    public private(set) var geometry: StorageGeometry
     public let queueDepth: Int
     public var completionFileDescriptor: Int32 { queue.completionFileDescriptor }
     /// The kernel interface in use.
@@ -145,6 +145,17 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         freeSlots.deallocate()
         batchSlots.deallocate()
     }
+
+    public func currentSizeBytes() -> UInt64? {
+        if isBlockDevice {
+            var size: UInt64 = 0
+            return xb_block_device_size(fd, &size) == 0 ? size : nil
+        }
+        var status = stat()
+        return fstat(fd, &status) == 0 ? UInt64(max(status.st_size, 0)) : nil
+    }
+
+    public func sizeChanged(to bytes: UInt64) { geometry.sizeBytes = bytes }
 
     public func close() {
         guard !closed else { return }

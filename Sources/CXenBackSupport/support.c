@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <linux/fs.h>
@@ -124,4 +125,20 @@ int xb_file_system_type(int fd, int64_t *type) {
     int result = fstatfs(fd, &status);
     if (result == 0) *type = (int64_t)status.f_type;
     return result;
+}
+
+int xb_interval_timer(uint32_t milliseconds) {
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (fd < 0) return -1;
+    struct itimerspec spec;
+    spec.it_interval.tv_sec = milliseconds / 1000;
+    spec.it_interval.tv_nsec = (long)(milliseconds % 1000) * 1000000L;
+    spec.it_value = spec.it_interval;
+    if (timerfd_settime(fd, 0, &spec, NULL) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
 }

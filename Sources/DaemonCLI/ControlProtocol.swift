@@ -36,6 +36,21 @@ public enum ControlProtocol {
     }
 }
 
+/// The reply to `rescan DEVICE`: the disk's size compared with what its
+/// frontend was told, now rather than at the next periodic check.
+public struct RescanReply: Codable, Sendable, Equatable {
+    public var device: String
+    /// The sectors the frontend has now (nil: the device is not connected).
+    public var sectors: UInt64?
+    /// Set when this rescan changed the size: what it was.
+    public var previousSectors: UInt64?
+    /// Why nothing could be done (no such vbd).
+    public var error: String?
+    public init(device: String, sectors: UInt64? = nil, previousSectors: UInt64? = nil, error: String? = nil) {
+        self.device = device; self.sectors = sectors; self.previousSectors = previousSectors; self.error = error
+    }
+}
+
 /// What `xenbackd status --json` prints: a versioned document whose fields
 /// are those of docs/status.md. A field may be added within a version;
 /// none is renamed, retyped or removed without a new `schemaVersion`.

@@ -246,6 +246,27 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         }
     }
 
+    /// For a device serving its frontend (Connected, no job running, not
+    /// going away): asks `change` for keys whose values changed under the
+    /// connection (a disk grown), and writes them with state=Connected
+    /// again in one transaction, as Linux's blkback tells blkfront of a new
+    /// size: the frontend's watch on our state fires and it reads them
+    /// again. Returns what `change` gave (nil: nothing changed, or the
+    /// device is not serving). A failed write is logged; the device goes on.
+    @discardableResult
+    public func republishIfChanged(
+        _ change: (Driver.Resource, Driver.Connection) -> [(key: String, value: String)]?
+    ) -> [(key: String, value: String)]? {
+        guard state == .connected, !busy, !removing, !quiescing, let r = resource, let c = connection,
+              let keys = change(r, c), !keys.isEmpty else { return nil }
+        do {
+            _ = try Self.publishConnected(keys, at: backendPath, in: store)
+        } catch {
+            logger.warning("cannot publish changed keys", metadata: ["keys": "\(keys.map(\.key))", "error": "\(error)"])
+        }
+        return keys
+    }
+
     /// The driver's keys and state=Connected in one transaction (retried
     /// when it ends in EAGAIN, as Linux's blkback does); false, and nothing
     /// written, if the toolstack removed the directory meanwhile.

@@ -57,14 +57,17 @@ final class ControlServer: @unchecked Sendable {   // used on the control loop t
     private let listener: Int32
     private let path: String
     private let reports: () -> [DeviceReport]
+    private let rescan: (String) -> RescanReply
     private let logger: Logger
 
-    init(path: String, loop: XenbusControlLoop, logger: Logger, reports: @escaping () -> [DeviceReport]) throws {
+    init(path: String, loop: XenbusControlLoop, logger: Logger, reports: @escaping () -> [DeviceReport],
+         rescan: @escaping (String) -> RescanReply) throws {
         let parent = (path as NSString).deletingLastPathComponent
         if !parent.isEmpty { try makeDirectories(parent) }
         listener = try UnixSocket.listen(at: path)
         self.path = path
         self.reports = reports
+        self.rescan = rescan
         self.logger = logger
         loop.whenReadable(listener) { [self] in acceptOne() }
     }
@@ -84,14 +87,17 @@ final class ControlServer: @unchecked Sendable {   // used on the control loop t
         var buffer = [UInt8](repeating: 0, count: 256)
         guard let n = try? Syscall.recv(fd, &buffer, buffer.count), n > 0 else { return }   // closed, timed out or failed
         let request = String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
         let reply: Data
-        switch request {
-        case "status":
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
+        let words = request.split(separator: " ", omittingEmptySubsequences: true)
+        switch (words.first, words.count) {
+        case ("status", 1):
             reply = (try? encoder.encode(reports())) ?? Data("[]".utf8)
+        case ("rescan", 2):
+            reply = (try? encoder.encode(rescan(String(words[1])))) ?? Data("{}".utf8)
         default:
-            reply = Data("{\"error\":\"unknown request \(request.prefix(40))\"}".utf8)
+            reply = (try? encoder.encode(["error": "unknown request \(request.prefix(40))"])) ?? Data("{}".utf8)
         }
         _ = sendAll(fd, Array(reply) + [10])
     }

@@ -104,9 +104,14 @@ struct Run: ParsableCommand {
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)
         try net.start()
-        let control = try ControlServer(path: controlSocket, loop: loop, logger: logger) {
+        let control = try ControlServer(path: controlSocket, loop: loop, logger: logger, reports: {
             service.status.map(DeviceReport.init) + net.status.map(DeviceReport.init)
-        }
+        }, rescan: { name in
+            guard let r = service.rescan(device: name) else {
+                return RescanReply(device: name, error: "no vbd \(name)")
+            }
+            return RescanReply(device: name, sectors: r.sectors, previousSectors: r.previous)
+        })
         defer { control.close() }
         SignalWaiter.start(signals: signals) { signal in
             logger.notice("signal \(signal): answering requests in flight, then exiting")

@@ -220,6 +220,43 @@ struct EngineStepTests {
 
 @Suite("blkback's engine: refused requests")
 struct EngineRejectionTests {
+    /// Online resize moves the end every request is checked against: the
+    /// storage here holds 4096 sectors, the engine is told 2048, then 4096,
+    /// then 2048 again.
+    @Test("online resize: past the old end refused, served once the disk grew, refused again once it shrank")
+    func resizeMovesTheEndOfTheDisk() throws {
+        let bed = try EngineBed(sectors: 4096)
+        bed.engine.resizeDisk(sectors: 2048)
+        #expect(bed.engine.limits.sectors == 2048)
+        bed.fill(frame: 8, with: 0x5A)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 2048, frame: 8))
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        #expect(bed.front.responses() == [failed(1, BlkifOperation.write)])
+        #expect(bed.engine.statistics.rejected[.beyondEndOfDisk] == 1 && bed.disk.pending.isEmpty)
+
+        bed.engine.resizeDisk(sectors: 4096)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 2048, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 3, sector: 4088, frame: 8))
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        #expect(bed.front.responses() == [ok(2, BlkifOperation.write), ok(3, BlkifOperation.write)])
+        #expect(bed.diskBytes(bed.disk.written, sector: 4088, count: 8) == [UInt8](repeating: 0x5A, count: 4096))
+
+        bed.engine.resizeDisk(sectors: 2048)
+        bed.front.queue(bed.request(BlkifOperation.read, id: 4, sector: 2040, frame: 9))
+        bed.front.queue(bed.request(BlkifOperation.read, id: 5, sector: 2044, frame: 9))
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        // The last whole page inside is read; one crossing the new end is not.
+        #expect(bed.front.responses().sorted { $0.id < $1.id } == [ok(4, BlkifOperation.read), failed(5, BlkifOperation.read)])
+        #expect(bed.engine.statistics.rejected[.beyondEndOfDisk] == 2)
+    }
+
     @Test("each refusal is counted by reason and kept for the log, with its id, operation and sector")
     func rejectionsCountedAndKept() throws {
         let bed = try EngineBed()

@@ -119,6 +119,10 @@ extern const uint32_t xb_EPOLLHUP;
 /// Sets the calling thread's name (shown by top -H, gdb).
 void xb_set_thread_name(const char *name);
 
+// A non-blocking timerfd (CLOCK_MONOTONIC) readable every `milliseconds`;
+// -1 with errno on failure.
+int xb_interval_timer(uint32_t milliseconds);
+
 // ---- Block storage probes (BlockStorage) ----
 /// Direct-I/O alignment of an open file from statx(STATX_DIOALIGN): returns 1
 /// and fills both values when the file system reports it (offset_align 0 means
