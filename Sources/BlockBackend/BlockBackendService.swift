@@ -85,9 +85,11 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
         try devices.start()
         do {
             let timer = try IntervalTimer(milliseconds: Self.sizeCheckMilliseconds)
-            loop.whenReadable(timer.fileDescriptor) { [self] in
+            // The loop holds the timer (closed with the loop) and not the
+            // service, which holds the loop.
+            loop.whenReadable(timer.fileDescriptor) { [weak self] in
                 timer.acknowledge()
-                checkDiskSizes()
+                self?.checkDiskSizes()
             }
         } catch {
             logger.warning("no periodic disk size check (online resize needs `xenbackd rescan`)", metadata: ["error": "\(error)"])

@@ -3,6 +3,7 @@ import Glibc
 
 /// A descriptor that becomes readable every `milliseconds` (a timerfd), for
 /// an event loop's periodic work; `acknowledge` after each readiness.
+/// Closed when the last reference goes: the loop's handler holds it.
 public final class IntervalTimer: @unchecked Sendable {   // the descriptor is immutable; reads are the loop's
     public let fileDescriptor: Int32
 
@@ -18,5 +19,5 @@ public final class IntervalTimer: @unchecked Sendable {   // the descriptor is i
         _ = read(fileDescriptor, &expirations, MemoryLayout<UInt64>.size)
     }
 
-    public func close() { Glibc.close(fileDescriptor) }
+    deinit { Glibc.close(fileDescriptor) }
 }
