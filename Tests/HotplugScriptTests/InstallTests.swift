@@ -215,7 +215,8 @@ func fileMode(_ path: String) -> mode_t? {
     @Test func scriptsAreShellcheckClean() throws {
         guard commandExists("shellcheck") else { try Test.cancel("shellcheck is not installed (apt-get install shellcheck)") }
         let scripts = ["xenbackd-block", "xenbackd-vif-bridge", "xenbackd-udev", "xenbackd-daemon", "xenbackd-hotplug-common.sh",
-                       "install", "uninstall", "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox"]
+                       "install", "uninstall", "setup", "test", "test-xen", "demo", "fuzz", "fuzz-live", "oxenstored-sandbox",
+                       "package", "test-package"]
             .map(scriptPath)
         // -x: the hotplug scripts source xenbackd-hotplug-common.sh.
         let result = try runProcess(["shellcheck", "-x", "--shell=bash"] + scripts, environment: ["PATH": basePath])
@@ -224,5 +225,9 @@ func fileMode(_ path: String) -> mode_t? {
         let dom0 = ["xenlab/dom0-common", "xenlab/dom0-test", "xenlab/dom0-bench"].map(scriptPath)
         let lab = try runProcess(["shellcheck", "-x", "--shell=bash"] + dom0, environment: ["PATH": basePath])
         #expect(lab.status == 0, "\(lab.stdout)")
+        // The .deb's maintainer scripts are POSIX sh (their #! line says so).
+        let deb = ["deb/postinst", "deb/prerm", "deb/postrm"].map(scriptPath)
+        let maintainer = try runProcess(["shellcheck"] + deb, environment: ["PATH": basePath])
+        #expect(maintainer.status == 0, "\(maintainer.stdout)")
     }
 }
