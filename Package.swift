@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
@@ -69,13 +71,11 @@ let package = Package(
         .target(name: "BlockBackend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "XenBus", "BlockStorage", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
-            .product(name: "Metrics", package: "swift-metrics"),
         ], swiftSettings: dataPlane),
         // The vif driver: the netif tx/rx rings moved to and from a TAP on a bridge.
         .target(name: "NetBackend", dependencies: [
             "XenABI", "XenRing", "Hypervisor", "XenBus", "NetworkPlumbing", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
-            .product(name: "Metrics", package: "swift-metrics"),
         ], swiftSettings: dataPlane),
         // Our netfront for the loopback hypervisor: joins a guest's rings to a TAP in a namespace.
         .target(name: "NetFrontend", dependencies: [
@@ -104,13 +104,21 @@ let package = Package(
             "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ], swiftSettings: strict),
+        // GET /metrics over HTTP with SwiftNIO, for the daemon's --metrics-listen.
+        .target(name: "MetricsEndpoint", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ], swiftSettings: strict),
         // The daemon an operator installs: what runs in dom0, and nothing of the lab.
         .executableTarget(name: "xenbackd", dependencies: [
             "DaemonCLI", "SystemSupport", "BlockBackend", "BlockStorage", "LoopbackHypervisor",
-            "NetBackend", "NetworkPlumbing", "LibXenStore", "XenBus", "Hypervisor", "XenPlatform",
+            "NetBackend", "NetworkPlumbing", "LibXenStore", "XenBus", "Hypervisor", "XenPlatform", "MetricsEndpoint",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         // The lab: the loopback xenstored, simulated guests, the live fuzzer, the benchmarks.
@@ -170,6 +178,7 @@ let package = Package(
         ], swiftSettings: strict),
         .testTarget(name: "BlockBackendTests", dependencies: [
             "LoopbackHost", "SystemSupport", "NBDTestSupport", "EngineDoubles", "DaemonCLI",
+            .product(name: "Prometheus", package: "swift-prometheus"),
             "BlockBackend", "BlockFrontend", "BlockStorage", "LoopbackHypervisor", "LoopbackXenStore",
             "XenStoreClient", "LibXenStore", "XenBus", "XenABI", "Hypervisor",
             .product(name: "Logging", package: "swift-log"),

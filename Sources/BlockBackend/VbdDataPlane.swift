@@ -3,7 +3,6 @@ import CXenBackSupport
 import Glibc
 import Hypervisor
 import Logging
-import Metrics
 import XenABI
 import XenRing
 import SystemSupport
@@ -76,16 +75,10 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
     private let diskSectors: UnsafeMutablePointer<UInt64>
     private var thread: NativeThread?
 
-    // Statistics: status sees every pass's counters (atomic stores, no
-    // lock); the metrics backend, which may lock, gets deltas every 50 ms.
+    // Statistics: status and /metrics see every pass's counters (atomic
+    // stores, no lock, nothing else on this thread).
     private var publishedStats = VbdStatistics()
-    private var metricsStats = VbdStatistics()
     private let statsBox = StatisticsBox()
-    private var lastPublish = timespec()
-    private let requestCounter: Counter
-    private let errorCounter: Counter
-    private let readBytesCounter: Counter
-    private let writeBytesCounter: Counter
 
     /// The most segments an indirect request may have here.
     public static let indirectSegmentsLimit = VbdEngine.indirectSegmentsLimit
@@ -193,12 +186,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         diskSectors = .allocate(capacity: 1)
         diskSectors.initialize(to: c.limits.sectors)
 
-        let dims: [(String, String)] = [("device", name)]
-        requestCounter = Counter(label: "xenbackd_vbd_requests_total", dimensions: dims)
-        errorCounter = Counter(label: "xenbackd_vbd_errors_total", dimensions: dims)
-        readBytesCounter = Counter(label: "xenbackd_vbd_read_bytes_total", dimensions: dims)
-        writeBytesCounter = Counter(label: "xenbackd_vbd_written_bytes_total", dimensions: dims)
-        engine.beforePush = { [unowned self] in self.publishStatistics($0, force: false) }
+        engine.beforePush = { [unowned self] in self.publishStatistics($0) }
     }
 
     /// Names this ring (domain, grant references, port): a journal written
@@ -294,7 +282,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
             input = .kicked
             switch s.wait {
             case .drained:
-                publishStatistics(engine.statistics, force: true)
+                publishStatistics(engine.statistics)
                 logRejections(final: true)
                 return
             case .busy:
@@ -408,21 +396,11 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
 
     // MARK: statistics
 
-    private func publishStatistics(_ stats: VbdStatistics, force: Bool) {
-        if stats != publishedStats {
-            statsBox.publish(stats)
-            publishedStats = stats
-        }
-        guard stats != metricsStats else { return }
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
-        let elapsedMs = (now.tv_sec - lastPublish.tv_sec) * 1000 + (now.tv_nsec - lastPublish.tv_nsec) / 1_000_000
-        guard force || elapsedMs >= 50 else { return }
-        lastPublish = now
-        requestCounter.increment(by: Int64(stats.requests &- metricsStats.requests))
-        errorCounter.increment(by: Int64(stats.errors &- metricsStats.errors))
-        readBytesCounter.increment(by: Int64(stats.bytesRead &- metricsStats.bytesRead))
-        writeBytesCounter.increment(by: Int64(stats.bytesWritten &- metricsStats.bytesWritten))
-        metricsStats = stats
+    /// For `xenbackd status` and /metrics, which read the box (the
+    /// metrics exporter turns its totals into counters at each scrape).
+    private func publishStatistics(_ stats: VbdStatistics) {
+        guard stats != publishedStats else { return }
+        statsBox.publish(stats)
+        publishedStats = stats
     }
 }

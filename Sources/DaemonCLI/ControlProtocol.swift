@@ -85,6 +85,8 @@ public struct DeviceReport: Codable, Sendable {
     public var malformed: UInt64?
     /// vbds: requests refused without being done, by reason (only those seen).
     public var rejected: [String: UInt64]?
+    /// vbds: requests answered, by operation (read, write, flush, discard).
+    public var operations: [String: UInt64]?
     /// vbds on a file or block device: the kernel interface ("io_uring", "libaio").
     public var ioEngine: String?
     /// When `lastError` happened, in seconds since the Unix epoch.

@@ -2,7 +2,6 @@ import CXenBackSupport
 import Glibc
 import Hypervisor
 import Logging
-import Metrics
 import NetworkPlumbing
 import SystemSupport
 import XenABI
@@ -45,10 +44,6 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     private var eventsReceived: UInt64 = 0
     private var waits: UInt64 = 0
     private let statsBox = NetStatisticsBox()
-    private var lastPublish = 0
-    private let txCounter: Counter
-    private let rxCounter: Counter
-    private let dropCounter: Counter
 
     private enum Token: UInt64 { case eventChannel = 1, tap = 2, wakeup = 3 }
 
@@ -130,11 +125,6 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
                                 now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds())
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
-
-        let dims: [(String, String)] = [("device", name)]
-        txCounter = Counter(label: "xenbackd_vif_tx_packets_total", dimensions: dims)
-        rxCounter = Counter(label: "xenbackd_vif_rx_packets_total", dimensions: dims)
-        dropCounter = Counter(label: "xenbackd_vif_dropped_total", dimensions: dims)
     }
 
     private static func makeWakeup() throws(HypervisorError) -> Wakeup {
@@ -222,14 +212,14 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             now = clock()
             step = engine.step(input, now: now)
         }
-        publishStatistics(now: Self.coarseNanoseconds(), force: true)
+        publishStatistics()
     }
 
     /// Counters first, so a frontend woken by the notification sees its
     /// responses counted.
     @inline(__always)
     private func apply(_ step: NetEngineStep, now: Int) {
-        publishStatistics(now: preciseClock ? Self.coarseNanoseconds() : now, force: false)
+        publishStatistics()
         if step.notifyTx {
             try? events.notify(txPort)
             notificationsSent &+= 1
@@ -277,18 +267,15 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         return remaining <= 0 ? 0 : Int32(min((remaining + 999_999) / 1_000_000, 60_000))
     }
 
-    private func publishStatistics(now: Int, force: Bool) {
+    /// For `xenbackd status` and /metrics, which read the box (atomic
+    /// stores, no lock).
+    private func publishStatistics() {
         var stats = engine.statistics
         stats.notificationsSent = notificationsSent
         stats.eventsReceived = eventsReceived
         stats.waits = waits
         guard stats != publishedStats else { return }
         statsBox.publish(stats)
-        guard force || now - lastPublish >= 50_000_000 else { return }
-        lastPublish = now
-        txCounter.increment(by: Int64(stats.txPackets &- publishedStats.txPackets))
-        rxCounter.increment(by: Int64(stats.rxPackets &- publishedStats.rxPackets))
-        dropCounter.increment(by: Int64((stats.txDropped &+ stats.rxDropped) &- (publishedStats.txDropped &+ publishedStats.rxDropped)))
         publishedStats = stats
     }
 }

@@ -14,6 +14,8 @@ extension DeviceReport {
                   requests: s.statistics.requests, bytesRead: s.statistics.bytesRead,
                   bytesWritten: s.statistics.bytesWritten, errors: s.statistics.errors)
         rejected = s.statistics.rejected.total > 0 ? s.statistics.rejected.named : nil
+        operations = ["read": s.statistics.reads, "write": s.statistics.writes,
+                      "flush": s.statistics.flushes, "discard": s.statistics.discards]
         queues = s.queues > 0 ? s.queues : nil
         lastError = s.lastError
         storageEvent = s.lastStorageEvent

@@ -6,6 +6,9 @@ import NetBackend
 import Glibc
 import Hypervisor
 import Logging
+import Metrics
+import MetricsEndpoint
+import Prometheus
 import LoopbackHypervisor
 import XenBus
 import XenPlatform
@@ -50,9 +53,15 @@ struct Run: ParsableCommand {
     @Option(help: "Control socket for `xenbackd status`.")
     var controlSocket: String = ControlServer.defaultPath
 
+    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md), e.g. 127.0.0.1:9701 or [::1]:9701. Off unless set.")
+    var metricsListen: String?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
+        if let listen = metricsListen, Self.hostAndPort(listen) == nil {
+            throw ValidationError("--metrics-listen takes HOST:PORT (an IPv6 host in brackets), not \"\(listen)\"")
+        }
         guard (0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments) else {
             throw ValidationError("--max-indirect-segments must be 0 to \(VbdDataPlane.indirectSegmentsLimit)")
         }
@@ -113,6 +122,24 @@ struct Run: ParsableCommand {
             return RescanReply(device: name, sectors: r.sectors, previousSectors: r.previous)
         })
         defer { control.close() }
+        var metrics: MetricsEndpoint?
+        if let listen = metricsListen, let (host, port) = Self.hostAndPort(listen) {
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            let devices = DeviceMetrics(registry: registry)
+            do {
+                metrics = try MetricsEndpoint(host: host, port: port) { reply in
+                    loop.post {
+                        devices.update(service.status.map(DeviceReport.init) + net.status.map(DeviceReport.init))
+                        reply(registry.emitToBuffer())
+                    }
+                }
+            } catch {
+                throw RefusalError("cannot serve metrics at \(listen): \(error)")
+            }
+            logger.notice("metrics at http://\(metrics!.boundAddress)/metrics")
+        }
+        defer { metrics?.close() }
         SignalWaiter.start(signals: signals) { signal in
             logger.notice("signal \(signal): answering requests in flight, then exiting")
             loop.post {
@@ -160,3 +187,16 @@ struct RefusalError: Error, CustomStringConvertible {
 }
 
 extension IOEngineChoice: ExpressibleByArgument {}
+
+extension Run {
+    /// "HOST:PORT" or "[IPV6]:PORT".
+    static func hostAndPort(_ s: String) -> (String, Int)? {
+        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (0...65535).contains(port) else {
+            return nil
+        }
+        var host = String(s[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty, !host.contains("[") else { return nil }
+        return (host, port)
+    }
+}

@@ -1,0 +1,112 @@
+import Prometheus
+
+/// The daemon's metrics for `--metrics-listen` (docs/metrics.md): at each
+/// scrape the same device reports as `xenbackd status`, so the two never
+/// disagree, become counters and gauges in swift-prometheus's registry.
+/// The data planes keep plain counters and take no part: a scrape costs
+/// their threads nothing. Registered here with their HELP text rather than
+/// through swift-metrics, whose Prometheus factory gives every metric an
+/// empty one (promtool's lint refuses that); swift-metrics is bootstrapped
+/// on the same registry for anything else that records through it.
+public final class DeviceMetrics: @unchecked Sendable {   // update runs on one thread at a time (the control loop's)
+    public let registry: PrometheusCollectorRegistry
+    /// A counter and the total it was last brought to.
+    private var counters: [String: (counter: Counter, total: UInt64)] = [:]
+    private var gauges: [String: Gauge] = [:]
+
+    static let states = ["Initialising", "InitWait", "Initialised", "Connected", "Closing", "Closed"]
+
+    /// Every metric's HELP, by name.
+    static let help: [String: String] = [
+        "xenbackd_devices": "Devices the daemon serves, by type and xenbus state.",
+        "xenbackd_device_connected": "1 while the device is Connected to its frontend.",
+        "xenbackd_device_errors_total": "vbd: requests answered with an error; vif: frames that failed either way.",
+        "xenbackd_vbd_requests_total": "Requests carried out and answered, by operation.",
+        "xenbackd_vbd_read_bytes_total": "Bytes read from the disk for the guest.",
+        "xenbackd_vbd_written_bytes_total": "Bytes the guest wrote to the disk.",
+        "xenbackd_vbd_rejected_total": "Requests refused before any I/O (answered BLKIF_RSP_ERROR), by reason.",
+        "xenbackd_vbd_sectors": "The disk's size in 512-byte sectors, as the frontend was told.",
+        "xenbackd_vbd_rings": "Rings in use (multi-queue blkif).",
+        "xenbackd_vif_frames_total": "Frames moved, by direction (from_guest, to_guest).",
+        "xenbackd_vif_bytes_total": "Bytes moved, by direction (from_guest, to_guest).",
+        "xenbackd_vif_dropped_total": "Frames dropped, either way.",
+        "xenbackd_vif_malformed_total": "Malformed frames from the guest.",
+        "xenbackd_vif_queues": "Queues (ring pairs) in use.",
+    ]
+
+    public init(registry: PrometheusCollectorRegistry) { self.registry = registry }
+
+    public func update(_ reports: [DeviceReport]) {
+        var seenCounters = Set<String>(), seenGauges = Set<String>()
+        func count(_ name: String, _ labels: [(String, String)], _ total: UInt64) {
+            let key = Self.key(name, labels)
+            seenCounters.insert(key)
+            let entry = counters[key] ?? (registry.makeCounter(descriptor: Self.descriptor(name), labels: labels), 0)
+            // A total below the last one is a device that went and came back
+            // under the same name: a counter reset, as Prometheus reads it.
+            let delta = total >= entry.total ? total - entry.total : total
+            if delta > 0 { entry.counter.increment(by: Int64(clamping: delta)) }
+            counters[key] = (entry.counter, total)
+        }
+        func gauge(_ name: String, _ labels: [(String, String)], _ value: Int) {
+            let key = Self.key(name, labels)
+            seenGauges.insert(key)
+            let g = gauges[key] ?? registry.makeGauge(descriptor: Self.descriptor(name), labels: labels)
+            g.set(Int64(value))
+            gauges[key] = g
+        }
+
+        for type in ["vbd", "vif"] {
+            for state in Self.states {
+                gauge("xenbackd_devices", [("type", type), ("state", state)],
+                      reports.filter { $0.type == type && $0.state == state }.count)
+            }
+        }
+        for d in reports {
+            let labels = [("type", d.type), ("domain", String(d.domain)), ("device", d.device)]
+            count("xenbackd_device_errors_total", labels, d.errors)
+            gauge("xenbackd_device_connected", labels, d.state == "Connected" ? 1 : 0)
+            if d.type == "vbd" {
+                for (operation, n) in d.operations ?? [:] {
+                    count("xenbackd_vbd_requests_total", labels + [("operation", operation)], n)
+                }
+                count("xenbackd_vbd_read_bytes_total", labels, d.bytesRead)
+                count("xenbackd_vbd_written_bytes_total", labels, d.bytesWritten)
+                for (reason, n) in d.rejected ?? [:] {
+                    count("xenbackd_vbd_rejected_total", labels + [("reason", reason)], n)
+                }
+                if let v = d.vbd {
+                    gauge("xenbackd_vbd_sectors", labels, Int(clamping: v.sectors))
+                    gauge("xenbackd_vbd_rings", labels, v.queues)
+                }
+            } else {
+                count("xenbackd_vif_frames_total", labels + [("direction", "from_guest")], d.txPackets ?? 0)
+                count("xenbackd_vif_frames_total", labels + [("direction", "to_guest")], d.rxPackets ?? 0)
+                count("xenbackd_vif_bytes_total", labels + [("direction", "from_guest")], d.bytesWritten)
+                count("xenbackd_vif_bytes_total", labels + [("direction", "to_guest")], d.bytesRead)
+                count("xenbackd_vif_dropped_total", labels, d.dropped ?? 0)
+                count("xenbackd_vif_malformed_total", labels, d.malformed ?? 0)
+                if let v = d.vif { gauge("xenbackd_vif_queues", labels, v.queues) }
+            }
+        }
+        // A device gone is a series gone, so 200 guests coming and going do
+        // not grow the exposition for ever.
+        for (key, entry) in counters where !seenCounters.contains(key) {
+            registry.unregisterCounter(entry.counter)
+            counters[key] = nil
+        }
+        for (key, g) in gauges where !seenGauges.contains(key) {
+            registry.unregisterGauge(g)
+            gauges[key] = nil
+        }
+    }
+
+    /// The whole name is `metricName`: the descriptor's other parts are empty.
+    private static func descriptor(_ name: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help[name]!)
+    }
+
+    private static func key(_ name: String, _ labels: [(String, String)]) -> String {
+        name + labels.map { "|\($0.0)=\($0.1)" }.joined()
+    }
+}
