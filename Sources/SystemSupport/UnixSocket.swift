@@ -6,11 +6,15 @@ import Glibc
 public enum UnixSocket {
     /// A listening, non-blocking, close-on-exec stream socket bound at `path`.
     /// A stale file at `path` (left by a server that died) is removed first.
-    public static func listen(at path: String, backlog: Int32 = 64) throws(SystemError) -> Int32 {
+    /// `mode`: the socket file's permissions (connecting needs write
+    /// permission), set on the socket before bind so that the file never
+    /// exists with looser ones; nil leaves them to the umask.
+    public static func listen(at path: String, backlog: Int32 = 64, mode: mode_t? = nil) throws(SystemError) -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemError("socket", errno: errno) }
         unlink(path)
         do throws(SystemError) {
+            if let mode, fchmod(fd, mode) != 0 { throw SystemError("fchmod \(path)", errno: errno) }
             try withAddress(path) { (addr, len) throws(SystemError) in
                 guard bind(fd, addr, len) == 0 else { throw SystemError("bind \(path)", errno: errno) }
             }

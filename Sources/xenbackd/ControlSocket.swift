@@ -66,7 +66,9 @@ final class ControlServer: @unchecked Sendable {   // used on the control loop t
          rescan: @escaping (String) -> RescanReply) throws {
         let parent = (path as NSString).deletingLastPathComponent
         if !parent.isEmpty { try makeDirectories(parent) }
-        listener = try UnixSocket.listen(at: path)
+        // Root only: the socket can change things (rescan), and status
+        // names every guest's disks.
+        listener = try UnixSocket.listen(at: path, mode: 0o600)
         self.path = path
         self.reports = reports
         self.rescan = rescan

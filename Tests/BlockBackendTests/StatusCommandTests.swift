@@ -79,4 +79,26 @@ struct StatusCommandTests {
         // "last error      2026-12-07T01:02:03Z: cannot open ..."
         #expect(stamp?.contains("Z: ") == true && stamp?.contains("/nonexistent/disk.img") == true, "\(full)")
     }
+
+    /// The control socket is root's alone: `rescan` acts, and `status`
+    /// names every guest's disks.
+    @Test("the control socket is mode 0600: an unprivileged user can neither ask status nor rescan")
+    func controlSocketIsRootsAlone() throws {
+        guard getuid() == 0 else { try Test.cancel("needs root to run a command as nobody") }
+        let w = try DaemonRestartTests.World()
+        defer { w.close() }
+        _ = try DaemonRestartTests().connectGuest(w)
+        var info = stat()
+        #expect(stat(w.controlSocket, &info) == 0 && info.st_mode & 0o777 == 0o600 && info.st_uid == 0)
+        // The folder is the test's (0700): opened so that only the socket's own mode stands in the way.
+        #expect(chmod(w.root, 0o755) == 0)
+        for command in [["status"], ["rescan", "vbd-1-51712"]] {
+            let r = try runProcess(["/usr/sbin/runuser", "-u", "nobody", "--", w.binary] + command
+                                   + ["--control-socket", w.controlSocket],
+                                   environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"], timeout: 20)
+            #expect(r.status == 64 && r.stderr.contains("Permission denied") && r.stdout.isEmpty, "\(command): \(r)")
+        }
+        // root still can.
+        #expect(try w.output(["status", "--control-socket", w.controlSocket]).contains("vbd-1-51712"))
+    }
 }
