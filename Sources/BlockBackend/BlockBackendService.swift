@@ -112,13 +112,17 @@ public final class BlockBackendService: @unchecked Sendable {   // confined to t
         return (device.connection?.negotiated?.sectors, changed ? before : nil)
     }
 
+    /// The new size, once the frontend has been told it.
     @discardableResult
-    private func rescan(_ device: XenbusDevice<VbdDriver>) -> [(key: String, value: String)]? {
-        device.republishIfChanged { storage, queues in
+    private func rescan(_ device: XenbusDevice<VbdDriver>) -> UInt64? {
+        var sectors: UInt64?
+        let written = device.republishIfChanged({ storage, queues in
             var deviceLogger = logger
             deviceLogger[metadataKey: "device"] = "\(device.address)"
-            return device.driver.resizedKeys(storage: storage, queues: queues, logger: deviceLogger)
-        }
+            sectors = device.driver.resizeRings(storage: storage, queues: queues, logger: deviceLogger)
+            return sectors.map { [("sectors", String($0))] }
+        }, published: { queues in device.driver.told(queues, sectors: sectors!) })
+        return written == nil ? nil : sectors
     }
 
     /// Answers every request in flight on every ring and stops the data

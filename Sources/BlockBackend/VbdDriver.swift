@@ -244,23 +244,26 @@ final class VbdDriver: XenbusDriver {
         return (queues, connectedKeys(geometry: g, limits: limits))
     }
 
-    /// Online resize (control thread): the disk's size now, if it is not
-    /// what the frontend was told. Every ring checks requests against the
-    /// new size first; the caller then writes `sectors` and state=Connected
-    /// again, which makes Linux's blkfront read it and set its capacity.
-    /// Growing and shrinking are both passed on, as Linux's blkback does:
-    /// a disk shrunk under a guest is the operator's doing, and requests
-    /// past the new end are refused from then on.
-    func resizedKeys(storage: any BlockStorage, queues: VbdQueues, logger: Logger) -> [(key: String, value: String)]? {
+    /// Online resize (control thread): the disk's size in sectors now, if
+    /// it is not what the frontend was told, after every ring has been
+    /// given it (they check requests against it from their next pass). The
+    /// caller then writes `sectors` and state=Connected again, which makes
+    /// Linux's blkfront read it and set its capacity, and records it with
+    /// `told`. Growing and shrinking are both passed on, as Linux's blkback
+    /// does: a disk shrunk under a guest is the operator's doing, and
+    /// requests past the new end are refused from then on.
+    func resizeRings(storage: any BlockStorage, queues: VbdQueues, logger: Logger) -> UInt64? {
         guard let told = queues.negotiated, let bytes = storage.currentSizeBytes() else { return nil }
         let sectors = bytes / UInt64(Blkif.sectorSize)
         guard sectors != told.sectors else { return nil }
         for plane in queues.planes { plane.resizeDisk(sectors: sectors) }
-        queues.negotiated?.sectors = sectors
         logger.notice("disk resized: telling the frontend",
                       metadata: ["sectors": "\(sectors)", "previousSectors": "\(told.sectors)"])
-        return [("sectors", String(sectors))]
+        return sectors
     }
+
+    /// The frontend has been told `sectors`.
+    func told(_ queues: VbdQueues, sectors: UInt64) { queues.negotiated?.sectors = sectors }
 
     func disconnect(_ d: XenbusDeviceContext, resource: any BlockStorage, connection queues: VbdQueues) {
         queues.stop()

@@ -1,3 +1,4 @@
+import Glibc
 import Hypervisor
 
 /// A xenstore in plain memory for stepping the control plane with no
@@ -15,6 +16,9 @@ public final class InMemoryXenStore: XenStore, @unchecked Sendable {   // single
     public var pendingEvents: Int { events.count }
     /// Every write, for tests that look at what was written.
     public private(set) var writes = 0
+    /// Writes at or under this path fail with EACCES (a xenstored that
+    /// refuses), for tests of what a failed write leaves.
+    public var refusesWritesUnder: String?
 
     public init() { nodes["/"] = "" }
 
@@ -51,6 +55,9 @@ public final class InMemoryXenStore: XenStore, @unchecked Sendable {   // single
 
     public func write(_ path: String, _ value: String, transaction: XenStoreTransaction) throws(XenStoreError) {
         guard path.hasPrefix("/") else { throw XenStoreError(errno: XenStoreError.invalid, context: path) }
+        if let refused = refusesWritesUnder, path == refused || path.hasPrefix(refused + "/") {
+            throw XenStoreError(errno: EACCES, context: path)
+        }
         create(path)
         nodes[path] = value
         writes += 1

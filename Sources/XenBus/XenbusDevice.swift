@@ -251,19 +251,24 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// connection (a disk grown), and writes them with state=Connected
     /// again in one transaction, as Linux's blkback tells blkfront of a new
     /// size: the frontend's watch on our state fires and it reads them
-    /// again. Returns what `change` gave (nil: nothing changed, or the
-    /// device is not serving). A failed write is logged; the device goes on.
+    /// again. Once they are written, `published` runs (the driver records
+    /// what the frontend now has). Returns the keys written; nil when
+    /// nothing changed, the device is not serving, or the write failed
+    /// (logged: the next call finds the same change and tries again).
     @discardableResult
     public func republishIfChanged(
-        _ change: (Driver.Resource, Driver.Connection) -> [(key: String, value: String)]?
+        _ change: (Driver.Resource, Driver.Connection) -> [(key: String, value: String)]?,
+        published: (Driver.Connection) -> Void
     ) -> [(key: String, value: String)]? {
         guard state == .connected, !busy, !removing, !quiescing, let r = resource, let c = connection,
               let keys = change(r, c), !keys.isEmpty else { return nil }
         do {
-            _ = try Self.publishConnected(keys, at: backendPath, in: store)
+            guard try Self.publishConnected(keys, at: backendPath, in: store) else { return nil }   // removal follows
         } catch {
             logger.warning("cannot publish changed keys", metadata: ["keys": "\(keys.map(\.key))", "error": "\(error)"])
+            return nil
         }
+        published(c)
         return keys
     }
 

@@ -113,9 +113,11 @@ struct Run: ParsableCommand {
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)
         try net.start()
-        let control = try ControlServer(path: controlSocket, loop: loop, logger: logger, reports: {
+        // What `status` and each /metrics scrape read, on the control loop.
+        let reports: @Sendable () -> [DeviceReport] = {
             service.status.map(DeviceReport.init) + net.status.map(DeviceReport.init)
-        }, rescan: { name in
+        }
+        let control = try ControlServer(path: controlSocket, loop: loop, logger: logger, reports: reports, rescan: { name in
             guard let r = service.rescan(device: name) else {
                 return RescanReply(device: name, error: "no vbd \(name)")
             }
@@ -130,7 +132,7 @@ struct Run: ParsableCommand {
             do {
                 metrics = try MetricsEndpoint(host: host, port: port) { reply in
                     loop.post {
-                        devices.update(service.status.map(DeviceReport.init) + net.status.map(DeviceReport.init))
+                        devices.update(reports())
                         reply(registry.emitToBuffer())
                     }
                 }

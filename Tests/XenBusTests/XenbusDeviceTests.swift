@@ -107,6 +107,45 @@ final class FrameworkHarness {
 
 @Suite("the xenbus framework, state by state (XenbusDevice on an in-memory xenstore)")
 struct XenbusDeviceTests {
+    /// Online resize's path through the framework: changed keys and
+    /// state=Connected written again, `published` only once they are.
+    @Test("republishIfChanged: keys and Connected written again while serving; a refused write is not published; nothing while not serving")
+    func republishChangedKeys() throws {
+        let h = try FrameworkHarness()
+        try h.add()
+        let device = try #require(h.device)
+        var asked = 0, published: [Int] = []
+        let change: (RecordingDriver.Resource, Int) -> [(key: String, value: String)]? = { _, _ in
+            asked += 1
+            return [("sectors", "16")]
+        }
+        #expect(h.backend == .initWait)
+        #expect(device.republishIfChanged(change, published: { published.append($0) }) == nil && asked == 0,
+                "InitWait: not serving, not even asked")
+        try h.frontend(.initialised)
+        #expect(h.backend == .connected && h.read(h.be + "/sectors") == "8")
+        #expect(asked == 0)
+
+        h.store.refusesWritesUnder = h.be
+        #expect(device.republishIfChanged(change, published: { published.append($0) }) == nil)
+        #expect(asked == 1 && published.isEmpty && h.read(h.be + "/sectors") == "8", "a refused write is not published")
+
+        h.store.refusesWritesUnder = nil
+        let stateWatch = "republish-test"
+        try h.store.watch(h.be + "/state", token: stateWatch)
+        while let e = try h.store.nextWatchEvent(), e.token != stateWatch {}   // the watch's first firing
+        let written = device.republishIfChanged(change, published: { published.append($0) })
+        #expect(written?.map(\.key) == ["sectors"] && asked == 2 && published == [1])
+        #expect(h.read(h.be + "/sectors") == "16" && h.backend == .connected)
+        var fired = false
+        while let e = try h.store.nextWatchEvent() { if e.token == stateWatch { fired = true } }
+        #expect(fired, "state written again: the frontend's watch on it fires")
+
+        try h.frontend(.closing)
+        #expect(device.republishIfChanged(change, published: { published.append($0) }) == nil && asked == 2,
+                "not serving: not even asked")
+    }
+
     @Test("InitWait as soon as the toolstack's keys are there; the resource opened once hotplug is done")
     func initWaitThenHotplug() throws {
         let h = try FrameworkHarness()
