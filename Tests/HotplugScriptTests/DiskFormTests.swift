@@ -68,6 +68,8 @@ func documentedDiskForms() throws -> [String] {
             // What LVM shows for an active volume: two links to its device.
             links = ["/dev/\(group)/lv", "/dev/mapper/\(group)-lv"]
             mkdir("/dev/\(group)", 0o755)
+            // Absent until device-mapper's module is loaded (a fresh machine).
+            mkdir("/dev/mapper", 0o755)
             for link in links where symlink(loop.path, link) != 0 {
                 let code = errno
                 cleanUp()
