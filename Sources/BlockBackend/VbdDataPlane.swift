@@ -187,6 +187,7 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         diskSectors.initialize(to: c.limits.sectors)
 
         engine.beforePush = { [unowned self] in self.publishStatistics($0) }
+        engine.clock = { UInt64(MonotonicClock.nanoseconds()) }
     }
 
     /// Names this ring (domain, grant references, port): a journal written

@@ -28,6 +28,10 @@ public struct VbdStatus: Sendable {
     public var lastErrorTime: Double?
     /// What the frontend and this backend agreed on (nil: not connected).
     public var negotiated: VbdNegotiation?
+    /// The connection was taken over from a previous daemon.
+    public var resumed = false
+    /// Seconds from InitWait to Connected, the last handshake this daemon made.
+    public var handshakeSeconds: Double?
 }
 
 /// A connected vbd's terms: the disk as the frontend was told it, and the
@@ -95,11 +99,14 @@ final class VbdDriver: XenbusDriver {
     func status(of device: XenbusDevice<VbdDriver>) -> VbdStatus {
         var s = retiredStatistics
         if let live = device.connection?.statistics { s = s.adding(live) }
-        return VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
-                         ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
-                         statistics: s, lastError: device.lastError,
-                         lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName,
-                         lastErrorTime: device.lastErrorTime, negotiated: device.connection?.negotiated)
+        var status = VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
+                               ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
+                               statistics: s, lastError: device.lastError,
+                               lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName,
+                               lastErrorTime: device.lastErrorTime, negotiated: device.connection?.negotiated)
+        status.resumed = device.resumed
+        status.handshakeSeconds = device.handshakeSeconds
+        return status
     }
 
     // MARK: toolstack keys, InitWait
@@ -270,7 +277,11 @@ final class VbdDriver: XenbusDriver {
     }
 
     func retired(_ queues: VbdQueues) {
-        retiredStatistics = retiredStatistics.adding(queues.statistics)
+        // Counters carry on across connections; a retired ring's gauges do not.
+        var retired = queues.statistics
+        retired.inFlight = 0
+        retired.persistentGrants = 0
+        retiredStatistics = retiredStatistics.adding(retired)
     }
 
     /// What the previous daemon offered this frontend, which may still send
@@ -398,6 +409,9 @@ extension VbdStatistics {
         s.flushes &+= o.flushes; s.discards &+= o.discards
         s.bytesRead &+= o.bytesRead; s.bytesWritten &+= o.bytesWritten; s.errors &+= o.errors
         s.rejected = s.rejected.adding(o.rejected)
+        s.latency = s.latency.adding(o.latency)
+        s.inFlight &+= o.inFlight
+        s.persistentGrants &+= o.persistentGrants
         return s
     }
 }

@@ -168,6 +168,15 @@ public final class VbdEngine {
     /// a frontend that sees a response sees it counted (the loop publishes).
     public var beforePush: ((VbdStatistics) -> Void)?
     private var lastPushedStatistics = VbdStatistics()
+    /// Nanoseconds on a monotonic clock, read at most twice a pass (when it
+    /// first takes a request, and before it pushes responses) to time the
+    /// requests for `statistics.latency`. Nil: no timing (tests, fuzzers).
+    public var clock: (() -> UInt64)?
+    /// When this pass first took a request (0: not yet).
+    private var intakeTime: UInt64 = 0
+    /// When each request answered since the last push was taken.
+    private let answeredTakenAt: UnsafeMutablePointer<UInt64>
+    private var answeredCount = 0
 
     static let maxSegments = Blkif.maxSegmentsPerRequest
     /// The most segments an indirect request may have here (Linux blkback's
@@ -252,6 +261,7 @@ public final class VbdEngine {
         segments = .allocate(capacity: placeCount)
         bounced = .allocate(capacity: placeCount)
         freeSlots = .allocate(capacity: slotCount)
+        answeredTakenAt = .allocate(capacity: slotCount)
         for i in 0..<slotCount { freeSlots[i] = Int32(slotCount - 1 - i) }
         freeSlotCount = slotCount
         descriptors = pages + placeCount * XenPage.size
@@ -300,6 +310,7 @@ public final class VbdEngine {
         freeAreas.deallocate()
         pendingIndirect.deallocate()
         freeSlots.deallocate()
+        answeredTakenAt.deallocate()
         copies.deallocate()
         copyOwners.deallocate()
         copyOutSlots.deallocate()
@@ -365,7 +376,11 @@ public final class VbdEngine {
         case .stop: stopping = true
         }
         while true {
+            intakeTime = 0
             pass()
+            recordLatencies()
+            statistics.inFlight = UInt64(outstanding)
+            statistics.persistentGrants = UInt64(persistent.count)
             if statistics != lastPushedStatistics {
                 beforePush?(statistics)
                 lastPushedStatistics = statistics
@@ -533,6 +548,10 @@ public final class VbdEngine {
         outstanding += 1
         slots[s] = RequestSlot(request: r)
         slots[s].record = record
+        if let clock {
+            if intakeTime == 0 { intakeTime = clock() }
+            slots[s].takenAt = intakeTime
+        }
         if r.indirectPageCount > 0 {
             // takeRequests took this request only because an area was free.
             freeAreaCount -= 1
@@ -818,6 +837,11 @@ public final class VbdEngine {
         default: statistics.discards &+= 1
         }
         respond(id: slot.id, operation: slot.operation, status: status, record: slot.record)
+        if clock != nil {
+            if answeredCount == slotCount { recordLatencies() }
+            answeredTakenAt[answeredCount] = slot.takenAt
+            answeredCount += 1
+        }
         inFlight.remove(slot.id)
         if slot.area >= 0 {
             freeAreas[freeAreaCount] = slot.area
@@ -827,6 +851,17 @@ public final class VbdEngine {
         freeSlotCount += 1
         outstanding -= 1
         if Int32(s) == barrierSlot { barrierSlot = -1 }
+    }
+
+    /// The requests answered since the last push, timed by one clock read.
+    private func recordLatencies() {
+        guard answeredCount > 0, let clock else { return }
+        let now = clock()
+        for i in 0..<answeredCount {
+            let taken = answeredTakenAt[i]
+            statistics.latency.record(nanoseconds: now >= taken ? now - taken : 0)
+        }
+        answeredCount = 0
     }
 
     @inline(__always)
@@ -896,6 +931,8 @@ struct RequestSlot {
     var nextInGroup: Int32 = -1
     /// The request's journal record, or -1 (no journal).
     var record: Int32 = -1
+    /// The engine's clock when the request was taken (0: no clock).
+    var takenAt: UInt64 = 0
 
     init() {}
 

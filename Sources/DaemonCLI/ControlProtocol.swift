@@ -95,6 +95,50 @@ public struct DeviceReport: Codable, Sendable {
     public var vbd: VbdTerms?
     /// A connected vif's queues and the frontend's features in use.
     public var vif: VifTerms?
+    /// The connection was taken over from a previous daemon (nil: not connected).
+    public var resumed: Bool?
+    /// Seconds from InitWait to Connected in the last handshake this daemon made.
+    public var handshakeSeconds: Double?
+    /// vbds: how long the requests carried out took.
+    public var latency: LatencyHistogram?
+    /// Connected vbds: requests taken off the rings and not yet answered.
+    public var inFlight: UInt64?
+    /// Connected vbds: the guest's grants kept mapped (feature-persistent).
+    public var persistentGrantsMapped: UInt64?
+
+    /// Requests by duration: `counts[i]` took at most `upperBoundsSeconds[i]`
+    /// and more than the bound before it; the last count has no bound.
+    public struct LatencyHistogram: Codable, Sendable, Equatable {
+        public var upperBoundsSeconds: [Double]
+        public var counts: [UInt64]
+        public var sumSeconds: Double
+
+        public init(upperBoundsSeconds: [Double], counts: [UInt64], sumSeconds: Double) {
+            self.upperBoundsSeconds = upperBoundsSeconds; self.counts = counts; self.sumSeconds = sumSeconds
+        }
+
+        /// "≤ 250 µs": the bound of the bucket holding quantile `q`; nil with no requests.
+        public func quantileBound(_ q: Double) -> String? {
+            let total = counts.reduce(0, &+)
+            guard total > 0 else { return nil }
+            let rank = UInt64((Double(total) * q).rounded(.up))
+            var seen: UInt64 = 0
+            for (i, n) in counts.enumerated() {
+                seen &+= n
+                if seen >= rank {
+                    guard i < upperBoundsSeconds.count else { return "> \(Self.duration(upperBoundsSeconds.last ?? 0))" }
+                    return "≤ \(Self.duration(upperBoundsSeconds[i]))"
+                }
+            }
+            return nil
+        }
+
+        static func duration(_ seconds: Double) -> String {
+            if seconds >= 1 { return "\(seconds.formatted0) s" }
+            if seconds >= 0.001 { return "\((seconds * 1000).formatted0) ms" }
+            return "\((seconds * 1_000_000).formatted0) µs"
+        }
+    }
 
     public struct VbdTerms: Codable, Sendable, Equatable {
         public var sectors: UInt64
@@ -143,4 +187,9 @@ public struct DeviceReport: Codable, Sendable {
         self.params = params; self.ringPages = ringPages; self.requests = requests; self.bytesRead = bytesRead
         self.bytesWritten = bytesWritten; self.errors = errors
     }
+}
+
+extension Double {
+    /// 2.5 as "2.5", 250.0 as "250".
+    fileprivate var formatted0: String { self == rounded() ? String(Int(self)) : String(self) }
 }

@@ -13,6 +13,8 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
     /// A counter and the total it was last brought to.
     private var counters: [String: (counter: Counter, total: UInt64)] = [:]
     private var gauges: [String: Gauge] = [:]
+    /// The vbds' latency histograms as of the last update, by device.
+    private var latencies: [(labels: [(String, String)], histogram: DeviceReport.LatencyHistogram)] = []
 
     static let states = ["Initialising", "InitWait", "Initialised", "Connected", "Closing", "Closed"]
 
@@ -21,23 +23,30 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
         "xenbackd_devices": "Devices the daemon serves, by type and xenbus state.",
         "xenbackd_device_connected": "1 while the device is Connected to its frontend.",
         "xenbackd_device_errors_total": "vbd: requests answered with an error; vif: frames that failed either way.",
+        "xenbackd_device_resumed": "1 while the device's connection is one taken over from a previous daemon (restart, upgrade, kill -9).",
+        "xenbackd_device_handshake_seconds": "Seconds from InitWait to Connected in the last handshake this daemon made for the device.",
         "xenbackd_vbd_requests_total": "Requests carried out and answered, by operation.",
         "xenbackd_vbd_read_bytes_total": "Bytes read from the disk for the guest.",
         "xenbackd_vbd_written_bytes_total": "Bytes the guest wrote to the disk.",
         "xenbackd_vbd_rejected_total": "Requests refused before any I/O (answered BLKIF_RSP_ERROR), by reason.",
         "xenbackd_vbd_sectors": "The disk's size in 512-byte sectors, as the frontend was told.",
         "xenbackd_vbd_rings": "Rings in use (multi-queue blkif).",
+        "xenbackd_vbd_requests_in_flight": "Requests taken off the rings and not yet answered.",
+        "xenbackd_vbd_persistent_grants": "The guest's grants kept mapped (feature-persistent).",
         "xenbackd_vif_frames_total": "Frames moved, by direction (from_guest, to_guest).",
         "xenbackd_vif_bytes_total": "Bytes moved, by direction (from_guest, to_guest).",
         "xenbackd_vif_dropped_total": "Frames dropped, either way.",
         "xenbackd_vif_malformed_total": "Malformed frames from the guest.",
         "xenbackd_vif_queues": "Queues (ring pairs) in use.",
+        "xenbackd_vbd_request_duration_seconds":
+            "Time from the ring thread's pass that took a request to the push of its response, for requests carried out.",
     ]
 
     public init(registry: PrometheusCollectorRegistry) { self.registry = registry }
 
     public func update(_ reports: [DeviceReport]) {
         var seenCounters = Set<String>(), seenGauges = Set<String>()
+        latencies = []
         func count(_ name: String, _ labels: [(String, String)], _ total: UInt64) {
             let key = Self.key(name, labels)
             seenCounters.insert(key)
@@ -55,6 +64,13 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
             g.set(Int64(value))
             gauges[key] = g
         }
+        func gauge(_ name: String, _ labels: [(String, String)], seconds: Double) {
+            let key = Self.key(name, labels)
+            seenGauges.insert(key)
+            let g = gauges[key] ?? registry.makeGauge(descriptor: Self.descriptor(name), labels: labels)
+            g.set(seconds)
+            gauges[key] = g
+        }
 
         for type in ["vbd", "vif"] {
             for state in Self.states {
@@ -66,10 +82,13 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
             let labels = [("type", d.type), ("domain", String(d.domain)), ("device", d.device)]
             count("xenbackd_device_errors_total", labels, d.errors)
             gauge("xenbackd_device_connected", labels, d.state == "Connected" ? 1 : 0)
+            if let resumed = d.resumed { gauge("xenbackd_device_resumed", labels, resumed ? 1 : 0) }
+            if let seconds = d.handshakeSeconds { gauge("xenbackd_device_handshake_seconds", labels, seconds: seconds) }
             if d.type == "vbd" {
                 for (operation, n) in d.operations ?? [:] {
                     count("xenbackd_vbd_requests_total", labels + [("operation", operation)], n)
                 }
+                if let l = d.latency { latencies.append((labels, l)) }
                 count("xenbackd_vbd_read_bytes_total", labels, d.bytesRead)
                 count("xenbackd_vbd_written_bytes_total", labels, d.bytesWritten)
                 for (reason, n) in d.rejected ?? [:] {
@@ -78,6 +97,8 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
                 if let v = d.vbd {
                     gauge("xenbackd_vbd_sectors", labels, Int(clamping: v.sectors))
                     gauge("xenbackd_vbd_rings", labels, v.queues)
+                    gauge("xenbackd_vbd_requests_in_flight", labels, Int(clamping: d.inFlight ?? 0))
+                    gauge("xenbackd_vbd_persistent_grants", labels, Int(clamping: d.persistentGrantsMapped ?? 0))
                 }
             } else {
                 count("xenbackd_vif_frames_total", labels + [("direction", "from_guest")], d.txPackets ?? 0)
@@ -99,6 +120,42 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
             registry.unregisterGauge(g)
             gauges[key] = nil
         }
+    }
+
+    /// The registry's metrics, then the latency histograms. These are written
+    /// here: swift-prometheus's Histogram takes one observation at a time,
+    /// and ours are counted by the ring threads, in buckets already.
+    public func exposition() -> [UInt8] {
+        var out = registry.emitToBuffer()
+        guard !latencies.isEmpty else { return out }
+        let name = "xenbackd_vbd_request_duration_seconds"
+        var text = "# HELP \(name) \(Self.help[name]!)\n# TYPE \(name) histogram\n"
+        for (labels, h) in latencies {
+            let base = labels.map { "\($0.0)=\"\(Self.escaped($0.1))\"" }.joined(separator: ",")
+            var cumulative: UInt64 = 0
+            for (i, n) in h.counts.enumerated() {
+                cumulative &+= n
+                let le = i < h.upperBoundsSeconds.count ? "\(h.upperBoundsSeconds[i])" : "+Inf"
+                text += "\(name)_bucket{\(base),le=\"\(le)\"} \(cumulative)\n"
+            }
+            text += "\(name)_sum{\(base)} \(h.sumSeconds)\n\(name)_count{\(base)} \(cumulative)\n"
+        }
+        out.append(contentsOf: Array(text.utf8))
+        return out
+    }
+
+    /// A label value as the text format wants it: backslash, quote and newline escaped.
+    static func escaped(_ value: String) -> String {
+        var out = ""
+        for c in value {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out
     }
 
     /// The whole name is `metricName`: the descriptor's other parts are empty.

@@ -20,6 +20,10 @@ public struct VifStatus: Sendable {
     public var lastErrorTime: Double?
     /// The frontend's features in use (nil: not connected).
     public var frontendFeatures: FrontendNetFeatures?
+    /// The connection was taken over from a previous daemon.
+    public var resumed = false
+    /// Seconds from InitWait to Connected, the last handshake this daemon made.
+    public var handshakeSeconds: Double?
 }
 
 /// A vif's interface and the TAP queues the kernel steers frames to (the
@@ -77,11 +81,15 @@ final class VifDriver: XenbusDriver {
     func status(of device: XenbusDevice<VifDriver>) -> VifStatus {
         var s = retiredStatistics
         for plane in device.connection?.planes ?? [] { s = s.adding(plane.statistics) }
-        return VifStatus(address: address, state: device.state, interface: device.resource == nil ? "" : interfaceName,
-                         bridge: bridge, queues: device.connection?.planes.count ?? 0,
-                         splitEventChannels: device.connection?.splitEventChannels ?? false, statistics: s,
-                         lastError: device.lastError, lastErrorTime: device.lastErrorTime,
-                         frontendFeatures: device.connection?.frontendFeatures)
+        var status = VifStatus(address: address, state: device.state,
+                               interface: device.resource == nil ? "" : interfaceName,
+                               bridge: bridge, queues: device.connection?.planes.count ?? 0,
+                               splitEventChannels: device.connection?.splitEventChannels ?? false, statistics: s,
+                               lastError: device.lastError, lastErrorTime: device.lastErrorTime,
+                               frontendFeatures: device.connection?.frontendFeatures)
+        status.resumed = device.resumed
+        status.handshakeSeconds = device.handshakeSeconds
+        return status
     }
 
     // MARK: toolstack keys, InitWait

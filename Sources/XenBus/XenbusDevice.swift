@@ -23,6 +23,12 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     public private(set) var lastErrorTime: Double?
     public private(set) var resource: Driver.Resource?
     public private(set) var connection: Driver.Connection?
+    /// The connection was taken over from a previous daemon (a restart, an
+    /// upgrade, a kill -9) rather than made by a handshake of this one.
+    public private(set) var resumed = false
+    /// The last handshake this daemon made: seconds from our InitWait to
+    /// our Connected (the frontend's own steps included).
+    public private(set) var handshakeSeconds: Double?
 
     private let loop: XenbusControlLoop
     private let store: any XenStore
@@ -42,6 +48,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// Watch firings before the probe is done are not acted on.
     private var probed = false
     private var watches: [(path: String, token: String)] = []
+    private var offeredAt: Double?
 
     init(address: BackendDeviceAddress, backendDomain: DomID, driver: Driver, loop: XenbusControlLoop, logger: Logger) {
         self.address = address
@@ -138,6 +145,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
                 resource = r
                 connection = c
                 openedOnce = true
+                resumed = true
                 logger.notice("resumed a connected device")
             case .failure(let e):
                 fail(Self.reason(e, doing: "resuming"))
@@ -170,6 +178,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             lastError = nil
             lastErrorTime = nil
             state = .initWait
+            offeredAt = MonotonicClock.seconds()
         } catch {
             fail(Self.reason(error, doing: "offering the device"), permanent: permanent)
             return
@@ -231,9 +240,11 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             switch result {
             case .success(let (c, published)):
                 connection = c
+                resumed = false
                 switch published {
                 case .success(true):
                     state = .connected
+                    handshakeSeconds = offeredAt.map { MonotonicClock.seconds() - $0 }
                     logger.debug("state", metadata: ["state": "\(XenbusState.connected)"])
                 case .success(false):
                     break   // the directory is gone: its removal follows
@@ -310,6 +321,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             if let c {
                 driver.retired(c.value)
                 connection = nil
+                resumed = false
                 logger.info("disconnected")
             }
             if releasing { resource = nil }

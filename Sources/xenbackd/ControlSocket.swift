@@ -21,6 +21,16 @@ extension DeviceReport {
         storageEvent = s.lastStorageEvent
         ioEngine = s.ioEngine
         lastErrorTime = s.lastErrorTime
+        resumed = s.state == .connected ? s.resumed : nil
+        handshakeSeconds = s.handshakeSeconds
+        let l = s.statistics.latency
+        latency = LatencyHistogram(upperBoundsSeconds: VbdLatencyHistogram.upperBoundsNanoseconds.map { Double($0) / 1e9 },
+                                   counts: (0..<VbdLatencyHistogram.bucketCount).map { l[$0] },
+                                   sumSeconds: Double(l.sumNanoseconds) / 1e9)
+        if s.state == .connected {
+            inFlight = s.statistics.inFlight
+            persistentGrantsMapped = s.statistics.persistentGrants
+        }
         vbd = s.negotiated.map {
             VbdTerms(sectors: $0.sectors, sectorSize: $0.sectorSize, physicalSectorSize: $0.physicalSectorSize,
                      readOnly: $0.readOnly, flush: $0.flush, barrier: $0.barrier, discard: $0.discard,
@@ -43,6 +53,8 @@ extension DeviceReport {
         dropped = s.statistics.txDropped &+ s.statistics.rxDropped
         malformed = s.statistics.txMalformed
         lastErrorTime = s.lastErrorTime
+        resumed = s.state == .connected ? s.resumed : nil
+        handshakeSeconds = s.handshakeSeconds
         vif = s.frontendFeatures.map {
             VifTerms(queues: s.queues, splitEventChannels: s.splitEventChannels, scatterGather: $0.scatterGather,
                      gsoTCPv4: $0.gsoTCPv4, gsoTCPv6: $0.gsoTCPv6, checksumOffload: $0.checksumOffload,

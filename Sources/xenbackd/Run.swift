@@ -133,7 +133,7 @@ struct Run: ParsableCommand {
                 metrics = try MetricsEndpoint(host: host, port: port) { reply in
                     loop.post {
                         devices.update(reports())
-                        reply(registry.emitToBuffer())
+                        reply(devices.exposition())
                     }
                 }
             } catch {

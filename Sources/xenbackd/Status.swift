@@ -69,6 +69,11 @@ struct Status: ParsableCommand {
         print(d.device)
         line("type", "\(d.type) (domain \(d.domain), devid \(d.devid))")
         line("state", d.state)
+        if d.resumed == true {
+            line("connection", "taken over from a previous daemon")
+        } else if let seconds = d.handshakeSeconds {
+            line("connection", "handshake of \((seconds * 1000).rounded() / 1000) s (InitWait to Connected)")
+        }
         line(d.type == "vif" ? "interface" : "params", d.params)
         if let engine = d.ioEngine { line("io engine", engine) }
         if let v = d.vbd {
@@ -94,6 +99,11 @@ struct Status: ParsableCommand {
         } else {
             line("requests", "\(d.requests): \(d.bytesRead) bytes read, \(d.bytesWritten) bytes written")
         }
+        if let l = d.latency, let p50 = l.quantileBound(0.5), let p99 = l.quantileBound(0.99) {
+            line("latency", "p50 \(p50), p99 \(p99) (\(l.counts.reduce(0, &+)) requests timed)")
+        }
+        if let n = d.inFlight { line("in flight", "\(n) request\(n == 1 ? "" : "s")") }
+        if let n = d.persistentGrantsMapped, d.vbd?.persistentGrants == true { line("grants kept", "\(n) mapped") }
         line("errors", "\(d.errors)")
         if let r = d.rejected, !r.isEmpty {
             line("refused", r.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))

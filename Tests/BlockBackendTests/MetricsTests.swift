@@ -1,3 +1,4 @@
+import BlockFrontend
 import DaemonCLI
 import Foundation
 import Glibc
@@ -17,14 +18,18 @@ struct MetricsTests {
     struct Bed {
         let world: DaemonRestartTests.World
         let port: Int
+        /// The guest's frontend, kept connected for as long as the bed lives.
+        let frontend: LoopbackBlockFrontend
         init() throws {
             world = try DaemonRestartTests.World()
-            port = try freePort()
+            let port = try freePort()
+            self.port = port
             world.daemon!.terminate()
             _ = world.waitExit(world.daemon!, seconds: 10)
             world.daemon = try world.startDaemon(["--metrics-listen", "127.0.0.1:\(port)"])
             try waitUntil("/metrics to answer", seconds: 10) { (try? httpGet(port: port, "/metrics"))?.status == 200 }
             let (fe, _) = try DaemonRestartTests().connectGuest(world)
+            frontend = fe
             let page = [UInt8](repeating: 0x42, count: 4096)
             for i in 0..<5 { #expect(try fe.write(sector: UInt64(i * 8), data: page) == BlkifStatus.okay) }
             for i in 0..<3 { #expect(try fe.read(sector: UInt64(i * 8), count: 8).status == BlkifStatus.okay) }
@@ -54,6 +59,19 @@ struct MetricsTests {
         #expect(value("xenbackd_vbd_sectors", Self.vbd) == Double(16 * 2048))
         #expect(value("xenbackd_devices", ["type": "vbd", "state": "Connected"]) == 1)
         #expect(value("xenbackd_devices", ["type": "vif", "state": "Connected"]) == 0)
+        // 5 writes, 3 reads and a flush carried out; the refused write is not timed.
+        let duration = "xenbackd_vbd_request_duration_seconds"
+        #expect(value(duration + "_count", Self.vbd) == 9)
+        #expect(value(duration + "_bucket", Self.vbd.merging(["le": "+Inf"]) { $1 }) == 9)
+        #expect(value(duration + "_bucket", Self.vbd.merging(["le": "1.0"]) { $1 }) ?? 0 <= 9)
+        let sum = try #require(value(duration + "_sum", Self.vbd))
+        #expect(sum > 0 && sum < 9 * 5, "\(sum)")
+        #expect(body.contains("# TYPE \(duration) histogram"))
+        #expect(value("xenbackd_device_resumed", Self.vbd) == 0, "a handshake of this daemon's")
+        #expect(value("xenbackd_vbd_requests_in_flight", Self.vbd) == 0, "every request answered")
+        #expect(value("xenbackd_vbd_persistent_grants", Self.vbd) != nil)
+        let handshake = try #require(value("xenbackd_device_handshake_seconds", Self.vbd))
+        #expect(handshake > 0 && handshake < 30)
 
         let file = NSTemporaryDirectory() + "xenbackd-metrics-\(getpid()).txt"
         defer { unlink(file) }
@@ -64,6 +82,17 @@ struct MetricsTests {
 
         #expect(try httpGet(port: bed.port, "/other").status == 404)
         #expect(try httpGet(port: bed.port, "/metrics", method: "POST").status == 405)
+
+        // A restarted daemon takes the connection over: resumed, no handshake of its own.
+        bed.world.daemon!.terminate()
+        _ = bed.world.waitExit(bed.world.daemon!, seconds: 10)
+        bed.world.daemon = try bed.world.startDaemon(["--metrics-listen", "127.0.0.1:\(bed.port)"])
+        try? waitUntil("the resumed device in /metrics", seconds: 10) {
+            sample((try? httpGet(port: bed.port, "/metrics"))?.body ?? "", "xenbackd_device_resumed", Self.vbd) == 1
+        }
+        let after = try httpGet(port: bed.port, "/metrics").body
+        #expect(sample(after, "xenbackd_device_resumed", Self.vbd) == 1, "\(after)")
+        #expect(sample(after, "xenbackd_device_handshake_seconds", Self.vbd) == nil, "\(after)")
     }
 
     @Test("Debian's Prometheus server scrapes the daemon: the guest's writes through its query API")

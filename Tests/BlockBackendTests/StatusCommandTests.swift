@@ -4,6 +4,7 @@ import Glibc
 import LoopbackHypervisor
 import SystemSupport
 import Testing
+import XenABI
 import XenStoreClient
 
 /// `xenbackd status` against a running daemon: the versioned JSON document
@@ -41,9 +42,24 @@ struct StatusCommandTests {
         #expect(terms.ringPages == 2 && terms.queues == 1 && terms.protocol == "x86_64-abi")
         #expect(device.vif == nil)
 
+        #expect(device.resumed == false && device.inFlight == 0)
+        #expect((device.handshakeSeconds ?? -1) >= 0)
+        // Four reads carried out: timed, p50 and p99 named by their buckets.
+        for i in 0..<4 { #expect(try fe.read(sector: UInt64(i * 8), count: 8).status == BlkifStatus.okay) }
+        var latency: DeviceReport.LatencyHistogram?
+        try waitUntil("the reads timed in status") {
+            latency = (try? document(w))?.devices.first?.latency
+            return latency.map { $0.counts.reduce(0, +) } == 4
+        }
+        #expect(latency?.counts.count == 14 && latency?.upperBoundsSeconds.count == 13)
+        #expect(latency?.upperBoundsSeconds.first == 0.00005 && latency?.upperBoundsSeconds.last == 1)
+
         let full = try w.output(["status", "--control-socket", w.controlSocket, "vbd-1-51712"])
         let lines = full.split(separator: "\n").map(String.init)
         #expect(lines.first == "vbd-1-51712", "\(full)")
+        #expect(lines.contains { $0.hasPrefix("connection") && $0.contains("handshake of") }, "\(full)")
+        #expect(lines.contains { $0.hasPrefix("latency") && $0.contains("p50 ≤ ") && $0.contains("(4 requests timed)") },
+                "\(full)")
         #expect(lines.contains { $0.hasPrefix("disk") && $0.contains("32768 sectors of 512 bytes") && $0.contains("read-write") },
                 "\(full)")
         #expect(lines.contains { $0.hasPrefix("ring") && $0.contains("2 pages × 1 ring") && $0.contains("x86_64-abi") },

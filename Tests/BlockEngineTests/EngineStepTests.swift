@@ -257,6 +257,43 @@ struct EngineRejectionTests {
         #expect(bed.engine.statistics.rejected[.beyondEndOfDisk] == 2)
     }
 
+    /// A clock the test moves: the engine reads it when a pass first takes a
+    /// request and before it pushes responses.
+    @Test("latency: each request carried out is timed from the pass that took it to the push of its answer; refusals are not")
+    func latencyFromIntakeToPush() throws {
+        let bed = try EngineBed()
+        let now = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+        defer { now.deallocate() }
+        now.pointee = 1_000_000_000
+        bed.engine.clock = { now.pointee }
+        bed.fill(frame: 8, with: 0x11)
+        bed.front.queue(bed.request(BlkifOperation.write, id: 1, sector: 0, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 2, sector: 8, frame: 8))
+        bed.front.queue(bed.request(BlkifOperation.write, id: 3, sector: 1 << 40, frame: 8))   // refused
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        #expect(bed.front.responses() == [failed(3, BlkifOperation.write)])
+        #expect(bed.engine.statistics.latency.count == 0, "a refusal is not timed")
+        #expect(bed.engine.statistics.inFlight == 2, "two writes at the disk")
+        now.pointee += 3_000_000   // the disk takes 3 ms
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        #expect(bed.front.responses() == [ok(1, BlkifOperation.write), ok(2, BlkifOperation.write)])
+        #expect(bed.engine.statistics.inFlight == 0)
+        var l = bed.engine.statistics.latency
+        #expect(l.count == 2 && l[6] == 2, "2.5 ms < 3 ms <= 5 ms: bucket 6")
+        #expect(l.sumNanoseconds == 6_000_000)
+
+        bed.front.queue(bed.request(BlkifOperation.read, id: 4, sector: 0, frame: 9))
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        now.pointee += 40_000
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        l = bed.engine.statistics.latency
+        #expect(l.count == 3 && l[0] == 1 && l[6] == 2 && l.sumNanoseconds == 6_040_000)
+    }
+
     @Test("each refusal is counted by reason and kept for the log, with its id, operation and sector")
     func rejectionsCountedAndKept() throws {
         let bed = try EngineBed()

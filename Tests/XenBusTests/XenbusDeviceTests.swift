@@ -1,4 +1,5 @@
 import EngineDoubles
+import Glibc
 import Hypervisor
 import Logging
 import Testing
@@ -156,11 +157,17 @@ struct XenbusDeviceTests {
         #expect(h.driver.calls == ["keys"])
         try h.frontend(.initialised)
         #expect(h.backend == .initWait, "no connect before the hotplug script is done")
+        #expect(h.device?.handshakeSeconds == nil)
+        usleep(50_000)
         try h.store.write(h.be + "/hotplug-status", "connected")
         h.settle()
         #expect(h.driver.calls == ["keys", "open", "connect"])
         #expect(h.backend == .connected)
         #expect(h.read(h.be + "/sectors") == "8")
+        // InitWait to Connected, the wait for the hotplug script included.
+        let seconds = try #require(h.device?.handshakeSeconds)
+        #expect(seconds >= 0.05 && seconds < 5, "\(seconds)")
+        #expect(h.device?.resumed == false)
     }
 
     @Test("a type that needs Connected (netback) ignores Initialised; one that opens before InitWait does")
@@ -298,6 +305,14 @@ struct XenbusDeviceTests {
         #expect(h.driver.calls == ["keys", "open(resuming)", "connect(resuming)"])
         #expect(h.device?.state == .connected)
         #expect(h.read(h.be + "/feature-x") == nil && h.read(h.be + "/sectors") == nil)
+        #expect(h.device?.resumed == true && h.device?.handshakeSeconds == nil, "no handshake: taken over")
+        // The guest starts over: a handshake of this daemon's, no longer a resumed connection.
+        try h.frontend(.closing)
+        #expect(h.device?.resumed == false)
+        try h.frontend(.closed)
+        try h.frontend(.initialising)
+        try h.frontend(.initialised)
+        #expect(h.backend == .connected && h.device?.resumed == false && h.device?.handshakeSeconds != nil)
     }
 
     @Test("the directory removed: disconnected, let go without a flush, error node removed, the device gone")
