@@ -83,6 +83,14 @@ public struct DeviceReport: Codable, Sendable {
     public var rxPackets: UInt64?
     public var dropped: UInt64?
     public var malformed: UInt64?
+    /// vifs: frames dropped, by direction and reason: "from_guest/tap-full"
+    /// (the TAP's queue was full), "to_guest/no-buffers" (the guest had
+    /// posted none), "to_guest/unfit" (a frame the frontend cannot take).
+    public var droppedByReason: [String: UInt64]?
+    /// vifs: times the guest's frames waited for the rate limit (`rate`),
+    /// and the waits' total in seconds.
+    public var rateLimited: UInt64?
+    public var rateLimitedSeconds: Double?
     /// vbds: requests refused without being done, by reason (only those seen).
     public var rejected: [String: UInt64]?
     /// vbds: requests answered, by operation (read, write, flush, discard).

@@ -35,7 +35,9 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
         "xenbackd_vbd_persistent_grants": "The guest's grants kept mapped (feature-persistent).",
         "xenbackd_vif_frames_total": "Frames moved, by direction (from_guest, to_guest).",
         "xenbackd_vif_bytes_total": "Bytes moved, by direction (from_guest, to_guest).",
-        "xenbackd_vif_dropped_total": "Frames dropped, either way.",
+        "xenbackd_vif_rate_limited_total": "Times the guest's frames waited for the rate limit's next refill (the vif's rate).",
+        "xenbackd_vif_rate_limited_seconds_total": "Seconds the guest's frames waited for the rate limit, all waits together.",
+        "xenbackd_vif_dropped_total": "Frames dropped, by direction and reason (tap-full, no-buffers, unfit).",
         "xenbackd_vif_malformed_total": "Malformed frames from the guest.",
         "xenbackd_vif_queues": "Queues (ring pairs) in use.",
         "xenbackd_vbd_request_duration_seconds":
@@ -55,6 +57,15 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
             // under the same name: a counter reset, as Prometheus reads it.
             let delta = total >= entry.total ? total - entry.total : total
             if delta > 0 { entry.counter.increment(by: Int64(clamping: delta)) }
+            counters[key] = (entry.counter, total)
+        }
+        /// A counter in seconds, from a total kept in nanoseconds.
+        func countSeconds(_ name: String, _ labels: [(String, String)], nanoseconds total: UInt64) {
+            let key = Self.key(name, labels)
+            seenCounters.insert(key)
+            let entry = counters[key] ?? (registry.makeCounter(descriptor: Self.descriptor(name), labels: labels), 0)
+            let delta = total >= entry.total ? total - entry.total : total
+            if delta > 0 { entry.counter.increment(by: Double(delta) / 1e9) }
             counters[key] = (entry.counter, total)
         }
         func gauge(_ name: String, _ labels: [(String, String)], _ value: Int) {
@@ -105,8 +116,15 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
                 count("xenbackd_vif_frames_total", labels + [("direction", "to_guest")], d.rxPackets ?? 0)
                 count("xenbackd_vif_bytes_total", labels + [("direction", "from_guest")], d.bytesWritten)
                 count("xenbackd_vif_bytes_total", labels + [("direction", "to_guest")], d.bytesRead)
-                count("xenbackd_vif_dropped_total", labels, d.dropped ?? 0)
+                for (key, n) in d.droppedByReason ?? [:] {
+                    let parts = key.split(separator: "/", maxSplits: 1).map(String.init)
+                    guard parts.count == 2 else { continue }
+                    count("xenbackd_vif_dropped_total", labels + [("direction", parts[0]), ("reason", parts[1])], n)
+                }
                 count("xenbackd_vif_malformed_total", labels, d.malformed ?? 0)
+                count("xenbackd_vif_rate_limited_total", labels, d.rateLimited ?? 0)
+                countSeconds("xenbackd_vif_rate_limited_seconds_total", labels,
+                             nanoseconds: UInt64(((d.rateLimitedSeconds ?? 0) * 1e9).rounded()))
                 if let v = d.vif { gauge("xenbackd_vif_queues", labels, v.queues) }
             }
         }

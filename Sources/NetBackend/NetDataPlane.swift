@@ -180,7 +180,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         var now = clock()
         var step = engine.step(.kicked, now: now)
         while true {
-            apply(step, now: now)
+            apply(step)
             if case .broken(let reason) = step.outcome {
                 onFatal(reason)
                 break
@@ -206,7 +206,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             }
             if xb_load_acquire_u32(stopFlag) != 0 {
                 now = clock()
-                apply(engine.step(.stop, now: now), now: now)
+                apply(engine.step(.stop, now: now))
                 break
             }
             now = clock()
@@ -218,7 +218,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     /// Counters first, so a frontend woken by the notification sees its
     /// responses counted.
     @inline(__always)
-    private func apply(_ step: NetEngineStep, now: Int) {
+    private func apply(_ step: NetEngineStep) {
         publishStatistics()
         if step.notifyTx {
             try? events.notify(txPort)

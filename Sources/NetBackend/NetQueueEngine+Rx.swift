@@ -52,6 +52,7 @@ extension NetQueueEngine {
             }
             guard let needed = rxSlotsNeeded(buffer, length: length) else {
                 statistics.rxDropped &+= 1
+                statistics.rxDroppedUnfit &+= 1
                 continue
             }
             let available: UInt32

@@ -214,6 +214,8 @@ extension NetQueueEngine {
                     }
                     if status == NetifStatus.okay, credit != nil, !credit!.consume(p.frameLength, now: now) {
                         txBlockedUntil = credit!.nextRefill
+                        statistics.txRateLimited &+= 1
+                        statistics.txRateLimitedNanoseconds &+= UInt64(max(0, txBlockedUntil &- now))
                         blocked = true
                         break
                     }

@@ -18,6 +18,14 @@ public struct NetStatistics: Equatable, Sendable {
     /// Frames for the guest dropped here: no buffers posted for too long,
     /// too large for a frontend without scatter-gather, unusable offload.
     public var rxDropped: UInt64 = 0
+    /// Of those, frames the frontend cannot take however many buffers it
+    /// posts (too large without scatter-gather, an offload it did not ask
+    /// for); the rest found no buffers posted.
+    public var rxDroppedUnfit: UInt64 = 0
+    /// Times the guest's frames waited for the rate limit's next refill
+    /// (the vif's `rate`), and the waits' total length.
+    public var txRateLimited: UInt64 = 0
+    public var txRateLimitedNanoseconds: UInt64 = 0
     /// Rx buffers the guest granted that could not be written.
     public var rxErrors: UInt64 = 0
     /// Event-channel notifications sent to the guest (tx and rx ports
@@ -35,6 +43,8 @@ public struct NetStatistics: Equatable, Sendable {
         s.txMalformed &+= o.txMalformed; s.txDropped &+= o.txDropped
         s.rxPackets &+= o.rxPackets; s.rxBytes &+= o.rxBytes; s.rxDropped &+= o.rxDropped; s.rxErrors &+= o.rxErrors
         s.notificationsSent &+= o.notificationsSent; s.eventsReceived &+= o.eventsReceived; s.waits &+= o.waits
+        s.rxDroppedUnfit &+= o.rxDroppedUnfit
+        s.txRateLimited &+= o.txRateLimited; s.txRateLimitedNanoseconds &+= o.txRateLimitedNanoseconds
         return s
     }
 }
@@ -43,7 +53,7 @@ public struct NetStatistics: Equatable, Sendable {
 /// each one atomically (no lock on its path); readers on other threads may
 /// see one pass's counters partly updated, never torn values.
 final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 12
+    private static let fields = 15
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -62,6 +72,9 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         xb_store_release_u64(counters + 9, s.notificationsSent)
         xb_store_release_u64(counters + 10, s.eventsReceived)
         xb_store_release_u64(counters + 11, s.waits)
+        xb_store_release_u64(counters + 12, s.rxDroppedUnfit)
+        xb_store_release_u64(counters + 13, s.txRateLimited)
+        xb_store_release_u64(counters + 14, s.txRateLimitedNanoseconds)
     }
 
     func read() -> NetStatistics {
@@ -78,6 +91,9 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         s.notificationsSent = xb_load_acquire_u64(counters + 9)
         s.eventsReceived = xb_load_acquire_u64(counters + 10)
         s.waits = xb_load_acquire_u64(counters + 11)
+        s.rxDroppedUnfit = xb_load_acquire_u64(counters + 12)
+        s.txRateLimited = xb_load_acquire_u64(counters + 13)
+        s.txRateLimitedNanoseconds = xb_load_acquire_u64(counters + 14)
         return s
     }
 }

@@ -52,6 +52,11 @@ extension DeviceReport {
         rxPackets = s.statistics.rxPackets
         dropped = s.statistics.txDropped &+ s.statistics.rxDropped
         malformed = s.statistics.txMalformed
+        droppedByReason = ["from_guest/tap-full": s.statistics.txDropped,
+                           "to_guest/no-buffers": s.statistics.rxDropped &- s.statistics.rxDroppedUnfit,
+                           "to_guest/unfit": s.statistics.rxDroppedUnfit]
+        rateLimited = s.statistics.txRateLimited
+        rateLimitedSeconds = Double(s.statistics.txRateLimitedNanoseconds) / 1e9
         lastErrorTime = s.lastErrorTime
         resumed = s.state == .connected ? s.resumed : nil
         handshakeSeconds = s.handshakeSeconds

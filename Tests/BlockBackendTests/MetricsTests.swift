@@ -210,7 +210,9 @@ struct DeviceMetricsTests {
     static func vif(tx: UInt64, rx: UInt64, state: String = "Connected") -> DeviceReport {
         var d = DeviceReport(device: "vif-3-0", type: "vif", domain: 3, devid: 0, state: state, params: "vif3.0 on xenbr0",
                              ringPages: 0, requests: tx + rx, bytesRead: rx * 100, bytesWritten: tx * 60, errors: 0)
-        d.txPackets = tx; d.rxPackets = rx; d.dropped = 2; d.malformed = 1
+        d.txPackets = tx; d.rxPackets = rx; d.dropped = 3; d.malformed = 1
+        d.droppedByReason = ["from_guest/tap-full": 1, "to_guest/no-buffers": 2, "to_guest/unfit": 0]
+        d.rateLimited = tx / 5; d.rateLimitedSeconds = Double(tx) / 1000
         d.vif = .init(queues: 2, splitEventChannels: true, scatterGather: true, gsoTCPv4: true, gsoTCPv6: false,
                       checksumOffload: true, ipv6ChecksumOffload: false)
         return d
@@ -229,8 +231,12 @@ struct DeviceMetricsTests {
         #expect(sample(text, "xenbackd_vif_frames_total", Self.with(["direction": "to_guest"])) == 9)
         #expect(sample(text, "xenbackd_vif_bytes_total", Self.with(["direction": "from_guest"])) == 900)
         #expect(sample(text, "xenbackd_vif_bytes_total", Self.with(["direction": "to_guest"])) == 900)
-        #expect(sample(text, "xenbackd_vif_dropped_total", Self.labels) == 2)
+        #expect(sample(text, "xenbackd_vif_dropped_total", Self.with(["direction": "from_guest", "reason": "tap-full"])) == 1)
+        #expect(sample(text, "xenbackd_vif_dropped_total", Self.with(["direction": "to_guest", "reason": "no-buffers"])) == 2)
+        #expect(sample(text, "xenbackd_vif_dropped_total", Self.with(["direction": "to_guest", "reason": "unfit"])) == 0)
         #expect(sample(text, "xenbackd_vif_malformed_total", Self.labels) == 1)
+        #expect(sample(text, "xenbackd_vif_rate_limited_total", Self.labels) == 3)
+        #expect(sample(text, "xenbackd_vif_rate_limited_seconds_total", Self.labels) == 0.015)
         #expect(sample(text, "xenbackd_vif_queues", Self.labels) == 2)
         #expect(sample(text, "xenbackd_devices", ["type": "vif", "state": "Connected"]) == 1)
         #expect(text.contains("# HELP xenbackd_vif_frames_total "))

@@ -95,6 +95,7 @@ import XenBus
             let s = try #require(bed.vifStatus(b)).statistics
             #expect(s.rxPackets == 0)
             #expect(s.rxErrors == 0)
+            #expect(s.rxDroppedUnfit == 0, "dropped for want of buffers, not as unfit")
             // 20 MB went at the guest: the kernel queued some of it on vif7.0
             // (tx_packets; the rest it dropped itself), and the backend
             // dropped every one of those it read, holding at most one.

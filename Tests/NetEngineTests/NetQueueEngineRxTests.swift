@@ -117,7 +117,7 @@ import XenABI
         #expect(s3.pollTap && !s3.idle)
         let s4 = h.step(.tick, now: 105 * Self.ms)
         #expect(s4.pollTap && s4.idle && s4.deadline == nil)
-        #expect(h.engine.statistics.rxDropped == 2 && !h.engine.holdsFrame && h.tap.pending == 0)
+        #expect(h.engine.statistics.rxDropped == 2 && h.engine.statistics.rxDroppedUnfit == 0 && !h.engine.holdsFrame && h.tap.pending == 0)
         #expect(h.rxResponses().isEmpty)
         // Buffers again: frames are delivered, and a later shortage holds again.
         h.postRx([(id: 2, ref: 11)])
@@ -151,7 +151,7 @@ import XenABI
         h.postRx([(id: 1, ref: 10)])
         h.step(.tapReadable)
         #expect(h.rxResponses() == [.data(NetifRxResponse(id: 1, offset: 0, flags: 0, status: 60))])
-        #expect(h.engine.statistics.rxDropped == 1)
+        #expect(h.engine.statistics.rxDropped == 1 && h.engine.statistics.rxDroppedUnfit == 1)
     }
 
     @Test func stopDropsAHeldFrameAndLeavesNothingInFlight() {
@@ -161,6 +161,6 @@ import XenABI
         #expect(h.engine.holdsFrame)
         let s = h.step(.stop, now: 1)
         #expect(s.outcome == .drained && !h.engine.holdsFrame && h.engine.rxRequestsInFlight == 0)
-        #expect(h.engine.statistics.rxDropped == 1)
+        #expect(h.engine.statistics.rxDropped == 1 && h.engine.statistics.rxDroppedUnfit == 0)
     }
 }

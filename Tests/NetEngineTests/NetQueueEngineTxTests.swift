@@ -133,12 +133,15 @@ import XenABI
         #expect(h.txResponses() == [NetifTxResponse(id: 1, status: NetifStatus.okay)])
         #expect(s1.deadline == ms && s1.idle)
         #expect(h.engine.txRequestsInFlight == 1)
+        // One wait, of a whole period (the refill is 1 ms away).
+        #expect(h.engine.statistics.txRateLimited == 1 && h.engine.statistics.txRateLimitedNanoseconds == UInt64(ms))
         // Before the refill nothing moves, and the deadline stays.
         let s2 = h.step(.tick, now: ms - 1)
         #expect(h.txResponses().isEmpty && s2.deadline == ms)
         let s3 = h.step(.tick, now: ms)
         #expect(h.txResponses() == [NetifTxResponse(id: 2, status: NetifStatus.okay)])
         #expect(s3.deadline == nil && h.tap.written.count == 2 && h.engine.txRequestsInFlight == 0)
+        #expect(h.engine.statistics.txRateLimited == 1, "waiting out the same refill is one wait")
     }
 
     @Test func stopAnswersWhatWaitsForCreditDropped() {
