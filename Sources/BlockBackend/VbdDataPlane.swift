@@ -26,6 +26,8 @@ public struct VbdRingConfiguration: Sendable {
     /// A restarted daemon takes over a connected ring: recover from the
     /// journal. Otherwise the journal starts empty.
     public var resuming = false
+    /// The frontend's ABI (`protocol`): the ring's slot layout.
+    public var ringProtocol: BlkifProtocol = .x86_64
     public init(frontendDomain: DomID, ringRefs: [GrantRef], remotePort: EventChannelPort, limits: DiskLimits,
                 pollMicroseconds: Int = 0, persistentGrants: Bool = false) {
         self.frontendDomain = frontendDomain; self.ringRefs = ringRefs
@@ -169,7 +171,8 @@ public final class VbdDataPlane: @unchecked Sendable {   // thread-confined afte
         do {
             engine = try VbdEngine(ring: mapping.address, pages: pageCount, frontendDomain: c.frontendDomain, grants: grants,
                                    storage: storage, limits: c.limits, persistentGrants: c.persistentGrants,
-                                   journal: journal, identity: Self.identity(c), recover: c.resuming)
+                                   journal: journal, identity: Self.identity(c), recover: c.resuming,
+                                   ringProtocol: c.ringProtocol)
         } catch {
             releaseTaken()
             throw HypervisorError("mmap", errno: error.code, detail: "no memory for the ring's bounce pages")

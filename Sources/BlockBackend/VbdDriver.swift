@@ -215,6 +215,7 @@ final class VbdDriver: XenbusDriver {
                                                   pollMicroseconds: options.pollMicroseconds,
                                                   persistentGrants: ring.persistent)
                 config.journalPath = journalPath(queue: index)
+                config.ringProtocol = ring.ringProtocol
                 config.resuming = resuming
                 let name = "\(address.frontendDomain).\(address.devid)" + (rings.count > 1 ? "q\(index)" : "")
                 let plane: VbdDataPlane
@@ -244,7 +245,7 @@ final class VbdDriver: XenbusDriver {
                                            flush: limits.flush, barrier: limits.barrier, discard: limits.discard,
                                            maxIndirectSegments: limits.maxIndirectSegments,
                                            persistentGrants: rings[0].persistent, ringPages: rings[0].refs.count,
-                                           queues: rings.count, protocolName: "x86_64-abi")
+                                           queues: rings.count, protocolName: rings[0].ringProtocol.name)
         d.logger.info("connected", metadata: ["queues": "\(rings.count)", "ringPages": "\(rings[0].refs.count)",
                                               "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
                                               "persistentGrants": "\(rings[0].persistent)"])
@@ -298,6 +299,8 @@ final class VbdDriver: XenbusDriver {
         var refs: [GrantRef]
         var port: EventChannelPort
         var persistent: Bool
+        /// The frontend's `protocol`: the ring's slot layout.
+        var ringProtocol: BlkifProtocol
     }
 
     /// The frontend's rings, as Linux blkback reads them: one, with its
@@ -310,9 +313,9 @@ final class VbdDriver: XenbusDriver {
     /// daemon offers: a previous one may have offered more than we do.
     private func readRingKeys(_ d: XenbusDeviceContext, resuming: Bool) throws -> [RingKeys] {
         let store = d.store, fe = d.frontendPath
-        let protocolName = (try store.read(fe + "/protocol")) ?? "x86_64-abi"
-        guard protocolName == "x86_64-abi" else {
-            throw DeviceFailure("unsupported protocol \(GuestText.quoted(protocolName))")
+        let protocolName = try store.read(fe + "/protocol")
+        guard let ringProtocol = BlkifProtocol(name: protocolName) else {
+            throw DeviceFailure("unsupported protocol \(GuestText.quoted(protocolName ?? ""))")
         }
         let ceiling = resuming ? BlockBackendOptions.maxQueuesLimit : offeredQueues
         let count: Int
@@ -349,7 +352,7 @@ final class VbdDriver: XenbusDriver {
             guard let port = try store.readNumber(dir, "event-channel", as: EventChannelPort.self) else {
                 throw DeviceFailure("missing \(shown)event-channel")
             }
-            return RingKeys(refs: refs, port: port, persistent: persistent)
+            return RingKeys(refs: refs, port: port, persistent: persistent, ringProtocol: ringProtocol)
         }
     }
 

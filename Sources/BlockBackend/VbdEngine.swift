@@ -126,6 +126,10 @@ public final class VbdEngine {
     private let mergeIovecLimit: Int
     static let minimumIovecsPerMerge = 128
     private let scratch: UnsafeMutableRawPointer
+    /// The ring's ABI (the frontend's `protocol`), and an x86_32 request's
+    /// slot as copied out, before it is widened into `scratch`.
+    public let ringProtocol: BlkifProtocol
+    private let narrowScratch: UnsafeMutableRawPointer
     /// The segments of the request in `scratch`, decoded as validation checked them.
     private let stagedSegments: UnsafeMutablePointer<BlkifSegment>
     /// Where `pages` and `descriptors` come from when the caller keeps them.
@@ -199,7 +203,7 @@ public final class VbdEngine {
                 storage: any BlockStorage, limits: DiskLimits, persistentGrants: Bool,
                 indirectBouncePages: Int = VbdEngine.indirectBouncePages,
                 journal: VbdRingJournal? = nil, identity: UInt64 = 0, recover: Bool = false,
-                pageStore: VbdEnginePageStore? = nil) throws(SystemError) {
+                pageStore: VbdEnginePageStore? = nil, ringProtocol: BlkifProtocol = .x86_64) throws(SystemError) {
         precondition((0...Self.indirectSegmentsLimit).contains(limits.maxIndirectSegments),
                      "max indirect segments \(limits.maxIndirectSegments) is outside 0...\(Self.indirectSegmentsLimit)")
         self.storage = storage
@@ -207,15 +211,17 @@ public final class VbdEngine {
         self.frontendDomain = frontendDomain
         self.limits = limits
         self.usePersistentGrants = persistentGrants
+        self.ringProtocol = ringProtocol
+        let slotSize = ringProtocol.slotSize
         var plan: JournalRecovery?
         if let journal, recover, journal.holdsRing(identity: identity) {
-            let probe = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            let probe = BackRing(attachingTo: base, pages: ringPages, entrySize: slotSize)
             plan = journal.recover(published: probe.publishedResponses, ringSize: probe.size)
         }
         if let plan {
-            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize, requestConsumer: plan.consumed)
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: slotSize, requestConsumer: plan.consumed)
         } else {
-            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: Blkif.slotSize)
+            ring = BackRing(attachingTo: base, pages: ringPages, entrySize: slotSize)
             journal?.format(identity: identity, consumed: ring.requestConsumer)
         }
         slotCount = Int(ring.size)
@@ -282,6 +288,7 @@ public final class VbdEngine {
         mergeIovecLimit = min(iovecsPerMerge, storage.maxIovecsPerOperation ?? .max)
         mergedIovecs = .allocate(capacity: slotCount * iovecsPerMerge)
         scratch = .allocate(byteCount: Blkif.slotSize, alignment: 16)
+        narrowScratch = .allocate(byteCount: BlkifX86_32.slotSize, alignment: 16)
         stagedSegments = .allocate(capacity: Blkif.maxSegmentsPerRequest)
         rejectionLog = .allocate(capacity: Self.rejectionLogCapacity)
         // Answers written but never published before the kill go out first,
@@ -317,6 +324,7 @@ public final class VbdEngine {
         submissions.deallocate()
         mergedIovecs.deallocate()
         scratch.deallocate()
+        narrowScratch.deallocate()
         stagedSegments.deallocate()
         freeRecords.deallocate()
         unpublished.deallocate()
@@ -505,17 +513,29 @@ public final class VbdEngine {
                 freeRecordCount -= 1
                 let record = freeRecords[freeRecordCount]
                 let index = ring.requestConsumer
-                ring.takeRequest(into: scratch)
+                takeRequest()
                 journal.recordTaken(Int(record), ringIndex: index, slot: UnsafeRawPointer(scratch))
                 taken += 1
                 handleTaken(record: record)
             }
         } else {
             while taken < available && barrierSlot < 0 && !areasExhausted {
-                ring.takeRequest(into: scratch)
+                takeRequest()
                 taken += 1
                 handleTaken(record: -1)
             }
+        }
+    }
+
+    /// The next request into `scratch`, in the x86_64 layout whatever the
+    /// frontend's ABI (an x86_32 one is copied out, then widened).
+    @inline(__always)
+    private func takeRequest() {
+        if ringProtocol == .x86_64 {
+            ring.takeRequest(into: scratch)
+        } else {
+            ring.takeRequest(into: narrowScratch)
+            BlkifX86_32.widen(UnsafeRawPointer(narrowScratch), into: scratch)
         }
     }
 

@@ -35,6 +35,10 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
     private var slotOwner: [UInt64?] = []
     private var generation: UInt64 = 0
     private let responseScratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+    /// The ring's ABI; an x86_32 request is encoded here, then narrowed
+    /// into its 108-byte slot (encoders write x86_64's 112 bytes).
+    public let ringProtocol: BlkifProtocol
+    private let wideScratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
 
     /// Before sleeping for responses, look for them up to this long (a guest
     /// that polls; the benchmark uses it to take our own wakeups out of the
@@ -58,8 +62,10 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
     /// Allocates and grants the ring's pages (adjacent in the guest's
     /// memory, as a guest's virtual mapping of a multi-page ring would see
     /// them) and an unbound port for the backend.
-    init(guest: LoopbackGuestDomain, backendDomain: DomID, index: Int, pageOrder: Int) throws {
+    init(guest: LoopbackGuestDomain, backendDomain: DomID, index: Int, pageOrder: Int,
+         ringProtocol: BlkifProtocol = .x86_64) throws {
         self.guest = guest
+        self.ringProtocol = ringProtocol
         self.backendDomain = backendDomain
         self.index = index
         let pages = 1 << pageOrder
@@ -68,7 +74,7 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
             self.events = events
             ringFrames = try Self.allocateContiguous(pages, in: guest, replacing: (0..<pages).map { _ in try guest.allocatePage() })
             ringGrants = try ringFrames.map { try guest.grantAccess(frame: $0, to: backendDomain, readOnly: false) }
-            holder = RingHolder(FrontRing(initializing: guest.page(ringFrames[0]), pages: pages, entrySize: Blkif.slotSize))
+            holder = RingHolder(FrontRing(initializing: guest.page(ringFrames[0]), pages: pages, entrySize: ringProtocol.slotSize))
             port = try events.allocateUnbound(remoteDomain: backendDomain)
         } catch {
             release()
@@ -76,7 +82,10 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
         }
     }
 
-    deinit { responseScratch.deallocate() }
+    deinit {
+        responseScratch.deallocate()
+        wideScratch.deallocate()
+    }
 
     /// Frames whose pages are adjacent in the guest's memory file.
     private static func allocateContiguous(_ n: Int, in guest: LoopbackGuestDomain, replacing: [UInt32]) throws -> [UInt32] {
@@ -171,7 +180,8 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
         generation &+= 1
         let id = generation << 16 | UInt64(slot)
         slotOwner[slot] = id
-        let p = r.ring.nextRequestSlot()
+        let slotAddress = r.ring.nextRequestSlot()
+        let p = ringProtocol == .x86_64 ? slotAddress : wideScratch
         switch op {
         case .read(let sector, let count, let first):
             encodeSegmented(BlkifOperation.read, id: id, sector: sector, count: count, first: first, slot: slot, to: p)
@@ -184,6 +194,7 @@ public final class BlockFrontendRing: @unchecked Sendable {   // driven by one t
         case .discard(let sector, let count, let secure):
             BlkifDiscardRequest(flag: secure ? Blkif.discardSecure : 0, id: id, sectorNumber: sector, nrSectors: count).encode(to: p)
         }
+        if ringProtocol == .x86_32 { BlkifX86_32.narrow(UnsafeRawPointer(wideScratch), into: slotAddress) }
         r.ring.commitRequest()
         return Ticket(slot: slot, id: id)
     }

@@ -60,6 +60,9 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
     public var requestedQueues = 1
     /// The backend's `multi-queue-max-queues` (1 when absent).
     public private(set) var backendMaxQueues = 1
+    /// The ring ABI to speak (`protocol`): x86_64, or x86_32 as a 32-bit
+    /// PV guest's blkfront. Set before `connect`.
+    public var ringProtocol: BlkifProtocol = .x86_64
     /// Offer persistent grants (our data pages are granted once and reused,
     /// as Linux blkfront does); used when the backend offers them too.
     public var offerPersistentGrants = true
@@ -147,7 +150,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
         releaseResources()
         for index in 0..<count {
             queues.append(try BlockFrontendRing(guest: guest, backendDomain: backendDomain, index: index,
-                                                pageOrder: ringPageOrder))
+                                                pageOrder: ringPageOrder, ringProtocol: ringProtocol))
         }
     }
 
@@ -178,7 +181,7 @@ public final class LoopbackBlockFrontend: @unchecked Sendable {   // driven by o
                 }
                 try store.write(dir + "/event-channel", String(q.port), transaction: t)
             }
-            try store.write(fe + "/protocol", "x86_64-abi", transaction: t)
+            try store.write(fe + "/protocol", ringProtocol.name, transaction: t)
             try store.write(fe + "/feature-persistent", offerPersistentGrants ? "1" : "0", transaction: t)
             for (key, value) in publishOverrides {
                 if let value { try store.write(fe + "/" + key, value, transaction: t) } else {

@@ -1,5 +1,6 @@
 import EngineDoubles
 import Hypervisor
+import XenABI
 import XenBus
 
 extension XenbusFuzzTarget.World {
@@ -52,7 +53,7 @@ extension XenbusFuzzTarget.World {
     /// is open and refs that are granted for the pages the order asks.
     func keysAreGood() -> Bool {
         func key(_ k: String) -> String? { self.key(.vbd, k) }
-        if let p = key("protocol"), p != "x86_64-abi" { return false }
+        if let p = key("protocol"), BlkifProtocol(name: p) == nil { return false }
         var queues = 1
         if let n = key("multi-queue-num-queues") {
             guard let n = XenStoreNumber.parse(n, as: UInt32.self), n >= 1, n <= Target.maxQueues else { return false }

@@ -104,7 +104,7 @@ struct DaemonRestartTests {
     /// dom1 with one connected vbd on the world's disk. `indirectSegments`:
     /// the frontend's max_indirect_segments (0: direct requests only).
     func connectGuest(_ w: World, params: String? = nil, indirectSegments: Int = 0,
-                      queues: Int = 1) throws -> (LoopbackBlockFrontend, any XenStore) {
+                      queues: Int = 1, ringProtocol: BlkifProtocol = .x86_64) throws -> (LoopbackBlockFrontend, any XenStore) {
         let dom0 = try XenStoreSocketClient(socketPath: w.layout.xenStoreSocket)
         let toolstack = LoopbackToolstack(store: dom0)
         let guest = indirectSegments > 0
@@ -116,6 +116,7 @@ struct DaemonRestartTests {
         let fe = LoopbackBlockFrontend(guest: guest, store: try XenStoreSocketClient(socketPath: w.layout.xenStoreDomainSocket(1)))
         fe.maxIndirectSegments = indirectSegments
         fe.requestedQueues = queues
+        fe.ringProtocol = ringProtocol
         try fe.connect(ringPageOrder: 1)
         return (fe, dom0)
     }

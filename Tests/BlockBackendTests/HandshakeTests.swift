@@ -49,7 +49,7 @@ struct HandshakeBadValueTests {
 
     @Test("an unknown protocol")
     func unknownProtocol() throws {
-        try expectRefused(["protocol": "x86_32-abi"], reason: "unsupported protocol")
+        try expectRefused(["protocol": "x86_16-abi"], reason: "unsupported protocol")
     }
 
     @Test("a missing event-channel")
