@@ -180,6 +180,10 @@ public struct DeviceReport: Codable, Sendable {
         public var gsoTCPv6: Bool
         public var checksumOffload: Bool
         public var ipv6ChecksumOffload: Bool
+        /// The guest asked for multicast filtering (`request-multicast-control`),
+        /// and how many addresses its filter holds.
+        public var multicastFiltering: Bool?
+        public var multicastAddresses: Int?
 
         public init(queues: Int, splitEventChannels: Bool, scatterGather: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool,
                     checksumOffload: Bool, ipv6ChecksumOffload: Bool) {

@@ -142,6 +142,11 @@ struct TxPacket {
     var frameLength = 0
     var gsoType: UInt8 = 0
     var gsoSize: UInt16 = 0
+    /// A multicast filter edit (NetifExtraType.mcastAdd or mcastDel; 0:
+    /// none) and its address: the packet is a control request, answered
+    /// once done and never written to the TAP.
+    var multicastEdit: UInt8 = 0
+    var multicastKey: UInt64 = 0
     /// NETIF_RSP_ERROR when the chain was refused on taking.
     var status: Int16 = NetifStatus.okay
     var copyStart: Int32 = 0

@@ -37,6 +37,9 @@ public struct NetQueueConfiguration: Sendable {
     /// posts buffers again. Before that the TAP's own bounded queue holds
     /// them (the kernel drops beyond txqueuelen).
     public var rxStallMilliseconds: Int
+    /// The vif's multicast filter, shared by its queues (a fresh one, off,
+    /// unless the driver hands the connection's).
+    public var multicastFilter = VifMulticastFilter(enabled: false)
 
     public var splitEventChannels: Bool { txRemotePort != rxRemotePort }
 

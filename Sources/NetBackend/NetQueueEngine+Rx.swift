@@ -50,6 +50,12 @@ extension NetQueueEngine {
                     break
                 }
             }
+            if length >= VirtioNetHeader.size + 6,
+               !multicastFilter.admits(destination: UnsafeRawPointer(buffer + VirtioNetHeader.size)) {
+                statistics.rxDropped &+= 1
+                statistics.rxDroppedFiltered &+= 1
+                continue
+            }
             guard let needed = rxSlotsNeeded(buffer, length: length) else {
                 statistics.rxDropped &+= 1
                 statistics.rxDroppedUnfit &+= 1

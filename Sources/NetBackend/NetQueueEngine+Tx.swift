@@ -100,6 +100,10 @@ extension NetQueueEngine {
                     }
                     p.gsoType = t
                     p.gsoSize = extra.gsoSize
+                case NetifExtraType.mcastAdd, NetifExtraType.mcastDel:
+                    if p.multicastEdit != 0 { rejection = rejection ?? .duplicateExtra(extra.type); continue }
+                    p.multicastEdit = extra.type
+                    p.multicastKey = VifMulticastFilter.key(UnsafeRawPointer(scratch + NetifExtraInfo.Offset.mcastAddr))
                 default:
                     rejection = rejection ?? .badExtraType(extra.type)
                 }
@@ -143,6 +147,21 @@ extension NetQueueEngine {
             deferred[dataSlot - 1] = (r.gref, r.offset, r.size)
         }
 
+        if rejection == nil && p.multicastEdit != 0 {
+            // A filter edit, done now; its slots are answered with it (as
+            // netback: OKAY, or ERROR for an add to a full filter).
+            if p.multicastEdit == NetifExtraType.mcastAdd {
+                if !multicastFilter.add(p.multicastKey) { p.status = NetifStatus.error }
+            } else {
+                multicastFilter.remove(p.multicastKey)
+            }
+            statistics.multicastEdits &+= 1
+            malformedInARow = 0
+            p.copyStart = Int32(copyStart)
+            p.copyCount = 0
+            buffers.txPackets[index] = p
+            return consumed
+        }
         if rejection == nil {
             let head = p.frameLength - fragmentBytes
             if fragmentBytes > p.frameLength {
@@ -207,6 +226,11 @@ extension NetQueueEngine {
             while end < txCount && brokenReason == nil {
                 let p = buffers.txPackets[end]
                 var status = p.status
+                if p.multicastEdit != 0 {
+                    statuses[end] = status   // a control request: answered, nothing to write
+                    end += 1
+                    continue
+                }
                 if status == NetifStatus.okay {
                     let first = Int(p.copyStart)
                     for c in first..<(first + Int(p.copyCount)) where buffers.txCopies[c].status != 0 {

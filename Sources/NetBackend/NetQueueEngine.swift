@@ -20,6 +20,7 @@ public final class NetQueueEngine<Tap: TapPort> {
     var rxRing: BackRing
     let frontendDomain: DomID
     let features: FrontendNetFeatures
+    let multicastFilter: VifMulticastFilter
     var credit: CreditScheduler?
     let rxStallNanoseconds: Int
 
@@ -74,6 +75,7 @@ public final class NetQueueEngine<Tap: TapPort> {
         self.rxRing = BackRing(attachingTo: rxRing, pages: 1, entrySize: RingEntrySize.netifRx)
         frontendDomain = c.frontendDomain
         features = c.frontend
+        multicastFilter = c.multicastFilter
         rxStallNanoseconds = c.rxStallMilliseconds * 1_000_000
         if let r = c.rate {
             credit = CreditScheduler(bytesPerPeriod: r.bytes, periodMicroseconds: r.microseconds, now: now)

@@ -24,6 +24,10 @@ public struct NetStatistics: Equatable, Sendable {
     public var rxDroppedUnfit: UInt64 = 0
     /// Times the guest's frames waited for the rate limit's next refill
     /// (the vif's `rate`), and the waits' total length.
+    /// Of `rxDropped`, multicast frames the guest's filter did not admit.
+    public var rxDroppedFiltered: UInt64 = 0
+    /// MCAST_ADD and MCAST_DEL requests carried out.
+    public var multicastEdits: UInt64 = 0
     public var txRateLimited: UInt64 = 0
     public var txRateLimitedNanoseconds: UInt64 = 0
     /// Rx buffers the guest granted that could not be written.
@@ -44,6 +48,7 @@ public struct NetStatistics: Equatable, Sendable {
         s.rxPackets &+= o.rxPackets; s.rxBytes &+= o.rxBytes; s.rxDropped &+= o.rxDropped; s.rxErrors &+= o.rxErrors
         s.notificationsSent &+= o.notificationsSent; s.eventsReceived &+= o.eventsReceived; s.waits &+= o.waits
         s.rxDroppedUnfit &+= o.rxDroppedUnfit
+        s.rxDroppedFiltered &+= o.rxDroppedFiltered; s.multicastEdits &+= o.multicastEdits
         s.txRateLimited &+= o.txRateLimited; s.txRateLimitedNanoseconds &+= o.txRateLimitedNanoseconds
         return s
     }
@@ -53,7 +58,7 @@ public struct NetStatistics: Equatable, Sendable {
 /// each one atomically (no lock on its path); readers on other threads may
 /// see one pass's counters partly updated, never torn values.
 final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 15
+    private static let fields = 17
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -75,6 +80,8 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         xb_store_release_u64(counters + 12, s.rxDroppedUnfit)
         xb_store_release_u64(counters + 13, s.txRateLimited)
         xb_store_release_u64(counters + 14, s.txRateLimitedNanoseconds)
+        xb_store_release_u64(counters + 15, s.rxDroppedFiltered)
+        xb_store_release_u64(counters + 16, s.multicastEdits)
     }
 
     func read() -> NetStatistics {
@@ -94,6 +101,8 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         s.rxDroppedUnfit = xb_load_acquire_u64(counters + 12)
         s.txRateLimited = xb_load_acquire_u64(counters + 13)
         s.txRateLimitedNanoseconds = xb_load_acquire_u64(counters + 14)
+        s.rxDroppedFiltered = xb_load_acquire_u64(counters + 15)
+        s.multicastEdits = xb_load_acquire_u64(counters + 16)
         return s
     }
 }

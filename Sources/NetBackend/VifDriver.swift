@@ -24,6 +24,10 @@ public struct VifStatus: Sendable {
     public var resumed = false
     /// Seconds from InitWait to Connected, the last handshake this daemon made.
     public var handshakeSeconds: Double?
+    /// Multicast frames are filtered (the guest asked, request-multicast-control),
+    /// and the addresses its filter holds.
+    public var multicastFiltering = false
+    public var multicastAddresses = 0
 }
 
 /// A vif's interface and the TAP queues the kernel steers frames to (the
@@ -39,6 +43,7 @@ struct VifConnection {
     var planes: [NetDataPlane]
     var splitEventChannels: Bool
     var frontendFeatures: FrontendNetFeatures
+    var multicastFilter: VifMulticastFilter
 }
 
 /// The vif type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -89,6 +94,10 @@ final class VifDriver: XenbusDriver {
                                frontendFeatures: device.connection?.frontendFeatures)
         status.resumed = device.resumed
         status.handshakeSeconds = device.handshakeSeconds
+        if let filter = device.connection?.multicastFilter {
+            status.multicastFiltering = filter.enabled
+            status.multicastAddresses = filter.count
+        }
         return status
     }
 
@@ -124,7 +133,8 @@ final class VifDriver: XenbusDriver {
     func offerKeys(_ d: XenbusDeviceContext) -> [(key: String, value: String?)] {
         [("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
          ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"), ("feature-ipv6-csum-offload", "1"),
-         ("feature-split-event-channels", "1"), ("multi-queue-max-queues", String(options.maxQueues))]
+         ("feature-split-event-channels", "1"), ("multi-queue-max-queues", String(options.maxQueues)),
+         ("feature-multicast-control", "1")]
     }
 
     /// The interface's name in a message or a log line: the toolstack's
@@ -193,8 +203,18 @@ final class VifDriver: XenbusDriver {
     func connect(_ d: XenbusDeviceContext, resource port: VifPort, resuming: Bool) throws
         -> (connection: VifConnection, keys: [(key: String, value: String)]) {
         let tap = port.tap
-        let configs = try readFrontendKeys(d)
+        var configs = try readFrontendKeys(d)
         let f = configs[0].frontend
+        // Sampled at Connected (no feature-dynamic-multicast-control). A
+        // restarted daemon has lost the guest's list, which the guest will
+        // not send again: it floods multicast to the guest rather than drop
+        // what the guest asked for.
+        let wantsFilter = try d.store.readFlag(d.frontendPath, "request-multicast-control", default: false)
+        if wantsFilter && resuming {
+            d.logger.notice("multicast filter lost with the previous daemon: flooding multicast to the guest")
+        }
+        let filter = VifMulticastFilter(enabled: wantsFilter && !resuming)
+        for i in configs.indices { configs[i].multicastFilter = filter }
         do {
             try tap.setOffloads(csum: f.checksumOffload,
                                 tso4: f.checksumOffload && f.scatterGather && f.gsoTCPv4,
@@ -225,7 +245,7 @@ final class VifDriver: XenbusDriver {
         d.logger.info("connected", metadata: ["interface": "\(shownName)", "queues": "\(configs.count)",
                                               "split": "\(split)", "sg": "\(f.scatterGather)",
                                               "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
-        return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f), [])
+        return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f, multicastFilter: filter), [])
     }
 
     /// Carrier off, every queue stopped.

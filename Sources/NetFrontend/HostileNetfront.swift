@@ -446,6 +446,11 @@ public final class HostileNetfront {
             }
             let what = ["an unknown extra-info type", "a multicast or hash extra", "a GSO extra of nonsense type or size",
                         "\(count) extra-info slots"][variant]
+            // A lone multicast edit is a control request: OKAY, or ERROR once
+            // the filter is full (feature-multicast-control).
+            if case .extra(let e) = s[1], variant == 1, e.type != NetifExtraType.hash {
+                return (s, ids(s), count, .any, "a multicast filter edit")
+            }
             return (s, ids(s), count, .refused, what)
         case 12:   // GSO or a partial checksum on a frame that is not TCP/UDP over IP
             let size = 60 + rng.below(1000)

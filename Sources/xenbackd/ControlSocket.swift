@@ -53,17 +53,22 @@ extension DeviceReport {
         dropped = s.statistics.txDropped &+ s.statistics.rxDropped
         malformed = s.statistics.txMalformed
         droppedByReason = ["from_guest/tap-full": s.statistics.txDropped,
-                           "to_guest/no-buffers": s.statistics.rxDropped &- s.statistics.rxDroppedUnfit,
-                           "to_guest/unfit": s.statistics.rxDroppedUnfit]
+                           "to_guest/no-buffers": s.statistics.rxDropped &- s.statistics.rxDroppedUnfit
+                               &- s.statistics.rxDroppedFiltered,
+                           "to_guest/unfit": s.statistics.rxDroppedUnfit,
+                           "to_guest/multicast-filter": s.statistics.rxDroppedFiltered]
         rateLimited = s.statistics.txRateLimited
         rateLimitedSeconds = Double(s.statistics.txRateLimitedNanoseconds) / 1e9
         lastErrorTime = s.lastErrorTime
         resumed = s.state == .connected ? s.resumed : nil
         handshakeSeconds = s.handshakeSeconds
         vif = s.frontendFeatures.map {
-            VifTerms(queues: s.queues, splitEventChannels: s.splitEventChannels, scatterGather: $0.scatterGather,
-                     gsoTCPv4: $0.gsoTCPv4, gsoTCPv6: $0.gsoTCPv6, checksumOffload: $0.checksumOffload,
-                     ipv6ChecksumOffload: $0.ipv6ChecksumOffload)
+            var terms = VifTerms(queues: s.queues, splitEventChannels: s.splitEventChannels, scatterGather: $0.scatterGather,
+                                 gsoTCPv4: $0.gsoTCPv4, gsoTCPv6: $0.gsoTCPv6, checksumOffload: $0.checksumOffload,
+                                 ipv6ChecksumOffload: $0.ipv6ChecksumOffload)
+            terms.multicastFiltering = s.multicastFiltering
+            terms.multicastAddresses = s.multicastAddresses
+            return terms
         }
     }
 }

@@ -75,12 +75,33 @@ import XenStoreClient
             try toolstack.addNic(domain: d, .init(devid: 0, mac: mac, bridge: "xenbr0"))
             let fe = LoopbackNetFrontend(guest: domain, store: try XenStoreSocketClient(socketPath: layout.xenStoreDomainSocket(d)),
                                          devid: 0, tap: tap)
+            // Guest 2 asks for multicast filtering and never adds a group.
+            if d == 2 { fe.publishOverrides["request-multicast-control"] = "1" }
             try fe.connect()
             frontends.append(fe)
             guests.append(BedGuest(domid: d, namespace: ns, address: "10.99.0.\(d)", mac: mac, domain: domain, frontend: fe, tap: tap))
         }
         let (a, b) = (guests[0], guests[1])
         #expect(try a.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", b.address], timeout: 30).contains("2 received"))
+
+        // feature-multicast-control: b's vif drops multicast b did not ask
+        // for (a's pings to 224.0.0.1), while unicast and ARP went through.
+        #expect(((try? toolstack.store.read(toolstack.nicBackendPath(domain: 2, devid: 0) + "/feature-multicast-control")) ?? nil) == "1")
+        _ = try? a.run(["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", "eth0", "224.0.0.1"], timeout: 30)
+        func vifReport(_ name: String) -> DeviceReport? {
+            let json = (try? runProcess([binary, "status", "--control-socket", root + "/control.sock", "--json", name],
+                                        environment: ["PATH": toolPath], timeout: 10).stdout) ?? ""
+            return (try? JSONDecoder().decode(StatusDocument.self, from: Data(json.utf8)))?.devices.first
+        }
+        var filtered: UInt64 = 0
+        for _ in 0..<40 {
+            filtered = vifReport("vif-2-0")?.droppedByReason?["to_guest/multicast-filter"] ?? 0
+            if filtered >= 3 { break }
+            usleep(50_000)
+        }
+        #expect(filtered >= 3, "a's three pings to 224.0.0.1 dropped by b's filter")
+        #expect(vifReport("vif-2-0")?.vif?.multicastFiltering == true)
+        #expect(vifReport("vif-1-0")?.droppedByReason?["to_guest/multicast-filter"] == 0, "a asked for no filter")
 
         // 60 pings over 3 s, with the daemon restarted in the middle.
         let pings = Handoff<Result<String, Error>>()
@@ -127,10 +148,15 @@ import XenStoreClient
             ((try? toolstack.store.read(frontend + "/" + key)).flatMap { $0 }.flatMap { UInt64($0) } ?? 0) != 0
         }
         let split = ((try? toolstack.store.read(frontend + "/event-channel-tx")) ?? nil) != nil
-        #expect(vif?.vif == DeviceReport.VifTerms(queues: 1, splitEventChannels: split, scatterGather: flag("feature-sg"),
-                                                   gsoTCPv4: flag("feature-gso-tcpv4"), gsoTCPv6: flag("feature-gso-tcpv6"),
-                                                   checksumOffload: !flag("feature-no-csum-offload"),
-                                                   ipv6ChecksumOffload: flag("feature-ipv6-csum-offload")), "\(json)")
+        var expected = DeviceReport.VifTerms(queues: 1, splitEventChannels: split, scatterGather: flag("feature-sg"),
+                                             gsoTCPv4: flag("feature-gso-tcpv4"), gsoTCPv6: flag("feature-gso-tcpv6"),
+                                             checksumOffload: !flag("feature-no-csum-offload"),
+                                             ipv6ChecksumOffload: flag("feature-ipv6-csum-offload"))
+        expected.multicastFiltering = false
+        expected.multicastAddresses = 0
+        #expect(vif?.vif == expected, "\(json)")
+        // The restarted daemon lost b's (empty) filter: it floods rather than drops.
+        #expect(vifReport("vif-2-0")?.vif?.multicastFiltering == false)
         #expect(vif?.vif?.scatterGather == true, "our netfront asks for scatter-gather: \(json)")
     }
 }

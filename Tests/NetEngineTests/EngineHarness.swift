@@ -30,12 +30,13 @@ final class EngineHarness {
     }
 
     init(features: FrontendNetFeatures = FrontendNetFeatures(), rate: (bytes: UInt64, microseconds: UInt64)? = nil,
-         rxStallMilliseconds: Int = 100, startIndex: UInt32 = 0) {
+         rxStallMilliseconds: Int = 100, startIndex: UInt32 = 0, multicastFilter: VifMulticastFilter? = nil) {
         grants = InMemoryGrantTable(guests: [guest])
         tx = FrontRing(initializing: guest.page(0), pages: 1, entrySize: RingEntrySize.netifTx, startIndex: startIndex)
         rx = FrontRing(initializing: guest.page(1), pages: 1, entrySize: RingEntrySize.netifRx, startIndex: startIndex)
-        let c = NetQueueConfiguration(frontendDomain: Self.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
+        var c = NetQueueConfiguration(frontendDomain: Self.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
                                       rxRemotePort: 1, frontend: features, rate: rate, rxStallMilliseconds: rxStallMilliseconds)
+        if let multicastFilter { c.multicastFilter = multicastFilter }
         engine = NetQueueEngine(txRing: guest.page(0), rxRing: guest.page(1), grants: grants, tap: tap,
                                 configuration: c, buffers: try! NetEngineBuffers(backing: .heap), now: 0)   // only a mapping can fail
     }
