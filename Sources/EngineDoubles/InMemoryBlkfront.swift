@@ -11,12 +11,13 @@ public final class InMemoryBlkfront {
     public private(set) var ring: FrontRing
     public let backendDomain: DomID
 
-    public init(guest: InMemoryGuest, ringPages: Int = 1, backendDomain: DomID = 0, startIndex: UInt32 = 0) {
+    public init(guest: InMemoryGuest, ringPages: Int = 1, backendDomain: DomID = 0, startIndex: UInt32 = 0,
+                slotSize: Int = Blkif.slotSize) {
         self.guest = guest
         self.ringPages = ringPages
         self.backendDomain = backendDomain
         for p in 0..<ringPages { guest.grant(GrantRef(p), frame: p, to: backendDomain) }
-        ring = FrontRing(initializing: guest.page(0), pages: ringPages, entrySize: Blkif.slotSize, startIndex: startIndex)
+        ring = FrontRing(initializing: guest.page(0), pages: ringPages, entrySize: slotSize, startIndex: startIndex)
     }
 
     public var ringAddress: UnsafeMutableRawPointer { guest.page(0) }

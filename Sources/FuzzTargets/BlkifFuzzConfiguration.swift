@@ -1,3 +1,5 @@
+import XenABI
+
 /// The shape of ring A in one program, from the program's first two bytes.
 struct BlkifFuzzConfiguration: Equatable {
     var ringPages: Int
@@ -11,6 +13,8 @@ struct BlkifFuzzConfiguration: Equatable {
     var startIndex: UInt32
     /// The storage's `maxIovecsPerOperation` (io_uring's max_segments): merges stop there.
     var storageMaxIovecs: Int? = nil
+    /// The frontend's ABI: x86_32 (108-byte slots) one run in 16.
+    var ringProtocol: BlkifProtocol = .x86_64
 
     static func decode(_ bytes: inout BlkifProgramBytes) -> Self {
         let a = bytes.u8(), b = bytes.u8()
@@ -22,7 +26,9 @@ struct BlkifFuzzConfiguration: Equatable {
                     secureDiscard: a & 0x20 != 0,
                     queueDepth: 2 + Int(b & 15) % 15,
                     startIndex: nearWrap ? UInt32.max &- offset : offset,
-                    storageMaxIovecs: a & 0x80 != 0 ? 3 : nil)
+                    storageMaxIovecs: a & 0x80 != 0 ? 3 : nil,
+                    // b & 15 == 15 gives the same depth as 0: the spare encoding picks x86_32.
+                    ringProtocol: b & 15 == 15 ? .x86_32 : .x86_64)
     }
 
     /// Ring B's: a plain well-behaved frontend, a little different from A.

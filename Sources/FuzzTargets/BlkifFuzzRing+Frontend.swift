@@ -86,7 +86,8 @@ extension BlkifFuzzRing {
         for i in start..<segmentCount { busy[Int(segments[i].frame)] = true }
         if indirectFrame >= 0 { busy[indirectFrame] = true }
 
-        let p = slot(index)
+        let narrow = configuration.ringProtocol == .x86_32
+        let p = narrow ? wideSlot : slot(index)
         if engineHoldsUnpushed { clobbered.append(index) }
         switch kind {
         case .read, .write, .barrier, .flush:
@@ -119,6 +120,7 @@ extension BlkifFuzzRing {
             BlkifIndirectRequest(indirectOp: operation, nrSegments: UInt16(n), id: id, sectorNumber: sector,
                                  indirectGrefs: refs).encode(to: p)
         }
+        if narrow { BlkifX86_32.narrow(UnsafeRawPointer(wideSlot), into: slot(index)) }
         requests[r] = request
         requestCount += 1
         requestAtSlot[Int(index & (size - 1))] = Int32(r)
@@ -172,12 +174,12 @@ extension BlkifFuzzRing {
     /// 112 bytes of the program into the next slot.
     func writeRaw(_ bytes: inout BlkifProgramBytes) {
         guard hasFreeSlot else {
-            bytes.copy(into: scratch, count: Blkif.slotSize)   // the program stays aligned
+            bytes.copy(into: scratch, count: slotStride)   // the program stays aligned
             return
         }
         let p = slot(requestProducerPrivate)
         if engineHoldsUnpushed { clobbered.append(requestProducerPrivate) }
-        bytes.copy(into: p, count: Blkif.slotSize)
+        bytes.copy(into: p, count: slotStride)
         _ = tick()
         requestAtSlot[Int(requestProducerPrivate & (size - 1))] = -1
         offerRaw(UnsafeRawPointer(p))
@@ -191,8 +193,9 @@ extension BlkifFuzzRing {
         let open = requestProducerPrivate &- responseConsumer
         guard open > 0 else { return }
         let index = responseConsumer &+ UInt32(choice) % open
+        guard offset < slotStride else { return }
         let p = slot(index)
-        let n = min(bytes.count, Blkif.slotSize - offset)
+        let n = min(bytes.count, slotStride - offset)
         (p + offset).copyMemory(from: bytes.baseAddress!, byteCount: n)
         _ = tick()
         let r = Int(requestAtSlot[Int(index & (size - 1))])

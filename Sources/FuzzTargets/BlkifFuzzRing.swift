@@ -92,6 +92,12 @@ final class BlkifFuzzRing {
     /// Print responses as they are taken (BLKIF_FUZZ_TRACE).
     var trace = false
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+    /// An x86_32 ring's request in the x86_64 layout: what the frontend
+    /// encodes before narrowing it into its slot, and what the checker
+    /// reads after widening a raw slot (as the engine does).
+    let wideSlot = UnsafeMutableRawPointer.allocate(byteCount: Blkif.slotSize, alignment: 16)
+    /// Bytes per ring slot for this run's ABI.
+    var slotStride: Int { configuration.ringProtocol.slotSize }
     /// Guest memory and journal as a kill inside a step found them.
     private let frozenGuest: UnsafeMutableRawPointer
     private let frozenJournal: UnsafeMutableRawPointer
@@ -131,7 +137,7 @@ final class BlkifFuzzRing {
         journalMemory.deallocate()
         requests.deallocate(); segments.deallocate(); offers.deallocate(); requestAtSlot.deallocate()
         busy.deallocate(); tainted.deallocate(); everWritable.deallocate(); keptPages.deallocate()
-        sentinelPage.deallocate(); zeroPage.deallocate(); scratch.deallocate()
+        sentinelPage.deallocate(); zeroPage.deallocate(); scratch.deallocate(); wideSlot.deallocate()
         frozenGuest.deallocate(); frozenJournal.deallocate()
     }
 
@@ -145,7 +151,7 @@ final class BlkifFuzzRing {
 
     @inline(__always)
     func slot(_ index: UInt32) -> UnsafeMutableRawPointer {
-        ringBase + SharedRingLayout.Offset.ring + Int(index & (size - 1)) * Blkif.slotSize
+        ringBase + SharedRingLayout.Offset.ring + Int(index & (size - 1)) * slotStride
     }
 
     // MARK: a run
@@ -164,7 +170,7 @@ final class BlkifFuzzRing {
         disk.reset()
         model.reset()
         let front = InMemoryBlkfront(guest: guest, ringPages: c.ringPages, backendDomain: grants.ownDomain,
-                                     startIndex: c.startIndex)
+                                     startIndex: c.startIndex, slotSize: c.ringProtocol.slotSize)
         size = front.ring.size
         for p in 0..<c.ringPages { guest.revoke(GrantRef(p)) }
         startIndex = c.startIndex
@@ -204,14 +210,14 @@ final class BlkifFuzzRing {
     /// A new engine with the ring's journal: formatted afresh (a new ring),
     /// or, after a kill, recovered from what the killed engine left in it.
     private func makeEngine(recover: Bool) -> VbdEngine {
-        let slots = SharedRingLayout.slots(pages: configuration.ringPages, entrySize: Blkif.slotSize)
+        let slots = SharedRingLayout.slots(pages: configuration.ringPages, entrySize: slotStride)
         journal = VbdRingJournal(memory: journalMemory, byteCount: journalBytes, ringSlots: slots)
         // Pages from the page store: nothing here can fail for want of memory.
         disk.maxIovecsPerOperation = configuration.storageMaxIovecs
         return try! VbdEngine(ring: ringBase, pages: configuration.ringPages, frontendDomain: guest.domain, grants: grants,
                          storage: disk, limits: limits, persistentGrants: configuration.persistentGrants,
                          indirectBouncePages: 64, journal: journal, identity: journalIdentity, recover: recover,
-                         pageStore: pageStore)
+                         pageStore: pageStore, ringProtocol: configuration.ringProtocol)
     }
 
     /// Ends the run: the engine goes (its persistent mappings with it).
@@ -382,7 +388,12 @@ final class BlkifFuzzRing {
 
     /// What bytes in a slot may do when the engine takes them: answer
     /// their id once, write guest frames (a read) or disk sectors (a write).
-    func offerRaw(_ p: UnsafeRawPointer) {
+    func offerRaw(_ slot: UnsafeRawPointer) {
+        var p = slot
+        if configuration.ringProtocol == .x86_32 {
+            BlkifX86_32.widen(slot, into: wideSlot)
+            p = UnsafeRawPointer(wideSlot)
+        }
         let operation = p.load(fromByteOffset: BlkifRequest.Offset.operation, as: UInt8.self)
         let id = p.loadUnaligned(fromByteOffset: BlkifRequest.Offset.id, as: UInt64.self)
         addOffer(id: id, operation: responseOperation(p, limits: limits))
