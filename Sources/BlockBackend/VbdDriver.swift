@@ -22,6 +22,9 @@ public struct VbdStatus: Sendable {
     public var lastError: String?
     /// The storage's last report (an NBD connection lost or regained).
     public var lastStorageEvent: String?
+    /// The storage's connections lost and regained (NBD exports; nil for others).
+    public var storageConnectionsLost: UInt64?
+    public var storageReconnects: UInt64?
     /// The open disk's kernel interface ("io_uring", "libaio"; nil: NBD or closed).
     public var ioEngine: String?
     /// When `lastError` was set (seconds since the Unix epoch).
@@ -87,6 +90,9 @@ final class VbdDriver: XenbusDriver {
     // Control thread only.
     private var retiredStatistics = VbdStatistics()
     private(set) var lastStorageEvent: String?
+    /// The storage's connections lost and regained (NBD), for as long as the device exists.
+    private(set) var storageConnectionsLost: UInt64 = 0
+    private(set) var storageReconnects: UInt64 = 0
 
     init(address: BackendDeviceAddress, platform: any HypervisorPlatform, openStorage: @escaping StorageOpener,
          options: BlockBackendOptions) {
@@ -106,6 +112,10 @@ final class VbdDriver: XenbusDriver {
                                lastErrorTime: device.lastErrorTime, negotiated: device.connection?.negotiated)
         status.resumed = device.resumed
         status.handshakeSeconds = device.handshakeSeconds
+        if NBDAddress.isNBD(params) {
+            status.storageConnectionsLost = storageConnectionsLost
+            status.storageReconnects = storageReconnects
+        }
         return status
     }
 
@@ -159,7 +169,7 @@ final class VbdDriver: XenbusDriver {
         }
         // Connection trouble (an NBD server) is logged and shown by status.
         let me = WeakDevice(self)
-        storage.setEventHandler { [post = d.post] message in post { me.value?.storageEvent(message, logger: d.logger) } }
+        storage.setEventHandler { [post = d.post] event in post { me.value?.storageEvent(event, logger: d.logger) } }
         d.logger.info("disk open", metadata: ["params": "\(shownParams)", "readOnly": "\(readOnly)"])
         return storage
     }
@@ -176,9 +186,14 @@ final class VbdDriver: XenbusDriver {
     }
 
     /// A storage's report (on the control thread).
-    private func storageEvent(_ message: String, logger: Logger) {
-        lastStorageEvent = message
-        logger.warning("storage", metadata: ["params": "\(shownParams)", "event": "\(GuestText.escaped(message, limit: 256))"])
+    private func storageEvent(_ event: StorageEvent, logger: Logger) {
+        lastStorageEvent = event.message
+        switch event.kind {
+        case .connectionLost: storageConnectionsLost &+= 1
+        case .reconnected: storageReconnects &+= 1
+        case .unreachable, .refused: break
+        }
+        logger.warning("storage", metadata: ["params": "\(shownParams)", "event": "\(GuestText.escaped(event.message, limit: 256))"])
     }
 
     // MARK: the ring

@@ -149,8 +149,27 @@ public protocol BlockStorage: AnyObject {
     func sizeChanged(to bytes: UInt64)
 }
 
-/// Receives a storage's events, as one line of text each.
-public typealias StorageEventHandler = @Sendable (String) -> Void
+/// What a storage tells the operator: a connection lost or regained.
+public struct StorageEvent: Sendable, Equatable {
+    public enum Kind: Sendable, Equatable {
+        /// One connection or all of them gone (the storage tries again).
+        case connectionLost
+        /// A connection back (all of them, or one of several).
+        case reconnected
+        /// Still away past the reconnect window: held requests failed.
+        case unreachable
+        /// Back, but not as it was (another size): refused for good.
+        case refused
+    }
+    public var kind: Kind
+    /// One line for the log and `xenbackd status`.
+    public var message: String
+
+    public init(_ kind: Kind, _ message: String) { self.kind = kind; self.message = message }
+}
+
+/// Receives a storage's events.
+public typealias StorageEventHandler = @Sendable (StorageEvent) -> Void
 
 public extension BlockStorage {
     /// Flushes and waits for it (up to `timeoutMilliseconds`): for the

@@ -810,7 +810,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
 
     /// One connection of several died: replace it in the background.
     private func beginRefill() {
-        eventHandler?("lost a connection to \(address) (\(liveConnectionCount) of \(connections.count) left); replacing it")
+        eventHandler?(StorageEvent(.connectionLost, "lost a connection to \(address) (\(liveConnectionCount) of \(connections.count) left); replacing it"))
         refilling = true
         reconnectAttempts = 0
         nextAttemptAt = MonotonicNanoseconds.now()
@@ -818,7 +818,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
     }
 
     private func beginReconnect() {
-        eventHandler?("lost every connection to \(address); reconnecting")
+        eventHandler?(StorageEvent(.connectionLost, "lost every connection to \(address); reconnecting"))
         let now = MonotonicNanoseconds.now()
         refilling = false
         reconnecting = true
@@ -852,7 +852,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         let now = MonotonicNanoseconds.now()
         if reconnecting && !reconnectDeadlinePassed && now >= reconnectDeadline {
             reconnectDeadlinePassed = true
-            eventHandler?("\(address) still unreachable after \(reconnectTimeoutMilliseconds) ms: failing held requests, still retrying")
+            eventHandler?(StorageEvent(.unreachable, "\(address) still unreachable after \(reconnectTimeoutMilliseconds) ms: failing held requests, still retrying"))
             failHeld(EIO)
         }
         if attempt != nil && now &- attemptStartedAt >= Self.attemptLimitNanoseconds { attemptFailed() }
@@ -927,7 +927,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         guard size >= 0, UInt64(size) == features.sizeBytes else {
             // Another export (or a resized one): never write to it.
             nbd_close(handle)
-            eventHandler?("\(address) came back with another size (\(size) bytes): refusing it for good")
+            eventHandler?(StorageEvent(.refused, "\(address) came back with another size (\(size) bytes): refusing it for good"))
             reconnectRefused = true
             reconnecting = false
             refilling = false
@@ -961,9 +961,9 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         nextAttemptAt = MonotonicNanoseconds.now()
         if wasReconnecting {
             reconnections += 1
-            eventHandler?("reconnected to \(address)")
+            eventHandler?(StorageEvent(.reconnected, "reconnected to \(address)"))
         } else {
-            eventHandler?("connection \(index + 1) of \(connections.count) to \(address) restored")
+            eventHandler?(StorageEvent(.reconnected, "connection \(index + 1) of \(connections.count) to \(address) restored"))
         }
         scheduleReconnectTimer()
         guard wasReconnecting else { return }

@@ -109,6 +109,9 @@ public struct DeviceReport: Codable, Sendable {
     public var handshakeSeconds: Double?
     /// vbds: how long the requests carried out took.
     public var latency: LatencyHistogram?
+    /// vbds on an NBD export: its connections lost and regained.
+    public var storageConnectionsLost: UInt64?
+    public var storageReconnects: UInt64?
     /// Connected vbds: requests taken off the rings and not yet answered.
     public var inFlight: UInt64?
     /// Connected vbds: the guest's grants kept mapped (feature-persistent).

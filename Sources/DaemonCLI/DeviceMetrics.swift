@@ -31,6 +31,8 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
         "xenbackd_vbd_rejected_total": "Requests refused before any I/O (answered BLKIF_RSP_ERROR), by reason.",
         "xenbackd_vbd_sectors": "The disk's size in 512-byte sectors, as the frontend was told.",
         "xenbackd_vbd_rings": "Rings in use (multi-queue blkif).",
+        "xenbackd_vbd_storage_connections_lost_total": "An NBD disk's connections lost (one, or all of them at once).",
+        "xenbackd_vbd_storage_reconnects_total": "An NBD disk's connections regained.",
         "xenbackd_vbd_requests_in_flight": "Requests taken off the rings and not yet answered.",
         "xenbackd_vbd_persistent_grants": "The guest's grants kept mapped (feature-persistent).",
         "xenbackd_vif_frames_total": "Frames moved, by direction (from_guest, to_guest).",
@@ -100,6 +102,8 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
                     count("xenbackd_vbd_requests_total", labels + [("operation", operation)], n)
                 }
                 if let l = d.latency { latencies.append((labels, l)) }
+                if let n = d.storageConnectionsLost { count("xenbackd_vbd_storage_connections_lost_total", labels, n) }
+                if let n = d.storageReconnects { count("xenbackd_vbd_storage_reconnects_total", labels, n) }
                 count("xenbackd_vbd_read_bytes_total", labels, d.bytesRead)
                 count("xenbackd_vbd_written_bytes_total", labels, d.bytesWritten)
                 for (reason, n) in d.rejected ?? [:] {

@@ -27,6 +27,8 @@ extension DeviceReport {
         latency = LatencyHistogram(upperBoundsSeconds: VbdLatencyHistogram.upperBoundsNanoseconds.map { Double($0) / 1e9 },
                                    counts: (0..<VbdLatencyHistogram.bucketCount).map { l[$0] },
                                    sumSeconds: Double(l.sumNanoseconds) / 1e9)
+        storageConnectionsLost = s.storageConnectionsLost
+        storageReconnects = s.storageReconnects
         if s.state == .connected {
             inFlight = s.statistics.inFlight
             persistentGrantsMapped = s.statistics.persistentGrants

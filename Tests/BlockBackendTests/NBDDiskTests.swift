@@ -218,6 +218,10 @@ struct NBDDiskTests {
         // The last event: the reconnection, or the second connection restored after it.
         let event = bed.host.blockStatus.first?.lastStorageEvent ?? ""
         #expect(event.hasPrefix("reconnected to") || event.contains("restored"), "\(event)")
+        // Counted too (status and /metrics): at least one loss and one reconnection.
+        let status = try #require(bed.host.blockStatus.first)
+        #expect((status.storageConnectionsLost ?? 0) >= 1 && (status.storageReconnects ?? 0) >= 1,
+                "\(String(describing: status.storageConnectionsLost)) lost, \(String(describing: status.storageReconnects)) regained")
         // And the export itself, seen by a client that never went through the ring.
         let reader = try NBDReader(uri: server.uri)
         defer { reader.close() }
