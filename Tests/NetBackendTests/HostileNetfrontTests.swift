@@ -72,6 +72,10 @@ import XenBus
             // And the device still carries good frames.
             try expectStatuses([Self.request(page.ref, id: 43, size: 60)], [ok], "valid frame after")
 
+            // The frontend sees responses as soon as they are pushed; the
+            // counters are published after the step, and status reads the
+            // connection once the control thread has recorded it: wait for both.
+            _ = bed.waitUntil(10) { (bed.vifStatus(h)?.statistics.txPackets ?? 0) >= 2 }
             let s = try #require(bed.vifStatus(h)).statistics
             #expect(s.txMalformed == 7, "\(s)")
             #expect(s.txErrors == 8, "\(s)")
