@@ -58,39 +58,44 @@ public enum BlkifX86_32 {
         public static let indirectGrefs = 24
     }
 
+    /// Where each field past the common first four bytes (operation and the
+    /// bytes beside it, at the same place in both layouts) sits in each
+    /// layout, per request form: (x86_64 offset, x86_32 offset, bytes).
+    private typealias Move = (wide: Int, narrow: Int, bytes: Int)
+    private static let requestMoves: [Move] = [
+        (BlkifRequest.Offset.id, Request.id, 8), (BlkifRequest.Offset.sectorNumber, Request.sectorNumber, 8),
+        (BlkifRequest.Offset.seg, Request.seg, Blkif.maxSegmentsPerRequest * BlkifSegment.size),
+    ]
+    private static let discardMoves: [Move] = [
+        (BlkifDiscardRequest.Offset.id, Discard.id, 8), (BlkifDiscardRequest.Offset.sectorNumber, Discard.sectorNumber, 8),
+        (BlkifDiscardRequest.Offset.nrSectors, Discard.nrSectors, 8),
+    ]
+    private static let indirectMoves: [Move] = [
+        (BlkifIndirectRequest.Offset.id, Indirect.id, 8),
+        (BlkifIndirectRequest.Offset.sectorNumber, Indirect.sectorNumber, 8),
+        (BlkifIndirectRequest.Offset.handle, Indirect.handle, 2),
+        (BlkifIndirectRequest.Offset.indirectGrefs, Indirect.indirectGrefs, Blkif.maxIndirectPagesPerRequest * 4),
+    ]
+
+    /// An unknown operation keeps the plain request's layout, so that its
+    /// id is found for its answer.
+    @inline(__always)
+    private static func moves(_ operation: UInt8) -> [Move] {
+        switch operation {
+        case BlkifOperation.indirect: indirectMoves
+        case BlkifOperation.discard: discardMoves
+        default: requestMoves
+        }
+    }
+
     /// Rewrites the x86_32 request in `narrow` (one 108-byte slot, a private
     /// copy) in the x86_64 layout at `wide` (112 bytes), so that everything
-    /// after the ring reads one layout. Any operation byte is carried over;
-    /// an unknown one keeps the common header (operation, id) for its answer.
+    /// after the ring reads one layout. Padding comes out zero.
     public static func widen(_ narrow: UnsafeRawPointer, into wide: UnsafeMutableRawPointer) {
         wide.initializeMemory(as: UInt8.self, repeating: 0, count: Blkif.slotSize)
-        let operation: UInt8 = narrow.wire(0)
-        wide.setWire(0, operation)
-        switch operation {
-        case BlkifOperation.indirect:
-            typealias O = BlkifIndirectRequest.Offset
-            wide.setWire(O.indirectOp, narrow.wire(1, as: UInt8.self))
-            wide.setWire(O.nrSegments, narrow.wire(Indirect.nrSegments, as: UInt16.self))
-            wide.setWire(O.id, narrow.wire(Indirect.id, as: UInt64.self))
-            wide.setWire(O.sectorNumber, narrow.wire(Indirect.sectorNumber, as: UInt64.self))
-            wide.setWire(O.handle, narrow.wire(Indirect.handle, as: UInt16.self))
-            (wide + O.indirectGrefs).copyMemory(from: narrow + Indirect.indirectGrefs,
-                                                byteCount: Blkif.maxIndirectPagesPerRequest * 4)
-        case BlkifOperation.discard:
-            typealias O = BlkifDiscardRequest.Offset
-            wide.setWire(O.flag, narrow.wire(1, as: UInt8.self))
-            wide.setWire(O.handle, narrow.wire(2, as: UInt16.self))
-            wide.setWire(O.id, narrow.wire(Discard.id, as: UInt64.self))
-            wide.setWire(O.sectorNumber, narrow.wire(Discard.sectorNumber, as: UInt64.self))
-            wide.setWire(O.nrSectors, narrow.wire(Discard.nrSectors, as: UInt64.self))
-        default:
-            typealias O = BlkifRequest.Offset
-            wide.setWire(O.nrSegments, narrow.wire(Request.nrSegments, as: UInt8.self))
-            wide.setWire(O.handle, narrow.wire(Request.handle, as: UInt16.self))
-            wide.setWire(O.id, narrow.wire(Request.id, as: UInt64.self))
-            wide.setWire(O.sectorNumber, narrow.wire(Request.sectorNumber, as: UInt64.self))
-            (wide + O.seg).copyMemory(from: narrow + Request.seg,
-                                      byteCount: Blkif.maxSegmentsPerRequest * BlkifSegment.size)
+        wide.copyMemory(from: narrow, byteCount: 4)
+        for m in moves(narrow.load(as: UInt8.self)) {
+            (wide + m.wide).copyMemory(from: narrow + m.narrow, byteCount: m.bytes)
         }
     }
 
@@ -98,33 +103,9 @@ public enum BlkifX86_32 {
     /// (108 bytes): what a 32-bit frontend writes. The inverse of `widen`.
     public static func narrow(_ wide: UnsafeRawPointer, into narrow: UnsafeMutableRawPointer) {
         narrow.initializeMemory(as: UInt8.self, repeating: 0, count: slotSize)
-        let operation: UInt8 = wide.wire(0)
-        narrow.setWire(0, operation)
-        switch operation {
-        case BlkifOperation.indirect:
-            typealias O = BlkifIndirectRequest.Offset
-            narrow.setWire(1, wide.wire(O.indirectOp, as: UInt8.self))
-            narrow.setWire(Indirect.nrSegments, wide.wire(O.nrSegments, as: UInt16.self))
-            narrow.setWire(Indirect.id, wide.wire(O.id, as: UInt64.self))
-            narrow.setWire(Indirect.sectorNumber, wide.wire(O.sectorNumber, as: UInt64.self))
-            narrow.setWire(Indirect.handle, wide.wire(O.handle, as: UInt16.self))
-            (narrow + Indirect.indirectGrefs).copyMemory(from: wide + O.indirectGrefs,
-                                                         byteCount: Blkif.maxIndirectPagesPerRequest * 4)
-        case BlkifOperation.discard:
-            typealias O = BlkifDiscardRequest.Offset
-            narrow.setWire(1, wide.wire(O.flag, as: UInt8.self))
-            narrow.setWire(2, wide.wire(O.handle, as: UInt16.self))
-            narrow.setWire(Discard.id, wide.wire(O.id, as: UInt64.self))
-            narrow.setWire(Discard.sectorNumber, wide.wire(O.sectorNumber, as: UInt64.self))
-            narrow.setWire(Discard.nrSectors, wide.wire(O.nrSectors, as: UInt64.self))
-        default:
-            typealias O = BlkifRequest.Offset
-            narrow.setWire(Request.nrSegments, wide.wire(O.nrSegments, as: UInt8.self))
-            narrow.setWire(Request.handle, wide.wire(O.handle, as: UInt16.self))
-            narrow.setWire(Request.id, wide.wire(O.id, as: UInt64.self))
-            narrow.setWire(Request.sectorNumber, wide.wire(O.sectorNumber, as: UInt64.self))
-            (narrow + Request.seg).copyMemory(from: wide + O.seg,
-                                              byteCount: Blkif.maxSegmentsPerRequest * BlkifSegment.size)
+        narrow.copyMemory(from: wide, byteCount: 4)
+        for m in moves(wide.load(as: UInt8.self)) {
+            (narrow + m.narrow).copyMemory(from: wide + m.wide, byteCount: m.bytes)
         }
     }
 }
