@@ -39,7 +39,7 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
         "xenbackd_vif_bytes_total": "Bytes moved, by direction (from_guest, to_guest).",
         "xenbackd_vif_rate_limited_total": "Times the guest's frames waited for the rate limit's next refill (the vif's rate).",
         "xenbackd_vif_rate_limited_seconds_total": "Seconds the guest's frames waited for the rate limit, all waits together.",
-        "xenbackd_vif_dropped_total": "Frames dropped, by direction and reason (tap-full, no-buffers, unfit).",
+        "xenbackd_vif_dropped_total": "Frames dropped, by direction and reason (tap-full, no-buffers, unfit, multicast-filter).",
         "xenbackd_vif_malformed_total": "Malformed frames from the guest.",
         "xenbackd_vif_queues": "Queues (ring pairs) in use.",
         "xenbackd_vbd_request_duration_seconds":
@@ -51,39 +51,33 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
     public func update(_ reports: [DeviceReport]) {
         var seenCounters = Set<String>(), seenGauges = Set<String>()
         latencies = []
-        func count(_ name: String, _ labels: [(String, String)], _ total: UInt64) {
+        /// The counter for (name, labels) and how far its total moved since
+        /// the last scrape. A total below the last one is a device that went
+        /// and came back under the same name: a counter reset, as Prometheus reads it.
+        func advance(_ name: String, _ labels: [(String, String)], to total: UInt64) -> (Counter, UInt64) {
             let key = Self.key(name, labels)
             seenCounters.insert(key)
             let entry = counters[key] ?? (registry.makeCounter(descriptor: Self.descriptor(name), labels: labels), 0)
-            // A total below the last one is a device that went and came back
-            // under the same name: a counter reset, as Prometheus reads it.
-            let delta = total >= entry.total ? total - entry.total : total
-            if delta > 0 { entry.counter.increment(by: Int64(clamping: delta)) }
             counters[key] = (entry.counter, total)
+            return (entry.counter, total >= entry.total ? total - entry.total : total)
+        }
+        func count(_ name: String, _ labels: [(String, String)], _ total: UInt64) {
+            let (counter, delta) = advance(name, labels, to: total)
+            if delta > 0 { counter.increment(by: Int64(clamping: delta)) }
         }
         /// A counter in seconds, from a total kept in nanoseconds.
         func countSeconds(_ name: String, _ labels: [(String, String)], nanoseconds total: UInt64) {
-            let key = Self.key(name, labels)
-            seenCounters.insert(key)
-            let entry = counters[key] ?? (registry.makeCounter(descriptor: Self.descriptor(name), labels: labels), 0)
-            let delta = total >= entry.total ? total - entry.total : total
-            if delta > 0 { entry.counter.increment(by: Double(delta) / 1e9) }
-            counters[key] = (entry.counter, total)
+            let (counter, delta) = advance(name, labels, to: total)
+            if delta > 0 { counter.increment(by: Double(delta) / 1e9) }
         }
-        func gauge(_ name: String, _ labels: [(String, String)], _ value: Int) {
+        func gauge(_ name: String, _ labels: [(String, String)], _ value: Double) {
             let key = Self.key(name, labels)
             seenGauges.insert(key)
             let g = gauges[key] ?? registry.makeGauge(descriptor: Self.descriptor(name), labels: labels)
-            g.set(Int64(value))
+            g.set(value)
             gauges[key] = g
         }
-        func gauge(_ name: String, _ labels: [(String, String)], seconds: Double) {
-            let key = Self.key(name, labels)
-            seenGauges.insert(key)
-            let g = gauges[key] ?? registry.makeGauge(descriptor: Self.descriptor(name), labels: labels)
-            g.set(seconds)
-            gauges[key] = g
-        }
+        func gauge(_ name: String, _ labels: [(String, String)], _ value: Int) { gauge(name, labels, Double(value)) }
 
         for type in ["vbd", "vif"] {
             for state in Self.states {
@@ -96,7 +90,7 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
             count("xenbackd_device_errors_total", labels, d.errors)
             gauge("xenbackd_device_connected", labels, d.state == "Connected" ? 1 : 0)
             if let resumed = d.resumed { gauge("xenbackd_device_resumed", labels, resumed ? 1 : 0) }
-            if let seconds = d.handshakeSeconds { gauge("xenbackd_device_handshake_seconds", labels, seconds: seconds) }
+            if let seconds = d.handshakeSeconds { gauge("xenbackd_device_handshake_seconds", labels, seconds) }
             if d.type == "vbd" {
                 for (operation, n) in d.operations ?? [:] {
                     count("xenbackd_vbd_requests_total", labels + [("operation", operation)], n)
