@@ -21,7 +21,12 @@ public enum NetifExtraType {
     public static let mcastAdd: UInt8 = 2
     public static let mcastDel: UInt8 = 3
     public static let hash: UInt8 = 4
+    /// Xen's XEN_NETIF_EXTRA_TYPE_MAX (its netif.h ends at the hash type).
     public static let max: UInt8 = 5
+    /// XEN_NETIF_EXTRA_TYPE_XDP, Linux's extension (its own copy of netif.h,
+    /// where MAX is 6): the rx headroom a frontend asked for with
+    /// `xdp-headroom`. Sent only to a frontend that asked.
+    public static let xdp: UInt8 = 5
     public static let flagMore: UInt8 = 0x1
 }
 
@@ -42,6 +47,8 @@ public enum Netif {
     /// Slots a frontend may use for one packet, at least.
     public static let nrSlotsMin = 18
     public static let maxTxSize = 0xffff
+    /// XEN_NETIF_MAX_XDP_HEADROOM (Linux's netif.h): the most `xdp-headroom` may say.
+    public static let maxXDPHeadroom = 0x7fff
 }
 
 /// struct netif_tx_request.

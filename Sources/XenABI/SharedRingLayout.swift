@@ -29,4 +29,6 @@ public enum RingEntrySize {
     public static let blkif = Blkif.slotSize
     public static let netifTx = NetifTxRequest.size
     public static let netifRx = NetifRxRequest.size
+    /// The control ring's slot: its request, the larger of the two.
+    public static let netifCtrl = NetifCtrlRequest.size
 }

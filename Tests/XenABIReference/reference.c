@@ -19,6 +19,7 @@
 #include <xen/grant_table.h>
 #include <xen/io/ring.h>
 #include <xen/io/blkif.h>
+#define XEN_NETIF_DEFINE_TOEPLITZ 1   // netif.h's own hash, exported below
 #include <xen/io/netif.h>
 #include <xen/io/xenbus.h>
 #include <xen/io/xs_wire.h>
@@ -62,6 +63,9 @@ static const xar_entry table[] = {
     RINGS(blkif),
     RINGS(netif_tx),
     RINGS(netif_rx),
+    RING(xen_netif_ctrl, 1),
+    SIZE(union xen_netif_ctrl_sring_entry),
+    OFF(struct xen_netif_ctrl_sring, ring),
     K(XEN_PAGE_SHIFT),
     { "1 << XEN_PAGE_SHIFT", (int64_t)1 << XEN_PAGE_SHIFT },
 
@@ -175,6 +179,42 @@ static const xar_entry table[] = {
     K(NETIF_RSP_ERROR),
     K(NETIF_RSP_OKAY),
     K(NETIF_RSP_NULL),
+
+    // ---- netif.h's control ring ----
+    SIZE(struct xen_netif_ctrl_request),
+    OFF(struct xen_netif_ctrl_request, id),
+    OFF(struct xen_netif_ctrl_request, type),
+    OFF(struct xen_netif_ctrl_request, data),
+    SIZE(struct xen_netif_ctrl_response),
+    OFF(struct xen_netif_ctrl_response, id),
+    OFF(struct xen_netif_ctrl_response, type),
+    OFF(struct xen_netif_ctrl_response, status),
+    OFF(struct xen_netif_ctrl_response, data),
+    K(XEN_NETIF_CTRL_TYPE_INVALID),
+    K(XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS),
+    K(XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS),
+    K(XEN_NETIF_CTRL_TYPE_SET_HASH_KEY),
+    K(XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE),
+    K(XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE),
+    K(XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING),
+    K(XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM),
+    K(XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE),
+    K(XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING),
+    K(XEN_NETIF_CTRL_TYPE_DEL_GREF_MAPPING),
+    K(XEN_NETIF_CTRL_STATUS_SUCCESS),
+    K(XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED),
+    K(XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER),
+    K(XEN_NETIF_CTRL_STATUS_BUFFER_OVERFLOW),
+    K(_XEN_NETIF_CTRL_HASH_TYPE_IPV4),
+    K(_XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP),
+    K(_XEN_NETIF_CTRL_HASH_TYPE_IPV6),
+    K(_XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP),
+    K(XEN_NETIF_CTRL_HASH_TYPE_IPV4),
+    K(XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP),
+    K(XEN_NETIF_CTRL_HASH_TYPE_IPV6),
+    K(XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP),
+    K(XEN_NETIF_CTRL_HASH_ALGORITHM_NONE),
+    K(XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ),
 
     // ---- grant_table.h ----
     SIZE(struct grant_entry_v1),
@@ -804,4 +844,8 @@ int xar_back_final_check(xar_back *b) {
     RING_FINAL_CHECK_FOR_REQUESTS(&b->r, work);
     if (RING_REQUEST_PROD_OVERFLOW(&b->r, b->r.sring->req_prod)) return -1;
     return work ? 1 : 0;
+}
+
+uint32_t xar_toeplitz_hash(const uint8_t *key, unsigned keylen, const uint8_t *buf, unsigned buflen) {
+    return xen_netif_toeplitz_hash(key, keylen, buf, buflen);
 }

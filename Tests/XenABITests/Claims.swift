@@ -36,6 +36,10 @@ enum Claims {
                             "SharedRingLayout.headerSize (netif rx)"))
         claims.append(Claim("fieldsize(struct netif_rx_sring, ring)", RingEntrySize.netifRx,
                             "RingEntrySize.netifRx (ring[1])"))
+        claims.append(Claim("offsetof(struct xen_netif_ctrl_sring, ring)", SharedRingLayout.headerSize,
+                            "SharedRingLayout.headerSize (netif ctrl)"))
+        claims.append(Claim("fieldsize(struct xen_netif_ctrl_sring, ring)", RingEntrySize.netifCtrl,
+                            "RingEntrySize.netifCtrl (ring[1])"))
         claims.append(Claim("sizeof(RING_IDX)", u32Size, "UInt32 ring indices (BackRing/FrontRing)"))
         return claims
     }
@@ -50,6 +54,10 @@ enum Claims {
             Claim("sizeof(union blkif_sring_entry)", RingEntrySize.blkif, "RingEntrySize.blkif"),
             Claim("sizeof(union netif_tx_sring_entry)", RingEntrySize.netifTx, "RingEntrySize.netifTx"),
             Claim("sizeof(union netif_rx_sring_entry)", RingEntrySize.netifRx, "RingEntrySize.netifRx"),
+            Claim("sizeof(union xen_netif_ctrl_sring_entry)", RingEntrySize.netifCtrl, "RingEntrySize.netifCtrl"),
+            Claim("__CONST_RING_SIZE(xen_netif_ctrl, 1 pages)",
+                  SharedRingLayout.slots(pages: 1, entrySize: RingEntrySize.netifCtrl),
+                  "SharedRingLayout.slots(pages: 1, entrySize: RingEntrySize.netifCtrl)"),
             Claim("XEN_PAGE_SHIFT", XenPage.shift, "XenPage.shift"),
             Claim("1 << XEN_PAGE_SHIFT", XenPage.size, "XenPage.size"),
         ]
@@ -301,6 +309,62 @@ enum Claims {
         ] + grantStatuses.map { Claim($0.c, $0.swift, $0.declaration) }
     }
 
+    // MARK: netif control ring
+
+    static var netifCtrlRequest: [Claim] {
+        let v = NetifCtrlRequest(id: 0, type: 0)
+        typealias O = NetifCtrlRequest.Offset
+        var s = StructClaims("struct xen_netif_ctrl_request", size: NetifCtrlRequest.size, "NetifCtrlRequest.size")
+        s.field("id", offset: O.id, size: MemoryLayout.size(ofValue: v.id), "NetifCtrlRequest.id")
+        s.field("type", offset: O.type, size: MemoryLayout.size(ofValue: v.type), "NetifCtrlRequest.type")
+        s.field("data", offset: O.data0, size: MemoryLayout.size(ofValue: v.data), "NetifCtrlRequest.data (data0...data2)")
+        return s.claims
+    }
+
+    static var netifCtrlResponse: [Claim] {
+        let v = NetifCtrlResponse(id: 0, type: 0, status: 0)
+        typealias O = NetifCtrlResponse.Offset
+        var s = StructClaims("struct xen_netif_ctrl_response", size: NetifCtrlResponse.size, "NetifCtrlResponse.size")
+        s.field("id", offset: O.id, size: MemoryLayout.size(ofValue: v.id), "NetifCtrlResponse.id")
+        s.field("type", offset: O.type, size: MemoryLayout.size(ofValue: v.type), "NetifCtrlResponse.type")
+        s.field("status", offset: O.status, size: MemoryLayout.size(ofValue: v.status), "NetifCtrlResponse.status")
+        s.field("data", offset: O.data, size: MemoryLayout.size(ofValue: v.data), "NetifCtrlResponse.data")
+        return s.claims
+    }
+
+    static var netifCtrlConstants: [Claim] {
+        let types: [(String, UInt16, String)] = [
+            ("INVALID", NetifCtrlType.invalid, "invalid"), ("GET_HASH_FLAGS", NetifCtrlType.getHashFlags, "getHashFlags"),
+            ("SET_HASH_FLAGS", NetifCtrlType.setHashFlags, "setHashFlags"), ("SET_HASH_KEY", NetifCtrlType.setHashKey, "setHashKey"),
+            ("GET_HASH_MAPPING_SIZE", NetifCtrlType.getHashMappingSize, "getHashMappingSize"),
+            ("SET_HASH_MAPPING_SIZE", NetifCtrlType.setHashMappingSize, "setHashMappingSize"),
+            ("SET_HASH_MAPPING", NetifCtrlType.setHashMapping, "setHashMapping"),
+            ("SET_HASH_ALGORITHM", NetifCtrlType.setHashAlgorithm, "setHashAlgorithm"),
+            ("GET_GREF_MAPPING_SIZE", NetifCtrlType.getGrefMappingSize, "getGrefMappingSize"),
+            ("ADD_GREF_MAPPING", NetifCtrlType.addGrefMapping, "addGrefMapping"),
+            ("DEL_GREF_MAPPING", NetifCtrlType.delGrefMapping, "delGrefMapping"),
+        ]
+        let statuses: [(String, UInt32, String)] = [
+            ("SUCCESS", NetifCtrlStatus.success, "success"), ("NOT_SUPPORTED", NetifCtrlStatus.notSupported, "notSupported"),
+            ("INVALID_PARAMETER", NetifCtrlStatus.invalidParameter, "invalidParameter"),
+            ("BUFFER_OVERFLOW", NetifCtrlStatus.bufferOverflow, "bufferOverflow"),
+        ]
+        let hashTypes: [(String, UInt8, UInt32, String)] = [
+            ("IPV4", NetifHashType.ipv4Bit, NetifHashType.ipv4, "ipv4"),
+            ("IPV4_TCP", NetifHashType.ipv4TCPBit, NetifHashType.ipv4TCP, "ipv4TCP"),
+            ("IPV6", NetifHashType.ipv6Bit, NetifHashType.ipv6, "ipv6"),
+            ("IPV6_TCP", NetifHashType.ipv6TCPBit, NetifHashType.ipv6TCP, "ipv6TCP"),
+        ]
+        return types.map { Claim("XEN_NETIF_CTRL_TYPE_\($0.0)", $0.1, "NetifCtrlType.\($0.2)") }
+            + statuses.map { Claim("XEN_NETIF_CTRL_STATUS_\($0.0)", $0.1, "NetifCtrlStatus.\($0.2)") }
+            + hashTypes.flatMap { t in [
+                Claim("_XEN_NETIF_CTRL_HASH_TYPE_\(t.0)", t.1, "NetifHashType.\(t.3)Bit"),
+                Claim("XEN_NETIF_CTRL_HASH_TYPE_\(t.0)", t.2, "NetifHashType.\(t.3)"),
+            ] }
+            + [Claim("XEN_NETIF_CTRL_HASH_ALGORITHM_NONE", NetifHashAlgorithm.none, "NetifHashAlgorithm.none"),
+               Claim("XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ", NetifHashAlgorithm.toeplitz, "NetifHashAlgorithm.toeplitz")]
+    }
+
     // MARK: xenbus
 
     static let xenbusStates: [(c: String, swift: XenbusState)] = [
@@ -388,6 +452,9 @@ enum Claims {
             ("netif_rx_request", netifRxRequest),
             ("netif_rx_response", netifRxResponse),
             ("netif constants", netifConstants),
+            ("xen_netif_ctrl_request", netifCtrlRequest),
+            ("xen_netif_ctrl_response", netifCtrlResponse),
+            ("netif ctrl constants", netifCtrlConstants),
             ("grant_entry_v1", grantEntry),
             ("grant constants", grantConstants),
             ("xenbus states", xenbus),

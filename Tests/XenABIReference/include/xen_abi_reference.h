@@ -194,4 +194,7 @@ int xar_back_push(xar_back *b);
 /// else work_to_do (as 0/1).
 int xar_back_final_check(xar_back *b);
 
+/// netif.h's xen_netif_toeplitz_hash, the header's reference implementation.
+uint32_t xar_toeplitz_hash(const uint8_t *key, unsigned keylen, const uint8_t *buf, unsigned buflen);
+
 #endif
