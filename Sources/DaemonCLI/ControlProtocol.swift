@@ -85,8 +85,11 @@ public struct DeviceReport: Codable, Sendable {
     public var malformed: UInt64?
     /// vifs: frames dropped, by direction and reason: "from_guest/tap-full"
     /// (the TAP's queue was full), "to_guest/no-buffers" (the guest had
-    /// posted none), "to_guest/unfit" (a frame the frontend cannot take).
+    /// posted none), "to_guest/unfit" (a frame the frontend cannot take),
+    /// "to_guest/multicast-filter", "to_guest/steering-full".
     public var droppedByReason: [String: UInt64]?
+    /// vifs: frames for the guest handed to the queue its hash table names.
+    public var steered: UInt64?
     /// vifs: times the guest's frames waited for the rate limit (`rate`),
     /// and the waits' total in seconds.
     public var rateLimited: UInt64?
@@ -175,6 +178,21 @@ public struct DeviceReport: Codable, Sendable {
         }
     }
 
+    /// netif.h's receive-side hashing, as the guest set it on its control ring.
+    public struct ReceiveHash: Codable, Sendable, Equatable {
+        /// "none" or "toeplitz".
+        public var algorithm: String
+        /// The hash types on: "ipv4", "ipv4-tcp", "ipv6", "ipv6-tcp".
+        public var types: [String]
+        /// Key bytes set (the rest of the 40 are zero).
+        public var keyLength: Int
+        /// Entries of the hash-to-queue table (0: the hash modulo the queues).
+        public var mappingSize: Int
+        public init(algorithm: String, types: [String], keyLength: Int, mappingSize: Int) {
+            self.algorithm = algorithm; self.types = types; self.keyLength = keyLength; self.mappingSize = mappingSize
+        }
+    }
+
     public struct VifTerms: Codable, Sendable, Equatable {
         public var queues: Int
         public var splitEventChannels: Bool
@@ -187,6 +205,12 @@ public struct DeviceReport: Codable, Sendable {
         /// and how many addresses its filter holds.
         public var multicastFiltering: Bool?
         public var multicastAddresses: Int?
+        /// The guest gave a control ring (`feature-ctrl-ring`), and what it
+        /// set there for receive-side hashing.
+        public var controlRing: Bool?
+        public var receiveHash: ReceiveHash?
+        /// Bytes kept free before each frame for the guest (`xdp-headroom`).
+        public var rxHeadroom: Int?
 
         public init(queues: Int, splitEventChannels: Bool, scatterGather: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool,
                     checksumOffload: Bool, ipv6ChecksumOffload: Bool) {

@@ -39,7 +39,9 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
         "xenbackd_vif_bytes_total": "Bytes moved, by direction (from_guest, to_guest).",
         "xenbackd_vif_rate_limited_total": "Times the guest's frames waited for the rate limit's next refill (the vif's rate).",
         "xenbackd_vif_rate_limited_seconds_total": "Seconds the guest's frames waited for the rate limit, all waits together.",
-        "xenbackd_vif_dropped_total": "Frames dropped, by direction and reason (tap-full, no-buffers, unfit, multicast-filter).",
+        "xenbackd_vif_dropped_total":
+            "Frames dropped, by direction and reason (tap-full, no-buffers, unfit, multicast-filter, steering-full).",
+        "xenbackd_vif_steered_total": "Frames for the guest handed to the queue its hash table names (feature-ctrl-ring).",
         "xenbackd_vif_malformed_total": "Malformed frames from the guest.",
         "xenbackd_vif_queues": "Queues (ring pairs) in use.",
         "xenbackd_vbd_request_duration_seconds":
@@ -120,6 +122,7 @@ public final class DeviceMetrics: @unchecked Sendable {   // update runs on one 
                     count("xenbackd_vif_dropped_total", labels + [("direction", parts[0]), ("reason", parts[1])], n)
                 }
                 count("xenbackd_vif_malformed_total", labels, d.malformed ?? 0)
+                if let n = d.steered { count("xenbackd_vif_steered_total", labels, n) }
                 count("xenbackd_vif_rate_limited_total", labels, d.rateLimited ?? 0)
                 countSeconds("xenbackd_vif_rate_limited_seconds_total", labels,
                              nanoseconds: UInt64(((d.rateLimitedSeconds ?? 0) * 1e9).rounded()))

@@ -25,6 +25,13 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     private let txPort: EventChannelPort
     private let rxPort: EventChannelPort
     private let engine: NetQueueEngine<BatchingTapQueue>
+    /// Queue 0 of a vif whose guest gave a control ring also serves it.
+    private let control: NetControlEngine?
+    private let controlMapping: GrantMapping?
+    private let controlPort: EventChannelPort?
+    /// Frames other queues steer to this one (a vif with a control ring
+    /// and several queues).
+    private let steering: QueueSteering?
     /// The credit scheduler needs a fine clock; otherwise the coarse one
     /// (a few ns, where CLOCK_MONOTONIC cost 8% of a busy queue's time in
     /// profiles on this VM's clocksource) is plenty for the rx stall limit.
@@ -41,34 +48,54 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
 
     private var publishedStats = NetStatistics()
     private var notificationsSent: UInt64 = 0
+    private var controlRequests: UInt64 = 0
     private var eventsReceived: UInt64 = 0
     private var waits: UInt64 = 0
     private let statsBox = NetStatisticsBox()
 
-    private enum Token: UInt64 { case eventChannel = 1, tap = 2, wakeup = 3 }
+    private enum Token: UInt64 { case eventChannel = 1, tap = 2, wakeup = 3, inbox = 4 }
+
+    /// A vif's control ring (netif.h's ctrl-ring-ref, event-channel-ctrl).
+    public struct ControlRing: Sendable {
+        public var ringRef: GrantRef
+        public var remotePort: EventChannelPort
+        public var settings: VifHashSettings
+        public init(ringRef: GrantRef, remotePort: EventChannelPort, settings: VifHashSettings) {
+            self.ringRef = ringRef; self.remotePort = remotePort; self.settings = settings
+        }
+    }
 
     /// Maps both rings, binds the event channel(s) and allocates every
     /// buffer. Throws (releasing what it took) if any step fails.
     public init(name: String, platform: any HypervisorPlatform, tap: TapQueue, configuration c: NetQueueConfiguration,
+                control controlRing: ControlRing? = nil, steering: QueueSteering? = nil,
                 logger: Logger, onFatal: @escaping @Sendable (String) -> Void) throws(HypervisorError) {
         self.name = name
         self.logger = logger
         self.tap = tap
         self.onFatal = onFatal
+        self.steering = steering
         grants = try platform.openGrantTable()
-        txMapping = try grants.map(domain: c.frontendDomain, refs: [c.txRingRef], writable: true)
+        var mapped: [GrantMapping] = []
         do {
-            rxMapping = try grants.map(domain: c.frontendDomain, refs: [c.rxRingRef], writable: true)
+            mapped.append(try grants.map(domain: c.frontendDomain, refs: [c.txRingRef], writable: true))
+            mapped.append(try grants.map(domain: c.frontendDomain, refs: [c.rxRingRef], writable: true))
+            if let controlRing {
+                mapped.append(try grants.map(domain: c.frontendDomain, refs: [controlRing.ringRef], writable: true))
+            }
         } catch {
-            grants.unmap(txMapping)
+            for m in mapped { grants.unmap(m) }
             throw error
         }
+        txMapping = mapped[0]
+        rxMapping = mapped[1]
+        controlMapping = mapped.count > 2 ? mapped[2] : nil
         var bound: [EventChannelPort] = []
         let channels: any EventChannelHandle
         do {
             channels = try platform.openEventChannels()
         } catch {
-            grants.unmap(rxMapping); grants.unmap(txMapping)
+            for m in mapped { grants.unmap(m) }
             throw error
         }
         do {
@@ -76,23 +103,30 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             if c.splitEventChannels {
                 bound.append(try channels.bindInterdomain(remoteDomain: c.frontendDomain, remotePort: c.rxRemotePort))
             }
+            if let controlRing {
+                bound.append(try channels.bindInterdomain(remoteDomain: c.frontendDomain, remotePort: controlRing.remotePort))
+            }
             wakeup = try Self.makeWakeup()
         } catch {
             for p in bound { try? channels.unbind(p) }
             channels.close()
-            grants.unmap(rxMapping); grants.unmap(txMapping)
+            for m in mapped { grants.unmap(m) }
             throw error
         }
         events = channels
         txPort = bound[0]
-        rxPort = bound.count > 1 ? bound[1] : bound[0]
+        rxPort = c.splitEventChannels ? bound[1] : bound[0]
+        controlPort = controlRing == nil ? nil : bound.last
+        control = controlRing.map { [grants] r in
+            NetControlEngine(ring: mapped[2].address, grants: grants, frontendDomain: c.frontendDomain, settings: r.settings)
+        }
         preciseClock = c.rate != nil
         // Everything taken so far, given back when a later step fails.
-        let releaseTaken = { [wakeup, txMapping, rxMapping, grants] in
+        let releaseTaken = { [wakeup, grants] in
             wakeup.close()
             for p in bound { try? channels.unbind(p) }
             channels.close()
-            grants.unmap(rxMapping); grants.unmap(txMapping)
+            for m in mapped { grants.unmap(m) }
         }
         let buffers: NetEngineBuffers
         do { buffers = try NetEngineBuffers() } catch {
@@ -105,7 +139,8 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
             releaseTaken()
             throw HypervisorError(error.call, errno: error.code)
         }
-        for (fd, token) in [(channels.fileDescriptor, Token.eventChannel), (tap.fileDescriptor, .tap), (wakeup.fd, .wakeup)]
+        for (fd, token) in [(channels.fileDescriptor, Token.eventChannel), (tap.fileDescriptor, .tap), (wakeup.fd, .wakeup),
+                            (steering?.inboxDescriptor ?? -1, .inbox)]
             where fd >= 0 {   // no descriptor (-1): a test double that signals otherwise
             do {
                 try Syscall.epollAdd(epoll, fd, events: xb_EPOLLIN, token: token.rawValue)
@@ -122,7 +157,8 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         }
         engine = NetQueueEngine(txRing: txMapping.address, rxRing: rxMapping.address, grants: grants, tap: batching,
                                 configuration: c, buffers: buffers,
-                                now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds())
+                                now: preciseClock ? MonotonicClock.nanoseconds() : Self.coarseNanoseconds(),
+                                steering: steering)
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
     }
@@ -164,9 +200,11 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         released = true
         try? events.unbind(txPort)
         if rxPort != txPort { try? events.unbind(rxPort) }
+        if let controlPort { try? events.unbind(controlPort) }
         events.close()
         grants.unmap(rxMapping)
         grants.unmap(txMapping)
+        if let controlMapping { grants.unmap(controlMapping) }
         Glibc.close(epoll)
         wakeup.close()
     }
@@ -178,6 +216,8 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         let evs = UnsafeMutablePointer<UInt32>.allocate(capacity: 4)
         defer { tokens.deallocate(); evs.deallocate() }
         var now = clock()
+        // Requests posted before this loop began (or before a restart) are answered first.
+        serveControl()
         var step = engine.step(.kicked, now: now)
         while true {
             apply(step)
@@ -194,9 +234,9 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
                 for i in 0..<Int(max(n, 0)) {
                     switch tokens[i] {
                     case Token.eventChannel.rawValue:
-                        drainEventChannel()
+                        if drainEventChannel() { serveControl() }
                         if input == .tick { input = .kicked }
-                    case Token.tap.rawValue:
+                    case Token.tap.rawValue, Token.inbox.rawValue:
                         // A pass serves both rings whatever woke it; this tells the engine the TAP has frames.
                         input = .tapReadable
                     default:
@@ -231,6 +271,9 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         if step.pollTap != tapPolled {
             tapPolled = step.pollTap
             _ = xb_epoll_mod(epoll, tap.fileDescriptor, tapPolled ? xb_EPOLLIN : 0, Token.tap.rawValue)
+            if let steering {
+                _ = xb_epoll_mod(epoll, steering.inboxDescriptor, tapPolled ? xb_EPOLLIN : 0, Token.inbox.rawValue)
+            }
         }
     }
 
@@ -240,13 +283,32 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
     /// (a system call per wake-up, here and on Xen): it is not made. A
     /// port delivered again after its unmask keeps the descriptor readable
     /// for the next `epoll_wait`.
-    private func drainEventChannel() {
-        let bound = rxPort == txPort ? 1 : 2
+    /// True when the control port was among them.
+    private func drainEventChannel() -> Bool {
+        let bound = (rxPort == txPort ? 1 : 2) + (controlPort == nil ? 0 : 1)
         var taken = 0
+        var controlFired = false
         while taken < bound, let port = try? events.nextPending() {
             taken += 1
             eventsReceived &+= 1
+            if port == controlPort { controlFired = true }
             try? events.unmask(port)
+        }
+        return controlFired
+    }
+
+    /// Answers the control ring's requests; a broken control ring fails the vif.
+    private func serveControl() {
+        guard let control, let controlPort else { return }
+        switch control.step() {
+        case .idle(let notify):
+            if notify {
+                try? events.notify(controlPort)
+                notificationsSent &+= 1
+            }
+            controlRequests = control.requestsAnswered
+        case .broken(let reason):
+            onFatal(reason)
         }
     }
 
@@ -274,6 +336,7 @@ public final class NetDataPlane: @unchecked Sendable {   // thread-confined afte
         stats.notificationsSent = notificationsSent
         stats.eventsReceived = eventsReceived
         stats.waits = waits
+        stats.controlRequests = controlRequests
         guard stats != publishedStats else { return }
         statsBox.publish(stats)
         publishedStats = stats

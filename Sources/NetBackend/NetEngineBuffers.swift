@@ -20,8 +20,9 @@ public final class NetEngineBuffers {
     static let rxBatch = 64
     /// A virtio header and the largest frame a TAP with TSO hands out.
     public static let rxBufferSize = VirtioNetHeader.size + 65_550
-    /// Rx slots one frame may take: its data pages and a GSO extra.
-    static let maxRxSlots = 1 + (65_550 + XenPage.size - 1) / XenPage.size
+    /// Rx slots one frame may take: its data pages (the first one shortened
+    /// by the guest's headroom) and its extras (GSO, hash, XDP).
+    static let maxRxSlots = 3 + 1 + (65_550 - (XenPage.size - VifRxHeadroom.maximum) + XenPage.size - 1) / XenPage.size
 
     let txFrames: UnsafeMutableRawPointer
     let txPackets: UnsafeMutablePointer<TxPacket>
@@ -43,6 +44,8 @@ public final class NetEngineBuffers {
     let txStatuses: UnsafeMutablePointer<Int16>
     /// One ring slot, copied out of shared memory before it is decoded.
     let scratch: UnsafeMutableRawPointer
+    /// The bytes a frame's receive hash is computed over.
+    let hashInput: UnsafeMutableRawPointer
 
     /// Where the frame buffers come from.
     public enum Backing: Sendable {
@@ -102,6 +105,7 @@ public final class NetEngineBuffers {
         txStatuses = .allocate(capacity: Self.txBatch)
         txStatuses.initialize(repeating: 0, count: Self.txBatch)
         scratch = .allocate(byteCount: 16, alignment: 16)
+        hashInput = .allocate(byteCount: 64, alignment: 16)
     }
 
     deinit {
@@ -124,6 +128,7 @@ public final class NetEngineBuffers {
         txWriteResults.deallocate()
         txStatuses.deallocate()
         scratch.deallocate()
+        hashInput.deallocate()
     }
 
     /// Where packet `i` of a tx batch is gathered.
@@ -160,4 +165,12 @@ struct RxFrame {
     var copyStart: Int32 = 0
     var length: Int32 = 0
     var header = VirtioNetHeader()
+    /// Extra slots after the first data slot: GSO, then hash, then XDP.
+    var gsoExtra = false
+    var hashExtra = false
+    var hashTypeBit: UInt8 = 0
+    var hashValue: UInt32 = 0
+    /// Bytes left free before the data in the first buffer (an XDP extra says so).
+    var headroom: UInt16 = 0
+    var extras: Int { (gsoExtra ? 1 : 0) + (hashExtra ? 1 : 0) + (headroom > 0 ? 1 : 0) }
 }

@@ -40,6 +40,14 @@ public struct NetQueueConfiguration: Sendable {
     /// The vif's multicast filter, shared by its queues (a fresh one, off,
     /// unless the driver hands the connection's).
     public var multicastFilter = VifMulticastFilter(enabled: false)
+    /// The vif's receive-hash settings, when the guest gave a control ring
+    /// (shared by its queues; nil: no hashing, the kernel's steering).
+    public var hashSettings: VifHashSettings?
+    /// This queue's number among the vif's (the hash table's values).
+    public var queueIndex = 0
+    /// The room the guest asked for before each received frame (shared by
+    /// the vif's queues; `xdp-headroom`).
+    public var rxHeadroom = VifRxHeadroom()
 
     public var splitEventChannels: Bool { txRemotePort != rxRemotePort }
 

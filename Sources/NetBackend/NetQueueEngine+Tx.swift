@@ -104,6 +104,10 @@ extension NetQueueEngine {
                     if p.multicastEdit != 0 { rejection = rejection ?? .duplicateExtra(extra.type); continue }
                     p.multicastEdit = extra.type
                     p.multicastKey = VifMulticastFilter.key(UnsafeRawPointer(scratch + NetifExtraInfo.Offset.mcastAddr))
+                case NetifExtraType.hash:
+                    // netif.h: a backend that hashes accepts the guest's hash of
+                    // a frame it sends. A TAP has nowhere to carry it: ignored.
+                    break
                 default:
                     rejection = rejection ?? .badExtraType(extra.type)
                 }

@@ -21,6 +21,16 @@ public final class NetQueueEngine<Tap: TapPort> {
     let frontendDomain: DomID
     let features: FrontendNetFeatures
     let multicastFilter: VifMulticastFilter
+    let hashSettings: VifHashSettings?
+    /// This pass's copy of `hashSettings`.
+    var hashPolicy = RxHashPolicy()
+    let queueIndex: Int
+    let rxHeadroom: VifRxHeadroom
+    /// This pass's headroom (read once a pass).
+    var passHeadroom = 0
+    /// Hands frames to the queue the guest's hash table names (nil: one
+    /// queue, or no control ring).
+    let steering: (any RxSteering)?
     var credit: CreditScheduler?
     let rxStallNanoseconds: Int
 
@@ -41,6 +51,8 @@ public final class NetQueueEngine<Tap: TapPort> {
     var rxHeldLength = 0
     /// The rx requests the held frame needs.
     var rxHeldSlots = 0
+    /// The held frame came from another queue (it is not steered again).
+    var rxHeldForwarded = false
     /// When rx started waiting for buffers (nil: not stalled).
     var rxStalledSince: Int?
     /// Stalled past the limit: drop frames until the guest posts buffers.
@@ -67,7 +79,8 @@ public final class NetQueueEngine<Tap: TapPort> {
     /// each, already mapped), resuming at the responses they hold.
     /// `now` starts the credit scheduler's first period.
     public init(txRing: UnsafeMutableRawPointer, rxRing: UnsafeMutableRawPointer, grants: any GrantTableHandle, tap: Tap,
-                configuration c: NetQueueConfiguration, buffers: NetEngineBuffers, now: Int) {
+                configuration c: NetQueueConfiguration, buffers: NetEngineBuffers, now: Int,
+                steering: (any RxSteering)? = nil) {
         self.tap = tap
         self.grants = grants
         self.buffers = buffers
@@ -76,6 +89,10 @@ public final class NetQueueEngine<Tap: TapPort> {
         frontendDomain = c.frontendDomain
         features = c.frontend
         multicastFilter = c.multicastFilter
+        hashSettings = c.hashSettings
+        queueIndex = c.queueIndex
+        rxHeadroom = c.rxHeadroom
+        self.steering = steering
         rxStallNanoseconds = c.rxStallMilliseconds * 1_000_000
         if let r = c.rate {
             credit = CreditScheduler(bytesPerPeriod: r.bytes, periodMicroseconds: r.microseconds, now: now)

@@ -22,12 +22,19 @@ public struct NetStatistics: Equatable, Sendable {
     /// posts (too large without scatter-gather, an offload it did not ask
     /// for); the rest found no buffers posted.
     public var rxDroppedUnfit: UInt64 = 0
-    /// Times the guest's frames waited for the rate limit's next refill
-    /// (the vif's `rate`), and the waits' total length.
     /// Of `rxDropped`, multicast frames the guest's filter did not admit.
     public var rxDroppedFiltered: UInt64 = 0
     /// MCAST_ADD and MCAST_DEL requests carried out.
     public var multicastEdits: UInt64 = 0
+    /// Frames for the guest handed to the queue its hash table names
+    /// (the kernel gave them to another TAP queue).
+    public var rxSteered: UInt64 = 0
+    /// Of `rxDropped`, frames whose queue's inbox was full.
+    public var rxDroppedSteering: UInt64 = 0
+    /// Control-ring requests answered (queue 0 serves the control ring).
+    public var controlRequests: UInt64 = 0
+    /// Times the guest's frames waited for the rate limit's next refill
+    /// (the vif's `rate`), and the waits' total length.
     public var txRateLimited: UInt64 = 0
     public var txRateLimitedNanoseconds: UInt64 = 0
     /// Rx buffers the guest granted that could not be written.
@@ -50,6 +57,7 @@ public struct NetStatistics: Equatable, Sendable {
         s.rxDroppedUnfit &+= o.rxDroppedUnfit
         s.rxDroppedFiltered &+= o.rxDroppedFiltered; s.multicastEdits &+= o.multicastEdits
         s.txRateLimited &+= o.txRateLimited; s.txRateLimitedNanoseconds &+= o.txRateLimitedNanoseconds
+        s.rxSteered &+= o.rxSteered; s.rxDroppedSteering &+= o.rxDroppedSteering; s.controlRequests &+= o.controlRequests
         return s
     }
 }
@@ -58,7 +66,7 @@ public struct NetStatistics: Equatable, Sendable {
 /// each one atomically (no lock on its path); readers on other threads may
 /// see one pass's counters partly updated, never torn values.
 final class NetStatisticsBox: @unchecked Sendable {   // every field accessed atomically
-    private static let fields = 17
+    private static let fields = 20
     private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: fields)
 
     init() { counters.initialize(repeating: 0, count: Self.fields) }
@@ -82,6 +90,9 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         xb_store_release_u64(counters + 14, s.txRateLimitedNanoseconds)
         xb_store_release_u64(counters + 15, s.rxDroppedFiltered)
         xb_store_release_u64(counters + 16, s.multicastEdits)
+        xb_store_release_u64(counters + 17, s.rxSteered)
+        xb_store_release_u64(counters + 18, s.rxDroppedSteering)
+        xb_store_release_u64(counters + 19, s.controlRequests)
     }
 
     func read() -> NetStatistics {
@@ -103,6 +114,9 @@ final class NetStatisticsBox: @unchecked Sendable {   // every field accessed at
         s.txRateLimitedNanoseconds = xb_load_acquire_u64(counters + 14)
         s.rxDroppedFiltered = xb_load_acquire_u64(counters + 15)
         s.multicastEdits = xb_load_acquire_u64(counters + 16)
+        s.rxSteered = xb_load_acquire_u64(counters + 17)
+        s.rxDroppedSteering = xb_load_acquire_u64(counters + 18)
+        s.controlRequests = xb_load_acquire_u64(counters + 19)
         return s
     }
 }

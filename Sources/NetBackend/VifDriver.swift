@@ -28,6 +28,12 @@ public struct VifStatus: Sendable {
     /// and the addresses its filter holds.
     public var multicastFiltering = false
     public var multicastAddresses = 0
+    /// The guest gave a control ring (feature-ctrl-ring).
+    public var controlRing = false
+    /// What it set there for receive-side hashing (nil: no control ring).
+    public var receiveHash: VifHashSettings.State?
+    /// Bytes kept free before each received frame (`xdp-headroom`; 0: none).
+    public var rxHeadroom = 0
 }
 
 /// A vif's interface and the TAP queues the kernel steers frames to (the
@@ -44,6 +50,12 @@ struct VifConnection {
     var splitEventChannels: Bool
     var frontendFeatures: FrontendNetFeatures
     var multicastFilter: VifMulticastFilter
+    /// The guest's receive-hash settings, when it gave a control ring.
+    var hashSettings: VifHashSettings?
+    /// Where queues hand frames the guest's table sends elsewhere.
+    var inboxes: RxSteeringInboxes?
+    /// The room the guest keeps before received frames (`xdp-headroom`).
+    var rxHeadroom: VifRxHeadroom
 }
 
 /// The vif type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -63,6 +75,10 @@ final class VifDriver: XenbusDriver {
     let connectsAtInitialised = false
     let opensBeforeInitWait = true
     let releasesOnClose = false
+    /// Linux netfront goes Reconfiguring to change `xdp-headroom`, and
+    /// writes the key just after the state.
+    let reconfigures = true
+    let reconfiguringKeys = ["xdp-headroom"]
 
     private let address: BackendDeviceAddress
     private let platform: any HypervisorPlatform
@@ -98,6 +114,11 @@ final class VifDriver: XenbusDriver {
             status.multicastFiltering = filter.enabled
             status.multicastAddresses = filter.count
         }
+        if let settings = device.connection?.hashSettings {
+            status.controlRing = true
+            status.receiveHash = settings.state
+        }
+        status.rxHeadroom = device.connection?.rxHeadroom.bytes ?? 0
         return status
     }
 
@@ -134,7 +155,7 @@ final class VifDriver: XenbusDriver {
         [("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
          ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"), ("feature-ipv6-csum-offload", "1"),
          ("feature-split-event-channels", "1"), ("multi-queue-max-queues", String(options.maxQueues)),
-         ("feature-multicast-control", "1")]
+         ("feature-multicast-control", "1"), ("feature-ctrl-ring", "1"), ("feature-xdp-headroom", "1")]
     }
 
     /// The interface's name in a message or a log line: the toolstack's
@@ -214,7 +235,29 @@ final class VifDriver: XenbusDriver {
             d.logger.notice("multicast filter lost with the previous daemon: flooding multicast to the guest")
         }
         let filter = VifMulticastFilter(enabled: wantsFilter && !resuming)
-        for i in configs.indices { configs[i].multicastFilter = filter }
+        let headroom = VifRxHeadroom(try readXDPHeadroom(d))
+        for i in configs.indices {
+            configs[i].multicastFilter = filter
+            configs[i].queueIndex = i
+            configs[i].rxHeadroom = headroom
+        }
+        // The control ring (optional): receive-side hashing, shared by the queues.
+        var control: NetDataPlane.ControlRing?
+        var inboxes: RxSteeringInboxes?
+        if let ring = try readControlRing(d) {
+            let settings = VifHashSettings(queues: configs.count)
+            for i in configs.indices { configs[i].hashSettings = settings }
+            control = NetDataPlane.ControlRing(ringRef: ring.ref, remotePort: ring.port, settings: settings)
+            if resuming {
+                // Like the multicast list: the guest will not send it again.
+                d.logger.notice("receive-hash settings lost with the previous daemon: frames are not hashed until the guest sets them again")
+            }
+            if configs.count > 1 {
+                do { inboxes = try RxSteeringInboxes(queues: configs.count) } catch {
+                    throw DeviceFailure("cannot make the queues' steering inboxes: \(error)")
+                }
+            }
+        }
         do {
             try tap.setOffloads(csum: f.checksumOffload,
                                 tso4: f.checksumOffload && f.scatterGather && f.gsoTCPv4,
@@ -229,7 +272,8 @@ final class VifDriver: XenbusDriver {
                 let plane: NetDataPlane
                 do {
                     plane = try NetDataPlane(name: "\(address.frontendDomain).\(address.devid)-q\(i)", platform: platform,
-                                             tap: tap.queue(i), configuration: config, logger: d.logger, onFatal: d.fail)
+                                             tap: tap.queue(i), configuration: config, control: i == 0 ? control : nil,
+                                             steering: inboxes?.queue(i), logger: d.logger, onFatal: d.fail)
                 } catch {
                     throw DeviceFailure("queue \(i): cannot map rings or bind event channels: \(error)")
                 }
@@ -244,8 +288,9 @@ final class VifDriver: XenbusDriver {
         do { try tap.setCarrier(true) } catch { d.logger.warning("carrier on failed", metadata: ["error": "\(error)"]) }
         d.logger.info("connected", metadata: ["interface": "\(shownName)", "queues": "\(configs.count)",
                                               "split": "\(split)", "sg": "\(f.scatterGather)",
-                                              "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)"])
-        return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f, multicastFilter: filter), [])
+                                              "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)", "ctrl": "\(control != nil)"])
+        return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f, multicastFilter: filter,
+                              hashSettings: control?.settings, inboxes: inboxes, rxHeadroom: headroom), [])
     }
 
     /// Carrier off, every queue stopped.
@@ -267,6 +312,38 @@ final class VifDriver: XenbusDriver {
             if wasAttached != shouldBe { try port.tap.setQueueAttached(i, shouldBe) }
         }
         port.attachedQueues = count
+    }
+
+    /// Reconfiguring: the frontend changed `xdp-headroom` (Linux netfront,
+    /// attaching or removing an XDP program); the queues use the new room
+    /// from their next pass, and each frame's XDP extra says which it got.
+    func reconfigure(_ d: XenbusDeviceContext, connection: VifConnection) throws {
+        let bytes = try readXDPHeadroom(d)
+        guard bytes != connection.rxHeadroom.bytes else { return }
+        connection.rxHeadroom.set(bytes)
+        d.logger.info("rx headroom", metadata: ["bytes": "\(bytes)"])
+    }
+
+    /// `xdp-headroom`: absent is 0; more than this backend leaves (half a
+    /// page; XDP asks for 256) or malformed refuses the device.
+    private func readXDPHeadroom(_ d: XenbusDeviceContext) throws -> Int {
+        guard let n = try d.store.readNumber(d.frontendPath, "xdp-headroom", as: UInt32.self) else { return 0 }
+        guard n <= UInt32(VifRxHeadroom.maximum) else {
+            throw DeviceFailure("xdp-headroom \(n) is more than \(VifRxHeadroom.maximum)")
+        }
+        return Int(n)
+    }
+
+    /// `ctrl-ring-ref` and `event-channel-ctrl`: both, or neither (no control ring).
+    private func readControlRing(_ d: XenbusDeviceContext) throws -> (ref: GrantRef, port: EventChannelPort)? {
+        let ref = try d.store.readNumber(d.frontendPath, "ctrl-ring-ref", as: UInt32.self)
+        let port = try d.store.readNumber(d.frontendPath, "event-channel-ctrl", as: UInt32.self)
+        switch (ref, port) {
+        case (nil, nil): return nil
+        case let (ref?, port?): return (ref, port)
+        case (_?, nil): throw DeviceFailure("ctrl-ring-ref without event-channel-ctrl")
+        case (nil, _?): throw DeviceFailure("event-channel-ctrl without ctrl-ring-ref")
+        }
     }
 
     /// The frontend's keys: shared ones at the top, each queue's rings and

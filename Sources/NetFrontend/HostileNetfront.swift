@@ -447,9 +447,10 @@ public final class HostileNetfront {
             let what = ["an unknown extra-info type", "a multicast or hash extra", "a GSO extra of nonsense type or size",
                         "\(count) extra-info slots"][variant]
             // A lone multicast edit is a control request: OKAY, or ERROR once
-            // the filter is full (feature-multicast-control).
-            if case .extra(let e) = s[1], variant == 1, e.type != NetifExtraType.hash {
-                return (s, ids(s), count, .any, "a multicast filter edit")
+            // the filter is full (feature-multicast-control). A hash extra is
+            // accepted and ignored (netif.h: a hashing backend takes them).
+            if case .extra(let e) = s[1], variant == 1 {
+                return (s, ids(s), count, .any, e.type == NetifExtraType.hash ? "a frame with the guest's hash" : "a multicast filter edit")
             }
             return (s, ids(s), count, .refused, what)
         case 12:   // GSO or a partial checksum on a frame that is not TCP/UDP over IP

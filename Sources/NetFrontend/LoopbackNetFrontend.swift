@@ -23,9 +23,17 @@ import XenBus
 /// ring pair i to TAP queue i. The namespace's kernel steers each flow to a
 /// TAP queue by its hash, so a flow stays on one ring pair.
 ///
-/// `connect`, `disconnect` and the raw hooks are called from one thread at
-/// a time; `statistics` from any thread. The xenstore connection should be
-/// the guest's own: waiting for the backend's state consumes its watch events.
+/// Control ring (netif.h "Control ring"): given `options.controlRing` and
+/// the backend's `feature-ctrl-ring`, one more ring page, a data page and
+/// an event channel, published as `ctrl-ring-ref` and `event-channel-ctrl`;
+/// `controlRequest` and its helpers (NetFrontendControl.swift) set the
+/// backend's receive-side hashing, and every hash extra received (by a
+/// pump or the raw hooks) is checked against what was set.
+///
+/// `connect`, `disconnect`, the control requests and the raw hooks are
+/// called from one thread at a time; `statistics` from any thread. The
+/// xenstore connection should be the guest's own: waiting for the
+/// backend's state consumes its watch events.
 public final class LoopbackNetFrontend: @unchecked Sendable {  // control from one thread at a time; statistics locked
     public let guest: LoopbackGuestDomain
     public let store: any XenStore
@@ -56,6 +64,12 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     /// (else the kernel would steer flows to queues nobody reads).
     private var detachedTapQueues: [Int] = []
     let statisticsBox = StatisticsBox()
+    /// The control ring, when negotiated (nil when not connected).
+    var control: NetFrontendControlRing?
+    /// The hash settings the backend accepted, for the queues' checks.
+    let hashCheck = ReceiveHashCheck()
+    /// Set once we ask for rx headroom: the queues then take XDP extras.
+    let headroomAsked = HeadroomAsked()
 
     public init(guest: LoopbackGuestDomain, store: any XenStore, devid: UInt32 = 0, tap: TapDevice?,
                 options: NetFrontendOptions = .init()) {
@@ -70,6 +84,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     deinit {
         for p in pumps { p.stop() }
         for q in queues { q.release() }
+        control?.release()
         reattachTapQueues()
     }
 
@@ -148,10 +163,14 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             throw NetFrontendError.tapHasTooFewQueues(tap: tap.name, has: tap.queueCount, needs: count)
         }
         statisticsBox.reset(queues: count)
+        hashCheck.reset()
 
         do {
             if let tap { try detachTapQueues(tap, beyond: count) }
             for _ in 0..<count { queues.append(try makeQueue()) }
+            if negotiated.controlRing {
+                control = try NetFrontendControlRing(guest: guest, backendDomain: backendDomain)
+            }
             // Buffers first, as netfront does: the backend may deliver as
             // soon as it connects.
             if options.postRxBuffers { for q in queues { q.postRx() } }
@@ -176,6 +195,8 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             pumps = []
             for q in queues { q.release() }
             queues = []
+            control?.release()
+            control = nil
             reattachTapQueues()
             throw error
         }
@@ -197,11 +218,13 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             throw error
         }
         q.trackTxIDs = tap != nil
+        q.hashVerifier = ReceiveHashVerifier(check: hashCheck)
+        q.headroomAsked = headroomAsked
         return q
     }
 
     /// The backend closed the device: remembers its reason (see `refusal`).
-    private func refused(_ why: String) -> NetFrontendError {
+    func refused(_ why: String) -> NetFrontendError {
         refusal = why
         return .backendClosed(reason: why)
     }
@@ -222,6 +245,8 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         let maxQueues = backendKey("multi-queue-max-queues")
         f.multiQueue = maxQueues != nil
         f.maxQueues = max(maxQueues.flatMap { Int($0) } ?? 1, 1)
+        f.controlRing = backendFlag("feature-ctrl-ring")
+        f.xdpHeadroom = backendFlag("feature-xdp-headroom")
         backendFeatures = f
     }
 
@@ -239,6 +264,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
         n.txGSOTCPv6 = tso && be.gsoTCPv6 && be.ipv6ChecksumOffload
         n.txIPv6ChecksumOffload = be.ipv6ChecksumOffload
         n.queues = max(1, min(options.queues, be.maxQueues))
+        n.controlRing = options.controlRing && be.controlRing
         negotiated = n
     }
 
@@ -248,7 +274,8 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     /// Linux writes it). Several: `multi-queue-num-queues` and each queue's
     /// keys under `queue-N/`; the shared keys stay top-level. Keys of another
     /// layout (the other event channel keys, top-level ring keys, `queue-N/`
-    /// directories), left by an earlier connection, go.
+    /// directories), left by an earlier connection, go. The control ring's
+    /// `ctrl-ring-ref` and `event-channel-ctrl`: both or neither.
     private func publish() throws(XenStoreError) {
         let fe = frontendPath
         let split = negotiated.splitEventChannels
@@ -275,6 +302,11 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             keys = [("multi-queue-num-queues", String(queues.count))]
             for (i, q) in queues.enumerated() { keys += ringKeys(q, "queue-\(i)/") }
             stale = ["tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx"]
+        }
+        if let control {
+            keys += [("ctrl-ring-ref", String(control.ringGrant)), ("event-channel-ctrl", String(control.port))]
+        } else {
+            stale += ["ctrl-ring-ref", "event-channel-ctrl"]
         }
         keys += [
             ("request-rx-copy", "1"),
@@ -334,7 +366,7 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     /// Waits until `condition` (given the backend's state, nil when missing)
     /// returns a value or throws; re-evaluated on each watch event.
     @discardableResult
-    private func waitForBackend<T>(deadline: Double, what: String, _ condition: (XenbusState?) throws -> T?) throws -> T {
+    func waitForBackend<T>(deadline: Double, what: String, _ condition: (XenbusState?) throws -> T?) throws -> T {
         let path = backendPath + "/state"
         let token = "netfront-\(devid)-\(UInt32.random(in: 0...UInt32.max))"
         try store.watch(path, token: token)
@@ -383,8 +415,9 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
     }
 
     /// Drops the connection without the handshake (a crashed guest): stops
-    /// the pumps, revokes the grants, frees the pages, closes the ports,
-    /// attaches again the TAP queues `connect` detached.
+    /// the pumps, revokes the grants (the control ring's too), frees the
+    /// pages, closes the ports, attaches again the TAP queues `connect`
+    /// detached.
     public func releaseResources() {
         for p in pumps { p.stop() }
         pumps = []
@@ -393,6 +426,8 @@ public final class LoopbackNetFrontend: @unchecked Sendable {  // control from o
             q.release()
         }
         queues = []
+        control?.release()
+        control = nil
         reattachTapQueues()
         isConnected = false
     }

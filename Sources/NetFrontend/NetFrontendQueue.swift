@@ -59,6 +59,12 @@ final class NetFrontendQueue {   // confined to one thread at a time
     private var state = AssemblyState.idle
     private var packetFlags: UInt16 = 0
     private var packetGSO: NetifExtraInfo?
+    private var packetHash: NetifExtraInfo?
+    /// The packet's XDP extra's headroom, and its first buffer's offset.
+    private var packetHeadroom: UInt16?
+    private var packetFirstOffset: UInt16 = 0
+    /// Set once the frontend asked for rx headroom (XDP extras are then expected).
+    var headroomAsked: HeadroomAsked?
     private var packetBad = false
     private var packetLength = 0
     private var packetFragments = 0
@@ -73,6 +79,9 @@ final class NetFrontendQueue {   // confined to one thread at a time
     /// Whether tx responses must name an id of ours (false in raw mode,
     /// where the test chooses ids).
     var trackTxIDs = true
+    /// Checks the hash extras received against the settings we gave on the
+    /// control ring (nil: hash extras are counted, not checked).
+    var hashVerifier: ReceiveHashVerifier?
 
     /// Allocates and grants the two ring pages and every buffer page.
     /// `rxPort == txPort` when the event channel is not split.
@@ -266,6 +275,8 @@ final class NetFrontendQueue {   // confined to one thread at a time
         var flags: UInt16
         /// Its GSO extra, if it had one.
         var gso: NetifExtraInfo?
+        /// Its hash extra (XEN_NETIF_EXTRA_TYPE_HASH), if it had one.
+        var hash: NetifExtraInfo?
         /// Total bytes.
         var length: Int
         /// Its data, one vector per buffer, at vectors[1...fragmentCount]
@@ -325,6 +336,9 @@ final class NetFrontendQueue {   // confined to one thread at a time
             let r = NetifRxResponse(decoding: scratch)
             packetFlags = r.flags
             packetGSO = nil
+            packetHash = nil
+            packetHeadroom = nil
+            packetFirstOffset = r.offset
             packetBad = false
             packetLength = 0
             packetFragments = 0
@@ -344,10 +358,15 @@ final class NetFrontendQueue {   // confined to one thread at a time
             rxFree.append(buffer)   // the extra used its buffer up, with no data in it
             let e = NetifExtraInfo(decoding: scratch)
             packetExtras += 1
-            if packetExtras > Self.maxRxExtras || e.type == NetifExtraType.none || e.type >= NetifExtraType.max {
+            if e.type == NetifExtraType.xdp && headroomAsked?.value == true {
+                let headroom = UInt16(e.payload[0]) | UInt16(e.payload[1]) << 8
+                if packetHeadroom != nil || packetExtras > Self.maxRxExtras { markBad() } else { packetHeadroom = headroom }
+            } else if packetExtras > Self.maxRxExtras || e.type == NetifExtraType.none || e.type >= NetifExtraType.max {
                 markBad()
             } else if e.type == NetifExtraType.gso {
                 if packetGSO != nil { markBad() } else { packetGSO = e }
+            } else if e.type == NetifExtraType.hash {
+                if packetHash != nil { markBad() } else { packetHash = e }
             }
             if e.flags & NetifExtraType.flagMore != 0 { return false }
             if packetFlags & NetifRxFlags.moreData != 0 {
@@ -400,8 +419,17 @@ final class NetFrontendQueue {   // confined to one thread at a time
         stats.rxFrames &+= 1
         stats.rxBytes &+= UInt64(packetLength)
         if packetGSO != nil { stats.rxGSOFrames &+= 1 }
-        deliver(Packet(flags: packetFlags, gso: packetGSO, length: packetLength, vectors: rxVectors,
-                       fragmentCount: packetFragments))
+        let packet = Packet(flags: packetFlags, gso: packetGSO, hash: packetHash, length: packetLength, vectors: rxVectors,
+                            fragmentCount: packetFragments)
+        if packetHeadroom != nil { stats.rxHeadroomFrames &+= 1 }
+        if packetFirstOffset != packetHeadroom ?? 0 { stats.rxHeadroomMismatches &+= 1 }
+        if let hash = packetHash {
+            stats.rxHashedFrames &+= 1
+            if let v = hashVerifier, !v.matches(hash, fragments: packet.fragments, length: packetLength) {
+                stats.rxHashMismatches &+= 1
+            }
+        }
+        deliver(packet)
         for i in 0..<packetFragments { rxFree.append(rxStaged[i]) }
         packetFragments = 0
     }

@@ -24,14 +24,20 @@ public struct NetFrontendOptions: Sendable {
     /// ring pair from TAP queue i, and TAP queues beyond the negotiated count
     /// are detached (TUNSETQUEUE) while connected.
     public var queues = 1
+    /// Give the backend a control ring (`ctrl-ring-ref`, `event-channel-ctrl`)
+    /// when it offers `feature-ctrl-ring`: receive-side hashing and the
+    /// hash-to-queue table, set with `LoopbackNetFrontend.controlRequest`
+    /// and its helpers.
+    public var controlRing = false
 
     public init(splitEventChannels: Bool = false, scatterGather: Bool = true, gso: Bool = true, postRxBuffers: Bool = true,
-                queues: Int = 1) {
+                queues: Int = 1, controlRing: Bool = false) {
         self.splitEventChannels = splitEventChannels
         self.scatterGather = scatterGather
         self.gso = gso
         self.postRxBuffers = postRxBuffers
         self.queues = queues
+        self.controlRing = controlRing
     }
 }
 
@@ -48,6 +54,10 @@ public struct BackendNetFeatures: Equatable, Sendable {
     /// Whether the backend published `multi-queue-max-queues` at all: Linux
     /// netfront then writes `multi-queue-num-queues` even when it is 1.
     public var multiQueue = false
+    /// `feature-ctrl-ring`: the backend takes a control ring.
+    public var controlRing = false
+    /// `feature-xdp-headroom`: the backend leaves room before received frames.
+    public var xdpHeadroom = false
     public init() {}
 }
 
@@ -65,6 +75,8 @@ public struct NetFrontendNegotiated: Equatable, Sendable {
     public var txIPv6ChecksumOffload = false
     /// Queues (ring pairs) in use: min(options.queues, backend max), at least 1.
     public var queues = 1
+    /// We gave the backend a control ring (asked for, and offered).
+    public var controlRing = false
     public init() {}
 }
 
@@ -103,6 +115,17 @@ public struct NetFrontendStatistics: Equatable, Sendable {
     /// GSO frames that came without NETRXF_csum_blank: their TCP checksum
     /// field was reset to the pseudo-header sum, as Linux netfront does.
     public var rxGSOChecksumFixups: UInt64 = 0
+    /// Well-formed frames that came with a hash extra (XEN_NETIF_EXTRA_TYPE_HASH).
+    public var rxHashedFrames: UInt64 = 0
+    /// Of those, frames whose hash is not what the settings we gave on the
+    /// control ring give for their bytes: another hash type, another
+    /// algorithm, another value, or a hash where none applies.
+    public var rxHashMismatches: UInt64 = 0
+    /// Well-formed frames that came with an XDP extra (the headroom we asked
+    /// for with `xdp-headroom`), and frames whose first buffer's offset is
+    /// not the headroom their extra names (0 without one).
+    public var rxHeadroomFrames: UInt64 = 0
+    public var rxHeadroomMismatches: UInt64 = 0
     /// Rx buffers posted since connect, and those posted and not answered yet.
     public var rxBuffersPosted: UInt64 = 0
     public var rxBuffersOutstanding: UInt64 = 0
@@ -131,6 +154,10 @@ public struct NetFrontendStatistics: Equatable, Sendable {
         s.rxErrors = a.rxErrors &+ b.rxErrors
         s.rxDropped = a.rxDropped &+ b.rxDropped
         s.rxGSOChecksumFixups = a.rxGSOChecksumFixups &+ b.rxGSOChecksumFixups
+        s.rxHashedFrames = a.rxHashedFrames &+ b.rxHashedFrames
+        s.rxHashMismatches = a.rxHashMismatches &+ b.rxHashMismatches
+        s.rxHeadroomFrames = a.rxHeadroomFrames &+ b.rxHeadroomFrames
+        s.rxHeadroomMismatches = a.rxHeadroomMismatches &+ b.rxHeadroomMismatches
         s.rxBuffersPosted = a.rxBuffersPosted &+ b.rxBuffersPosted
         s.rxBuffersOutstanding = a.rxBuffersOutstanding &+ b.rxBuffersOutstanding
         s.protocolErrors = a.protocolErrors &+ b.protocolErrors
@@ -163,6 +190,11 @@ public enum NetFrontendError: Error, Equatable, CustomStringConvertible, Sendabl
     case noRoom(String)
     /// The TAP has fewer queues than the queues negotiated with the backend.
     case tapHasTooFewQueues(tap: String, has: Int, needs: Int)
+    /// A control request on a connection without a control ring (not asked
+    /// for in the options, or the backend lacks `feature-ctrl-ring`).
+    case noControlRing
+    /// A control response that does not answer the request (another id or type).
+    case badControlResponse(String)
 
     public var description: String {
         switch self {
@@ -176,6 +208,8 @@ public enum NetFrontendError: Error, Equatable, CustomStringConvertible, Sendabl
         case .noRoom(let w): "no room: \(w)"
         case .tapHasTooFewQueues(let t, let has, let needs):
             "TAP \(t) has \(has) queue(s) but \(needs) were negotiated with the backend (create it with queues: \(needs))"
+        case .noControlRing: "no control ring (options.controlRing off, or the backend lacks feature-ctrl-ring)"
+        case .badControlResponse(let w): "control response does not answer the request: \(w)"
         }
     }
 }

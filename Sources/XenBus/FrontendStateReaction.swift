@@ -15,6 +15,11 @@ public enum FrontendStateReaction: Equatable, Sendable {
     /// The frontend starts over after a close or a failure: offer the
     /// device again (InitWait).
     case offerAgain
+    /// The frontend changes settings under a running connection (Linux
+    /// netfront attaching an XDP program): read them again, Reconfigured.
+    case reconfigure
+    /// The frontend is Connected again after that: Connected.
+    case endReconfigure
 
     /// - frontend: nil when the `state` node is missing or malformed (a
     ///   vanished frontend counts as Closed, and so does Unknown).
@@ -28,8 +33,10 @@ public enum FrontendStateReaction: Equatable, Sendable {
     ///   using the device (never connected, or gone) gets Closed at once, as
     ///   QEMU's xen-bus does, so that the toolstack's removal need not wait
     ///   for a guest that will never answer.
+    /// - reconfigures: the device type takes Reconfiguring under a
+    ///   connection (netback's xdp-headroom); blkback has no such thing.
     public init(frontend: XenbusState?, backend: XenbusState, mayOfferAgain: Bool,
-                connectsAtInitialised: Bool = true, online: Bool = true) {
+                connectsAtInitialised: Bool = true, online: Bool = true, reconfigures: Bool = false) {
         if !online, backend != .closed {
             switch frontend ?? .closed {
             case .initialising, .initWait, .unknown, .closed, .reconfiguring, .reconfigured:
@@ -43,6 +50,10 @@ public enum FrontendStateReaction: Equatable, Sendable {
         case .initialised:
             self = backend == .initWait && connectsAtInitialised && online ? .connect : .none
         case .connected:
+            if backend == .reconfigured && reconfigures {
+                self = .endReconfigure
+                return
+            }
             self = backend == .initWait && online ? .connect : .none
         case .closing:
             // A Closed backend (failed, say) has nothing left to close.
@@ -53,7 +64,9 @@ public enum FrontendStateReaction: Equatable, Sendable {
             // Linux blkback: Initialising while Closed gives InitWait. We
             // also take a frontend that skipped Closed after our Closing.
             self = (backend == .closed || backend == .closing) && mayOfferAgain && online ? .offerAgain : .none
-        case .initWait, .reconfiguring, .reconfigured:
+        case .reconfiguring:
+            self = backend == .connected && reconfigures && online ? .reconfigure : .none
+        case .initWait, .reconfigured:
             self = .none
         }
     }

@@ -82,6 +82,9 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             try watch(frontendPath + "/state") { [weak self] in self?.evaluate() }
             try watch(backendPath + "/online") { [weak self] in self?.onlineChanged() }
             if hasScript { try watch(backendPath + "/hotplug-status") { [weak self] in self?.hotplugStatusChanged() } }
+            for key in driver.reconfiguringKeys {
+                try watch(frontendPath + "/" + key) { [weak self] in self?.reconfiguringKeyChanged() }
+            }
             online = readOnline()
             hotplugDone = try !hasScript || store.read(backendPath + "/hotplug-status") == "connected"
             try driver.readToolstackKeys(ctx)
@@ -119,18 +122,23 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             fail: { [loop] reason in loop.post { device.value?.fail(reason) } })
     }
 
-    /// Both ends Connected when we find the device: a restarted daemon (an
-    /// upgrade, a kill -9) finding a guest that kept running on its rings.
+    /// Both ends Connected when we find the device (or a vif's frontend in
+    /// the middle of a reconfiguration): a restarted daemon (an upgrade, a
+    /// kill -9) finding a guest that kept running on its rings.
     private func isRunningConnection(_ ctx: XenbusDeviceContext) -> Bool {
-        guard store.readState(backendPath) == .connected else { return false }
+        guard let be = store.readState(backendPath), be == .connected || (be == .reconfigured && driver.reconfigures) else {
+            return false
+        }
         let fe = store.readState(ctx.frontendPath)
         return fe == .connected || (fe == .initialised && driver.connectsAtInitialised)
+            || (fe == .reconfiguring && driver.reconfigures)
     }
 
     /// Takes the rings over where the previous daemon left them. Nothing
     /// is written to xenstore: the guest sees a pause, not a reconnect.
     private func resume(_ ctx: XenbusDeviceContext) {
-        state = .connected
+        // Reconfigured: the frontend's Connected still to come is answered.
+        state = store.readState(backendPath) == .reconfigured ? .reconfigured : .connected
         runJob("resuming", { [driver] in
             let r = try driver.open(ctx, resuming: true)
             do {
@@ -212,7 +220,8 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         }
         let fe = store.readFrontendState(ctx.frontendPath, logger: logger)   // nil counts as Closed
         switch FrontendStateReaction(frontend: fe, backend: state, mayOfferAgain: mayOfferAgain,
-                                     connectsAtInitialised: driver.connectsAtInitialised, online: online) {
+                                     connectsAtInitialised: driver.connectsAtInitialised, online: online,
+                                     reconfigures: driver.reconfigures) {
         case .none:
             break
         case .connect:
@@ -223,6 +232,17 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             if driver.opensBeforeInitWait && resource == nil { return }   // its resource failed for good
             logger.info("offering the device again")
             offer(permanent: false)
+        case .reconfigure:
+            guard let c = connection else { return }
+            do {
+                try driver.reconfigure(ctx, connection: c)
+                try setState(.reconfigured)
+                logger.info("reconfigured")
+            } catch {
+                fail(Self.reason(error, doing: "reconfiguring"))
+            }
+        case .endReconfigure:
+            do { try setState(.connected) } catch { fail(Self.reason(error, doing: "publishing Connected")) }
         }
     }
 
@@ -327,6 +347,14 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             if releasing { resource = nil }
             done()
         }
+    }
+
+    /// A key the driver reads on Reconfiguring changed: applied to a
+    /// running connection at once (the state may have changed before it).
+    private func reconfiguringKeyChanged() {
+        guard let ctx = context, probed, !removing, !quiescing, !busy, let c = connection,
+              state == .connected || state == .reconfigured else { return }
+        do { try driver.reconfigure(ctx, connection: c) } catch { fail(Self.reason(error, doing: "reconfiguring")) }
     }
 
     private func hotplugStatusChanged() {

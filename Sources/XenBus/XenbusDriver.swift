@@ -49,10 +49,24 @@ public protocol XenbusDriver: AnyObject, SendableMetatype {
     func close(_ device: XenbusDeviceContext, resource: Resource, flush: Bool)
     /// Control. A connection ended (its statistics become history).
     func retired(_ connection: Connection)
+    /// The frontend may change settings under a connection (Reconfiguring,
+    /// as netfront for XDP); false: Reconfiguring is ignored, as blkback does.
+    var reconfigures: Bool { get }
+    /// Control. The frontend went Reconfiguring, or changed one of
+    /// `reconfiguringKeys` under a connection: read what it changed and
+    /// apply it to the running connection. A throw fails the device.
+    func reconfigure(_ device: XenbusDeviceContext, connection: Connection) throws
+    /// Frontend keys watched while connected: Linux netfront switches to
+    /// Reconfiguring before it writes `xdp-headroom`, so the key may change
+    /// after the state did.
+    var reconfiguringKeys: [String] { get }
 }
 
 public extension XenbusDriver {
     func retired(_ connection: Connection) {}
+    var reconfigures: Bool { false }
+    func reconfigure(_ device: XenbusDeviceContext, connection: Connection) throws {}
+    var reconfiguringKeys: [String] { [] }
 }
 
 /// What a driver learns about its device from the framework.

@@ -56,9 +56,11 @@ extension DeviceReport {
         malformed = s.statistics.txMalformed
         droppedByReason = ["from_guest/tap-full": s.statistics.txDropped,
                            "to_guest/no-buffers": s.statistics.rxDropped &- s.statistics.rxDroppedUnfit
-                               &- s.statistics.rxDroppedFiltered,
+                               &- s.statistics.rxDroppedFiltered &- s.statistics.rxDroppedSteering,
                            "to_guest/unfit": s.statistics.rxDroppedUnfit,
-                           "to_guest/multicast-filter": s.statistics.rxDroppedFiltered]
+                           "to_guest/multicast-filter": s.statistics.rxDroppedFiltered,
+                           "to_guest/steering-full": s.statistics.rxDroppedSteering]
+        steered = s.statistics.rxSteered
         rateLimited = s.statistics.txRateLimited
         rateLimitedSeconds = Double(s.statistics.txRateLimitedNanoseconds) / 1e9
         lastErrorTime = s.lastErrorTime
@@ -70,6 +72,12 @@ extension DeviceReport {
                                  ipv6ChecksumOffload: $0.ipv6ChecksumOffload)
             terms.multicastFiltering = s.multicastFiltering
             terms.multicastAddresses = s.multicastAddresses
+            terms.controlRing = s.controlRing
+            terms.rxHeadroom = s.rxHeadroom
+            terms.receiveHash = s.receiveHash.map {
+                DeviceReport.ReceiveHash(algorithm: $0.algorithmName, types: $0.typeNames, keyLength: $0.keyLength,
+                                         mappingSize: $0.mappingSize)
+            }
             return terms
         }
     }

@@ -92,6 +92,15 @@ struct Status: ParsableCommand {
                             v.checksumOffload ? "csum-offload" : nil, v.ipv6ChecksumOffload ? "ipv6-csum-offload" : nil]
                 .compactMap { $0 }
             line("guest features", features.isEmpty ? "none" : features.joined(separator: ", "))
+            if v.multicastFiltering == true {
+                line("multicast", "filtered, \(v.multicastAddresses ?? 0) address\(v.multicastAddresses == 1 ? "" : "es") admitted")
+            }
+            if let h = v.rxHeadroom, h > 0 { line("rx headroom", "\(h) bytes (xdp-headroom)") }
+            if let h = v.receiveHash {
+                let what = h.algorithm == "none" ? "none" : "\(h.algorithm) over " + (h.types.isEmpty ? "no types" : h.types.joined(separator: ", "))
+                    + ", key \(h.keyLength) bytes, " + (h.mappingSize == 0 ? "no table" : "table of \(h.mappingSize)")
+                line("receive hash", what + (d.steered.map { ", \($0) frames steered" } ?? ""))
+            }
         }
         if let tx = d.txPackets, let rx = d.rxPackets {
             line("frames", "\(tx) from the guest (\(d.bytesWritten) bytes), \(rx) to it (\(d.bytesRead) bytes), "

@@ -154,6 +154,8 @@ import XenStoreClient
                                              ipv6ChecksumOffload: flag("feature-ipv6-csum-offload"))
         expected.multicastFiltering = false
         expected.multicastAddresses = 0
+        expected.controlRing = ((try? toolstack.store.read(frontend + "/ctrl-ring-ref")) ?? nil) != nil
+        expected.rxHeadroom = Int(((try? toolstack.store.read(frontend + "/xdp-headroom")) ?? nil) ?? "0") ?? -1
         #expect(vif?.vif == expected, "\(json)")
         // The restarted daemon lost b's (empty) filter: it floods rather than drops.
         #expect(vifReport("vif-2-0")?.vif?.multicastFiltering == false)

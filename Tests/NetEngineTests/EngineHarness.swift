@@ -27,18 +27,28 @@ final class EngineHarness {
     enum RxAnswer: Equatable {
         case data(NetifRxResponse)
         case gso(size: UInt16, type: UInt8)
+        /// A hash extra: its type bit, algorithm and value, and whether another extra follows.
+        case hash(typeBit: UInt8, algorithm: UInt8, value: UInt32, more: Bool)
+        /// An XDP extra: the headroom, and whether another extra follows.
+        case xdp(headroom: UInt16, more: Bool)
     }
 
     init(features: FrontendNetFeatures = FrontendNetFeatures(), rate: (bytes: UInt64, microseconds: UInt64)? = nil,
-         rxStallMilliseconds: Int = 100, startIndex: UInt32 = 0, multicastFilter: VifMulticastFilter? = nil) {
+         rxStallMilliseconds: Int = 100, startIndex: UInt32 = 0, multicastFilter: VifMulticastFilter? = nil,
+         hashSettings: VifHashSettings? = nil, queueIndex: Int = 0, steering: (any RxSteering)? = nil,
+         rxHeadroom: VifRxHeadroom? = nil) {
         grants = InMemoryGrantTable(guests: [guest])
         tx = FrontRing(initializing: guest.page(0), pages: 1, entrySize: RingEntrySize.netifTx, startIndex: startIndex)
         rx = FrontRing(initializing: guest.page(1), pages: 1, entrySize: RingEntrySize.netifRx, startIndex: startIndex)
         var c = NetQueueConfiguration(frontendDomain: Self.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
                                       rxRemotePort: 1, frontend: features, rate: rate, rxStallMilliseconds: rxStallMilliseconds)
         if let multicastFilter { c.multicastFilter = multicastFilter }
+        c.hashSettings = hashSettings
+        c.queueIndex = queueIndex
+        if let rxHeadroom { c.rxHeadroom = rxHeadroom }
         engine = NetQueueEngine(txRing: guest.page(0), rxRing: guest.page(1), grants: grants, tap: tap,
-                                configuration: c, buffers: try! NetEngineBuffers(backing: .heap), now: 0)   // only a mapping can fail
+                                configuration: c, buffers: try! NetEngineBuffers(backing: .heap), now: 0,   // only a mapping can fail
+                                steering: steering)
     }
 
     /// Grants frame `ref` (2...) to the backend and fills it with `bytes` at `offset`.
@@ -96,8 +106,16 @@ final class EngineHarness {
                 rx.takeResponse(into: b.baseAddress!)
                 if extraNext {
                     let e = NetifExtraInfo(decoding: b.baseAddress!)
-                    out.append(.gso(size: e.gsoSize, type: e.gsoType))
-                    extraNext = false
+                    let more = e.flags & NetifExtraType.flagMore != 0
+                    if e.type == NetifExtraType.xdp {
+                        out.append(.xdp(headroom: UInt16(e.payload[0]) | UInt16(e.payload[1]) << 8, more: more))
+                    } else if e.type == NetifExtraType.hash {
+                        let v = (0..<4).reduce(UInt32(0)) { $0 | UInt32(e.payload[2 + $1]) << (8 * UInt32($1)) }
+                        out.append(.hash(typeBit: e.payload[0], algorithm: e.payload[1], value: v, more: more))
+                    } else {
+                        out.append(.gso(size: e.gsoSize, type: e.gsoType))
+                    }
+                    extraNext = more
                 } else {
                     let r = NetifRxResponse(decoding: b.baseAddress!)
                     out.append(.data(r))

@@ -55,6 +55,8 @@ struct XenbusStateTableDocTests {
         case .connect: "connect"
         case .offerAgain: "offer"
         case .close(let s): "close→\(names[s]!)"
+        case .reconfigure: "reconfigure"
+        case .endReconfigure: "end-reconfigure"
         }
     }
 
@@ -65,7 +67,7 @@ struct XenbusStateTableDocTests {
         let frontends: [XenbusState?] = [nil] + XenbusState.allKnown
         var checked = 0
         for fe in frontends {
-            for be in [XenbusState.initialising, .initWait, .connected, .closing, .closed] {
+            for be in [XenbusState.initialising, .initWait, .connected, .closing, .closed, .reconfigured] {
                 for online in [true, false] {
                     for type in ["vbd", "vif"] {
                         let feName = fe.map { Self.names[$0]! } ?? "gone"
@@ -75,7 +77,8 @@ struct XenbusStateTableDocTests {
                                 && (r.online.map { $0 == online } ?? true) && (r.type.map { $0 == type } ?? true)
                         }
                         let code = FrontendStateReaction(frontend: fe, backend: be, mayOfferAgain: true,
-                                                         connectsAtInitialised: type == "vbd", online: online)
+                                                         connectsAtInitialised: type == "vbd", online: online,
+                                                         reconfigures: type == "vif")
                         #expect(row?.action == Self.action(code),
                                 "frontend \(feName), backend \(beName), online \(online), \(type): docs say \(row?.action ?? "no row"), code does \(Self.action(code))")
                         checked += 1
@@ -83,7 +86,7 @@ struct XenbusStateTableDocTests {
                 }
             }
         }
-        #expect(checked == 10 * 5 * 2 * 2)
+        #expect(checked == 10 * 6 * 2 * 2)
     }
 
     @Test("a final failure is never offered again, whatever the frontend does")
