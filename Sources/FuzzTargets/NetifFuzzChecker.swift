@@ -52,10 +52,28 @@ final class NetifFuzzChecker {
     /// Frames the engine read from the TAP and has not delivered (or dropped), oldest first.
     var fromTheBridge: [[UInt8]] = []
     var tapCursor = 0
-    /// One rx data response of this step: the frame its buffer is (if writable) and its status.
-    struct RxSlot { var frame: Int?; var status: Int16; var flags: UInt16 }
+    /// One rx data response of this step: the frame its buffer is (if
+    /// writable), where its data starts and its status.
+    struct RxSlot { var frame: Int?; var offset: UInt16; var status: Int16; var flags: UInt16 }
     var rxSlots: [RxSlot] = []
-    var rxExtras: [(size: UInt16, type: UInt8)?] = []
+    /// One delivered frame's extra slots.
+    struct RxExtras {
+        var gso: (size: UInt16, type: UInt8)?
+        var hash: (typeBit: UInt8, value: UInt32)?
+        var xdpHeadroom: UInt16?
+        /// The last kind seen (1 GSO, 2 hash, 3 XDP): they come in that order, once each.
+        var rank = 0
+    }
+    var rxExtras: [RxExtras] = []
+    /// What the guest set for hashing (read as the step ends), and the
+    /// headroom it asked for (0: none).
+    var hashSettings: VifHashSettings?
+    var headroom = 0
+    /// Per data frame: bytes before this are the guest's (its headroom) and stay as they were.
+    var writableFrom = [Int](repeating: XenPage.size, count: NetifFuzzWorld.pageCount)
+    /// Control ring: responses checked so far.
+    var controlAnswered: UInt32 = 0
+    var controlBroken = false
 
     init(world: NetifFuzzWorld, startIndex: UInt32) {
         self.world = world
@@ -135,7 +153,7 @@ final class NetifFuzzChecker {
             }
             if world.tap.written.count != written || world.tap.reads != reads { fail("a stopped or broken engine used the TAP") }
             if s.notifyTx || s.notifyRx { fail("a stopped or broken engine asked to notify") }
-            for i in writable.indices { writable[i] = 0 }
+            for i in writable.indices { writable[i] = 0; writableFrom[i] = XenPage.size }
             checkPages()
             if case .running = s.outcome { fail("a stopped or broken engine runs again") }
             return s

@@ -14,6 +14,11 @@ final class NetifFuzzProgram {
     let checker: NetifFuzzChecker
     var tx: FrontRing
     var rx: FrontRing
+    var control: FrontRing
+    let controlEngine: NetControlEngine
+    var controlID: UInt16 = 0
+    /// Control requests written and not yet answered, oldest first.
+    var controlPending: [NetifCtrlRequest] = []
     var now = 0
     var lastDeadline: Int?
 
@@ -30,12 +35,35 @@ final class NetifFuzzProgram {
                        startIndex: start)
         rx = FrontRing(initializing: world.guest.page(NetifFuzzWorld.rxRingFrame), pages: 1, entrySize: RingEntrySize.netifRx,
                        startIndex: start)
-        let c = NetQueueConfiguration(frontendDomain: NetifFuzzWorld.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
+        var c = NetQueueConfiguration(frontendDomain: NetifFuzzWorld.domain, txRingRef: 0, rxRingRef: 1, txRemotePort: 1,
                                       rxRemotePort: 1, frontend: features, rate: rate, rxStallMilliseconds: stall)
+        // The vif's hash settings (edited by `.control`, or hashing from the
+        // start in a quarter of the set-ups) and, in another quarter, rx headroom.
+        let settings = VifHashSettings(queues: 1)
+        if r & 0x30 == 0x30 {
+            let flags = UInt32(b.u8() & 0xf), seed = Int(b.u8())
+            let key = ToeplitzKey((0..<ToeplitzKey.maxLength).map { UInt8(truncatingIfNeeded: seed &* 131 &+ $0 &* 29) })
+            _ = settings.edit { s in
+                s.algorithm = NetifHashAlgorithm.toeplitz
+                s.flags = flags
+                s.key = key
+                s.keyLength = ToeplitzKey.maxLength
+                return NetifCtrlStatus.success
+            }
+        }
+        c.hashSettings = settings
+        let headroom = r & 0xc0 == 0xc0 ? Int(b.u16()) % (VifRxHeadroom.maximum + 1) : 0
+        c.rxHeadroom = VifRxHeadroom(headroom)
         engine = NetQueueEngine(txRing: world.guest.page(NetifFuzzWorld.txRingFrame),
                                 rxRing: world.guest.page(NetifFuzzWorld.rxRingFrame), grants: world.grants, tap: world.tap,
                                 configuration: c, buffers: world.buffers, now: 0)
         checker = NetifFuzzChecker(world: world, startIndex: start)
+        checker.hashSettings = settings
+        checker.headroom = headroom
+        control = FrontRing(initializing: world.guest.page(NetifFuzzWorld.controlRingFrame), pages: 1,
+                            entrySize: RingEntrySize.netifCtrl)
+        controlEngine = NetControlEngine(ring: world.guest.page(NetifFuzzWorld.controlRingFrame), grants: world.grants,
+                                         frontendDomain: NetifFuzzWorld.domain, settings: settings)
     }
 
     func perform(_ action: NetifFuzzTarget.Action, _ b: inout FuzzBytes) {
@@ -132,7 +160,42 @@ final class NetifFuzzProgram {
             }
             step(.kicked)
             world.grants.beforeCopy = nil
+        case .control:
+            controlRequests(&b)
         }
+    }
+
+    /// One to three control requests of any type, with data biased to each
+    /// type's edges (keys of 40 and 41 bytes, tables that end at the size,
+    /// queue numbers past the one queue), pushed; or a producer past the ring.
+    private func controlRequests(_ b: inout FuzzBytes) {
+        for _ in 0..<(1 + Int(b.u8() % 3)) {
+            controlID &+= 1
+            let type = UInt16(b.u8() % 12)
+            let ref = UInt32(b.u8() % UInt8(NetifFuzzWorld.grantCount + 2))
+            let data: (UInt32, UInt32, UInt32)
+            switch type {
+            case NetifCtrlType.setHashAlgorithm: data = (UInt32(b.u8() % 3), 0, 0)
+            case NetifCtrlType.setHashFlags: data = (UInt32(b.u8() & 0x1f), 0, 0)
+            case NetifCtrlType.setHashKey: data = (ref, b.u8() & 1 == 0 ? UInt32(b.u8() % 42) : b.u32(), 0)
+            case NetifCtrlType.setHashMappingSize: data = (b.u8() & 1 == 0 ? UInt32(b.u8() % 130) : b.u32(), 0, 0)
+            case NetifCtrlType.setHashMapping:
+                data = (ref, b.u8() & 1 == 0 ? UInt32(b.u8() % 130) : b.u32(), b.u8() & 1 == 0 ? UInt32(b.u8() % 130) : b.u32())
+            default: data = (b.u32(), b.u32(), b.u32())
+            }
+            let q = NetifCtrlRequest(id: controlID, type: type, data: data)
+            q.encode(to: control.nextRequestSlot())
+            control.commitRequest()
+            controlPending.append(q)
+        }
+        if b.u8() & 15 == 15 {
+            control.publishRawRequestProducer(producer(control.requestProducerPrivate, &b))
+        } else {
+            _ = control.pushRequests()
+        }
+        let producer = world.guest.page(NetifFuzzWorld.controlRingFrame).load(as: UInt32.self)
+        checker.checkControl(controlEngine.step(), posted: &controlPending, publishedProducer: producer)
+        while control.unconsumedResponses() > 0 || control.finalCheckForResponses() { control.takeResponse(into: world.txSlotsBefore) }
     }
 
     /// req_prod anywhere: a little ahead, behind, past the ring, or any value.

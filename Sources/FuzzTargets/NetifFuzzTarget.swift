@@ -23,6 +23,8 @@ public enum NetifFuzzTarget: FuzzTarget {
         case kick, tick, tapReadable, advanceTime, stop
         /// The guest revokes a grant while the engine copies (after it took the slot).
         case revokeDuringCopy
+        /// Requests on the control ring (the hash settings), answered at once.
+        case control
     }
 
     /// At most this many actions per run (longer inputs are cut).

@@ -20,7 +20,9 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
     static let grantableFrames = 2..<14
     /// Never granted: their bytes (0xFF) must never reach a frame.
     static let secretFrames = 14..<16
-    static let pageCount = 16
+    /// The control ring (feature-ctrl-ring), whose requests edit the hash settings.
+    static let controlRingFrame = 16
+    static let pageCount = 17
     static let grantCount = 24
     /// A grantable frame that no grant points at holds this instead.
     static let ungrantedByte: UInt8 = 0xC3
