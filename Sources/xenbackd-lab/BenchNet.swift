@@ -28,6 +28,11 @@ struct BenchNet: ParsableCommand {
     @Flag(help: "Turn br_netfilter's hooks off on the bench's bridge (bridge-nf-call-*tables=0 in its dom0 namespace only); by default they are as the host's kernel sets them.")
     var noBridgeNetfilter = false
 
+    @Flag(help: "The receiving guest gives a control ring and turns Toeplitz hashing on for every type: each frame to it is hashed and carries a hash extra (feature-ctrl-ring).")
+    var rxHash = false
+    @Option(help: "Bytes of rx headroom the receiving guest asks for (xdp-headroom, as Linux netfront for XDP: 256).")
+    var rxHeadroom: Int = 0
+
     @OptionGroup var logging: LoggingOptions
 
     enum Kind { case tcp, udp64 }
@@ -78,7 +83,19 @@ struct BenchNet: ParsableCommand {
         say("bridge: br_netfilter hooks " + (iptablesHook == nil ? "absent (module not loaded)"
                                               : iptablesHook == "0" ? "off" : "on (bridge-nf-call-iptables=\(iptablesHook!))"))
         let a = try bed.addGuest(1)
-        let b = try bed.addGuest(2)
+        let b = try bed.addGuest(2, options: NetFrontendOptions(controlRing: rxHash))
+        if rxHash {
+            let key = (0..<ToeplitzKey.maxLength).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+            for status in [try b.frontend.setHashAlgorithm(NetifHashAlgorithm.toeplitz), try b.frontend.setHashKey(key),
+                           try b.frontend.setHashFlags(NetifHashType.all)] where status != NetifCtrlStatus.success {
+                throw ValidationError("the backend refused a hash setting: status \(status)")
+            }
+            say("guest 2 hashes what it receives: Toeplitz over every type, a 40-byte key")
+        }
+        if rxHeadroom > 0 {
+            try b.frontend.setRxHeadroom(rxHeadroom)
+            say("guest 2 asked for \(rxHeadroom) bytes of rx headroom")
+        }
         if grantCosts {
             progress("grant map against grant copy")
             let c = try GrantCosts.measure(host: bed.host)
@@ -128,6 +145,11 @@ struct BenchNet: ParsableCommand {
         if let s = bed.vifStatus(a)?.statistics {
             say("\nvif1.0: tx \(s.txPackets) frames \(s.txBytes) bytes, malformed \(s.txMalformed), dropped \(s.txDropped); "
                 + "rx \(s.rxPackets) frames, dropped \(s.rxDropped)")
+        }
+        if rxHash || rxHeadroom > 0 {
+            let f = b.frontend.statistics
+            say("guest 2: \(f.rxFrames) frames received, \(f.rxHashedFrames) hashed (\(f.rxHashMismatches) wrong), "
+                + "\(f.rxHeadroomFrames) with headroom (\(f.rxHeadroomMismatches) wrong)")
         }
     }
 
