@@ -8,7 +8,8 @@ public struct ValidatedRequest {
         /// WRITE_BARRIER: drain, write (if any segments), then flush.
         case barrier
         case flush
-        case discard(sectors: UInt64)
+        /// `secure`: BLKIF_DISCARD_SECURE on a disk offering discard-secure.
+        case discard(sectors: UInt64, secure: Bool)
     }
     public var id: UInt64
     public var operation: UInt8
@@ -198,6 +199,7 @@ func validateDiscard(_ r: BlkifDiscardRequest, limits: DiskLimits) -> Result<Val
     guard r.sectorNumber <= limits.sectors, r.nrSectors <= limits.sectors - r.sectorNumber else {
         return .failure(.beyondEndOfDisk)
     }
-    return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: .discard(sectors: r.nrSectors),
+    let secure = limits.secureDiscard && r.flag & Blkif.discardSecure != 0
+    return .success(ValidatedRequest(id: r.id, operation: r.operation, kind: .discard(sectors: r.nrSectors, secure: secure),
                                      sector: r.sectorNumber, segmentCount: 0, byteCount: 0))
 }

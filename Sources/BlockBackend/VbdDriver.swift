@@ -47,6 +47,8 @@ public struct VbdNegotiation: Sendable, Equatable {
     public var flush: Bool
     public var barrier: Bool
     public var discard: Bool
+    /// discard-secure as offered (the device erases securely).
+    public var secureDiscard = false
     /// feature-max-indirect-segments as offered (0: none).
     public var maxIndirectSegments: Int
     /// Both ends use feature-persistent.
@@ -205,6 +207,7 @@ final class VbdDriver: XenbusDriver {
         let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
                                 flush: g.supportsFlush, barrier: g.supportsFlush,
                                 discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
+                                secureDiscard: discardEnabled && g.discard?.secure == true && !(readOnly || g.readOnly),
                                 maxIndirectSegments: resuming ? publishedIndirectSegments(d) : options.maxIndirectSegments)
         let queues = VbdQueues()
         do {
@@ -261,6 +264,7 @@ final class VbdDriver: XenbusDriver {
                                            maxIndirectSegments: limits.maxIndirectSegments,
                                            persistentGrants: rings[0].persistent, ringPages: rings[0].refs.count,
                                            queues: rings.count, protocolName: rings[0].ringProtocol.name)
+        queues.negotiated?.secureDiscard = limits.secureDiscard
         d.logger.info("connected", metadata: ["queues": "\(rings.count)", "ringPages": "\(rings[0].refs.count)",
                                               "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
                                               "persistentGrants": "\(rings[0].persistent)"])
@@ -386,7 +390,7 @@ final class VbdDriver: XenbusDriver {
         ]
         if limits.discard, let d = g.discard {
             keys += [("discard-granularity", String(d.granularity)), ("discard-alignment", String(d.alignment)),
-                     ("discard-secure", "0")]
+                     ("discard-secure", limits.secureDiscard ? "1" : "0")]
         }
         return keys
     }

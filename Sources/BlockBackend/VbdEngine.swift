@@ -593,10 +593,10 @@ public final class VbdEngine {
             queueStorage(slot: s, kind: .write)
         case .flush:
             queueStorage(slot: s, kind: .flush)
-        case .discard(let sectors):
+        case .discard(let sectors, let secure):
             submissions[submissionCount] = StorageOperation(
                 tag: UInt64(s), kind: .discard, offset: r.sector * UInt64(Blkif.sectorSize),
-                length: sectors * UInt64(Blkif.sectorSize))
+                length: sectors * UInt64(Blkif.sectorSize), secure: secure)
             submissionCount += 1
         case .barrier:
             barrierSlot = Int32(s)

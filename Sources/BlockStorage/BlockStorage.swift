@@ -26,8 +26,10 @@ public struct DiscardSupport: Equatable, Sendable {
     public var alignment: UInt32
     /// Discarded ranges read back as zeros.
     public var zeroesData: Bool
-    public init(granularity: UInt32, alignment: UInt32, zeroesData: Bool) {
-        self.granularity = granularity; self.alignment = alignment; self.zeroesData = zeroesData
+    /// The device erases securely (BLKSECDISCARD): blkif's `discard-secure`.
+    public var secure: Bool
+    public init(granularity: UInt32, alignment: UInt32, zeroesData: Bool, secure: Bool = false) {
+        self.granularity = granularity; self.alignment = alignment; self.zeroesData = zeroesData; self.secure = secure
     }
 }
 
@@ -47,11 +49,14 @@ public struct StorageOperation {
     public var length: UInt64
     public var iovecs: UnsafeMutablePointer<iovec>?
     public var iovecCount: Int32
+    /// A discard that must erase securely (a storage whose discard support
+    /// says `secure`); others ignore it.
+    public var secure = false
 
     public init(tag: UInt64, kind: StorageOperationKind, offset: UInt64 = 0, length: UInt64 = 0,
-                iovecs: UnsafeMutablePointer<iovec>? = nil, iovecCount: Int32 = 0) {
+                iovecs: UnsafeMutablePointer<iovec>? = nil, iovecCount: Int32 = 0, secure: Bool = false) {
         self.tag = tag; self.kind = kind; self.offset = offset; self.length = length
-        self.iovecs = iovecs; self.iovecCount = iovecCount
+        self.iovecs = iovecs; self.iovecCount = iovecCount; self.secure = secure
     }
 }
 

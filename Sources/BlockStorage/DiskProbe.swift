@@ -158,7 +158,7 @@ enum DiskProbe {
     // MARK: Discard
 
     static func discardSupport(fd: Int32, shape: DiskShape) -> DiscardSupport? {
-        shape.isBlockDevice ? blockDeviceDiscardSupport(device: shape.device)
+        shape.isBlockDevice ? blockDeviceDiscardSupport(fd: fd, device: shape.device)
                             : fileDiscardSupport(fd: fd, sizeBytes: shape.sizeBytes)
     }
 
@@ -173,8 +173,9 @@ enum DiskProbe {
 
     /// The block layer's limits in sysfs; a granularity or maximum of 0 means
     /// no discard. discard_zeroes_data is 0 on current kernels, so zeroesData
-    /// is true only if a kernel says so.
-    private static func blockDeviceDiscardSupport(device: dev_t) -> DiscardSupport? {
+    /// is true only if a kernel says so. Secure erase has no sysfs file: it
+    /// is probed with BLKSECDISCARD given no range, which erases nothing.
+    private static func blockDeviceDiscardSupport(fd: Int32, device: dev_t) -> DiscardSupport? {
         var major: UInt32 = 0, minor: UInt32 = 0
         xb_device_numbers(UInt64(device), &major, &minor)
         let directory = "/sys/dev/block/\(major):\(minor)"
@@ -185,7 +186,7 @@ enum DiskProbe {
         let alignment = readSysfsNumber("\(directory)/discard_alignment") ?? 0
         let zeroes = readSysfsNumber("\(directory)/queue/discard_zeroes_data") == 1
         return DiscardSupport(granularity: UInt32(granularity), alignment: UInt32(truncatingIfNeeded: alignment),
-                              zeroesData: zeroes)
+                              zeroesData: zeroes, secure: xb_block_device_supports_secure_discard(fd) == 1)
     }
 
     static func readSysfsNumber(_ path: String) -> UInt64? {

@@ -184,7 +184,8 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
         let bytes = operation.kind == .read || operation.kind == .write
             ? transferLength(operation.iovecs, operation.iovecCount) : operation.length
         slots[slot] = OperationSlot(tag: operation.tag, kind: operation.kind, offset: operation.offset,
-                                    length: bytes, iovecs: operation.iovecs, iovecCount: operation.iovecCount)
+                                    length: bytes, secure: operation.secure, iovecs: operation.iovecs,
+                                    iovecCount: operation.iovecCount)
         switch operation.kind {
         case .read:
             guard let error = rangeError(operation.offset, bytes) else {
@@ -207,13 +208,13 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
             }
             slots[slot].work = .synchronousFlush
         case .discard:
-            slots[slot].work = discardWork(operation.offset, bytes)
+            slots[slot].work = discardWork(operation.offset, bytes, secure: operation.secure)
         }
     }
 
-    private func discardWork(_ offset: UInt64, _ length: UInt64) -> SlotWork {
+    private func discardWork(_ offset: UInt64, _ length: UInt64, secure: Bool) -> SlotWork {
         if geometry.readOnly { return .finished(-Int64(EROFS)) }
-        if geometry.discard == nil { return .finished(-Int64(EOPNOTSUPP)) }
+        guard let support = geometry.discard, !secure || support.secure else { return .finished(-Int64(EOPNOTSUPP)) }
         if let error = rangeError(offset, length) { return .finished(-Int64(error)) }
         return length == 0 ? .finished(0) : .discard
     }
@@ -276,7 +277,9 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     private func runDiscard(_ slot: Int) -> Int64 {
         let offset = slots[slot].offset, length = slots[slot].length
         return Self.negativeErrno { () throws(SystemError) in
-            if isBlockDevice {
+            if isBlockDevice && slots[slot].secure {
+                _ = try Syscall.retryingOnInterrupt("BLKSECDISCARD") { xb_block_device_secure_discard(fd, offset, length) }
+            } else if isBlockDevice {
                 _ = try Syscall.retryingOnInterrupt("BLKDISCARD") { xb_block_device_discard(fd, offset, length) }
             } else {
                 _ = try Syscall.retryingOnInterrupt("fallocate") {
@@ -414,6 +417,8 @@ struct OperationSlot {
     var offset: UInt64 = 0
     /// Bytes to move (read, write) or to discard.
     var length: UInt64 = 0
+    /// A discard that erases securely (BLKSECDISCARD).
+    var secure = false
     var iovecs: UnsafeMutablePointer<iovec>?
     var iovecCount: Int32 = 0
     var work: SlotWork = .kernel

@@ -162,6 +162,8 @@ public struct DeviceReport: Codable, Sendable {
         public var flush: Bool
         public var barrier: Bool
         public var discard: Bool
+        /// `discard-secure`: a discard flagged secure erases securely (BLKSECDISCARD).
+        public var secureDiscard: Bool?
         public var maxIndirectSegments: Int
         public var persistentGrants: Bool
         public var ringPages: Int

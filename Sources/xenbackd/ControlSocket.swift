@@ -34,10 +34,12 @@ extension DeviceReport {
             persistentGrantsMapped = s.statistics.persistentGrants
         }
         vbd = s.negotiated.map {
-            VbdTerms(sectors: $0.sectors, sectorSize: $0.sectorSize, physicalSectorSize: $0.physicalSectorSize,
-                     readOnly: $0.readOnly, flush: $0.flush, barrier: $0.barrier, discard: $0.discard,
-                     maxIndirectSegments: $0.maxIndirectSegments, persistentGrants: $0.persistentGrants,
-                     ringPages: $0.ringPages, queues: $0.queues, protocol: $0.protocolName)
+            var terms = VbdTerms(sectors: $0.sectors, sectorSize: $0.sectorSize, physicalSectorSize: $0.physicalSectorSize,
+                                 readOnly: $0.readOnly, flush: $0.flush, barrier: $0.barrier, discard: $0.discard,
+                                 maxIndirectSegments: $0.maxIndirectSegments, persistentGrants: $0.persistentGrants,
+                                 ringPages: $0.ringPages, queues: $0.queues, protocol: $0.protocolName)
+            terms.secureDiscard = $0.secureDiscard
+            return terms
         }
     }
 

@@ -81,7 +81,8 @@ struct Status: ParsableCommand {
                  + (v.readOnly ? "read-only" : "read-write"))
             line("ring", "\(v.ringPages) page\(v.ringPages == 1 ? "" : "s") × \(v.queues) ring\(v.queues == 1 ? "" : "s"), "
                  + "protocol \(v.protocol), persistent grants \(v.persistentGrants ? "on" : "off")")
-            var features = [v.flush ? "flush" : nil, v.barrier ? "barrier" : nil, v.discard ? "discard" : nil]
+            var features = [v.flush ? "flush" : nil, v.barrier ? "barrier" : nil,
+                            v.discard ? (v.secureDiscard == true ? "discard (secure too)" : "discard") : nil]
                 .compactMap { $0 }
             if v.maxIndirectSegments > 0 { features.append("indirect requests of \(v.maxIndirectSegments) segments") }
             line("features", features.isEmpty ? "none" : features.joined(separator: ", "))

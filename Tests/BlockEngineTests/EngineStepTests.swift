@@ -15,14 +15,14 @@ final class EngineBed {
     let engine: VbdEngine
 
     init(sectors: Int = 2048, queueDepth: Int = 32, maxIndirectSegments: Int = 0, persistent: Bool = false,
-         storageMaxIovecs: Int? = nil) throws {
+         storageMaxIovecs: Int? = nil, secureDiscard: Bool = false) throws {
         front = InMemoryBlkfront(guest: guest, ringPages: 1)
         grants = InMemoryGrantTable(guests: [guest])
         disk = InMemoryStorage(sizeBytes: sectors * 512, queueDepth: queueDepth)
         disk.maxIovecsPerOperation = storageMaxIovecs
         for f in 8..<64 { guest.grant(GrantRef(100 + f), frame: f) }
         let limits = DiskLimits(sectors: UInt64(sectors), readOnly: false, flush: true, barrier: true, discard: true,
-                                maxIndirectSegments: maxIndirectSegments)
+                                secureDiscard: secureDiscard, maxIndirectSegments: maxIndirectSegments)
         engine = try VbdEngine(ring: front.ringAddress, pages: 1, frontendDomain: 1, grants: grants, storage: disk,
                            limits: limits, persistentGrants: persistent, indirectBouncePages: 256)
     }
@@ -169,6 +169,22 @@ struct EngineStepTests {
         #expect(bed.front.responses() == [ok(9, BlkifOperation.discard)])
         #expect(bed.diskBytes(bed.disk.written, sector: 0, count: 16)
                 == [UInt8](repeating: 0, count: 4096) + [UInt8](repeating: 0x77, count: 4096))
+    }
+
+    @Test("with discard-secure, a discard flagged secure reaches the storage as a secure erase, and only that one")
+    func secureDiscardReachesTheStorage() throws {
+        let bed = try EngineBed(secureDiscard: true)
+        bed.front.queue(BlkifDiscardRequest(flag: Blkif.discardSecure, id: 9, sectorNumber: 0, nrSectors: 8))
+        bed.front.queue(BlkifDiscardRequest(flag: 0, id: 10, sectorNumber: 8, nrSectors: 8))
+        bed.front.queue(BlkifDiscardRequest(flag: 0x80, id: 11, sectorNumber: 16, nrSectors: 8))   // another bit: not secure
+        bed.front.push()
+        _ = bed.engine.step(.kicked)
+        #expect(bed.disk.pending.map { [$0.operation.offset, $0.operation.length, $0.operation.secure ? 1 : 0] }
+                == [[0, 4096, 1], [4096, 4096, 0], [8192, 4096, 0]])
+        bed.disk.completeAll()
+        _ = bed.engine.step(.storageReady)
+        #expect(bed.front.responses() == [ok(9, BlkifOperation.discard), ok(10, BlkifOperation.discard),
+                                          ok(11, BlkifOperation.discard)])
     }
 
     @Test("a storage error answers BLKIF_RSP_ERROR; a duplicate id in flight is refused alone")

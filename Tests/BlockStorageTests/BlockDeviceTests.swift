@@ -1,4 +1,5 @@
 import Foundation
+import CXenBackSupport
 import Glibc
 import NBDTestSupport
 import Testing
@@ -45,6 +46,19 @@ import Testing
         #expect(read.result == Int64(256 * 1024))
         #expect(read.bytes == [UInt8](repeating: 0, count: 256 * 1024))
         #expect(readThroughStorage(storage, offset: 16 * mebibyte, length: 512).result == -Int64(EINVAL))
+
+        // A loop device cannot erase securely: the kernel says so to the
+        // probe's BLKSECDISCARD without a range (EOPNOTSUPP, not EFAULT),
+        // and a secure discard is refused without touching the data.
+        let fd = open(loop.path, O_RDWR)
+        defer { close(fd) }
+        #expect(xb_block_device_supports_secure_discard(fd) == 0)
+        #expect(ioctl(fd, 0x127d /* BLKSECDISCARD */, 0) == -1 && errno == EOPNOTSUPP)
+        let blocks = backing.allocatedBlocks
+        let secure = runAll(storage, [StorageOperation(tag: 8, kind: .discard, offset: UInt64(2 * mebibyte),
+                                                       length: 64 * 1024, secure: true)])[8]
+        #expect(secure == -Int64(EOPNOTSUPP))
+        #expect(backing.allocatedBlocks == blocks)
     }
 
     @Test func readOnlyLoopDevice() throws {

@@ -96,6 +96,11 @@ int xb_block_device_size(int fd, uint64_t *size);
 int xb_block_device_sector_sizes(int fd, uint32_t *logical, uint32_t *physical);
 /// BLKDISCARD on [offset, offset+len).
 int xb_block_device_discard(int fd, uint64_t offset, uint64_t len);
+/// BLKSECDISCARD (secure erase) on [offset, offset+len).
+int xb_block_device_secure_discard(int fd, uint64_t offset, uint64_t len);
+/// 1 if the device can erase securely (BLKSECDISCARD), probed without
+/// erasing anything; needs a descriptor open for writing.
+int xb_block_device_supports_secure_discard(int fd);
 /// The file system's type (fstatfs's f_type, a linux/magic.h number).
 int xb_file_system_type(int fd, int64_t *type);
 
