@@ -15,12 +15,17 @@ public struct LoggingOptions: ParsableArguments, Sendable {
     }
 }
 
-/// swift-log's bootstrap, once per process: to standard error.
+/// swift-log's bootstrap, once per process: to the journal when standard
+/// error is the journal's stream (a systemd unit), else to standard error.
 public enum LoggingBootstrap {
     nonisolated(unsafe) private static var done = false
     public static func once(level: Logger.Level) {
         guard !done else { return }
         done = true
+        if JournalSocket.standardErrorIsJournal(), let socket = JournalSocket() {
+            LoggingSystem.bootstrap { label in JournalLogHandler(label: label, level: level, socket: socket) }
+            return
+        }
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = level
