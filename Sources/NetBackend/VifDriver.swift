@@ -56,6 +56,10 @@ struct VifConnection {
     var inboxes: RxSteeringInboxes?
     /// The room the guest keeps before received frames (`xdp-headroom`).
     var rxHeadroom: VifRxHeadroom
+    /// Taken over from a previous daemon, which had the guest's multicast
+    /// list: filtering stays off for this connection, whatever the guest
+    /// says later, since the list it would filter by is gone.
+    var multicastListLost = false
 }
 
 /// The vif type for the xenbus framework (`XenbusDevice`): its toolstack
@@ -78,7 +82,7 @@ final class VifDriver: XenbusDriver {
     /// Linux netfront goes Reconfiguring to change `xdp-headroom`, and
     /// writes the key just after the state.
     let reconfigures = true
-    let reconfiguringKeys = ["xdp-headroom"]
+    let reconfiguringKeys = ["xdp-headroom", "request-multicast-control"]
 
     private let address: BackendDeviceAddress
     private let platform: any HypervisorPlatform
@@ -155,7 +159,8 @@ final class VifDriver: XenbusDriver {
         [("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
          ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"), ("feature-ipv6-csum-offload", "1"),
          ("feature-split-event-channels", "1"), ("multi-queue-max-queues", String(options.maxQueues)),
-         ("feature-multicast-control", "1"), ("feature-ctrl-ring", "1"), ("feature-xdp-headroom", "1")]
+         ("feature-multicast-control", "1"), ("feature-dynamic-multicast-control", "1"), ("feature-ctrl-ring", "1"),
+         ("feature-xdp-headroom", "1")]
     }
 
     /// The interface's name in a message or a log line: the toolstack's
@@ -226,10 +231,11 @@ final class VifDriver: XenbusDriver {
         let tap = port.tap
         var configs = try readFrontendKeys(d)
         let f = configs[0].frontend
-        // Sampled at Connected (no feature-dynamic-multicast-control). A
-        // restarted daemon has lost the guest's list, which the guest will
-        // not send again: it floods multicast to the guest rather than drop
-        // what the guest asked for.
+        // Read at Connected, and again whenever the guest changes it
+        // (feature-dynamic-multicast-control: `reconfigure`). A restarted
+        // daemon has lost the guest's list, which the guest will not send
+        // again: it floods multicast to the guest rather than drop what the
+        // guest asked for.
         let wantsFilter = try d.store.readFlag(d.frontendPath, "request-multicast-control", default: false)
         if wantsFilter && resuming {
             d.logger.notice("multicast filter lost with the previous daemon: flooding multicast to the guest")
@@ -290,7 +296,8 @@ final class VifDriver: XenbusDriver {
                                               "split": "\(split)", "sg": "\(f.scatterGather)",
                                               "gso": "\(f.gsoTCPv4)/\(f.gsoTCPv6)", "ctrl": "\(control != nil)"])
         return (VifConnection(planes: planes, splitEventChannels: split, frontendFeatures: f, multicastFilter: filter,
-                              hashSettings: control?.settings, inboxes: inboxes, rxHeadroom: headroom), [])
+                              hashSettings: control?.settings, inboxes: inboxes, rxHeadroom: headroom,
+                              multicastListLost: resuming), [])
     }
 
     /// Carrier off, every queue stopped.
@@ -317,11 +324,19 @@ final class VifDriver: XenbusDriver {
     /// Reconfiguring: the frontend changed `xdp-headroom` (Linux netfront,
     /// attaching or removing an XDP program); the queues use the new room
     /// from their next pass, and each frame's XDP extra says which it got.
+    /// `request-multicast-control` may change too (feature-dynamic-multicast-control):
+    /// the filter is applied, or not, from the next frame.
     func reconfigure(_ d: XenbusDeviceContext, connection: VifConnection) throws {
         let bytes = try readXDPHeadroom(d)
-        guard bytes != connection.rxHeadroom.bytes else { return }
-        connection.rxHeadroom.set(bytes)
-        d.logger.info("rx headroom", metadata: ["bytes": "\(bytes)"])
+        if bytes != connection.rxHeadroom.bytes {
+            connection.rxHeadroom.set(bytes)
+            d.logger.info("rx headroom", metadata: ["bytes": "\(bytes)"])
+        }
+        let filtering = try d.store.readFlag(d.frontendPath, "request-multicast-control", default: false)
+        if !connection.multicastListLost, filtering != connection.multicastFilter.enabled {
+            connection.multicastFilter.setEnabled(filtering)
+            d.logger.info("multicast filter", metadata: ["on": "\(filtering)"])
+        }
     }
 
     /// `xdp-headroom`: absent is 0; more than this backend leaves (half a

@@ -14,17 +14,24 @@ public final class VifMulticastFilter: @unchecked Sendable {   // entries access
     /// The guest asked for filtering (`request-multicast-control` at
     /// Connected); without it multicast frames are flooded to it, and its
     /// edits still kept (netif.h).
-    public let enabled: Bool
+    /// The guest may turn it on and off while connected
+    /// (feature-dynamic-multicast-control): one atomic word, read per frame.
+    public var enabled: Bool { xb_load_acquire_u32(enabledWord) != 0 }
+    private let enabledWord = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     /// 0: free; otherwise the address in the low 48 bits and bit 63 set.
     private let entries = UnsafeMutablePointer<UInt64>.allocate(capacity: capacity)
     private let editing = Mutex<Void>(())
 
     public init(enabled: Bool) {
-        self.enabled = enabled
+        enabledWord.initialize(to: enabled ? 1 : 0)
         entries.initialize(repeating: 0, count: Self.capacity)
     }
 
-    deinit { entries.deallocate() }
+    deinit { entries.deallocate(); enabledWord.deallocate() }
+
+    /// The guest changed `request-multicast-control` under the connection;
+    /// the addresses it added are kept either way (Linux netback too).
+    public func setEnabled(_ on: Bool) { xb_store_release_u32(enabledWord, on ? 1 : 0) }
 
     /// The six bytes at `p` as a filter key.
     @inline(__always)

@@ -27,6 +27,29 @@ import XenABI
         return f
     }
 
+    /// feature-dynamic-multicast-control: the guest turns filtering on and
+    /// off under the connection; the addresses it added stay.
+    @Test func filteringGoesOnAndOffWithTheListKept() {
+        let filter = VifMulticastFilter(enabled: false)
+        _ = filter.add(VifMulticastFilter.key(Self.group))
+        let h = EngineHarness(multicastFilter: filter)
+        func delivered(_ mac: [UInt8], ref: GrantRef) -> Bool {
+            h.tap.queue(Self.frame(to: mac))
+            h.grantPage(ref)
+            h.postRx([(id: UInt16(ref), ref: ref)])
+            h.step(.tapReadable)
+            return !h.rxResponses().isEmpty
+        }
+        #expect(delivered(Self.other, ref: 10))
+        filter.setEnabled(true)
+        #expect(!delivered(Self.other, ref: 11))
+        #expect(h.engine.statistics.rxDroppedFiltered == 1)
+        #expect(delivered(Self.group, ref: 12))
+        filter.setEnabled(false)
+        #expect(filter.count == 1 && !filter.enabled)
+        #expect(delivered(Self.other, ref: 13))
+    }
+
     @Test func editsAreAnsweredAndNeverReachTheTap() {
         let filter = VifMulticastFilter(enabled: true)
         let h = EngineHarness(multicastFilter: filter)
