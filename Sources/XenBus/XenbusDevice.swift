@@ -41,6 +41,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     private var openedOnce = false
     private var busy = false
     private var changedWhileBusy = false
+    private var reconfiguringKeyChangedWhileBusy = false
     private var failureWhileBusy: (message: String, permanent: Bool)?
     private var removal: (() -> Void)?
     private var removing = false
@@ -352,7 +353,12 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// A key the driver reads on Reconfiguring changed: applied to a
     /// running connection at once (the state may have changed before it).
     private func reconfiguringKeyChanged() {
-        guard let ctx = context, probed, !removing, !quiescing, !busy, let c = connection,
+        if busy {
+            // A connect running may have read the key before it changed.
+            reconfiguringKeyChangedWhileBusy = true
+            return
+        }
+        guard let ctx = context, probed, !removing, !quiescing, let c = connection,
               state == .connected || state == .reconfigured else { return }
         do { try driver.reconfigure(ctx, connection: c) } catch { fail(Self.reason(error, doing: "reconfiguring")) }
     }
@@ -495,6 +501,10 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
         } else if changedWhileBusy {
             changedWhileBusy = false
             evaluate()
+        }
+        if !busy && reconfiguringKeyChangedWhileBusy {
+            reconfiguringKeyChangedWhileBusy = false
+            reconfiguringKeyChanged()
         }
     }
 
