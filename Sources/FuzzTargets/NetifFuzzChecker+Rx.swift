@@ -228,9 +228,10 @@ extension NetifFuzzChecker {
 // type, a status netif.h defines; the settings stay inside their bounds;
 // the guest's pages untouched (keys and tables are only read).
 extension NetifFuzzChecker {
-    /// `posted`: the requests written and not yet answered, oldest first
-    /// (the answered ones are removed).
-    func checkControl(_ outcome: NetControlEngine.Outcome, posted: inout [NetifCtrlRequest], publishedProducer: UInt32) {
+    /// `before`: the control ring's page as it was before the step (what
+    /// the engine read): each response must echo the request in its slot,
+    /// whatever the guest did with its producer.
+    func checkControl(_ outcome: NetControlEngine.Outcome, before: UnsafeRawPointer, publishedProducer: UInt32) {
         let slots = UInt32(SharedRingLayout.slots(pages: 1, entrySize: RingEntrySize.netifCtrl))
         steps += 1
         for i in writable.indices { writable[i] = 0; writableFrom[i] = XenPage.size }
@@ -252,21 +253,17 @@ extension NetifFuzzChecker {
         // Every request posted (the producer never ran past the ring here) is answered.
         if responses != publishedProducer { fail("control responses to \(responses), requests to \(publishedProducer)") }
         var k = controlAnswered
-        var i = 0
         while k != responses {
-            let r = NetifCtrlResponse(decoding: page + 64 + Int(k & (slots - 1)) * RingEntrySize.netifCtrl)
-            if i < posted.count {
-                let q = posted[i]
-                if r.id != q.id || r.type != q.type { fail("control response \(k): id \(r.id) type \(r.type) for \(q.id)/\(q.type)") }
-                let getter = q.type == NetifCtrlType.getHashFlags || q.type == NetifCtrlType.getHashMappingSize
-                if r.status > NetifCtrlStatus.bufferOverflow || (r.data != 0 && !(getter && r.status == NetifCtrlStatus.success)) {
-                    fail("control response \(k) to type \(q.type): status \(r.status) data \(r.data)")
-                }
+            let offset = 64 + Int(k & (slots - 1)) * RingEntrySize.netifCtrl
+            let q = NetifCtrlRequest(decoding: before + offset)
+            let r = NetifCtrlResponse(decoding: page + offset)
+            if r.id != q.id || r.type != q.type { fail("control response \(k): id \(r.id) type \(r.type) for \(q.id)/\(q.type)") }
+            let getter = q.type == NetifCtrlType.getHashFlags || q.type == NetifCtrlType.getHashMappingSize
+            if r.status > NetifCtrlStatus.bufferOverflow || (r.data != 0 && !(getter && r.status == NetifCtrlStatus.success)) {
+                fail("control response \(k) to type \(q.type): status \(r.status) data \(r.data)")
             }
             k &+= 1
-            i += 1
         }
-        posted.removeFirst(min(i, posted.count))
         controlAnswered = responses
         guard let s = hashSettings?.state else { return }
         if s.algorithm > NetifHashAlgorithm.toeplitz || s.flags & ~NetifHashType.all != 0

@@ -17,8 +17,6 @@ final class NetifFuzzProgram {
     var control: FrontRing
     let controlEngine: NetControlEngine
     var controlID: UInt16 = 0
-    /// Control requests written and not yet answered, oldest first.
-    var controlPending: [NetifCtrlRequest] = []
     var now = 0
     var lastDeadline: Int?
 
@@ -186,15 +184,16 @@ final class NetifFuzzProgram {
             let q = NetifCtrlRequest(id: controlID, type: type, data: data)
             q.encode(to: control.nextRequestSlot())
             control.commitRequest()
-            controlPending.append(q)
         }
         if b.u8() & 15 == 15 {
             control.publishRawRequestProducer(producer(control.requestProducerPrivate, &b))
         } else {
             _ = control.pushRequests()
         }
-        let producer = world.guest.page(NetifFuzzWorld.controlRingFrame).load(as: UInt32.self)
-        checker.checkControl(controlEngine.step(), posted: &controlPending, publishedProducer: producer)
+        let page = world.guest.page(NetifFuzzWorld.controlRingFrame)
+        let producer = page.load(as: UInt32.self)
+        world.controlSlotsBefore.copyMemory(from: page, byteCount: XenPage.size)
+        checker.checkControl(controlEngine.step(), before: world.controlSlotsBefore, publishedProducer: producer)
         while control.unconsumedResponses() > 0 || control.finalCheckForResponses() { control.takeResponse(into: world.txSlotsBefore) }
     }
 

@@ -39,6 +39,7 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
     /// what a stopped or broken engine must leave as it is.
     let txSlotsBefore = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: 64)
     let rxSlotsBefore = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: 64)
+    let controlSlotsBefore = UnsafeMutableRawPointer.allocate(byteCount: XenPage.size, alignment: 64)
     /// The slots as the engine consumed them, by ring index mod 256.
     let txConsumed = UnsafeMutableRawPointer.allocate(byteCount: 256 * NetifTxRequest.size, alignment: 16)
     let rxConsumed = UnsafeMutableRawPointer.allocate(byteCount: 256 * NetifRxRequest.size, alignment: 16)
@@ -50,7 +51,7 @@ final class NetifFuzzWorld: @unchecked Sendable {   // used by one run at a time
 
     deinit {
         shadow.deallocate()
-        txSlotsBefore.deallocate(); rxSlotsBefore.deallocate()
+        txSlotsBefore.deallocate(); rxSlotsBefore.deallocate(); controlSlotsBefore.deallocate()
         txConsumed.deallocate(); rxConsumed.deallocate()
         patterns.deallocate()
     }
