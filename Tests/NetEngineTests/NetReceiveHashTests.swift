@@ -131,6 +131,10 @@ import XenRing
         return f
     }
 
+    /// What a TAP with TSO hands over for a TCPv4 super-frame: MSS 1448, partial checksum.
+    static let tcpv4GSOHeader = VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum, gsoType: VirtioNetHeader.gsoTCPv4,
+                                                headerLength: 54, gsoSize: 1448, checksumStart: 34, checksumOffset: 16)
+
     static func hashing(flags: UInt32, mapping: [UInt8] = [], queues: Int = 1) -> VifHashSettings {
         let s = VifHashSettings(queues: queues)
         let key = ToeplitzKey(standardKey)
@@ -172,14 +176,7 @@ import XenRing
     @Test func aGSOFramesExtrasComeGSOFirstThenTheHash() throws {
         let settings = Self.hashing(flags: NetifHashType.ipv4)
         let h = EngineHarness(features: FrontendNetFeatures(scatterGather: true, gsoTCPv4: true), hashSettings: settings)
-        var header = VirtioNetHeader()
-        header.gsoType = VirtioNetHeader.gsoTCPv4
-        header.gsoSize = 1448
-        header.headerLength = 54
-        header.flags = VirtioNetHeader.flagNeedsChecksum
-        header.checksumStart = 34
-        header.checksumOffset = 16
-        h.tap.queue(Self.vectorFrame(length: 5000), header: header)
+        h.tap.queue(Self.vectorFrame(length: 5000), header: Self.tcpv4GSOHeader)
         for r in 10..<14 { h.grantPage(GrantRef(r)) }
         // Two data pages and two extras: three buffers are not enough.
         h.postRx([(id: 0, ref: 10), (id: 1, ref: 11), (id: 2, ref: 12)])
@@ -335,14 +332,7 @@ import XenRing
         let settings = NetReceiveHashTests.hashing(flags: NetifHashType.ipv4)
         let h = EngineHarness(features: FrontendNetFeatures(scatterGather: true, gsoTCPv4: true), hashSettings: settings,
                               rxHeadroom: headroom)
-        var header = VirtioNetHeader()
-        header.gsoType = VirtioNetHeader.gsoTCPv4
-        header.gsoSize = 1448
-        header.headerLength = 54
-        header.flags = VirtioNetHeader.flagNeedsChecksum
-        header.checksumStart = 34
-        header.checksumOffset = 16
-        h.tap.queue(NetReceiveHashTests.vectorFrame(length: 5000), header: header)
+        h.tap.queue(NetReceiveHashTests.vectorFrame(length: 5000), header: NetReceiveHashTests.tcpv4GSOHeader)
         for r in 10..<20 { h.grantPage(GrantRef(r)) }
         h.postRx((0..<5).map { (id: UInt16($0), ref: GrantRef(10 + $0)) })
         h.step(.tapReadable)
