@@ -89,25 +89,29 @@ public struct JournalLogHandler: LogHandler {
 public final class JournalSocket: Sendable {
     public static let defaultPath = "/run/systemd/journal/socket"
     private let fd: Int32
-    private let path: String
+    /// The journal's address, made once; each line is a `sendto` to it (as
+    /// sd_journal_send does: a socket connected once would stay tied to a
+    /// journald that was restarted).
+    private let address: sockaddr_un
 
     public init?(path: String = JournalSocket.defaultPath) {
+        var a = sockaddr_un()
+        a.sun_family = sa_family_t(AF_UNIX)
+        let pathBytes = Array(path.utf8)
+        guard pathBytes.count < MemoryLayout.size(ofValue: a.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &a.sun_path) { $0.copyBytes(from: pathBytes) }
+        address = a
         fd = Glibc.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
-        self.path = path
     }
 
     deinit { close(fd) }
 
     /// False when the journal is not there or refuses the datagram.
     func send(_ bytes: [UInt8]) -> Bool {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let pathBytes = Array(path.utf8)
-        guard pathBytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: pathBytes) }
+        var to = address
         let sent = bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &address) {
+            withUnsafePointer(to: &to) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                     sendto(fd, b.baseAddress, b.count, Int32(MSG_NOSIGNAL), $0, socklen_t(MemoryLayout<sockaddr_un>.size))
                 }
