@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "CLibURing", linkerSettings: [.linkedLibrary("uring")]),
         .systemLibrary(name: "CLibNBD", path: "Sources/CLibNBD", pkgConfig: "libnbd"),
         .systemLibrary(name: "CLibXenStore", path: "Sources/CLibXenStore", pkgConfig: "xenstore"),
-        // librbd + librados (Ceph RBD images; no pkg-config file in Debian's packages).
+        // librbd + librados headers (Ceph RBD images); the libraries are dlopened (LibRBD).
         .systemLibrary(name: "CLibRBD", path: "Sources/CLibRBD"),
         // libxengnttab + libxenevtchn (module map links both; the shim defines __XEN_TOOLS__).
         .systemLibrary(name: "CXenStableLibs", path: "Sources/CXenStableLibs"),
@@ -67,10 +67,7 @@ let package = Package(
             "Hypervisor", "XenABI", "CXenBackSupport", "SystemSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
-        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibURing", "CLibNBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
-        // Ceph RBD images through librbd's asynchronous C API (issue 16; not yet
-        // reachable from the daemon's disk targets).
-        .target(name: "RBDStorage", dependencies: ["BlockStorage", "CLibRBD", "SystemSupport"], swiftSettings: dataPlane),
+        .target(name: "BlockStorage", dependencies: ["CLibAIO", "CLibURing", "CLibNBD", "CLibRBD", "CXenBackSupport", "SystemSupport"], swiftSettings: dataPlane),
         // TAP devices, bridges and interface settings for the net backend (ioctls and rtnetlink).
         .target(name: "NetworkPlumbing", dependencies: ["CLibURing", "CXenBackSupport", "SystemSupport"], swiftSettings: strict),
         .target(name: "BlockBackend", dependencies: [
@@ -174,7 +171,7 @@ let package = Package(
         // NBD servers for tests (nbdkit, nbd-server: started, stopped, restarted
         // and reaped by PID) and a third client of an export over libnbd.
         .target(name: "NBDTestSupport", dependencies: ["CLibNBD", "SystemSupport"], path: "Tests/NBDTestSupport", swiftSettings: strict),
-        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "RBDStorage", "NBDTestSupport", "CXenBackSupport"],
+        .testTarget(name: "BlockStorageTests", dependencies: ["BlockStorage", "NBDTestSupport", "CXenBackSupport"],
                     swiftSettings: strict),
         .testTarget(name: "NetworkPlumbingTests", dependencies: ["NetworkPlumbing", "SystemSupport"], swiftSettings: strict),
         // The hotplug scripts, udev rules and install scripts, run against a loopback xenstored.

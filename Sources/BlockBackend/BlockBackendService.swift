@@ -43,9 +43,15 @@ public struct BlockBackendOptions: Sendable {
     /// Linux blkback's default (xenblk_max_queues): the host's online CPUs.
     public static var defaultMaxQueues: Int { min(max(Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))), 1), maxQueuesLimit) }
     public static let maxQueuesLimit = 16
+    /// How long a connecting vbd waits for another client to release a
+    /// disk's writer lock (an RBD image's exclusive lock: a migration's
+    /// source lets go once its guest has left) before it fails.
+    public var writerLockWaitSeconds: Double
+    public static let defaultWriterLockWaitSeconds: Double = 60
     public init(pollMicroseconds: Int = 50, persistentGrants: Bool = true,
                 maxIndirectSegments: Int = BlockBackendOptions.defaultMaxIndirectSegments,
-                ringJournalDirectory: String? = nil, maxQueues: Int = BlockBackendOptions.defaultMaxQueues) {
+                ringJournalDirectory: String? = nil, maxQueues: Int = BlockBackendOptions.defaultMaxQueues,
+                writerLockWaitSeconds: Double = BlockBackendOptions.defaultWriterLockWaitSeconds) {
         precondition((0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments),
                      "max indirect segments \(maxIndirectSegments) is outside 0...\(VbdDataPlane.indirectSegmentsLimit)")
         precondition((1...Self.maxQueuesLimit).contains(maxQueues), "max queues \(maxQueues) is outside 1...\(Self.maxQueuesLimit)")
@@ -54,6 +60,7 @@ public struct BlockBackendOptions: Sendable {
         self.maxIndirectSegments = maxIndirectSegments
         self.ringJournalDirectory = ringJournalDirectory
         self.maxQueues = maxQueues
+        self.writerLockWaitSeconds = writerLockWaitSeconds
     }
 }
 

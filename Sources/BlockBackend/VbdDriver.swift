@@ -107,7 +107,7 @@ final class VbdDriver: XenbusDriver {
     func status(of device: XenbusDevice<VbdDriver>) -> VbdStatus {
         var s = retiredStatistics
         if let live = device.connection?.statistics { s = s.adding(live) }
-        var status = VbdStatus(address: address, state: device.state, params: params, diskOpen: device.resource != nil,
+        var status = VbdStatus(address: address, state: device.state, params: DiskTarget.redacted(params), diskOpen: device.resource != nil,
                                ringPages: device.connection?.ringPages ?? 0, queues: device.connection?.planes.count ?? 0,
                                statistics: s, lastError: device.lastError,
                                lastStorageEvent: lastStorageEvent, ioEngine: device.resource?.ioEngineName,
@@ -141,9 +141,11 @@ final class VbdDriver: XenbusDriver {
             throw DeviceFailure("type \(GuestText.quoted(type)) is not served here (phy or file)")
         }
         discardEnabled = try store.readFlag(d.backendPath, "discard-enable", default: true)
-        let isNBD: Bool
-        if case .nbd? = (try? DiskTarget.parse(p))?.location { isNBD = true } else { isNBD = false }
-        offeredQueues = isNBD ? 1 : options.maxQueues
+        // One handle per disk for NBD and RBD: see offeredQueues.
+        switch (try? DiskTarget.parse(p))?.location {
+        case .nbd?, .rbd?: offeredQueues = 1
+        default: offeredQueues = options.maxQueues
+        }
     }
 
     /// max-ring-page-order, multi-queue-max-queues, and
@@ -158,7 +160,7 @@ final class VbdDriver: XenbusDriver {
 
     /// `params` in a message or log line: the toolstack's bytes, escaped
     /// (a path may be long: more of it is shown than of a guest's value).
-    private var shownParams: String { GuestText.escaped(params, limit: 256) }
+    private var shownParams: String { GuestText.escaped(DiskTarget.redacted(params), limit: 256) }
 
     // MARK: the disk
 
@@ -204,6 +206,7 @@ final class VbdDriver: XenbusDriver {
         -> (connection: VbdQueues, keys: [(key: String, value: String)]) {
         let rings = try readRingKeys(d, resuming: resuming)
         let g = storage.geometry
+        if !(readOnly || g.readOnly) { try takeWriterLock(d, storage, resuming: resuming) }
         let limits = DiskLimits(sectors: g.sizeBytes / UInt64(Blkif.sectorSize), readOnly: readOnly || g.readOnly,
                                 flush: g.supportsFlush, barrier: g.supportsFlush,
                                 discard: discardEnabled && g.discard != nil && !(readOnly || g.readOnly),
@@ -269,6 +272,32 @@ final class VbdDriver: XenbusDriver {
                                               "ports": "\(rings.map { "\($0.port)" }.joined(separator: ","))",
                                               "persistentGrants": "\(rings[0].persistent)"])
         return (queues, connectedKeys(geometry: g, limits: limits))
+    }
+
+    /// Where the name this daemon holds a disk's writer lock under is kept
+    /// (an RBD image's exclusive lock), so that the daemon restarted after a
+    /// kill can tell its predecessor's lock from another host's.
+    static let lockOwnerKey = "xenbackd-lock-owner"
+
+    /// Takes the disk's single-writer lock before any request is served
+    /// (`BlockStorage.takeWriterLock`): waits `writerLockWaitSeconds` for a
+    /// migration's source to let go; breaks only the lock this disk's own
+    /// previous daemon held (resuming: the name it kept in the backend directory).
+    private func takeWriterLock(_ d: XenbusDeviceContext, _ storage: any BlockStorage, resuming: Bool) throws {
+        let key = d.backendPath + "/" + Self.lockOwnerKey
+        let previous = resuming ? ((try? d.store.read(key)) ?? nil) : nil
+        let name: String?
+        do {
+            name = try storage.takeWriterLock(waitingUpTo: options.writerLockWaitSeconds, breakingPreviousOwner: previous)
+        } catch {
+            throw DeviceFailure("cannot take the disk's writer lock: \(GuestText.escaped("\(error)", limit: 400))")
+        }
+        guard let name else { return }
+        // Written now, also when resuming (which writes nothing else): the next restart reads it.
+        do { try d.store.write(key, name) } catch {
+            throw DeviceFailure("cannot record the writer lock's owner: \(error)")
+        }
+        d.logger.info("writer lock taken", metadata: ["owner": "\(name)", "previous": "\(previous ?? "none")"])
     }
 
     /// Online resize (control thread): the disk's size in sectors now, if

@@ -72,11 +72,14 @@ public struct StorageError: Error, Equatable, CustomStringConvertible, Sendable 
     public var operation: String
     public var errno: Int32
     public var path: String
-    public init(_ operation: String, errno: Int32, path: String) {
-        self.operation = operation; self.errno = errno; self.path = path
+    /// Words for the operator instead of strerror's, where errno alone would mislead.
+    public var detail: String?
+    public init(_ operation: String, errno: Int32, path: String, detail: String? = nil) {
+        self.operation = operation; self.errno = errno; self.path = path; self.detail = detail
     }
     public var description: String {
-        "\(operation) \(path): \(String(cString: strerror(errno))) (errno \(errno))"
+        if let detail { return "\(operation) \(path): \(detail)" }
+        return "\(operation) \(path): \(String(cString: strerror(errno))) (errno \(errno))"
     }
 }
 
@@ -94,6 +97,8 @@ public extension BlockStorage {
     /// is fixed for its connection) says nil.
     func currentSizeBytes() -> UInt64? { nil }
     func sizeChanged(to bytes: UInt64) {}
+    /// Nothing to lock: a file's or an NBD export's sharing is the toolstack's to check.
+    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?) throws -> String? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -152,6 +157,13 @@ public protocol BlockStorage: AnyObject {
     /// The size the frontend is now told; requests are checked against it
     /// from here on. Called on the data-plane thread.
     func sizeChanged(to bytes: UInt64)
+    /// Before a read-write connection serves its first request: a disk other
+    /// hosts can open too (an RBD image) takes its single-writer lock,
+    /// waiting up to `seconds` for a holder that is letting go (a
+    /// migration's source). `previousOwner` is what this call returned to
+    /// the disk's previous daemon (its lock is broken: that daemon is gone).
+    /// Returns the name to keep for the next restart; nil when there is no lock.
+    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?) throws -> String?
 }
 
 /// What a storage tells the operator: a connection lost or regained.

@@ -22,6 +22,9 @@ public enum DiskIdentity {
             // The same export with or without TLS is still one disk.
             address.tls = false
             return address.normalized
+        case .rbd(let address):
+            // Spaces cannot occur in what the script reads as one word.
+            return NBDAddress.percentEncode(address.normalized, keeping: "/:+,=@\\")
         }
     }
 

@@ -6,6 +6,16 @@ public struct DiskReport: Sendable {
         case file
         case blockDevice = "block-device"
         case nbd
+        case rbd
+    }
+
+    /// What an RBD image's header says.
+    public struct RBDFacts: Sendable {
+        public var features: [String]
+        public var objectSize: UInt64
+        /// Who holds its exclusive lock now (empty: nobody; nil: unknown, a
+        /// snapshot or a user who may only read).
+        public var lockOwners: [String]?
     }
 
     public var target: DiskTarget
@@ -24,6 +34,8 @@ public struct DiskReport: Sendable {
     public var identities: [String]
     /// Where it is mounted in this domain.
     public var mounts: [DiskMount]
+    /// An RBD image's features, object size and lock holders.
+    public var rbd: RBDFacts? = nil
 }
 
 /// How a target is to be used.
@@ -45,6 +57,7 @@ extension DiskTarget {
         switch location {
         case .path(let path): return try probeLocal(path, access)
         case .nbd(let address): return try probeNBD(address, access, timeout: timeout)
+        case .rbd(let address): return try probeRBD(address, access, timeout: timeout)
         }
     }
 
@@ -107,6 +120,39 @@ extension DiskTarget {
         return DiskReport(target: self, kind: .nbd, resolvedPath: nil, device: nil, backingFile: nil,
                           geometry: NBDStorage.geometry(for: features, readOnly: !access.writable), directIO: nil,
                           identities: DiskIdentity.keys(of: self), mounts: [])
+    }
+
+    /// Opens the image and reads its header: read-write when it is not a
+    /// snapshot, since librbd tells a lock's holders only to a handle that
+    /// could write (opening takes no lock and writes nothing), read-only if
+    /// the user may not write; then the holders are unknown.
+    private func probeRBD(_ address: RBDImageAddress, _ access: DiskAccess,
+                          timeout: Double) throws(DiskTargetError) -> DiskReport {
+        if access.writable && address.snapshot != nil { throw .readOnly(what: "RBD snapshot \(address.normalized)") }
+        let seconds = Int(timeout.rounded(.up))
+        let storage: RBDStorage
+        do {
+            if address.snapshot == nil, let writable = try? RBDStorage.open(address, readOnly: false, queueDepth: 1,
+                                                                               timeoutSeconds: seconds) {
+                storage = writable
+            } else {
+                storage = try RBDStorage.open(address, readOnly: true, queueDepth: 1, timeoutSeconds: seconds)
+            }
+        } catch {
+            throw .rbdUnavailable(image: address.normalized, detail: error.detail ?? error.description)
+        }
+        defer { storage.close() }
+        if access.writable && storage.geometry.readOnly { throw .readOnly(what: "RBD image \(address.normalized) for this user") }
+        var geometry = storage.geometry
+        geometry.readOnly = !access.writable
+        geometry.discard = access.writable
+            ? DiscardSupport(granularity: UInt32(min(storage.objectSize, UInt64(UInt32.max))), alignment: 0, zeroesData: true)
+            : nil
+        var report = DiskReport(target: self, kind: .rbd, resolvedPath: nil, device: nil, backingFile: nil,
+                                geometry: geometry, directIO: nil, identities: DiskIdentity.keys(of: self), mounts: [])
+        let owners = storage.geometry.readOnly ? nil : try? storage.lockOwners()
+        report.rbd = .init(features: storage.featureNames, objectSize: storage.objectSize, lockOwners: owners)
+        return report
     }
 
     static func realPath(_ path: String) -> String? {

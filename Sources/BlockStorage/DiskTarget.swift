@@ -6,12 +6,14 @@
 /// the qdisk-style prefixes `aio:`, `file:`, `raw:`, `phy:`:
 /// - an absolute path: a regular file, a block device, an LVM volume
 ///   (`/dev/VG/LV`, `/dev/mapper/VG-LV`);
-/// - an NBD export in any form `NBDAddress` takes.
+/// - an NBD export in any form `NBDAddress` takes;
+/// - a Ceph RBD image, `rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:OPTION=VALUE]...` (`RBDImageAddress`).
 public struct DiskTarget: Equatable, Sendable, CustomStringConvertible {
     public enum Location: Equatable, Sendable {
         /// Absolute, with `//`, `/./` and a trailing `/` folded.
         case path(String)
         case nbd(NBDAddress)
+        case rbd(RBDImageAddress)
     }
 
     /// An LVM volume's names, as `lvchange` takes them (`VG/LV`).
@@ -37,8 +39,12 @@ public struct DiskTarget: Equatable, Sendable, CustomStringConvertible {
         switch location {
         case .path(let path): path
         case .nbd(let address): address.normalized
+        case .rbd(let address): address.normalized
         }
     }
+
+    /// `params` fit for a log line or status: an RBD image's secrets (`key=`) replaced.
+    public static func redacted(_ params: String) -> String { RBDImageAddress.redacted(params) }
 
     public var description: String { normalized }
 
@@ -57,6 +63,13 @@ public struct DiskTarget: Equatable, Sendable, CustomStringConvertible {
     public static func parse(_ params: String) throws(DiskTargetError) -> DiskTarget {
         let text = strippingFormatPrefixes(trimmed(params))
         if text.isEmpty { throw .empty }
+        if RBDImageAddress.isRBD(text) {
+            do {
+                return DiskTarget(params: params, location: .rbd(try RBDImageAddress.parse(text)))
+            } catch {
+                throw .malformedRBD(params: redacted(params), reason: error.reason)
+            }
+        }
         if NBDAddress.isNBD(text) || looksLikeURI(text) {
             do {
                 return DiskTarget(params: params, location: .nbd(try NBDAddress.parseExplaining(text)))
@@ -100,6 +113,8 @@ public struct DiskTarget: Equatable, Sendable, CustomStringConvertible {
         case .nbd(let address):
             return try NBDStorage.open(address: address, readOnly: readOnly, queueDepth: queueDepth,
                                        connections: nbdConnections)
+        case .rbd(let address):
+            return try RBDStorage.open(address, readOnly: readOnly, queueDepth: queueDepth)
         }
     }
 

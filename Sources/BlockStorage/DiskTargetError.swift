@@ -6,6 +6,8 @@ public enum DiskTargetError: Error, Equatable, Sendable, CustomStringConvertible
     case empty
     case notAbsolute(params: String)
     case malformedNBD(params: String, reason: String)
+    case malformedRBD(params: String, reason: String)
+    case rbdUnavailable(image: String, detail: String)
     case missing(path: String)
     case notFileOrBlockDevice(path: String)
     case emptyFile(path: String)
@@ -23,9 +25,13 @@ public enum DiskTargetError: Error, Equatable, Sendable, CustomStringConvertible
         case .empty:
             return "no disk target (params is empty)"
         case .notAbsolute(let params):
-            return "params '\(params)' is neither an absolute path nor an NBD export"
+            return "params '\(params)' is neither an absolute path, an NBD export nor an RBD image"
         case .malformedNBD(let params, let reason):
             return "malformed NBD export '\(params)': \(reason)"
+        case .malformedRBD(let params, let reason):
+            return "malformed RBD image '\(params)': \(reason)"
+        case .rbdUnavailable(let image, let detail):
+            return "RBD image \(image) cannot be opened: \(detail)"
         case .missing(let path):
             return "disk \(path) does not exist"
         case .notFileOrBlockDevice(let path):

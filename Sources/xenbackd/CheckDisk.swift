@@ -16,13 +16,13 @@ struct CheckDisk: ParsableCommand {
             words a sharing check compares.
             """)
 
-    @Argument(help: "A disk target: a file, a block device, /dev/VG/LV, /dev/mapper/VG-LV, or an NBD export (docs/hotplug.md).")
+    @Argument(help: "A disk target: a file, a block device, /dev/VG/LV, /dev/mapper/VG-LV, an NBD export, or an RBD image (docs/hotplug.md, docs/storage.md).")
     var targets: [String]
 
     @Option(help: "r (read-only), w (writable), or w! (writable, mounts in this domain not checked), as a vbd's mode.")
     var mode: String = "r"
 
-    @Option(help: "Seconds an NBD server has to complete its handshake.")
+    @Option(help: "Seconds an NBD server has to complete its handshake, or a Ceph cluster to answer.")
     var timeout: Double = 10
 
     @Flag(help: "Print each target's sharing identities only (stat, no open).")
@@ -79,6 +79,15 @@ struct CheckDisk: ParsableCommand {
         if let direct = report.directIO { lines.append("direct-io: \(direct ? "yes" : "no")") }
         for mount in report.mounts {
             lines.append("mounted: \(mount.mountpoint) (\(mount.readOnly ? "read-only" : "writable"))")
+        }
+        if let rbd = report.rbd {
+            lines.append("object-size: \(rbd.objectSize) bytes")
+            lines.append("features: \(rbd.features.isEmpty ? "none" : rbd.features.joined(separator: " "))")
+            switch rbd.lockOwners {
+            case nil: lines.append("locked: unknown (read-only handle)")
+            case let owners? where owners.isEmpty: lines.append("locked: no")
+            case let owners?: lines.append("locked: yes, by \(owners.joined(separator: ", "))")
+            }
         }
         for key in report.identities { lines.append("identity: \(key)") }
         return lines

@@ -42,6 +42,9 @@ struct Run: ParsableCommand {
     @Option(help: "Rings one vbd may use (multi-queue-max-queues, 1 to \(BlockBackendOptions.maxQueuesLimit); each ring gets its own thread; NBD disks use one). Default: the host's online CPUs, \(BlockBackendOptions.defaultMaxQueues) here.")
     var maxQueues = BlockBackendOptions.defaultMaxQueues
 
+    @Option(help: "Seconds a connecting vbd waits for another host to release an RBD image's exclusive lock (a live migration's source) before it fails; the lock of a dead host is broken only by `xenbackd rbd-lock break`.")
+    var rbdLockWait: Double = BlockBackendOptions.defaultWriterLockWaitSeconds
+
     @Option(help: "Where each ring's journal lives, so that a daemon restarted after a kill answers every request exactly once: a tmpfs that outlives the daemon (default: /run/xenbackd/rings on Xen, ROOT/rings on the loopback hypervisor).")
     var ringJournalDir: String?
 
@@ -65,6 +68,7 @@ struct Run: ParsableCommand {
         guard (0...VbdDataPlane.indirectSegmentsLimit).contains(maxIndirectSegments) else {
             throw ValidationError("--max-indirect-segments must be 0 to \(VbdDataPlane.indirectSegmentsLimit)")
         }
+        guard rbdLockWait >= 0 else { throw ValidationError("--rbd-lock-wait must be 0 or more") }
         guard (pollMicroseconds ?? 0) >= 0 else { throw ValidationError("--poll-us must be 0 or more") }
         guard (1...BlockBackendOptions.maxQueuesLimit).contains(maxQueues) else {
             throw ValidationError("--max-queues must be 1 to \(BlockBackendOptions.maxQueuesLimit)")
@@ -108,7 +112,7 @@ struct Run: ParsableCommand {
                                                          maxIndirectSegments: maxIndirectSegments,
                                                          ringJournalDirectory: ringJournalDir
                                                              ?? (hypervisor.name == "xen" ? "/run/xenbackd/rings" : root + "/rings"),
-                                                         maxQueues: maxQueues),
+                                                         maxQueues: maxQueues, writerLockWaitSeconds: rbdLockWait),
                                           logger: logger)
         try service.start()
         let net = NetBackendService(platform: hypervisor, loop: loop, logger: logger)

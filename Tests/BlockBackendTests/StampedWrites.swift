@@ -127,7 +127,7 @@ struct StampedWrites {
     /// Reads every block written from `reader` and compares checksums with
     /// the model; the blocks that hold what was acknowledged (or a later
     /// unacknowledged write) and those that do not.
-    func verify(with reader: NBDReader) throws -> (checked: Int, wrong: [Int]) {
+    func verify(with reader: some DiskContentReader) throws -> (checked: Int, wrong: [Int]) {
         var checked = 0
         var wrong: [Int] = []
         let zeros = fnv1a64([UInt8](repeating: 0, count: 4096))
@@ -164,7 +164,7 @@ func closeWithRequestsInFlight(_ fe: LoopbackBlockFrontend, writes: inout Stampe
 /// Every sector the workload's model knows, read from `reader` (a client of
 /// the export that never went through a ring) and compared; how many were
 /// checked and how many differed.
-func verifyWorkload(_ workload: VerifiedWorkload, with reader: NBDReader) throws -> (checked: Int, mismatches: Int) {
+func verifyWorkload(_ workload: VerifiedWorkload, with reader: some DiskContentReader) throws -> (checked: Int, mismatches: Int) {
     let expected = UnsafeMutableRawPointer.allocate(byteCount: 512, alignment: 16)
     defer { expected.deallocate() }
     var checked = 0, mismatches = 0

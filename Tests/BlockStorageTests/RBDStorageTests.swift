@@ -1,7 +1,6 @@
 import Foundation
 import Glibc
 import NBDTestSupport
-import RBDStorage
 import SystemSupport
 import Testing
 @testable import BlockStorage
@@ -50,6 +49,9 @@ import Testing
         let address = RBDImageAddress(pool: cluster.pool, image: "guest", configPath: cluster.configPath)
         let storage = try RBDStorage.open(address, readOnly: false, queueDepth: 32)
         defer { storage.close() }
+        #expect(try storage.lockOwners().isEmpty)
+        let owner = try #require(try storage.takeWriterLock(waitingUpTo: 5, breakingPreviousOwner: nil))
+        #expect(try storage.lockOwners() == [owner] && storage.lockOwnerName == owner)
         #expect(storage.geometry == StorageGeometry(
             sizeBytes: UInt64(Self.imageBytes), logicalSectorSize: 512, physicalSectorSize: 512, readOnly: false,
             supportsFlush: true, discard: DiscardSupport(granularity: 4 << 20, alignment: 0, zeroesData: true)))
@@ -103,13 +105,21 @@ import Testing
         var tail = [UInt8](repeating: 0, count: 4096)
         #expect(Self.transfer(storage, .read, offset: Self.imageBytes - 512, bytes: &tail) == -Int64(EINVAL))
 
-        // The exclusive lock: a second read-write open is refused (EROFS from
-        // rbd_lock_acquire) while this one holds it; a read-only one is not.
+        // The exclusive lock: a second read-write handle cannot take it while
+        // this one holds it (it waits its second, then names the holder), and
+        // its writes fail (EROFS: librbd asked the holder, which refused); a
+        // read-only handle reads.
+        let second = try RBDStorage.open(address, readOnly: false, queueDepth: 4)
         #expect {
-            _ = try RBDStorage.open(address, readOnly: false)
+            try second.takeWriterLock(waitingUpTo: 1, breakingPreviousOwner: nil)
         } throws: { error in
-            (error as? StorageError).map { $0.operation == "rbd_lock_acquire" && $0.errno == EROFS } ?? false
+            (error as? StorageError).map {
+                $0.operation == "rbd_lock_acquire" && $0.errno == EBUSY && $0.description.contains("held by \(owner)")
+            } ?? false
         }
+        var intruder = [UInt8](repeating: 9, count: 512)
+        #expect(Self.transfer(second, .write, offset: 0, bytes: &intruder) == -Int64(EROFS))
+        second.close()
         let reader = try RBDStorage.open(address, readOnly: true, queueDepth: 4)
         var first = [UInt8](repeating: 0, count: 1 << 20)
         #expect(Self.transfer(reader, .read, offset: 0, bytes: &first) == Int64(1 << 20))
@@ -131,9 +141,11 @@ import Testing
         #expect(old == Array(model[0..<(1 << 20)]))
         snapshot.close()
 
-        // Closed, the lock goes: another daemon's open now succeeds.
+        // Closed, the lock goes: another daemon takes it at once.
         storage.close()
         let next = try RBDStorage.open(address, readOnly: false, queueDepth: 4)
+        let nextOwner = try next.takeWriterLock(waitingUpTo: 1, breakingPreviousOwner: nil)
+        #expect(nextOwner != nil && nextOwner != owner)
         var check = [UInt8](repeating: 0, count: 1 << 20)
         #expect(Self.transfer(next, .read, offset: 0, bytes: &check) == Int64(1 << 20))
         #expect(check == [UInt8](repeating: 0x42, count: 1 << 20))

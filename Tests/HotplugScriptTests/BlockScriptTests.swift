@@ -45,7 +45,7 @@ import Testing
         try withFixture { f in
             try f.addVbd(domid: 1, params: "disk.img")
             #expect(try f.runBlockScript("add", domid: 1).status == 1)
-            #expect(try f.hotplugKeys(domid: 1)["hotplug-error"] == "params 'disk.img' is neither an absolute path nor an NBD export")
+            #expect(try f.hotplugKeys(domid: 1)["hotplug-error"] == "params 'disk.img' is neither an absolute path, an NBD export nor an RBD image")
             try f.addVbd(domid: 2, params: f.directory)
             #expect(try f.runBlockScript("add", domid: 2).status == 1)
             #expect(try f.hotplugKeys(domid: 2)["hotplug-error"] == "disk \(f.directory) is neither a regular file nor a block device")

@@ -90,7 +90,8 @@ import Testing
 
     @Test(arguments: [
         ("nbd:host:99999", "malformed NBD export 'nbd:host:99999': the port must be a number from 1 to 65535"),
-        ("disk.img", "params 'disk.img' is neither an absolute path nor an NBD export"),
+        ("disk.img", "params 'disk.img' is neither an absolute path, an NBD export nor an RBD image"),
+        ("rbd:pool:key=SECRET", "malformed RBD image 'rbd:pool:key=<redacted>': the image is named POOL/IMAGE or POOL/NAMESPACE/IMAGE"),
         ("nbd+tcp://h/x", "malformed NBD export 'nbd+tcp://h/x': nbd+tcp:// is QEMU's spelling, which libnbd does not take: write nbd://HOST:PORT/NAME"),
     ])
     func malformedTarget(target: String, reason: String) throws {

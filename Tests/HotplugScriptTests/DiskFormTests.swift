@@ -40,8 +40,21 @@ func documentedDiskForms() throws -> [String] {
         let tlsUnix: NBDTestServer
         let keys: String
         let links: [String]
+        /// A one-node Ceph cluster with an image `disk`, its snapshot `s1`,
+        /// and an image `disk` in the namespace `ns1`.
+        let ceph: CephCluster
 
         init() throws {
+            ceph = try CephCluster(store: .memstore)
+            do {
+                try ceph.createImage("disk", sizeMiB: 4)
+                try ceph.rbd(["snap", "create", "\(ceph.pool)/disk@s1"])
+                try ceph.rbd(["namespace", "create", "\(ceph.pool)/ns1"])
+                try ceph.rbd(["create", "--size", "4M", "\(ceph.pool)/ns1/disk"])
+            } catch {
+                ceph.stop()
+                throw error
+            }
             // Servers first: each stops itself when released.
             directory = "/tmp/xbforms-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
             keys = directory + "/psk.keys"
@@ -56,11 +69,13 @@ func documentedDiskForms() throws -> [String] {
                 file = try makeFile(directory + "/disk.img", size: 1 << 20)
             } catch {
                 try? FileManager.default.removeItem(atPath: directory)
+                ceph.stop()
                 throw error
             }
             let backing = directory + "/backing.img"
             guard (try? makeFile(backing, size: 4 << 20)) != nil, let loop = LoopDevice(backing: backing) else {
                 try? FileManager.default.removeItem(atPath: directory)
+                ceph.stop()
                 throw SystemError("losetup -f --show \(backing)", errno: ENODEV)
             }
             self.loop = loop
@@ -82,6 +97,7 @@ func documentedDiskForms() throws -> [String] {
             rmdir("/dev/\(group)")
             loop.detach()
             try? FileManager.default.removeItem(atPath: directory)
+            ceph.stop()
         }
 
         deinit { cleanUp() }
@@ -103,6 +119,11 @@ func documentedDiskForms() throws -> [String] {
             case "nbd+unix:///NAME?socket=PATH": return ["nbd+unix:///disk?socket=\(socket)"]
             case "nbds://HOST[:PORT][/NAME]": return ["nbds://alice@127.0.0.1:\(tlsPort)/disk?tls-psk-file=\(keys)"]
             case "nbds+unix:///NAME?socket=PATH": return ["nbds+unix://alice@/disk?socket=\(tlsSocket)&tls-psk-file=\(keys)"]
+            case "rbd:POOL/IMAGE[:OPTION=VALUE]...":
+                return ["rbd:\(ceph.pool)/disk:conf=\(ceph.configPath)",
+                        "aio:rbd:\(ceph.pool)/disk:id=admin:conf=\(ceph.configPath):rados_osd_op_timeout=20"]
+            case "rbd:POOL/NAMESPACE/IMAGE[:OPTION=VALUE]...": return ["rbd:\(ceph.pool)/ns1/disk:conf=\(ceph.configPath)"]
+            case "rbd:POOL/IMAGE@SNAP[:OPTION=VALUE]...": return ["rbd:\(ceph.pool)/disk@s1:conf=\(ceph.configPath)"]
             default: return nil
             }
         }
@@ -111,7 +132,8 @@ func documentedDiskForms() throws -> [String] {
         var refused: [String] {
             ["disk.img", "nbd+tcp://127.0.0.1:\(tcp.port!)/disk", "nbd+vsock:///disk", "nbd:127.0.0.1:0",
              "nbd:unix:relative.sock", "nbd+unix:///disk", "nbd://127.0.0.1:\(tcp.port!)/x?socket=/s",
-             directory + "/missing.img", directory, "nbd:127.0.0.1:\(tlsTCP.port!)"]
+             directory + "/missing.img", directory, "nbd:127.0.0.1:\(tlsTCP.port!)",
+             "rbd://\(ceph.pool)/disk", "rbd:\(ceph.pool)/missing:conf=\(ceph.configPath)", "rbd:\(ceph.pool)/disk:conf=relative.conf"]
         }
     }
 
@@ -121,11 +143,14 @@ func documentedDiskForms() throws -> [String] {
         var error: String?
     }
 
+    /// A snapshot is attached read-only (xl's `access=ro`); everything else writable.
+    static func mode(of params: String) -> String { params.contains("rbd:") && params.contains("@") ? "r" : "w" }
+
     /// The block script on `params` in a fresh xenstored; what it logged as the target.
     func runScript(_ params: String) throws -> ScriptOutcome {
         var outcome = ScriptOutcome(status: -1)
         try withFixture { f in
-            try f.addVbd(domid: 1, params: params, mode: "w")
+            try f.addVbd(domid: 1, params: params, mode: Self.mode(of: params))
             outcome.status = try f.runBlockScript("add", domid: 1).status
             outcome.error = try f.hotplugKeys(domid: 1)["hotplug-error"]
             if let line = f.log.split(separator: "\n").first(where: { $0.contains(": disk target: ") }),
@@ -141,7 +166,7 @@ func documentedDiskForms() throws -> [String] {
     func runDaemon(_ params: String) -> (normalized: String?, opened: Bool, reason: String?) {
         let normalized = try? DiskTarget.parse(params).normalized
         do {
-            let storage = try DiskParameters.fileStorageOpener(params, false, 4)
+            let storage = try DiskParameters.fileStorageOpener(params, Self.mode(of: params) == "r", 4)
             storage.close()
             return (normalized, true, nil)
         } catch {
@@ -153,7 +178,7 @@ func documentedDiskForms() throws -> [String] {
         if !isRoot() { try Test.cancel("needs root (losetup, /dev links)") }
         let world = try World()
         let forms = try documentedDiskForms()
-        #expect(forms.count == 13, "\(forms)")
+        #expect(forms.count == 16, "\(forms)")
         for form in forms {
             guard let examples = world.examples(of: form) else {
                 Issue.record("docs/hotplug.md lists \(form), which this test does not know: add an example")

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import SystemSupport
 
 /// A one-node Ceph cluster of the tests' own (../shared/reference/ceph-one-node.md):
@@ -27,8 +28,38 @@ public final class CephCluster: @unchecked Sendable {   // used by one test at a
                                "/usr/bin/rbd", "/usr/bin/ceph-authtool", "/usr/bin/monmaptool"]
     public static var isInstalled: Bool { tools.allSatisfy { access($0, X_OK) == 0 } }
 
-    /// Clusters made in this process, for distinct ports.
-    nonisolated(unsafe) private static var made = 0
+    /// The port blocks of this process's clusters (tests run in parallel).
+    private static let blocksInUse = Mutex<Set<Int>>([])
+    private var portBase = 0
+
+    /// A block of 100 ports no other cluster here has, whose monitor ports
+    /// nothing on the host listens on (the ephemeral range overlaps them).
+    private static func claimPortBlock() throws -> Int {
+        try blocksInUse.withLock { used in
+            let start = Int(getpid() % 90)
+            for k in 0..<90 {
+                let base = 40_300 + ((start + k * 7) % 90) * 100
+                if !used.contains(base) && canBind(base) && canBind(base + 1) {
+                    used.insert(base)
+                    return base
+                }
+            }
+            throw CephClusterError("no free block of ports for a Ceph cluster in 40300-49399")
+        }
+    }
+
+    private static func canBind(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+    }
 
     /// Brings the cluster up and creates the pool; throws (with the
     /// daemons' last log lines) if it is not usable within `timeout` seconds.
@@ -40,9 +71,13 @@ public final class CephCluster: @unchecked Sendable {   // used by one test at a
         guard let made = mkdtemp(&template) else { throw CephClusterError("mkdtemp: \(String(cString: strerror(errno)))") }
         directory = String(cString: made)
         configPath = directory + "/ceph.conf"
-        // Ports: a block of 100 per cluster, by process and by cluster.
-        Self.made += 1
-        let base = 40_300 + Int((getpid() &* 7 &+ Int32(Self.made) &* 3) % 90) * 100
+        // Ports: a block of 100 per cluster.
+        let base: Int
+        do { base = try Self.claimPortBlock() } catch {
+            _ = try? sh(["rm", "-rf", directory])
+            throw error
+        }
+        portBase = base
         monitorAddress = "[v2:127.0.0.1:\(base),v1:127.0.0.1:\(base + 1)]"
         do {
             try bringUp(store: store, base: base, deadline: MonotonicClock.seconds() + timeout)
@@ -184,6 +219,8 @@ public final class CephCluster: @unchecked Sendable {   // used by one test at a
     public func stop() {
         guard !stopped else { return }
         stopped = true
+        let base = portBase
+        Self.blocksInUse.withLock { _ = $0.remove(base) }
         for name in ["osd", "mgr", "mon"] {
             for d in daemons where d.name == name { ServerProcess.killGroup(d.pid) }
         }
