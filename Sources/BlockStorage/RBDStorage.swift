@@ -110,7 +110,16 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
         var c: rados_t?
         try check(lib.radosCreate2(&c, "ceph", "client." + (address.user ?? "admin"), 0), "rados_create2")
         cluster = c
-        try check(lib.radosConfReadFile(c, address.configPath), "rados_conf_read_file")
+        let read = lib.radosConfReadFile(c, address.configPath)
+        if read < 0 {
+            // The default search finding nothing is fine when the params name the monitors.
+            let monitorsGiven = address.settings.contains { $0.name == "mon_host" || $0.name == "mon-host" }
+            if address.configPath != nil || !monitorsGiven {
+                throw StorageError("rados_conf_read_file", errno: -read, path: address.normalized,
+                                   detail: address.configPath.map { "cannot read \($0): \(String(cString: strerror(-read)))" }
+                                       ?? "no Ceph configuration (no $CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config or ./ceph.conf): give conf=PATH, or mon_host= and keyring=")
+            }
+        }
         // A cluster that stays away fails requests instead of holding them for ever.
         let timeout = String(timeoutSeconds)
         try check(lib.radosConfSet(c, "rados_osd_op_timeout", timeout), "rados_conf_set")

@@ -253,6 +253,30 @@ struct RBDDiskTests {
         #expect(load.fullCheck?.mismatches == 0 && (load.fullCheck?.verified ?? 0) > 1000)
     }
 
+    @Test("the monitor killed and restarted under verified I/O: the OSD keeps serving, no error, no wrong byte")
+    func monitorRestartUnderIO() throws {
+        try Self.requireRoot()
+        let cluster = try CephCluster(store: .memstore)
+        defer { cluster.stop() }
+        try cluster.createImage("guest", sizeMiB: 16)
+        let bed = try TestBed()
+        defer { bed.close() }
+        let fe = try bed.host.attachDisk(to: try bed.host.createGuest(1), .init(params: Self.params(cluster, "guest")))
+        try fe.connect(ringPageOrder: 1)
+        let load = BystanderGuest(frontend: fe, seed: 31, queueDepth: 8, verifyAtEnd: true)
+        usleep(1_000_000)
+        cluster.killMonitor()
+        usleep(3_000_000)
+        try cluster.startMonitor(deadline: MonotonicClock.seconds() + 60)
+        usleep(2_000_000)
+        let (summary, failure) = load.finish()
+        #expect(failure == nil)
+        #expect(summary.errors == 0 && summary.mismatches == 0, "\(summary)")
+        #expect(summary.reads + summary.writes > 200, "\(summary)")
+        #expect(load.fullCheck?.mismatches == 0 && (load.fullCheck?.verified ?? 0) > 1000)
+        #expect(bed.host.blockStatus.first?.statistics.errors == 0)
+    }
+
     @Test("a cluster that stays away: requests fail with BLKIF_RSP_ERROR after the operation timeout, status says so, other guests go on")
     func clusterAway() throws {
         try Self.requireRoot()

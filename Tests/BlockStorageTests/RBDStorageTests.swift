@@ -150,5 +150,22 @@ import Testing
         #expect(Self.transfer(next, .read, offset: 0, bytes: &check) == Int64(1 << 20))
         #expect(check == [UInt8](repeating: 0x42, count: 1 << 20))
         next.close()
+
+        // An image without the exclusive-lock feature cannot keep a second
+        // writer out: refused read-write with the way out named, served read-only.
+        try cluster.rbd(["create", "--size", "4M", "--image-feature", "layering", "\(cluster.pool)/plain"])
+        var plain = address
+        plain.image = "plain"
+        let unlockable = try RBDStorage.open(plain, readOnly: false, queueDepth: 4)
+        #expect(unlockable.featureNames == ["layering"])
+        #expect {
+            try unlockable.takeWriterLock(waitingUpTo: 1, breakingPreviousOwner: nil)
+        } throws: { error in
+            (error as? StorageError).map { $0.errno == EINVAL && $0.description.contains("rbd feature enable") } ?? false
+        }
+        unlockable.close()
+        let plainReader = try RBDStorage.open(plain, readOnly: true, queueDepth: 4)
+        #expect(try plainReader.takeWriterLock(waitingUpTo: 1, breakingPreviousOwner: nil) == nil)
+        plainReader.close()
     }
 }

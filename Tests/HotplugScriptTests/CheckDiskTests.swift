@@ -101,6 +101,22 @@ import Testing
         #expect(result.stderr == reason + "\n")
     }
 
+    /// A host with no Ceph configuration: one line saying what to give
+    /// (CEPH_CONF names a file that is not there, so the host's own
+    /// /etc/ceph cannot make the test pass or fail). A conf= that is not
+    /// there is named.
+    @Test func rbdWithoutAConfiguration() throws {
+        let missing = "/tmp/xbcheck-no-ceph-\(getpid()).conf"
+        let result = try runProcess([xenbackdBinary, "check-disk", "rbd:rbd/none"],
+                                    environment: ["PATH": basePath, "CEPH_CONF": missing], timeout: 30)
+        #expect(result.status == 1)
+        #expect(result.stderr == "RBD image rbd:rbd/none cannot be opened: no Ceph configuration (no $CEPH_CONF, "
+                + "/etc/ceph/ceph.conf, ~/.ceph/config or ./ceph.conf): give conf=PATH, or mon_host= and keyring=\n")
+        let named = try checkDisk(["rbd:rbd/none:conf=\(missing)"])
+        #expect(named.status == 1)
+        #expect(named.stderr == "RBD image rbd:rbd/none cannot be opened: cannot read \(missing): No such file or directory\n")
+    }
+
     @Test func badArgumentsAreUsageErrors() throws {
         #expect(try checkDisk(["--mode", "x", "/x"]).status != 0)
         #expect(try checkDisk(["/a", "/b"]).status != 0)

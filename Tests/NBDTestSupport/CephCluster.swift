@@ -185,6 +185,24 @@ public final class CephCluster: @unchecked Sendable {   // used by one test at a
         }
     }
 
+    /// SIGKILL to the monitor (a crash), reaped; its store stays on disk.
+    public func killMonitor() {
+        for (i, d) in daemons.enumerated().reversed() where d.name == "mon" {
+            ServerProcess.killGroup(d.pid)
+            daemons.remove(at: i)
+        }
+    }
+
+    /// Starts the monitor again on its store, and waits until it answers.
+    public func startMonitor(deadline: Double) throws {
+        try start("mon", ["/usr/bin/ceph-mon", "-c", configPath, "-f", "-i", "a"])
+        while MonotonicClock.seconds() < deadline {
+            if (try? ceph(["--connect-timeout", "5", "mon", "stat"], timeout: 10)) != nil { return }
+            usleep(250_000)
+        }
+        throw CephClusterError("the monitor does not answer after its restart")
+    }
+
     /// Until the OSD is up and every placement group active+clean.
     public func waitForOSD(deadline: Double) throws {
         while MonotonicClock.seconds() < deadline {
