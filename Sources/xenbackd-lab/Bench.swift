@@ -26,6 +26,8 @@ struct BenchBlock: ParsableCommand {
     var file: String?
     @Option(help: "An NBD export to serve instead (nbd://, nbd+unix:// or nbd:HOST:PORT); fio then uses its nbd engine.")
     var nbd: String?
+    @Option(help: "A Ceph RBD image to serve instead: POOL/IMAGE, or a whole rbd: target (id=, conf=, librados settings); fio then uses its rbd engine, after every row of ours (the backend holds the image's lock while connected).")
+    var rbd: String?
     @Option(help: "Size in MiB of a file created by the benchmark.")
     var sizeMiB: Int = 1024
     @Option(help: "Seconds per measurement.")
@@ -76,7 +78,17 @@ struct BenchBlock: ParsableCommand {
     ]
 
     func validate() throws {
-        guard (file == nil) != (nbd == nil) else { throw ValidationError("give exactly one of --file and --nbd") }
+        guard [file, nbd, rbd].compactMap({ $0 }).count == 1 else {
+            throw ValidationError("give exactly one of --file, --nbd and --rbd")
+        }
+        if rbd != nil {
+            guard case .rbd(let address)? = try? DiskTarget.parse(params).location else {
+                throw ValidationError("--rbd takes POOL/IMAGE or rbd:POOL/IMAGE[:OPTION=VALUE]...")
+            }
+            guard address.namespace.isEmpty, address.snapshot == nil else {
+                throw ValidationError("--rbd: fio's rbd engine takes neither a namespace nor a snapshot")
+            }
+        }
         guard (0...64).contains(contention) else { throw ValidationError("--contention must be 0 to 64") }
         guard (1...64).contains(jobs) else { throw ValidationError("--jobs must be 1 to 64") }
         guard (1...BlockBackendOptions.maxQueuesLimit).contains(queues), jobs * queues <= 64 else {
@@ -87,12 +99,18 @@ struct BenchBlock: ParsableCommand {
         }
     }
 
-    /// The vbd's params: the file, or the NBD export.
-    private var params: String { nbd ?? file! }
+    /// The vbd's params: the file, the NBD export, or the RBD image.
+    private var params: String {
+        if let rbd { return rbd.hasPrefix(RBDImageAddress.scheme) ? rbd : RBDImageAddress.scheme + rbd }
+        return nbd ?? file!
+    }
+
+    /// Served over the network by a library (not a local file): no O_DIRECT question, written whole first.
+    private var remote: Bool { file == nil }
 
     func run() throws {
         let logger = logging.makeLogger("xenbackd.bench")
-        if nbd == nil { try prepareFile() }
+        if file != nil { try prepareFile() }
         let indirect = segmentsPerRequest > Blkif.maxSegmentsPerRequest
         let offered = max(BlockBackendOptions.defaultMaxIndirectSegments, segmentsPerRequest)
         let host = try LoopbackHost(logger: logger, openStorage: DiskParameters.storageOpener(ioEngine: ioEngine),
@@ -126,13 +144,13 @@ struct BenchBlock: ParsableCommand {
         // A server's first write of a block allocates it (nbdkit's memory
         // plugin took twice as long for it): written whole first, as a new
         // file is, so that neither side's rows pay for that.
-        if nbd != nil { try Self.fillWhole(through: fe.queues[0], sectors: fe.info.sectors) }
+        if remote { try Self.fillWhole(through: fe.queues[0], sectors: fe.info.sectors) }
         let busy = try BusyLoops(count: contention)
         defer { busy.stop() }
-        let direct = nbd == nil && storageIsDirect()
+        let direct = !remote && storageIsDirect()
         let exportBytes = Int(fe.info.sectors) * Blkif.sectorSize
         say("xenbackd-lab bench blk: \(params), \(fe.info.sectors / 2048) MiB, ring \(fe.ringSlots) slots, "
-              + (nbd == nil ? "O_DIRECT \(direct ? "on" : "off"), \(host.blockStatus.first?.ioEngine ?? "?")" : "libnbd") + ", \(fixed(seconds, 0)) s per run, "
+              + (remote ? host.blockStatus.first?.ioEngine ?? "?" : "O_DIRECT \(direct ? "on" : "off"), \(host.blockStatus.first?.ioEngine ?? "?")") + ", \(fixed(seconds, 0)) s per run, "
               + "requests of up to \(segmentsPerRequest) pages" + (indirect ? " (indirect)" : "")
               + (jobs > 1 ? ", \(jobs) guests" : "") + (queues > 1 ? ", \(queues) rings each" : "")
               + (streams > 1 ? ", \(streams) fio jobs" : "")
@@ -140,21 +158,52 @@ struct BenchBlock: ParsableCommand {
         say("cpu: xenbackd's is dom0's (the process but the guests' threads, polling included), fio's its own; "
               + "us/IO per I/O, % of one CPU")
         say("row                   xenbackd IOPS     MB/s   p50 us   p99 us us/IO  cpu% |      fio IOPS     MB/s   p50 us   p99 us us/IO  cpu% | ratio")
-        for row in Self.rows where only.map({ row.name.contains($0) }) ?? true {
-            progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
-            let ours = try measure(row, on: frontends.flatMap(\.queues), sectors: fe.info.sectors)
-            if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
-            let theirs = noFio ? nil : runFio(row, direct: direct, sizeBytes: exportBytes)
-            progressLine("")
+        let rows = Self.rows.filter { row in only.map { row.name.contains($0) } ?? true }
+        func line(_ row: Row, _ ours: Figures, _ theirs: Figures?) -> String {
             var line = pad(row.name, 20) + " " + figures(ours)
             if let theirs {
                 line += " | " + figures(theirs) + " | " + fixed(ours.iops / max(theirs.iops, 1e-9), 2)
             } else {
                 line += " | (fio not run)"
             }
-            say(line)
+            return line
+        }
+        if rbd != nil {
+            // The vbd holds the image's exclusive lock: fio's writes would
+            // fail beside it. Every row of ours, the guests gone, then fio's.
+            var ours: [Figures] = []
+            for row in rows {
+                progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
+                ours.append(try measure(row, on: frontends.flatMap(\.queues), sectors: fe.info.sectors))
+            }
+            for fe in frontends { try fe.disconnect() }
+            try waitForLockRelease(host)
+            for (row, figures) in zip(rows, ours) {
+                if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
+                let theirs = noFio ? nil : runFio(row, direct: false, sizeBytes: exportBytes)
+                progressLine("")
+                say(line(row, figures, theirs))
+            }
+            return
+        }
+        for row in rows {
+            progressLine("\(row.name): xenbackd, \(fixed(seconds, 0)) s…")
+            let ours = try measure(row, on: frontends.flatMap(\.queues), sectors: fe.info.sectors)
+            if !noFio { progressLine("\(row.name): fio, \(fixed(seconds, 0)) s…") }
+            let theirs = noFio ? nil : runFio(row, direct: direct, sizeBytes: exportBytes)
+            progressLine("")
+            say(line(row, ours, theirs))
         }
         for fe in frontends { try fe.disconnect() }
+    }
+
+    /// Until the backend has closed every disk (and so released an RBD image's lock).
+    private func waitForLockRelease(_ host: LoopbackHost) throws {
+        for _ in 0..<300 {
+            if host.blockStatus.allSatisfy({ !$0.diskOpen }) { return }
+            usleep(100_000)
+        }
+        throw ValidationError("the backend did not close the disk within 30 s")
     }
 
     /// Whether the backend's storage uses O_DIRECT on this file (fio must match).
@@ -350,8 +399,20 @@ struct BenchBlock: ParsableCommand {
     /// fio on the same storage, same block size, depth and direct mode:
     /// libaio on a file, its nbd engine (libnbd) on an export.
     private func runFio(_ row: Row, direct: Bool, sizeBytes: Int) -> Figures? {
-        let target = nbd.map { ["--ioengine=nbd", "--uri=\($0)"] }
-            ?? ["--filename=\(file!)", "--ioengine=libaio", "--direct=\(direct ? 1 : 0)", "--invalidate=0"]
+        var environment = ProcessInfo.processInfo.environment
+        let target: [String]
+        if let nbd {
+            target = ["--ioengine=nbd", "--uri=\(nbd)"]
+        } else if rbd != nil, case .rbd(let a)? = try? DiskTarget.parse(params).location {
+            // The same image as the same user; librados's settings from the params too.
+            target = ["--ioengine=rbd", "--pool=\(a.pool)", "--rbdname=\(a.image)", "--clientname=\(a.user ?? "admin")"]
+            if let conf = a.configPath { environment["CEPH_CONF"] = conf }
+            // librbd's cache off, as the backend has it (a write done is on the OSDs).
+            environment["CEPH_ARGS"] = (["--rbd_cache=false"] + a.settings.map { "--\($0.name)=\($0.value)" })
+                .joined(separator: " ")
+        } else {
+            target = ["--filename=\(file!)", "--ioengine=libaio", "--direct=\(direct ? 1 : 0)", "--invalidate=0"]
+        }
         let args = ["fio", "--name=bench"] + target + [
                     "--rw=\(row.fioRW)", "--bs=\(row.blockSize)", "--iodepth=\(row.queueDepth)",
                     "--runtime=\(Int(seconds))", "--time_based", "--output-format=json",
@@ -360,6 +421,7 @@ struct BenchBlock: ParsableCommand {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = args
+        p.environment = environment
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
