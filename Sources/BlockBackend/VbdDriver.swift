@@ -288,7 +288,8 @@ final class VbdDriver: XenbusDriver {
         let previous = resuming ? ((try? d.store.read(key)) ?? nil) : nil
         let name: String?
         do {
-            name = try storage.takeWriterLock(waitingUpTo: options.writerLockWaitSeconds, breakingPreviousOwner: previous)
+            name = try storage.takeWriterLock(waitingUpTo: options.writerLockWaitSeconds, breakingPreviousOwner: previous,
+                                              giveUp: d.isAbandoned)
         } catch {
             throw DeviceFailure("cannot take the disk's writer lock: \(GuestText.escaped("\(error)", limit: 400))")
         }

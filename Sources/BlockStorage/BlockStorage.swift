@@ -98,7 +98,8 @@ public extension BlockStorage {
     func currentSizeBytes() -> UInt64? { nil }
     func sizeChanged(to bytes: UInt64) {}
     /// Nothing to lock: a file's or an NBD export's sharing is the toolstack's to check.
-    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?) throws -> String? { nil }
+    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?,
+                        giveUp: () -> Bool) throws -> String? { nil }
 }
 
 /// A disk behind a block backend ring. Asynchronous: operations are
@@ -162,8 +163,11 @@ public protocol BlockStorage: AnyObject {
     /// waiting up to `seconds` for a holder that is letting go (a
     /// migration's source). `previousOwner` is what this call returned to
     /// the disk's previous daemon (its lock is broken: that daemon is gone).
-    /// Returns the name to keep for the next restart; nil when there is no lock.
-    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?) throws -> String?
+    /// Returns the name to keep for the next restart; nil when there is no
+    /// lock. Gives up, with an error, as soon as `giveUp` says so (the
+    /// device is going away, or the daemon stops).
+    func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?,
+                        giveUp: () -> Bool) throws -> String?
 }
 
 /// What a storage tells the operator: a connection lost or regained.

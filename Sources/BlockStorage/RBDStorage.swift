@@ -186,7 +186,8 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
     /// when its guest has left), then refused with the holder's name.
     /// Returns this handle's owner name, for the next restart to recognise.
     @discardableResult
-    public func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?) throws(StorageError) -> String? {
+    public func takeWriterLock(waitingUpTo seconds: Double, breakingPreviousOwner previousOwner: String?,
+                               giveUp: () -> Bool = { false }) throws(StorageError) -> String? {
         guard let i = image else { throw StorageError("rbd_lock_acquire", errno: EBADF, path: address.normalized) }
         if geometry.readOnly { return nil }
         if let name = lockOwnerName { return name }
@@ -211,6 +212,10 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
                 if rc == 0 { break }
                 // EROFS/EBUSY: somebody took it between our look and our ask.
                 if rc != -EROFS && rc != -EBUSY { try check(rc, "rbd_lock_acquire") }
+            }
+            if giveUp() {
+                throw StorageError("rbd_lock_acquire", errno: ECANCELED, path: address.normalized,
+                                   detail: "gave up waiting for the image's exclusive lock (the device is going away)")
             }
             if MonotonicClock.seconds() >= deadline {
                 let holder = owners.isEmpty ? "another client" : owners.joined(separator: ", ")

@@ -120,7 +120,8 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
             address: address, backendPath: backendPath, frontendPath: frontendPath, store: store,
             logger: logger, hasScript: hasScript,
             post: { [loop] task in loop.post(task) },
-            fail: { [loop] reason in loop.post { device.value?.fail(reason) } })
+            fail: { [loop] reason in loop.post { device.value?.fail(reason) } },
+            isAbandoned: { [abandoned] in abandoned.isRaised })
     }
 
     /// Both ends Connected when we find the device (or a vif's frontend in
@@ -431,6 +432,7 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
     /// the watches and the error node, then `done` (on the control thread).
     func remove(then done: @escaping () -> Void) {
         removal = done
+        abandoned.raise()
         if !busy { startRemoval() }
     }
 
@@ -448,7 +450,13 @@ public final class XenbusDevice<Driver: XenbusDriver>: @unchecked Sendable {   /
 
     /// The daemon stops: no further step is taken; what a job was doing is
     /// recorded when it ends (`XenbusDeviceTable` waits for the workers).
-    func beginQuiesce() { quiescing = true }
+    func beginQuiesce() {
+        quiescing = true
+        abandoned.raise()
+    }
+
+    /// Raised on removal and on the daemon's stop (`XenbusDeviceContext.isAbandoned`).
+    private let abandoned = AbandonedFlag()
 
     /// After `beginQuiesce` and the workers' end: the connection to stop,
     /// leaving xenstore as it is (a restarted daemon resumes), or the

@@ -1,5 +1,6 @@
 import Hypervisor
 import Logging
+import Synchronization
 
 /// What one device type (vbd, vif) supplies to the xenbus framework
 /// (`XenbusDevice`): its own keys, the thing it serves, and its data plane.
@@ -85,4 +86,14 @@ public struct XenbusDeviceContext: @unchecked Sendable {   // the store is threa
     /// Fails the device from any thread (a data plane that found the guest
     /// broken): posted to the control loop.
     public let fail: @Sendable (String) -> Void
+    /// True once the device is being removed or the daemon stops: a job
+    /// that waits (a disk's writer lock) gives up instead of holding both.
+    public let isAbandoned: @Sendable () -> Bool
+}
+
+/// Set once, read from any thread: a device's `isAbandoned`.
+final class AbandonedFlag: Sendable {
+    private let raised = Atomic<Bool>(false)
+    func raise() { raised.store(true, ordering: .releasing) }
+    var isRaised: Bool { raised.load(ordering: .acquiring) }
 }

@@ -172,6 +172,60 @@ struct RBDDiskTests {
         #expect(blocks.checked > 200)
     }
 
+    /// The same handover between two xenbackd processes, each on its own
+    /// loopback root with its own xenstored: what two hosts' daemons do.
+    @Test("migration between two xenbackd daemons on two loopback roots: the destination's daemon waits for the lock, every acknowledged write is on the image")
+    func migrationBetweenTwoDaemons() throws {
+        try Self.requireRoot()
+        let cluster = try CephCluster(store: .memstore)
+        defer { cluster.stop() }
+        try cluster.createImage("guest", sizeMiB: 16)
+        let params = Self.params(cluster, "guest")
+        let source = try DaemonRestartTests.World()
+        defer { source.close() }
+        let destination = try DaemonRestartTests.World()
+        defer { destination.close() }
+        #expect(source.root != destination.root)
+        let (before, sourceStore) = try DaemonRestartTests().connectGuest(source, params: params)
+        var stream = StampedWrites(firstSector: 0, blocks: Int(before.info.sectors / 8), depth: 16, seed: 171)
+        try stream.run(on: before, acknowledging: 300)
+        try stream.fill(before)
+        let sourceOwner = try #require(try sourceStore.read(before.backendPath + "/xenbackd-lock-owner"))
+
+        // The destination's guest connects while the source serves; its daemon waits for the lock.
+        let outcome = Handoff<(frontend: LoopbackBlockFrontend?, failure: String)>()
+        let world = TestOnlyBox(destination)   // used by that thread alone until it is joined
+        let connecting = try NativeThread {
+            do {
+                outcome.put((try DaemonRestartTests().connectGuest(world.value, params: params).0, ""))
+            } catch {
+                outcome.put((nil, "\(error)"))
+            }
+        }
+        usleep(2_000_000)
+        #expect(try Self.xenbackd(["rbd-lock", "show", params]).output == sourceOwner + "\n")
+        // Its vbd waits in InitWait (the connect job holds it): not Connected beside the source.
+        let waiting = try destination.output(["status", "--json", "--control-socket", destination.controlSocket])
+        #expect(waiting.contains("InitWait") && !waiting.contains("Connected"), "\(waiting)")
+        try closeWithRequestsInFlight(before, writes: &stream)
+        let unanswered = stream.abandonInFlight()
+        #expect(stream.errors == 0)
+        connecting.join()
+        let connected = outcome.take()
+        let after = try #require(connected.frontend, "destination: \(connected.failure)")
+        try stream.resubmit(unanswered, on: after)
+        try stream.run(on: after, acknowledging: 300)
+        try stream.drain(after)
+        #expect(stream.errors == 0)
+        let owner = try Self.xenbackd(["rbd-lock", "show", params]).output
+        #expect(!owner.isEmpty && owner != sourceOwner + "\n", "\(owner)")
+        try after.disconnect()
+        let export = try RBDExportReader(cluster: cluster, image: "guest")
+        let blocks = try stream.verify(with: export)
+        #expect(blocks.wrong.isEmpty, "blocks not as acknowledged: \(blocks.wrong)")
+        #expect(blocks.checked > 500)
+    }
+
     @Test("a holder that died keeps the lock: the backend waits its bounded time and fails with the holder's name; `xenbackd rbd-lock break` frees it, and the disk connects")
     func deadHolderNeedsTheOperator() throws {
         try Self.requireRoot()
@@ -217,6 +271,22 @@ struct RBDDiskTests {
         #expect(waited >= 3 && waited < 15, "waited \(waited) s: \(trace.suffix(20))")
         #expect(error.contains("held by \(owner)") && error.contains("xenbackd rbd-lock break rbd:rbd/guest"), "\(error)")
         #expect(try Self.xenbackd(["rbd-lock", "show", params]).output.contains(owner), "still held: nothing broke it")
+
+        // A device removed while it waits gives up at once, not after its wait.
+        let patient = try TestBed(options: .init(writerLockWaitSeconds: 60))
+        defer { patient.close() }
+        let removed = try patient.host.attachDisk(to: try patient.host.createGuest(3), .init(params: params))
+        let waiter = try NativeThread { _ = try? removed.connect(timeout: 5) }
+        try waitUntil("the vbd to wait for the lock", seconds: 10) {
+            (try? removed.store.read(removed.backendPath + "/state")) == "2"
+                && removed.store.readState(removed.frontendPath) == .initialised
+        }
+        usleep(500_000)
+        let removing = MonotonicClock.seconds()
+        try patient.host.toolstack.removeDisk(domain: 3, devid: 51712)
+        try waitUntil("the waiting vbd to go", seconds: 10) { patient.host.blockStatus.isEmpty }
+        #expect(MonotonicClock.seconds() - removing < 3)
+        waiter.join()
 
         let broken = try Self.xenbackd(["rbd-lock", "break", params])
         #expect(broken.status == 0 && broken.output == "broken: \(owner)\n", "\(broken)")
@@ -364,4 +434,10 @@ struct RBDDiskTests {
         }
         return result ?? -Int64(ETIMEDOUT)
     }
+}
+
+/// Hands a value to one other thread that alone uses it until joined.
+private final class TestOnlyBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
 }
