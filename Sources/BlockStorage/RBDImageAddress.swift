@@ -59,6 +59,19 @@ public struct RBDImageAddress: Equatable, Sendable, CustomStringConvertible {
 
     public var description: String { normalized }
 
+    /// The normalised image with the options that say how to reach it
+    /// (`id`, `conf`, librados settings) but no secret: what an operator
+    /// pastes into `xenbackd rbd-lock`.
+    public var withoutSecrets: String {
+        var text = normalized
+        if let user { text += ":id=" + Self.escapeValue(user) }
+        if let configPath { text += ":conf=" + Self.escapeValue(configPath) }
+        for setting in settings where !Self.secretSettings.contains(setting.name) {
+            text += ":" + setting.name + "=" + Self.escapeValue(setting.value)
+        }
+        return text
+    }
+
     /// `params` with every secret's value replaced, for logs and status.
     public static func redacted(_ params: String) -> String {
         // The scheme's end: after any format prefixes (`aio:`…) and spaces.
@@ -153,6 +166,16 @@ public struct RBDImageAddress: Equatable, Sendable, CustomStringConvertible {
         var escaped = false
         for c in text {
             if escaped { out.append(c); escaped = false } else if c == "\\" { escaped = true } else { out.append(c) }
+        }
+        return out
+    }
+
+    /// An option's value: only `:` (and the backslash) mean something there.
+    static func escapeValue(_ text: String) -> String {
+        var out = ""
+        for c in text {
+            if c == "\\" || c == ":" { out.append("\\") }
+            out.append(c)
         }
         return out
     }

@@ -193,8 +193,9 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
         if let name = lockOwnerName { return name }
         guard features & UInt64(RBD_FEATURE_EXCLUSIVE_LOCK) != 0 else {
             throw StorageError("rbd_lock_acquire", errno: EINVAL, path: address.normalized,
-                               detail: "the image has no exclusive-lock feature, so nothing keeps a second writer out "
-                                   + "(rbd feature enable IMAGE exclusive-lock), or attach it read-only")
+                               detail: "the image has no exclusive-lock feature, so nothing keeps a second writer out: "
+                                   + "`rbd feature enable \(address.pool)/\(address.namespace.isEmpty ? "" : address.namespace + "/")"
+                                   + "\(address.image) exclusive-lock`, or attach it read-only")
         }
         let deadline = MonotonicClock.seconds() + seconds
         var brokePrevious = false
@@ -222,7 +223,7 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
                 throw StorageError("rbd_lock_acquire", errno: EBUSY, path: address.normalized,
                                    detail: "the image's exclusive lock is held by \(holder) and was not released within "
                                        + "\(Int(seconds)) s; if its host is dead, break it with "
-                                       + "`xenbackd rbd-lock break \(address.normalized)`")
+                                       + "`xenbackd rbd-lock break \(address.withoutSecrets)`")
             }
             usleep(200_000)
         }

@@ -269,7 +269,7 @@ struct RBDDiskTests {
         connecting.join()
         #expect(outcome.take().contains("backend closed the device"))
         #expect(waited >= 3 && waited < 15, "waited \(waited) s: \(trace.suffix(20))")
-        #expect(error.contains("held by \(owner)") && error.contains("xenbackd rbd-lock break rbd:rbd/guest"), "\(error)")
+        #expect(error.contains("held by \(owner)") && error.contains("`xenbackd rbd-lock break \(params)`"), "\(error)")
         #expect(try Self.xenbackd(["rbd-lock", "show", params]).output.contains(owner), "still held: nothing broke it")
 
         // A device removed while it waits gives up at once, not after its wait.

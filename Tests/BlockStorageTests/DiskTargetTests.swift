@@ -109,6 +109,7 @@ import Testing
         #expect(a.user == "xen" && a.configPath == "/etc/ceph/a:b.conf")
         #expect(a.settings.map(\.name) == ["mon_host", "key"] && a.settings.map(\.value) == ["10.0.0.1:6789", "AQB=="])
         #expect(a.normalized == "rbd:pool/ns/im\\:age@sn\\@ap")
+        #expect(a.withoutSecrets == "rbd:pool/ns/im\\:age@sn\\@ap:id=xen:conf=/etc/ceph/a\\:b.conf:mon_host=10.0.0.1\\:6789")
         // The secret never reaches a log line or status; the rest does.
         #expect(DiskTarget.redacted(text)
             == "rbd:pool/ns/im\\:age@sn\\@ap:id=client.xen:conf=/etc/ceph/a\\:b.conf:mon_host=10.0.0.1\\:6789:key=<redacted>")
