@@ -58,6 +58,16 @@ public struct StorageOperation {
         self.tag = tag; self.kind = kind; self.offset = offset; self.length = length
         self.iovecs = iovecs; self.iovecCount = iovecCount; self.secure = secure
     }
+
+    /// The bytes it moves or covers: the iovecs' total for a read or write,
+    /// `length` for the others. Allocation-free (storages' submit paths).
+    public var byteCount: UInt64 {
+        guard kind == .read || kind == .write else { return length }
+        guard let iovecs, iovecCount > 0 else { return 0 }
+        var total: UInt64 = 0
+        for index in 0..<Int(iovecCount) { total &+= UInt64(iovecs[index].iov_len) }
+        return total
+    }
 }
 
 /// A finished operation: `result` is the byte count moved (0 for flush and

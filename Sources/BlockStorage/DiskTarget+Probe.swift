@@ -145,9 +145,7 @@ extension DiskTarget {
         if access.writable && storage.geometry.readOnly { throw .readOnly(what: "RBD image \(address.normalized) for this user") }
         var geometry = storage.geometry
         geometry.readOnly = !access.writable
-        geometry.discard = access.writable
-            ? DiscardSupport(granularity: UInt32(min(storage.objectSize, UInt64(UInt32.max))), alignment: 0, zeroesData: true)
-            : nil
+        geometry.discard = access.writable ? RBDStorage.discardSupport(objectSize: storage.objectSize) : nil
         var report = DiskReport(target: self, kind: .rbd, resolvedPath: nil, device: nil, backingFile: nil,
                                 geometry: geometry, directIO: nil, identities: DiskIdentity.keys(of: self), mounts: [])
         let owners = storage.geometry.readOnly ? nil : try? storage.lockOwners()

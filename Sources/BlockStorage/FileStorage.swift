@@ -181,8 +181,7 @@ public final class FileStorage: BlockStorage, @unchecked Sendable {
     /// Records the operation in its slot and queues it with the kernel
     /// queue, unless it does not go to the kernel (done at settle time).
     private func prepare(_ operation: StorageOperation, slot: Int) {
-        let bytes = operation.kind == .read || operation.kind == .write
-            ? transferLength(operation.iovecs, operation.iovecCount) : operation.length
+        let bytes = operation.byteCount
         slots[slot] = OperationSlot(tag: operation.tag, kind: operation.kind, offset: operation.offset,
                                     length: bytes, secure: operation.secure, iovecs: operation.iovecs,
                                     iovecCount: operation.iovecCount)
@@ -424,14 +423,6 @@ struct OperationSlot {
     var work: SlotWork = .kernel
     /// Result of an operation completed at submit time.
     var result: Int64 = 0
-}
-
-/// Total bytes described by an iovec array.
-private func transferLength(_ iovecs: UnsafeMutablePointer<iovec>?, _ count: Int32) -> UInt64 {
-    guard let iovecs, count > 0 else { return 0 }
-    var total: UInt64 = 0
-    for index in 0..<Int(count) { total &+= UInt64(iovecs[index].iov_len) }
-    return total
 }
 
 /// Zeros the iovecs' bytes from `start` on (the part a short read left unread).

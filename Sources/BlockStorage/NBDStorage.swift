@@ -449,8 +449,7 @@ public final class NBDStorage: BlockStorage, @unchecked Sendable {
         freeSlotCount -= 1
         let slot = Int(freeSlots[freeSlotCount])
         busySlots += 1
-        let bytes = operation.kind == .read || operation.kind == .write
-            ? nbdTransferLength(operation.iovecs, operation.iovecCount) : operation.length
+        let bytes = operation.byteCount
         slots[slot].tag = operation.tag
         slots[slot].kind = operation.kind
         slots[slot].bytes = bytes
@@ -1106,14 +1105,6 @@ enum MonotonicNanoseconds {
         clock_gettime(CLOCK_MONOTONIC, &time)
         return UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
     }
-}
-
-/// Total bytes described by an iovec array.
-func nbdTransferLength(_ iovecs: UnsafeMutablePointer<iovec>?, _ count: Int32) -> UInt64 {
-    guard let iovecs, count > 0 else { return 0 }
-    var total: UInt64 = 0
-    for index in 0..<Int(count) { total &+= UInt64(iovecs[index].iov_len) }
-    return total
 }
 
 /// True when the iovecs describe one contiguous run of memory.

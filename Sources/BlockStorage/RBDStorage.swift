@@ -51,8 +51,9 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
     private var slots: [Slot]
     private var freeSlots: [Int]
     private let polled: UnsafeMutablePointer<rbd_completion_t?>
-    /// Operations librbd refused at submit, or answered without it: completed at the next reap.
-    private var refused: [StorageCompletion] = []
+    /// Operations answered here, not by librbd (refused at submit, or a
+    /// flush with nothing to flush): completed at the next reap.
+    private var answeredHere: [StorageCompletion] = []
     /// A write or discard has gone out through this handle.
     private var wrote = false
 
@@ -152,11 +153,14 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
         try check(lib.getFeatures(i, &features), "rbd_get_features")
         geometry.sizeBytes = info.size
         objectSize = info.obj_size
-        if !readOnly {
-            geometry.discard = DiscardSupport(granularity: UInt32(min(info.obj_size, UInt64(UInt32.max))), alignment: 0,
-                                              zeroesData: true)
-        }
+        if !readOnly { geometry.discard = Self.discardSupport(objectSize: info.obj_size) }
         try check(lib.setImageNotification(i, wakeup.fd, Int32(EVENT_TYPE_EVENTFD)), "rbd_set_image_notification")
+    }
+
+    /// Discard as offered on an image of `objectSize`-byte objects: that
+    /// granularity, and zeroes (partial discards are not skipped).
+    static func discardSupport(objectSize: UInt64) -> DiscardSupport {
+        DiscardSupport(granularity: UInt32(min(objectSize, UInt64(UInt32.max))), alignment: 0, zeroesData: true)
     }
 
     // MARK: the exclusive lock
@@ -281,24 +285,23 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
         for op in operations {
             guard let slot = freeSlots.popLast() else { break }
             taken += 1
-            let length = op.kind == .read || op.kind == .write
-                ? (0..<Int(op.iovecCount)).reduce(UInt64(0)) { $0 + UInt64(op.iovecs![$1].iov_len) } : op.length
+            let length = op.byteCount
             slots[slot] = Slot(tag: op.tag, kind: op.kind, length: length, busy: true)
             if let error = precheck(op, length: length) {
-                finishRefused(slot, -Int64(error))
+                answerHere(slot, -Int64(error))
                 continue
             }
             // Nothing written through this handle: nothing to flush. (librbd
             // would first ask for the exclusive lock, and wait on a dead holder.)
             if op.kind == .flush && !wrote {
-                finishRefused(slot, 0)
+                answerHere(slot, 0)
                 continue
             }
             if op.kind == .write || op.kind == .discard { wrote = true }
             var completion: rbd_completion_t?
             let rc0 = lib.aioCreateCompletion(UnsafeMutableRawPointer(bitPattern: slot + 1), nil, &completion)
             guard rc0 == 0, let completion else {
-                finishRefused(slot, Int64(rc0 < 0 ? rc0 : -ENOMEM))
+                answerHere(slot, Int64(rc0 < 0 ? rc0 : -ENOMEM))
                 continue
             }
             let rc: Int32
@@ -310,7 +313,7 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
             }
             if rc < 0 {
                 lib.aioRelease(completion)
-                finishRefused(slot, Int64(rc))
+                answerHere(slot, Int64(rc))
             }
         }
         return taken
@@ -328,8 +331,8 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
         return nil
     }
 
-    private func finishRefused(_ slot: Int, _ result: Int64) {
-        refused.append(StorageCompletion(tag: slots[slot].tag, result: result))
+    private func answerHere(_ slot: Int, _ result: Int64) {
+        answeredHere.append(StorageCompletion(tag: slots[slot].tag, result: result))
         slots[slot].busy = false
         freeSlots.append(slot)
         wakeup.signal()
@@ -342,7 +345,7 @@ public final class RBDStorage: BlockStorage {   // confined to one thread after 
 
     public func pollCompletions(_ body: (StorageCompletion) -> Void) -> Int {
         var n = 0
-        while let r = refused.popLast() {
+        while let r = answeredHere.popLast() {
             body(r)
             n += 1
         }

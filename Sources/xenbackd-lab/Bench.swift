@@ -82,7 +82,7 @@ struct BenchBlock: ParsableCommand {
             throw ValidationError("give exactly one of --file, --nbd and --rbd")
         }
         if rbd != nil {
-            guard case .rbd(let address)? = try? DiskTarget.parse(params).location else {
+            guard let address = rbdAddress else {
                 throw ValidationError("--rbd takes POOL/IMAGE or rbd:POOL/IMAGE[:OPTION=VALUE]...")
             }
             guard address.namespace.isEmpty, address.snapshot == nil else {
@@ -103,6 +103,12 @@ struct BenchBlock: ParsableCommand {
     private var params: String {
         if let rbd { return rbd.hasPrefix(RBDImageAddress.scheme) ? rbd : RBDImageAddress.scheme + rbd }
         return nbd ?? file!
+    }
+
+    /// `--rbd` parsed (nil when it is not given or does not parse).
+    private var rbdAddress: RBDImageAddress? {
+        guard rbd != nil, case .rbd(let address)? = try? DiskTarget.parse(params).location else { return nil }
+        return address
     }
 
     /// Served over the network by a library (not a local file): no O_DIRECT question, written whole first.
@@ -403,7 +409,7 @@ struct BenchBlock: ParsableCommand {
         let target: [String]
         if let nbd {
             target = ["--ioengine=nbd", "--uri=\(nbd)"]
-        } else if rbd != nil, case .rbd(let a)? = try? DiskTarget.parse(params).location {
+        } else if let a = rbdAddress {
             // The same image as the same user; librados's settings from the params too.
             target = ["--ioengine=rbd", "--pool=\(a.pool)", "--rbdname=\(a.image)", "--clientname=\(a.user ?? "admin")"]
             if let conf = a.configPath { environment["CEPH_CONF"] = conf }

@@ -54,11 +54,7 @@ struct CheckDisk: ParsableCommand {
         }
     }
 
-    private func fail(_ error: DiskTargetError) -> ExitCode {
-        let line = Array("\(error)\n".utf8)
-        _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-        return ExitCode(1)
-    }
+    private func fail(_ error: DiskTargetError) -> ExitCode { failure("\(error)") }
 
     /// `key: value` lines, one fact each, for people and for the script.
     static func lines(_ report: DiskReport) -> [String] {

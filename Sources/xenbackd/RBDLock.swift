@@ -35,19 +35,19 @@ struct RBDLock: ParsableCommand {
         let address: RBDImageAddress
         do {
             guard case .rbd(let parsed) = try DiskTarget.parse(target).location else {
-                throw fail("\(DiskTarget.redacted(target)) is not an RBD image")
+                throw failure("\(DiskTarget.redacted(target)) is not an RBD image")
             }
             address = parsed
         } catch let error as DiskTargetError {
-            throw fail("\(error)")
+            throw failure("\(error)")
         }
-        guard address.snapshot == nil else { throw fail("a snapshot has no lock: name the image") }
+        guard address.snapshot == nil else { throw failure("a snapshot has no lock: name the image") }
         let storage: RBDStorage
         do {
             // Read-write (which locks nothing): librbd names a lock's holders only to such a handle.
             storage = try RBDStorage.open(address, readOnly: false, queueDepth: 1, timeoutSeconds: timeout)
         } catch {
-            throw fail("\(error)")
+            throw failure("\(error)")
         }
         defer { storage.close() }
         do {
@@ -59,13 +59,7 @@ struct RBDLock: ParsableCommand {
                 print(broken.isEmpty ? "\(address.normalized): not locked" : broken.map { "broken: \($0)" }.joined(separator: "\n"))
             }
         } catch {
-            throw fail("\(error)")
+            throw failure("\(error)")
         }
-    }
-
-    private func fail(_ line: String) -> ExitCode {
-        let bytes = Array("\(line)\n".utf8)
-        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-        return ExitCode(1)
     }
 }

@@ -39,25 +39,12 @@ public final class CephCluster: @unchecked Sendable {   // used by one test at a
             let start = Int(getpid() % 90)
             for k in 0..<90 {
                 let base = 40_300 + ((start + k * 7) % 90) * 100
-                if !used.contains(base) && canBind(base) && canBind(base + 1) {
+                if !used.contains(base) && canBindTCP(port: base) && canBindTCP(port: base + 1) {
                     used.insert(base)
                     return base
                 }
             }
             throw CephClusterError("no free block of ports for a Ceph cluster in 40300-49399")
-        }
-    }
-
-    private static func canBind(_ port: Int) -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
         }
     }
 

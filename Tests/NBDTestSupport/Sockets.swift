@@ -17,6 +17,17 @@ public func freeTCPPort() throws -> Int {
     return Int(UInt16(bigEndian: address.sin_port))
 }
 
+/// Whether 127.0.0.1:`port` is free to bind now (the socket is closed at once).
+public func canBindTCP(port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var address = loopbackAddress(port: port)
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+    }
+}
+
 /// Whether something accepts connections on 127.0.0.1:`port` (the
 /// connection is closed at once).
 public func canConnectTCP(port: Int) -> Bool {
